@@ -1,0 +1,21 @@
+//! The stage transforms of safepipe, one module per stage, in dataflow order:
+//!
+//! ```text
+//! ingest  raw Parquet / JSON Lines slices  -> documents + quarantine
+//! route   documents (+ side tables)        -> routes   (SQL predicates from the config)
+//! ```
+//!
+//! Operators know nothing of the CLI, the run directory or the work plan's persistence: they are
+//! handed an object store and a slice of a file (ingest) or a DataFusion context holding their
+//! input tables (route), and they return streams of Arrow record batches plus the counts every
+//! stage reports ([`UnitCounts`]). Column names and types of every table are defined once, in
+//! [`schema`].
+
+pub mod counts;
+pub mod error;
+pub mod ingest;
+pub mod route;
+pub mod schema;
+
+pub use counts::UnitCounts;
+pub use error::{OpError, OpResult};

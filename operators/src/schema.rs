@@ -1,0 +1,64 @@
+//! Every table's columns, defined once. docs/schema.md describes the same tables for users; a
+//! test in `tests/` checks the committed Parquet files against these schemas.
+
+use arrow::datatypes::{DataType, Field, Fields, Schema, SchemaRef};
+use std::sync::{Arc, LazyLock};
+
+/// The FineWeb metadata fields carried in `documents.metadata`, with their Arrow types.
+/// `extra` holds any other input field as a JSON object (null when there were none).
+pub const METADATA_FIELDS: [(&str, DataType); 8] = [
+    ("dump", DataType::Utf8),
+    ("url", DataType::Utf8),
+    ("date", DataType::Utf8),
+    ("file_path", DataType::Utf8),
+    ("language", DataType::Utf8),
+    ("language_score", DataType::Float64),
+    ("token_count", DataType::Int64),
+    ("extra", DataType::Utf8),
+];
+
+pub fn metadata_fields() -> Fields {
+    METADATA_FIELDS
+        .iter()
+        .map(|(name, ty)| Field::new(*name, ty.clone(), true))
+        .collect()
+}
+
+/// `documents`: one row per usable input record.
+pub static DOCUMENTS: LazyLock<SchemaRef> = LazyLock::new(|| {
+    Arc::new(Schema::new(vec![
+        Field::new("id", DataType::Utf8, false),
+        Field::new("text", DataType::Utf8, false),
+        Field::new("source", DataType::Utf8, false),
+        Field::new("metadata", DataType::Struct(metadata_fields()), false),
+    ]))
+});
+
+/// `quarantine`: one row per record (or per unreadable file / row group) that could not be used.
+pub static QUARANTINE: LazyLock<SchemaRef> = LazyLock::new(|| {
+    Arc::new(Schema::new(vec![
+        Field::new("source", DataType::Utf8, false),
+        Field::new("file", DataType::Utf8, false),
+        Field::new("unit", DataType::UInt32, false),
+        // Byte offset of the line in the (decompressed) file for JSON Lines, row index in the
+        // file for Parquet; null when the problem is the whole file.
+        Field::new("offset", DataType::UInt64, true),
+        // How many input records this row stands for (1 for one record).
+        Field::new("records", DataType::UInt64, false),
+        Field::new("reason", DataType::Utf8, false),
+        Field::new("detail", DataType::Utf8, false),
+        Field::new("id", DataType::Utf8, true),
+        // The first bytes of the record, lossily decoded, to see what was wrong.
+        Field::new("raw", DataType::Utf8, true),
+    ]))
+});
+
+/// `routes`: one row per document, the route the first matching rule chose.
+pub static ROUTES: LazyLock<SchemaRef> = LazyLock::new(|| {
+    Arc::new(Schema::new(vec![
+        Field::new("id", DataType::Utf8, false),
+        Field::new("route", DataType::Utf8, false),
+        // The rule that matched; null when no rule matched and the default route applied.
+        Field::new("rule", DataType::Utf8, true),
+    ]))
+});

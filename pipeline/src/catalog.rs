@@ -1,0 +1,112 @@
+//! The run's tables for SQL: every stage output table over exactly the files its completion
+//! records name (never a half-written or orphaned file), plus `stats` (one row per committed
+//! unit and stage, with its counts and timings).
+
+use crate::config::Config;
+use crate::error::Result;
+use crate::plan::Plan;
+use crate::records::{self, CompletionRecord};
+use crate::stages;
+use crate::storage::Stores;
+use arrow::array::{ArrayRef, BooleanArray, Float64Array, RecordBatch, StringArray, UInt32Array, UInt64Array};
+use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
+use datafusion::datasource::MemTable;
+use datafusion::datasource::file_format::parquet::ParquetFormat;
+use datafusion::datasource::listing::{ListingOptions, ListingTable, ListingTableConfig, ListingTableUrl};
+use datafusion::prelude::{SessionConfig, SessionContext};
+use std::sync::{Arc, LazyLock};
+
+/// `stats`: one row per committed (stage, unit).
+pub static STATS: LazyLock<SchemaRef> = LazyLock::new(|| {
+    Arc::new(Schema::new(vec![
+        Field::new("stage", DataType::Utf8, false),
+        Field::new("unit", DataType::UInt32, false),
+        Field::new("rank", DataType::UInt32, false),
+        Field::new("world_size", DataType::UInt32, false),
+        Field::new("rows_in", DataType::UInt64, false),
+        Field::new("rows_out", DataType::UInt64, false),
+        Field::new("rows_dropped", DataType::UInt64, false),
+        Field::new("rows_quarantined", DataType::UInt64, false),
+        Field::new("dropped_by_rule", DataType::Utf8, false),
+        Field::new("seconds", DataType::Float64, false),
+        Field::new("started_at", DataType::Utf8, false),
+        Field::new("finished_at", DataType::Utf8, false),
+        Field::new("fingerprint", DataType::Utf8, false),
+        // Whether the unit was made under the current config (false: a rerun will redo it).
+        Field::new("current", DataType::Boolean, false),
+    ]))
+});
+
+/// A read-only SQL session over the run directory of `config`.
+pub async fn session(config: &Config) -> Result<SessionContext> {
+    let stores = Stores::default();
+    let run_dir = stores.resolve(&config.run_dir)?;
+    let ctx = SessionContext::new_with_config(SessionConfig::new().with_information_schema(true));
+    if run_dir.base.scheme() != "file" {
+        ctx.register_object_store(&run_dir.base, run_dir.store.clone());
+    }
+    let plan = Plan::load(config, &run_dir).await?;
+    let stages = stages::pipeline(&Arc::new(config.clone()));
+    let fingerprints = plan.as_ref().map(|p| stages::fingerprints(&stages, &p.fingerprint));
+    let mut all: Vec<(CompletionRecord, bool)> = Vec::new();
+    for (i, stage) in stages.iter().enumerate() {
+        let mut done: Vec<CompletionRecord> = records::load_done(&run_dir, stage.name()).await?.into_values().collect();
+        done.sort_by_key(|r| r.unit);
+        for table in stage.outputs() {
+            let files: Vec<String> = done
+                .iter()
+                .filter_map(|r| r.outputs.get(table.name))
+                .map(|f| stores.resolve(&f.file).map(|l| l.url()))
+                .collect::<Result<_>>()?;
+            register(&ctx, table.name, table.schema, &files)?;
+        }
+        let current = fingerprints.as_ref().map(|f| f[i].stage.clone());
+        all.extend(done.into_iter().map(|r| {
+            let is_current = current.as_deref() == Some(r.fingerprint.as_str());
+            (r, is_current)
+        }));
+    }
+    ctx.register_table("stats", Arc::new(MemTable::try_new(STATS.clone(), vec![vec![stats_batch(&all)?]])?))?;
+    Ok(ctx)
+}
+
+fn register(ctx: &SessionContext, name: &str, schema: SchemaRef, files: &[String]) -> Result<()> {
+    if files.is_empty() {
+        ctx.register_table(name, Arc::new(MemTable::try_new(schema, vec![vec![]])?))?;
+        return Ok(());
+    }
+    let urls = files.iter().map(ListingTableUrl::parse).collect::<datafusion::error::Result<Vec<_>>>()?;
+    let options = ListingOptions::new(Arc::new(ParquetFormat::default())).with_file_extension(".parquet");
+    let config = ListingTableConfig::new_with_multi_paths(urls).with_listing_options(options).with_schema(schema);
+    ctx.register_table(name, Arc::new(ListingTable::try_new(config)?))?;
+    Ok(())
+}
+
+fn stats_batch(records: &[(CompletionRecord, bool)]) -> Result<RecordBatch> {
+    let s = |f: &dyn Fn(&CompletionRecord) -> String| -> ArrayRef {
+        Arc::new(StringArray::from_iter_values(records.iter().map(|(r, _)| f(r))))
+    };
+    let u64s = |f: &dyn Fn(&CompletionRecord) -> u64| -> ArrayRef {
+        Arc::new(UInt64Array::from_iter_values(records.iter().map(|(r, _)| f(r))))
+    };
+    let u32s = |f: &dyn Fn(&CompletionRecord) -> u32| -> ArrayRef {
+        Arc::new(UInt32Array::from_iter_values(records.iter().map(|(r, _)| f(r))))
+    };
+    let columns: Vec<ArrayRef> = vec![
+        s(&|r| r.stage.clone()),
+        u32s(&|r| r.unit),
+        u32s(&|r| r.rank),
+        u32s(&|r| r.world_size),
+        u64s(&|r| r.counts.rows_in),
+        u64s(&|r| r.counts.rows_out),
+        u64s(&|r| r.counts.dropped_total()),
+        u64s(&|r| r.counts.quarantined),
+        s(&|r| serde_json::to_string(&r.counts.dropped).expect("serialisable")),
+        Arc::new(Float64Array::from_iter_values(records.iter().map(|(r, _)| r.seconds))),
+        s(&|r| r.started_at.clone()),
+        s(&|r| r.finished_at.clone()),
+        s(&|r| r.fingerprint.clone()),
+        Arc::new(BooleanArray::from(records.iter().map(|(_, c)| *c).collect::<Vec<_>>())),
+    ];
+    Ok(RecordBatch::try_new(STATS.clone(), columns)?)
+}

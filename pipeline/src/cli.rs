@@ -1,0 +1,141 @@
+//! Command-line interface: flags parsed into typed options, then one function per command.
+
+use crate::config::Config;
+use crate::error::{Error, Result};
+use crate::plan::Plan;
+use crate::progress::Bars;
+use crate::runner::{self, RunOptions, StageSummary};
+use crate::sql::{self, Format};
+use crate::storage::Stores;
+use crate::{ranks, status};
+use clap::{Parser, Subcommand, ValueEnum};
+use std::path::PathBuf;
+use std::sync::Arc;
+use tracing::info;
+
+#[derive(Debug, Parser)]
+#[command(name = "safepipe", version, about = "Safety pretraining data pipeline: ingest, score, route, synthesize, tag, tokenize, pack.")]
+pub struct Cli {
+    /// Log format on stderr: human-readable text or JSON lines (for cluster log collectors).
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+    /// Log filter, e.g. `info`, `debug`, `safepipe=debug` (also from RUST_LOG).
+    #[arg(long, global = true, env = "RUST_LOG", default_value = "info")]
+    pub log: String,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run every stage for this rank's work units; committed units are skipped.
+    Run {
+        config: PathBuf,
+        /// This process's rank (default: from Slurm / Kubernetes variables, else 0).
+        #[arg(long)]
+        rank: Option<u32>,
+        /// Number of ranks (default: from Slurm / Kubernetes variables, else 1).
+        #[arg(long)]
+        world_size: Option<u32>,
+        /// Redo this stage and everything downstream even if committed (repeatable; `all`).
+        #[arg(long, value_name = "STAGE")]
+        force: Vec<String>,
+        /// Units processed at once (default: runner.jobs from the config, else the CPU count).
+        #[arg(long)]
+        jobs: Option<usize>,
+    },
+    /// Split the inputs into work units and store the plan (once, before starting many ranks).
+    Plan { config: PathBuf },
+    /// Show per stage how many units are committed, stale, failed or pending, and last errors.
+    Status { config: PathBuf },
+    /// Run one read-only SQL query over the run's tables.
+    Sql {
+        config: PathBuf,
+        query: String,
+        #[arg(long, value_enum, default_value_t = Format::Table)]
+        format: Format,
+    },
+    /// Interactive read-only SQL (statements end with `;`).
+    Shell { config: PathBuf },
+}
+
+pub async fn run(cli: Cli) -> Result<()> {
+    match cli.command {
+        Command::Run { config, rank, world_size, force, jobs } => {
+            let config = Arc::new(Config::load(&config).await?);
+            let who = ranks::resolve(rank, world_size, |name| std::env::var(name).ok())?;
+            info!(rank = who.rank, world_size = who.world_size, from = who.source, "rank");
+            let options = RunOptions {
+                rank: who.rank,
+                world_size: who.world_size,
+                force,
+                jobs: jobs.unwrap_or(config.jobs),
+            };
+            let outcome = runner::run(config, options, Arc::new(Bars::new())).await;
+            if let Ok(summaries) = &outcome {
+                print_summary(summaries);
+            }
+            outcome.map(|_| ())
+        }
+        Command::Plan { config } => {
+            let config = Config::load(&config).await?;
+            let stores = Stores::default();
+            let run_dir = stores.resolve(&config.run_dir)?;
+            let (plan, created) = Plan::load_or_create(&config, &stores, &run_dir).await?;
+            let verb = if created { "made" } else { "already had" };
+            println!("{} {verb} a work plan of {} units ({})", run_dir.display(), plan.units.len(), plan.fingerprint);
+            Ok(())
+        }
+        Command::Status { config } => {
+            let config = Config::load(&config).await?;
+            let found = status::collect(&config).await?;
+            print!("{}", status::render(&config, &found));
+            Ok(())
+        }
+        Command::Sql { config, query, format } => {
+            let config = Config::load(&config).await?;
+            sql::sql(&config, &query, format).await
+        }
+        Command::Shell { config } => {
+            let config = Config::load(&config).await?;
+            sql::shell(&config).await
+        }
+    }
+}
+
+fn print_summary(summaries: &[StageSummary]) {
+    for s in summaries {
+        let c = &s.counts;
+        eprintln!(
+            "{}: {} unit(s) done, {} already committed, {} failed, {} waiting; rows in {} -> out {}, dropped {}, quarantined {} ({:.1}s)",
+            s.stage,
+            s.done_total(),
+            s.skipped,
+            s.failed,
+            s.blocked,
+            c.rows_in,
+            c.rows_out,
+            c.dropped_total(),
+            c.quarantined,
+            s.seconds
+        );
+    }
+}
+
+/// Sets up `tracing` on stderr in the chosen format.
+pub fn init_logging(format: LogFormat, filter: &str) -> Result<()> {
+    let filter = tracing_subscriber::EnvFilter::try_new(filter)
+        .map_err(|e| Error::Config(format!("--log {filter:?}: {e}")))?;
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_target(false);
+    match format {
+        LogFormat::Text => builder.compact().init(),
+        LogFormat::Json => builder.json().init(),
+    }
+    Ok(())
+}

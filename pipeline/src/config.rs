@@ -1,0 +1,293 @@
+//! The run's TOML config: parsed, validated and resolved before any work starts.
+//! docs/config.md documents every key; errors name the key and the fix.
+
+use crate::error::{Error, Result};
+use safepipe_operators::ingest::IngestOptions;
+use safepipe_operators::route::{Route, RouteRule, RouteRules};
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeSet;
+use std::path::{Component, Path, PathBuf};
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    run_dir: String,
+    #[serde(default)]
+    inputs: Vec<InputConfig>,
+    #[serde(default)]
+    plan: PlanConfig,
+    #[serde(default)]
+    ingest: IngestConfig,
+    #[serde(default)]
+    route: RouteConfig,
+    #[serde(default)]
+    runner: RunnerConfig,
+}
+
+/// One named input: files in one format and schema. The name becomes `documents.source`.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct InputConfig {
+    pub name: String,
+    /// Paths or URLs (`file://`, `s3://`, `gs://`, `az://`); globs (`*`, `?`, `[..]`) and
+    /// directories are expanded. Relative paths are relative to the config file.
+    pub paths: Vec<String>,
+    #[serde(default)]
+    pub format: InputFormat,
+    #[serde(default)]
+    pub columns: ColumnConfig,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum InputFormat {
+    /// From the extension: `.parquet`; `.jsonl`/`.json`/`.ndjson`, optionally `.gz`/`.zst`.
+    #[default]
+    Auto,
+    Parquet,
+    Jsonl,
+}
+
+/// Input column (or JSON field) names; the defaults are FineWeb's.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ColumnConfig {
+    pub text: String,
+    pub id: String,
+    pub dump: String,
+    pub url: String,
+    pub date: String,
+    pub file_path: String,
+    pub language: String,
+    pub language_score: String,
+    pub token_count: String,
+}
+
+impl Default for ColumnConfig {
+    fn default() -> Self {
+        let s = |x: &str| x.to_string();
+        ColumnConfig {
+            text: s("text"),
+            id: s("id"),
+            dump: s("dump"),
+            url: s("url"),
+            date: s("date"),
+            file_path: s("file_path"),
+            language: s("language"),
+            language_score: s("language_score"),
+            token_count: s("token_count"),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PlanConfig {
+    /// Target size of one work unit of an uncompressed JSON Lines file.
+    pub jsonl_unit_bytes: u64,
+}
+
+impl Default for PlanConfig {
+    fn default() -> Self {
+        PlanConfig { jsonl_unit_bytes: 64 << 20 }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct IngestConfig {
+    /// Texts longer than this many bytes are quarantined (`text_too_long`).
+    pub max_text_bytes: usize,
+    /// Rows per record batch.
+    pub batch_rows: usize,
+}
+
+impl Default for IngestConfig {
+    fn default() -> Self {
+        IngestConfig { max_text_bytes: 4 << 20, batch_rows: 4096 }
+    }
+}
+
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RouteConfig {
+    /// Route of documents no rule matches.
+    pub default: Route,
+    /// Ordered rules; the first whose `when` is true decides.
+    pub rules: Vec<RouteRule>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RunnerConfig {
+    /// Units processed at once per rank; 0 = the number of CPU cores.
+    pub jobs: usize,
+}
+
+/// A validated config with every path resolved.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// The config file itself.
+    pub path: PathBuf,
+    /// Run directory: an absolute local path or an object-store URL.
+    pub run_dir: String,
+    pub inputs: Vec<InputConfig>,
+    pub plan: PlanConfig,
+    pub ingest: IngestConfig,
+    pub route: RouteRules,
+    pub jobs: usize,
+}
+
+impl Config {
+    /// Reads, parses and validates `path`. Every error names the file and the key.
+    pub async fn load(path: &Path) -> Result<Config> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| Error::Config(format!("cannot read config {}: {e}", path.display())))?;
+        let raw: RawConfig =
+            toml::from_str(&text).map_err(|e| Error::Config(format!("{}: {e}", path.display())))?;
+        let dir = path.parent().map(Path::to_path_buf).unwrap_or_default();
+        let dir = if dir.is_absolute() { dir } else { std::env::current_dir().unwrap_or_default().join(dir) };
+        let fail = |msg: String| Error::Config(format!("{}: {msg}", path.display()));
+
+        if raw.run_dir.trim().is_empty() {
+            return Err(fail("run_dir is empty; set it to a local directory or an s3:// / gs:// / az:// URL".into()));
+        }
+        if raw.inputs.is_empty() {
+            return Err(fail("no [[inputs]]; add at least one with a name and paths".into()));
+        }
+        let mut names = BTreeSet::new();
+        let mut inputs = Vec::new();
+        for (i, input) in raw.inputs.into_iter().enumerate() {
+            if !valid_name(&input.name) {
+                return Err(fail(format!(
+                    "inputs[{i}].name = {:?}: use letters, digits, '_', '-' or '.'",
+                    input.name
+                )));
+            }
+            if !names.insert(input.name.clone()) {
+                return Err(fail(format!("inputs[{i}].name = {:?} is used twice; names must be unique", input.name)));
+            }
+            if input.paths.is_empty() {
+                return Err(fail(format!("inputs[{i}].paths is empty; list files, directories or globs")));
+            }
+            let paths = input.paths.iter().map(|p| resolve(&dir, p)).collect();
+            inputs.push(InputConfig { paths, ..input });
+        }
+        if raw.plan.jsonl_unit_bytes < 4096 {
+            return Err(fail(format!("plan.jsonl_unit_bytes = {} is too small; use at least 4096", raw.plan.jsonl_unit_bytes)));
+        }
+        if raw.ingest.max_text_bytes == 0 {
+            return Err(fail("ingest.max_text_bytes must be at least 1".into()));
+        }
+        if !(1..=1_000_000).contains(&raw.ingest.batch_rows) {
+            return Err(fail(format!("ingest.batch_rows = {} must be between 1 and 1000000", raw.ingest.batch_rows)));
+        }
+        let mut rule_names = BTreeSet::new();
+        for (i, rule) in raw.route.rules.iter().enumerate() {
+            if !valid_name(&rule.name) || rule.name.contains(['-', '.']) {
+                return Err(fail(format!("route.rules[{i}].name = {:?}: use letters, digits and '_'", rule.name)));
+            }
+            if !rule_names.insert(rule.name.clone()) {
+                return Err(fail(format!("route.rules[{i}].name = {:?} is used twice", rule.name)));
+            }
+        }
+        let route = RouteRules { rules: raw.route.rules, default: raw.route.default };
+        route.validate().await.map_err(fail)?;
+        let jobs = match raw.runner.jobs {
+            0 => std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
+            n => n,
+        };
+        Ok(Config {
+            path: path.to_path_buf(),
+            run_dir: resolve(&dir, &raw.run_dir),
+            inputs,
+            plan: raw.plan,
+            ingest: raw.ingest,
+            route,
+            jobs,
+        })
+    }
+
+    /// How ingest reads records of `input`.
+    pub fn ingest_options(&self, input: &InputConfig) -> IngestOptions {
+        let c = &input.columns;
+        IngestOptions {
+            source: input.name.clone(),
+            text_column: c.text.clone(),
+            id_column: c.id.clone(),
+            metadata_columns: [&c.dump, &c.url, &c.date, &c.file_path, &c.language, &c.language_score, &c.token_count]
+                .map(String::clone)
+                .to_vec(),
+            max_text_bytes: self.ingest.max_text_bytes,
+            batch_rows: self.ingest.batch_rows,
+        }
+    }
+
+    pub fn input(&self, name: &str) -> Option<&InputConfig> {
+        self.inputs.iter().find(|i| i.name == name)
+    }
+}
+
+fn valid_name(name: &str) -> bool {
+    !name.is_empty() && name.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.'))
+}
+
+/// URLs stay as they are; local paths become absolute (relative ones against the config's
+/// folder) and lexically normalised.
+pub fn resolve(dir: &Path, location: &str) -> String {
+    if location.contains("://") {
+        return location.to_string();
+    }
+    let joined = dir.join(location);
+    let mut out = PathBuf::new();
+    for part in joined.components() {
+        match part {
+            Component::ParentDir => {
+                out.pop();
+            }
+            Component::CurDir => {}
+            other => out.push(other),
+        }
+    }
+    out.to_string_lossy().into_owned()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    async fn load(text: &str) -> Result<Config> {
+        let dir = std::env::temp_dir().join(format!("safepipe-config-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join(format!("c{}.toml", text.len()));
+        std::fs::write(&path, text).unwrap();
+        Config::load(&path).await
+    }
+
+    #[tokio::test]
+    async fn minimal_config_resolves_relative_paths() {
+        let c = load("run_dir = 'runs/x'\n[[inputs]]\nname = 'a'\npaths = ['../data/*.jsonl']\n").await.unwrap();
+        assert!(c.run_dir.ends_with("runs/x") && c.run_dir.starts_with('/'));
+        assert!(!c.inputs[0].paths[0].contains(".."), "{}", c.inputs[0].paths[0]);
+        assert_eq!(c.ingest.batch_rows, 4096);
+    }
+
+    #[tokio::test]
+    async fn unknown_key_is_named() {
+        let err = load("run_dir = 'x'\nrundir = 'y'\n[[inputs]]\nname='a'\npaths=['b']\n").await.unwrap_err().to_string();
+        assert!(err.contains("rundir"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn semantic_errors_name_the_key() {
+        let err = load("run_dir = 'x'\n[[inputs]]\nname='a b'\npaths=['b']\n").await.unwrap_err().to_string();
+        assert!(err.contains("inputs[0].name"), "{err}");
+        let err = load("run_dir = 'x'\n[[inputs]]\nname='a'\npaths=['b']\n[[route.rules]]\nname='r'\nwhen='nope > 1'\nroute='drop'\n")
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("route.rules[0]"), "{err}");
+        let err = load("run_dir = 'x'\n[[inputs]]\nname='a'\npaths=['b']\n[route]\ndefault='explode'\n").await.unwrap_err().to_string();
+        assert!(err.contains("explode"), "{err}");
+    }
+}

@@ -1,0 +1,26 @@
+//! safepipe's engine: config, work plan, stage runner with its commit protocol, SQL and status.
+//!
+//! ```text
+//! config.rs    TOML -> validated Config          plan.rs     inputs -> work units (persisted)
+//! stages/      the DAG and each stage's adapter  runner.rs   units -> committed outputs
+//! records.rs   completion / failure records      writer.rs   batches -> atomic Parquet files
+//! catalog.rs   committed outputs as SQL tables   sql.rs      `safepipe sql` / `shell`
+//! status.rs    `safepipe status`                 storage.rs  paths and URLs -> object stores
+//! ranks.rs     rank / world size from flags, Slurm, Kubernetes
+//! ```
+//! The transforms themselves live in the `safepipe-operators` crate.
+
+pub mod catalog;
+pub mod cli;
+pub mod config;
+pub mod error;
+pub mod plan;
+pub mod progress;
+pub mod ranks;
+pub mod records;
+pub mod runner;
+pub mod sql;
+pub mod stages;
+pub mod status;
+pub mod storage;
+pub mod writer;

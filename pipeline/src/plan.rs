@@ -1,0 +1,315 @@
+//! The work plan: every input file split into work units below file level, made once per run
+//! directory and never re-split.
+//!
+//! - Parquet: one unit per row group (row counts from the footer).
+//! - Uncompressed JSON Lines: byte ranges of about `plan.jsonl_unit_bytes`, each moved forward to
+//!   the next line start, so every line belongs to exactly one unit.
+//! - gzip / zstd JSON Lines: one unit per file (compressed streams cannot be entered mid-way).
+//! - A file whose format cannot be opened (e.g. a truncated Parquet footer) becomes one
+//!   `unreadable` unit that ingest quarantines, so it is visible and accounted for.
+//!
+//! The plan is stored as `plan.json` in the run directory with a fingerprint of the inputs; a
+//! later run with different inputs is refused instead of silently re-splitting.
+
+use crate::config::{Config, InputConfig, InputFormat};
+use crate::error::{Error, Result};
+use crate::storage::{Location, Stores};
+use futures::TryStreamExt;
+use object_store::ObjectStoreExt;
+use parquet::arrow::async_reader::{AsyncFileReader, ParquetObjectReader};
+use safepipe_operators::ingest::{Codec, Slice};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use std::ops::Range;
+
+pub const PLAN_FILE: &str = "plan.json";
+const PLAN_VERSION: u32 = 1;
+/// How far past a tentative JSONL boundary we look for a newline in one request.
+const BOUNDARY_WINDOW: u64 = 64 << 10;
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WorkUnit {
+    pub id: u32,
+    /// The input's name in the config.
+    pub input: String,
+    /// The file, as a local path or URL.
+    pub file: String,
+    pub size: u64,
+    pub slice: Slice,
+}
+
+impl WorkUnit {
+    /// Which rank of `world` processes this unit: units are dealt round-robin by id.
+    pub fn rank(&self, world: u32) -> u32 {
+        self.id % world
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Plan {
+    pub version: u32,
+    /// Hash of the inputs and `[plan]` settings the plan was made from.
+    pub fingerprint: String,
+    pub created_at: String,
+    pub units: Vec<WorkUnit>,
+}
+
+/// What the plan depends on: inputs (names, paths, formats) and the `[plan]` section.
+pub fn fingerprint(config: &Config) -> String {
+    let identity: Vec<_> = config.inputs.iter().map(|i| (&i.name, &i.paths, i.format)).collect();
+    let json = serde_json::to_string(&(PLAN_VERSION, identity, &config.plan)).expect("serialisable");
+    hex::encode(Sha256::digest(json))[..16].to_string()
+}
+
+impl Plan {
+    /// Loads the run directory's plan, checking it still matches the config.
+    pub async fn load(config: &Config, run_dir: &Location) -> Result<Option<Plan>> {
+        let location = run_dir.child(PLAN_FILE);
+        let Some(bytes) = location.read().await? else { return Ok(None) };
+        let plan: Plan = serde_json::from_slice(&bytes)
+            .map_err(|e| Error::Internal(format!("{} is not a valid plan: {e}", location.display())))?;
+        let expected = fingerprint(config);
+        if plan.fingerprint != expected {
+            return Err(Error::Config(format!(
+                "the inputs or [plan] settings changed since {} was planned (plan {}, config {expected}); \
+                 a run directory's work plan is fixed for its life: point run_dir at a new directory, \
+                 or delete this one to start over",
+                run_dir.display(),
+                plan.fingerprint
+            )));
+        }
+        Ok(Some(plan))
+    }
+
+    /// Loads the plan, or makes and stores it. Making it is deterministic (sorted listings), so
+    /// ranks racing to create it write identical bytes; the stored copy is what everyone uses.
+    pub async fn load_or_create(config: &Config, stores: &Stores, run_dir: &Location) -> Result<(Plan, bool)> {
+        if let Some(plan) = Plan::load(config, run_dir).await? {
+            return Ok((plan, false));
+        }
+        let mut units = Vec::new();
+        for input in &config.inputs {
+            for file in list_input(stores, input).await? {
+                plan_file(config, input, &file, &mut units).await?;
+            }
+        }
+        let plan = Plan {
+            version: PLAN_VERSION,
+            fingerprint: fingerprint(config),
+            created_at: chrono::Utc::now().to_rfc3339(),
+            units,
+        };
+        let json = serde_json::to_vec_pretty(&plan).map_err(|e| Error::Internal(e.to_string()))?;
+        run_dir.child(PLAN_FILE).write(json).await?;
+        let stored = Plan::load(config, run_dir).await?.ok_or_else(|| Error::Internal("plan vanished after writing".into()))?;
+        Ok((stored, true))
+    }
+
+    pub fn units_for_rank(&self, rank: u32, world: u32) -> Vec<WorkUnit> {
+        self.units.iter().filter(|u| u.rank(world) == rank).cloned().collect()
+    }
+}
+
+/// A listed input file.
+struct InputFile {
+    location: Location,
+    size: u64,
+}
+
+fn has_glob(s: &str) -> bool {
+    s.contains(['*', '?', '['])
+}
+
+/// Expands an input's paths (files, directories, globs) into a sorted, de-duplicated file list.
+async fn list_input(stores: &Stores, input: &InputConfig) -> Result<Vec<InputFile>> {
+    let mut files: Vec<InputFile> = Vec::new();
+    for (j, pattern) in input.paths.iter().enumerate() {
+        let mut found = Vec::new();
+        if has_glob(pattern) {
+            let fixed: Vec<&str> = pattern.split('/').take_while(|s| !has_glob(s)).collect();
+            let prefix = stores.resolve(&fixed.join("/"))?;
+            let full = stores.resolve(pattern)?;
+            let matcher = glob::Pattern::new(full.path.as_ref())
+                .map_err(|e| Error::Config(format!("inputs '{}'.paths[{j}] = {pattern:?}: bad glob: {e}", input.name)))?;
+            let listed: Vec<_> = prefix.store.list(Some(&prefix.path)).try_collect().await?;
+            for meta in listed {
+                if matcher.matches(meta.location.as_ref()) {
+                    found.push(InputFile { location: prefix.with_path(meta.location), size: meta.size });
+                }
+            }
+        } else {
+            let location = stores.resolve(pattern)?;
+            match location.store.head(&location.path).await {
+                Ok(meta) => found.push(InputFile { size: meta.size, location }),
+                Err(_) => {
+                    let listed: Vec<_> = location.store.list(Some(&location.path)).try_collect().await?;
+                    for meta in listed {
+                        let name = meta.location.filename().unwrap_or_default();
+                        if name.starts_with(['.', '_']) || detect_format(input.format, name).is_err() {
+                            continue; // hidden, marker or foreign files in a directory
+                        }
+                        found.push(InputFile { location: location.with_path(meta.location), size: meta.size });
+                    }
+                }
+            }
+        }
+        if found.is_empty() {
+            return Err(Error::Config(format!(
+                "inputs '{}'.paths[{j}] = {pattern:?} matches no file; check the path (relative paths are relative to the config file)",
+                input.name
+            )));
+        }
+        files.extend(found);
+    }
+    files.sort_by(|a, b| a.location.url().cmp(&b.location.url()));
+    files.dedup_by(|a, b| a.location.url() == b.location.url());
+    Ok(files)
+}
+
+/// How a file is read.
+#[derive(Debug, PartialEq, Eq)]
+enum FileKind {
+    Parquet,
+    Jsonl,
+    CompressedJsonl(Codec),
+}
+
+fn detect_format(format: InputFormat, name: &str) -> std::result::Result<FileKind, String> {
+    let lower = name.to_ascii_lowercase();
+    let (stem, codec) = if let Some(stem) = lower.strip_suffix(".gz") {
+        (stem, Some(Codec::Gzip))
+    } else if let Some(stem) = lower.strip_suffix(".zst").or_else(|| lower.strip_suffix(".zstd")) {
+        (stem, Some(Codec::Zstd))
+    } else {
+        (lower.as_str(), None)
+    };
+    let jsonl = |codec: Option<Codec>| match codec {
+        Some(c) => FileKind::CompressedJsonl(c),
+        None => FileKind::Jsonl,
+    };
+    match format {
+        InputFormat::Parquet => Ok(FileKind::Parquet),
+        InputFormat::Jsonl => Ok(jsonl(codec)),
+        InputFormat::Auto if stem.ends_with(".parquet") && codec.is_none() => Ok(FileKind::Parquet),
+        InputFormat::Auto if [".jsonl", ".json", ".ndjson"].iter().any(|e| stem.ends_with(e)) => Ok(jsonl(codec)),
+        InputFormat::Auto => Err(format!(
+            "cannot tell the format of {name:?} from its extension; set format = \"parquet\" or \"jsonl\" on the input"
+        )),
+    }
+}
+
+async fn plan_file(config: &Config, input: &InputConfig, file: &InputFile, units: &mut Vec<WorkUnit>) -> Result<()> {
+    let name = file.location.path.filename().unwrap_or_default().to_string();
+    let kind = detect_format(input.format, &name).map_err(|e| Error::Config(format!("inputs '{}': {e}", input.name)))?;
+    let mut push = |slice: Slice| {
+        units.push(WorkUnit {
+            id: units.len() as u32,
+            input: input.name.clone(),
+            file: file.location.display(),
+            size: file.size,
+            slice,
+        })
+    };
+    match kind {
+        FileKind::Parquet => {
+            let mut reader = ParquetObjectReader::new(file.location.store.clone(), file.location.path.clone())
+                .with_file_size(file.size);
+            match reader.get_metadata(None).await {
+                Ok(meta) => {
+                    let mut first_row = 0u64;
+                    for (row_group, rg) in meta.row_groups().iter().enumerate() {
+                        let rows = rg.num_rows() as u64;
+                        push(Slice::ParquetRowGroup { row_group, first_row, rows });
+                        first_row += rows;
+                    }
+                }
+                Err(parquet::errors::ParquetError::External(e)) if e.is::<object_store::Error>() => {
+                    return Err(Error::Storage(*e.downcast().expect("checked")));
+                }
+                Err(e) => push(Slice::Unreadable { error: format!("not a readable Parquet file: {e}") }),
+            }
+        }
+        FileKind::CompressedJsonl(codec) => push(Slice::JsonlCompressed { codec }),
+        FileKind::Jsonl => {
+            for range in split_lines(&file.location, file.size, config.plan.jsonl_unit_bytes).await? {
+                push(Slice::JsonlRange { start: range.start, end: range.end });
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Splits `[0, size)` into ranges of about `target` bytes whose starts are line starts.
+async fn split_lines(file: &Location, size: u64, target: u64) -> Result<Vec<Range<u64>>> {
+    let mut ranges = Vec::new();
+    let mut start = 0u64;
+    while start < size {
+        let tentative = start + target;
+        if tentative >= size {
+            break;
+        }
+        let end = next_line_start(file, tentative, size).await?;
+        if end >= size {
+            break;
+        }
+        ranges.push(start..end);
+        start = end;
+    }
+    ranges.push(start..size);
+    Ok(ranges)
+}
+
+/// The first line start at or after `at` (the byte after a '\n' at `at - 1` or later), or `size`.
+async fn next_line_start(file: &Location, at: u64, size: u64) -> Result<u64> {
+    let mut from = at - 1;
+    while from < size {
+        let to = (from + BOUNDARY_WINDOW).min(size);
+        let bytes = file.store.get_range(&file.path, from..to).await?;
+        if let Some(i) = memchr_newline(&bytes) {
+            return Ok(from + i as u64 + 1);
+        }
+        from = to;
+    }
+    Ok(size)
+}
+
+fn memchr_newline(bytes: &[u8]) -> Option<usize> {
+    bytes.iter().position(|&b| b == b'\n')
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn formats_from_extensions() {
+        let auto = InputFormat::Auto;
+        assert_eq!(detect_format(auto, "a.parquet").unwrap(), FileKind::Parquet);
+        assert_eq!(detect_format(auto, "a.jsonl").unwrap(), FileKind::Jsonl);
+        assert_eq!(detect_format(auto, "a.JSONL.GZ").unwrap(), FileKind::CompressedJsonl(Codec::Gzip));
+        assert_eq!(detect_format(auto, "a.json.zst").unwrap(), FileKind::CompressedJsonl(Codec::Zstd));
+        assert!(detect_format(auto, "a.csv").unwrap_err().contains("format ="));
+        assert_eq!(detect_format(InputFormat::Jsonl, "a.txt").unwrap(), FileKind::Jsonl);
+    }
+
+    #[tokio::test]
+    async fn ranges_cover_the_file_and_start_at_lines() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("x.jsonl");
+        let mut content = String::new();
+        for i in 0..500 {
+            content.push_str(&format!("{{\"text\": \"line {i} {}\"}}\n", "x".repeat(i % 37)));
+        }
+        std::fs::write(&path, &content).unwrap();
+        let stores = Stores::default();
+        let loc = stores.resolve(path.to_str().unwrap()).unwrap();
+        let ranges = split_lines(&loc, content.len() as u64, 4096).await.unwrap();
+        assert!(ranges.len() > 3);
+        assert_eq!(ranges[0].start, 0);
+        assert_eq!(ranges.last().unwrap().end, content.len() as u64);
+        for pair in ranges.windows(2) {
+            assert_eq!(pair[0].end, pair[1].start);
+            assert_eq!(content.as_bytes()[pair[1].start as usize - 1], b'\n');
+        }
+    }
+}

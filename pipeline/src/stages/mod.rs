@@ -1,0 +1,111 @@
+//! The stage DAG, declared in code, and the contract every stage keeps.
+//!
+//! A stage runs per work unit: given the unit (and the committed outputs of its upstream stage
+//! for the same unit) it returns a lazy stream of [`StageBatch`]es. The runner writes them,
+//! checks the counts and commits. Every stage must:
+//! - do no work before its stream is first polled, and free everything when it is dropped;
+//! - be a pure function of (unit, upstream outputs, its settings): reruns give the same rows;
+//! - keep the accounting invariant: `rows_in = rows_out + dropped + quarantined` per unit;
+//! - put every setting that changes its output into [`Stage::settings`], so a change reruns it
+//!   (and, through the fingerprint chain, everything downstream) and nothing else.
+//!
+//! Adding a stage: a module here (the adapter) over a module in `operators/` (the transform),
+//! one entry in [`pipeline`], its tables in `operators::schema` and docs/schema.md, and an
+//! end-to-end test (CONTRIBUTING.md has the checklist).
+
+mod ingest;
+mod route;
+
+use crate::config::Config;
+use crate::error::Result;
+use crate::plan::WorkUnit;
+use crate::records::CompletionRecord;
+use crate::storage::Stores;
+use arrow::array::RecordBatch;
+use arrow::datatypes::SchemaRef;
+use futures::stream::BoxStream;
+use safepipe_operators::UnitCounts;
+use sha2::{Digest, Sha256};
+use std::sync::Arc;
+
+pub use ingest::IngestStage;
+pub use route::RouteStage;
+
+/// One output table of a stage.
+pub struct OutputTable {
+    pub name: &'static str,
+    pub schema: SchemaRef,
+}
+
+/// Rows for some of a stage's output tables, and the counts they stand for.
+pub struct StageBatch {
+    pub tables: Vec<(&'static str, RecordBatch)>,
+    pub counts: UnitCounts,
+}
+
+/// What a stage gets to run one unit.
+pub struct UnitInput {
+    pub unit: WorkUnit,
+    pub stores: Arc<Stores>,
+    /// The upstream stage's completion record for this unit (None for source stages).
+    pub upstream: Option<CompletionRecord>,
+}
+
+pub trait Stage: Send + Sync {
+    fn name(&self) -> &'static str;
+    /// The stage whose outputs for the same unit this stage reads; None for a source.
+    fn upstream(&self) -> Option<&'static str>;
+    fn outputs(&self) -> Vec<OutputTable>;
+    /// Everything in the config that changes this stage's output, as JSON.
+    fn settings(&self) -> serde_json::Value;
+    /// Runs one unit. Lazy: nothing happens before the first poll.
+    fn run(&self, input: UnitInput) -> BoxStream<'static, Result<StageBatch>>;
+}
+
+/// Bump when a stage's code changes its output for the same settings.
+const CODE_VERSION: &str = "1";
+
+/// The pipeline's stages in dependency order.
+pub fn pipeline(config: &Arc<Config>) -> Vec<Arc<dyn Stage>> {
+    vec![Arc::new(IngestStage::new(config.clone())), Arc::new(RouteStage::new(config.clone()))]
+}
+
+pub fn hash(value: &serde_json::Value) -> String {
+    hex::encode(Sha256::digest(value.to_string()))[..16].to_string()
+}
+
+/// Fingerprints of one stage: its settings alone, and the chained stage fingerprint
+/// (settings + plan + upstream fingerprint + code version).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Fingerprint {
+    pub settings: String,
+    pub stage: String,
+}
+
+/// Computes every stage's fingerprint in order; `plan` is the work plan's fingerprint.
+pub fn fingerprints(stages: &[Arc<dyn Stage>], plan: &str) -> Vec<Fingerprint> {
+    let mut out: Vec<Fingerprint> = Vec::new();
+    for stage in stages {
+        let upstream = stage.upstream().map(|name| {
+            let i = stages.iter().position(|s| s.name() == name).expect("upstream declared before");
+            out[i].stage.clone()
+        });
+        let settings = hash(&stage.settings());
+        let chained = serde_json::json!([stage.name(), CODE_VERSION, settings, plan, upstream]);
+        out.push(Fingerprint { settings, stage: hash(&chained) });
+    }
+    out
+}
+
+/// `names` plus every stage downstream of them (for `--force`).
+pub fn downstream_closure(stages: &[Arc<dyn Stage>], names: &[String]) -> Vec<&'static str> {
+    let mut chosen: Vec<&'static str> = Vec::new();
+    for stage in stages {
+        let forced = names.iter().any(|n| n == stage.name() || n == "all");
+        let below = stage.upstream().is_some_and(|up| chosen.contains(&up));
+        if forced || below {
+            chosen.push(stage.name());
+        }
+    }
+    chosen
+}

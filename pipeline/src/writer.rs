@@ -1,0 +1,83 @@
+//! Writes one output table of one unit as a zstd Parquet file, streaming (multipart upload on
+//! object stores), created on the first non-empty batch. The file appears atomically when
+//! [`TableWriter::commit`] completes: object stores publish a multipart upload only on
+//! completion, and the local store writes a staging file and renames it.
+
+use crate::error::{Error, Result};
+use crate::records::OutputFile;
+use crate::storage::Location;
+use arrow::array::RecordBatch;
+use arrow::compute::cast;
+use arrow::datatypes::SchemaRef;
+use parquet::arrow::AsyncArrowWriter;
+use parquet::arrow::async_writer::ParquetObjectWriter;
+use parquet::basic::{Compression, ZstdLevel};
+use parquet::file::properties::WriterProperties;
+
+/// Rows per Parquet row group of stage outputs.
+const ROW_GROUP_ROWS: usize = 16 * 1024;
+/// ... and at most this many bytes, so long texts keep writer memory bounded.
+const ROW_GROUP_BYTES: usize = 128 << 20;
+
+pub struct TableWriter {
+    location: Location,
+    schema: SchemaRef,
+    writer: Option<AsyncArrowWriter<ParquetObjectWriter>>,
+    rows: u64,
+}
+
+impl TableWriter {
+    pub fn new(location: Location, schema: SchemaRef) -> Self {
+        TableWriter { location, schema, writer: None, rows: 0 }
+    }
+
+    pub async fn write(&mut self, batch: &RecordBatch) -> Result<()> {
+        if batch.num_rows() == 0 {
+            return Ok(());
+        }
+        let batch = conform(batch, &self.schema)?;
+        if self.writer.is_none() {
+            let props = WriterProperties::builder()
+                .set_compression(Compression::ZSTD(ZstdLevel::try_new(3).expect("valid level")))
+                .set_max_row_group_row_count(Some(ROW_GROUP_ROWS))
+                .set_max_row_group_bytes(Some(ROW_GROUP_BYTES))
+                .build();
+            let sink = ParquetObjectWriter::new(self.location.store.clone(), self.location.path.clone());
+            self.writer = Some(AsyncArrowWriter::try_new(sink, self.schema.clone(), Some(props))?);
+        }
+        let writer = self.writer.as_mut().expect("created above");
+        writer.write(&batch).await?;
+        self.rows += batch.num_rows() as u64;
+        Ok(())
+    }
+
+    /// Finishes the file; `None` when no row was written (no file is created).
+    pub async fn commit(self) -> Result<Option<OutputFile>> {
+        let Some(writer) = self.writer else { return Ok(None) };
+        let bytes = writer.bytes_written() as u64;
+        writer.close().await?;
+        Ok(Some(OutputFile { file: self.location.display(), rows: self.rows, bytes }))
+    }
+}
+
+/// Casts a batch to the table's declared schema (e.g. DataFusion's `Utf8View` to `Utf8`), so
+/// every file of a table has the same schema whatever produced it.
+pub fn conform(batch: &RecordBatch, schema: &SchemaRef) -> Result<RecordBatch> {
+    if batch.schema().fields() == schema.fields() {
+        return Ok(batch.clone());
+    }
+    if batch.num_columns() != schema.fields().len() {
+        return Err(Error::Internal(format!(
+            "a batch with columns {:?} does not fit the table schema {:?}",
+            batch.schema().fields().iter().map(|f| f.name()).collect::<Vec<_>>(),
+            schema.fields().iter().map(|f| f.name()).collect::<Vec<_>>()
+        )));
+    }
+    let columns = batch
+        .columns()
+        .iter()
+        .zip(schema.fields())
+        .map(|(column, field)| cast(column, field.data_type()))
+        .collect::<std::result::Result<Vec<_>, _>>()?;
+    Ok(RecordBatch::try_new(schema.clone(), columns)?)
+}

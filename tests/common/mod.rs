@@ -1,0 +1,122 @@
+//! Helpers shared by the end-to-end tests: the real `safepipe` binary over real files in a
+//! temporary run directory, with the sample corpus that `make setup` fetched.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+pub fn bin() -> &'static str {
+    env!("CARGO_BIN_EXE_safepipe")
+}
+
+pub fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
+}
+
+/// A file of the sample corpus; fails with the fix if `make setup` has not run.
+pub fn sample(name: &str) -> PathBuf {
+    let path = repo().join("data/sample").join(name);
+    assert!(path.exists(), "{} is missing: run `make setup` first", path.display());
+    path
+}
+
+/// The four sample inputs, as `[[inputs]]` TOML blocks with absolute paths.
+pub fn sample_inputs() -> String {
+    let mut s = String::new();
+    for (name, file) in [
+        ("ham", "spamassassin-ham.jsonl"),
+        ("spam", "spamassassin-spam.jsonl.gz"),
+        ("harmbench", "harmbench.parquet"),
+        ("strongreject", "strongreject.jsonl.zst"),
+    ] {
+        s.push_str(&format!("[[inputs]]\nname = \"{name}\"\npaths = [{:?}]\n\n", sample(file).display().to_string()));
+    }
+    s
+}
+
+/// The demo-like config over the sample corpus with small JSONL units.
+pub fn sample_config(extra: &str) -> String {
+    format!(
+        "run_dir = \"run\"\n\n{}[plan]\njsonl_unit_bytes = 1048576\n\n{extra}\n\n[[route.rules]]\nname = \"too_short\"\nwhen = \"length(trim(text)) < 20\"\nroute = \"drop\"\n",
+        sample_inputs()
+    )
+}
+
+pub struct Workspace {
+    pub dir: tempfile::TempDir,
+}
+
+impl Workspace {
+    pub fn new() -> Self {
+        Workspace { dir: tempfile::tempdir().unwrap() }
+    }
+
+    pub fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// Writes `config.toml` (or another name) into the workspace and returns its path.
+    pub fn config(&self, name: &str, body: &str) -> PathBuf {
+        let path = self.path().join(name);
+        std::fs::write(&path, body).unwrap();
+        path
+    }
+}
+
+pub fn safepipe(args: &[&str]) -> Output {
+    Command::new(bin()).args(args).env("RUST_LOG", "info").output().expect("run safepipe")
+}
+
+pub fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+/// Runs `safepipe run CONFIG EXTRA..`, asserting success; returns stderr.
+pub fn run_ok(config: &Path, extra: &[&str]) -> String {
+    let mut args = vec!["run", config.to_str().unwrap()];
+    args.extend_from_slice(extra);
+    let out = safepipe(&args);
+    assert!(out.status.success(), "safepipe {args:?} failed:\n{}", text(&out.stderr));
+    text(&out.stderr)
+}
+
+/// Runs a query; returns the JSON lines of its rows, sorted (a multiset to compare).
+pub fn sql_rows(config: &Path, query: &str) -> Vec<String> {
+    let out = safepipe(&["sql", config.to_str().unwrap(), query, "--format", "jsonl"]);
+    assert!(out.status.success(), "sql {query:?} failed:\n{}", text(&out.stderr));
+    let mut rows: Vec<String> = text(&out.stdout).lines().map(str::to_string).collect();
+    rows.sort();
+    rows
+}
+
+/// A single number from a query such as `SELECT count(*) AS n FROM ...`.
+pub fn sql_number(config: &Path, query: &str) -> i64 {
+    let out = safepipe(&["sql", config.to_str().unwrap(), query, "--format", "csv"]);
+    assert!(out.status.success(), "sql {query:?} failed:\n{}", text(&out.stderr));
+    let stdout = text(&out.stdout);
+    let value = stdout.lines().nth(1).unwrap_or_else(|| panic!("no row from {query:?}: {stdout}"));
+    value.trim().parse().unwrap_or_else(|_| panic!("not a number from {query:?}: {value}"))
+}
+
+/// Everything a run produced, as sorted multisets: documents (text hashed), quarantine, routes.
+pub fn snapshot(config: &Path) -> Vec<Vec<String>> {
+    vec![
+        sql_rows(config, "SELECT id, source, md5(text) AS text_md5, length(text) AS chars, metadata FROM documents"),
+        sql_rows(config, "SELECT source, file, unit, \"offset\", records, reason, detail, id, raw FROM quarantine"),
+        sql_rows(config, "SELECT id, route, rule FROM routes"),
+    ]
+}
+
+/// The summary line the runner prints for a stage, e.g. `ingest: 3 unit(s) done, ...`.
+pub fn summary_line<'a>(stderr: &'a str, stage: &str) -> &'a str {
+    stderr
+        .lines()
+        .find(|l| l.starts_with(&format!("{stage}: ")) && l.contains("unit(s) done"))
+        .unwrap_or_else(|| panic!("no summary for {stage} in:\n{stderr}"))
+}
+
+/// Units done in this run for a stage, from its summary line.
+pub fn units_done(stderr: &str, stage: &str) -> usize {
+    let line = summary_line(stderr, stage);
+    line.split_whitespace().nth(1).unwrap().parse().unwrap()
+}

@@ -1,0 +1,258 @@
+//! End-to-end behaviour of the engine over the real binary and the real sample corpus:
+//! resumability, ranks, fingerprints, accounting, `kill -9` safety and output schemas.
+
+mod common;
+
+use common::*;
+use std::process::{Command, Stdio};
+use std::time::Instant;
+
+#[test]
+fn rerun_after_completion_does_no_work() {
+    let ws = Workspace::new();
+    let config = ws.config("config.toml", &sample_config(""));
+    let first = run_ok(&config, &[]);
+    assert!(units_done(&first, "ingest") > 4, "{first}");
+    let before = snapshot(&config);
+    let records_before = sql_rows(&config, "SELECT stage, unit, finished_at FROM stats");
+
+    let second = run_ok(&config, &[]);
+    assert_eq!(units_done(&second, "ingest"), 0, "{second}");
+    assert_eq!(units_done(&second, "route"), 0, "{second}");
+    assert_eq!(sql_rows(&config, "SELECT stage, unit, finished_at FROM stats"), records_before);
+    assert_eq!(snapshot(&config), before);
+    assert!(sql_number(&config, "SELECT count(*) FROM documents") > 5000);
+}
+
+#[test]
+fn two_ranks_equal_one_rank() {
+    let ws = Workspace::new();
+    let single = ws.config("single.toml", &sample_config("").replace("run_dir = \"run\"", "run_dir = \"single\""));
+    run_ok(&single, &[]);
+
+    let multi = ws.config("multi.toml", &sample_config("").replace("run_dir = \"run\"", "run_dir = \"multi\""));
+    // Several ranks need the plan made once first.
+    let refused = safepipe(&["run", multi.to_str().unwrap(), "--rank", "0", "--world-size", "2"]);
+    assert_eq!(refused.status.code(), Some(2), "{}", text(&refused.stderr));
+    assert!(text(&refused.stderr).contains("safepipe plan"), "{}", text(&refused.stderr));
+    assert!(safepipe(&["plan", multi.to_str().unwrap()]).status.success());
+    // Both ranks at once, like an array job.
+    let ranks: Vec<_> = (0..2)
+        .map(|rank| {
+            Command::new(bin())
+                .args(["run", multi.to_str().unwrap(), "--world-size", "2", "--rank", &rank.to_string()])
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    for child in ranks {
+        let out = child.wait_with_output().unwrap();
+        assert!(out.status.success(), "{}", text(&out.stderr));
+    }
+    assert_eq!(sql_number(&multi, "SELECT count(DISTINCT rank) FROM stats"), 2);
+    assert_eq!(snapshot(&multi), snapshot(&single));
+}
+
+#[test]
+fn config_change_reruns_only_the_affected_stage() {
+    let ws = Workspace::new();
+    let config = ws.config("config.toml", &sample_config(""));
+    let first = run_ok(&config, &[]);
+    let units = units_done(&first, "ingest");
+    let ingest_files = sql_rows(&config, "SELECT unit, fingerprint FROM stats WHERE stage = 'ingest'");
+
+    // A routing change: route reruns, ingest does not.
+    let changed = sample_config("").replace("length(trim(text)) < 20", "length(trim(text)) < 200");
+    std::fs::write(&config, changed).unwrap();
+    let second = run_ok(&config, &[]);
+    assert_eq!(units_done(&second, "ingest"), 0, "{second}");
+    assert_eq!(units_done(&second, "route"), units, "{second}");
+    assert!(summary_line(&second, "route").contains(&format!("{units} unit(s) done")));
+    assert!(second.contains("settings changed"), "{second}");
+    assert_eq!(sql_rows(&config, "SELECT unit, fingerprint FROM stats WHERE stage = 'ingest'"), ingest_files);
+    let dropped: i64 = sql_number(&config, "SELECT count(*) FROM routes WHERE route = 'drop'");
+    assert!(dropped > 0);
+
+    // An ingest change: ingest reruns, and route with it because its upstream changed.
+    let changed = sample_config("[ingest]\nmax_text_bytes = 20000\n").replace("length(trim(text)) < 20", "length(trim(text)) < 200");
+    std::fs::write(&config, changed).unwrap();
+    let third = run_ok(&config, &[]);
+    assert_eq!(units_done(&third, "ingest"), units, "{third}");
+    assert_eq!(units_done(&third, "route"), units, "{third}");
+    assert!(third.contains("upstream changed"), "{third}");
+    assert!(sql_number(&config, "SELECT count(*) FROM quarantine WHERE reason = 'text_too_long'") > 0);
+    // Replaced outputs are gone: exactly one file per committed (stage, table, unit) is left.
+    for (stage, table) in [("ingest", "documents"), ("route", "routes")] {
+        let dir = ws.path().join("run").join(stage).join(table);
+        let files = std::fs::read_dir(&dir).unwrap().filter(|e| e.as_ref().unwrap().path().extension().is_some_and(|x| x == "parquet")).count();
+        let units_with_rows = sql_number(&config, &format!("SELECT count(*) FROM stats WHERE stage = '{stage}' AND rows_out + rows_dropped > 0"));
+        assert_eq!(files as i64, units_with_rows, "{}", dir.display());
+    }
+}
+
+#[test]
+fn force_redoes_a_stage_and_what_is_downstream() {
+    let ws = Workspace::new();
+    let config = ws.config("config.toml", &sample_config(""));
+    let first = run_ok(&config, &[]);
+    let units = units_done(&first, "ingest");
+    let before = snapshot(&config);
+    let forced = run_ok(&config, &["--force", "ingest"]);
+    assert_eq!(units_done(&forced, "ingest"), units);
+    assert_eq!(units_done(&forced, "route"), units);
+    let route_only = run_ok(&config, &["--force", "route"]);
+    assert_eq!(units_done(&route_only, "ingest"), 0);
+    assert_eq!(units_done(&route_only, "route"), units);
+    assert_eq!(snapshot(&config), before);
+    let bad = safepipe(&["run", config.to_str().unwrap(), "--force", "nope"]);
+    assert_eq!(bad.status.code(), Some(2));
+    assert!(text(&bad.stderr).contains("no such stage"), "{}", text(&bad.stderr));
+}
+
+#[test]
+fn accounting_invariant_holds_per_stage_per_unit() {
+    let ws = Workspace::new();
+    let config = ws.config("config.toml", &sample_config(""));
+    run_ok(&config, &[]);
+    assert_eq!(
+        sql_number(&config, "SELECT count(*) FROM stats WHERE rows_in <> rows_out + rows_dropped + rows_quarantined"),
+        0
+    );
+    // The tables agree with the counts, unit by unit.
+    assert_eq!(
+        sql_number(&config, "SELECT count(*) FROM documents"),
+        sql_number(&config, "SELECT sum(rows_out) FROM stats WHERE stage = 'ingest'")
+    );
+    assert_eq!(
+        sql_number(&config, "SELECT sum(records) FROM quarantine"),
+        sql_number(&config, "SELECT sum(rows_quarantined) FROM stats WHERE stage = 'ingest'")
+    );
+    // Route sees exactly what ingest let through, per unit.
+    assert_eq!(
+        sql_number(
+            &config,
+            "SELECT count(*) FROM stats i JOIN stats r ON i.unit = r.unit \
+             WHERE i.stage = 'ingest' AND r.stage = 'route' AND i.rows_out <> r.rows_in"
+        ),
+        0
+    );
+    assert_eq!(
+        sql_number(&config, "SELECT count(*) FROM routes WHERE route = 'drop'"),
+        sql_number(&config, "SELECT sum(rows_dropped) FROM stats WHERE stage = 'route'")
+    );
+    // Every non-blank line of the sample JSONL is a document or a quarantine record.
+    let lines = std::fs::read_to_string(sample("spamassassin-ham.jsonl"))
+        .unwrap()
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .count() as i64;
+    let accounted = sql_number(&config, "SELECT count(*) FROM documents WHERE source = 'ham'")
+        + sql_number(&config, "SELECT coalesce(sum(records), 0) FROM quarantine WHERE source = 'ham'");
+    assert_eq!(accounted, lines);
+}
+
+#[test]
+fn kill_9_at_random_instants_then_rerun_gives_the_same_rows() {
+    let ws = Workspace::new();
+    // Small units so that kills land in the middle of many commits.
+    let small = |dir: &str| {
+        sample_config("[runner]\njobs = 2\n")
+            .replace("run_dir = \"run\"", &format!("run_dir = \"{dir}\""))
+            .replace("jsonl_unit_bytes = 1048576", "jsonl_unit_bytes = 262144")
+    };
+    let reference = ws.config("reference.toml", &small("reference"));
+    let clock = Instant::now();
+    run_ok(&reference, &[]);
+    let full = clock.elapsed();
+
+    let config = ws.config("killed.toml", &small("killed"));
+    // A fixed seed keeps failures reproducible; the instants spread over the whole run.
+    let mut state: u64 = 0x5eed_2026;
+    let mut next = || {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        state
+    };
+    let mut kills = 0;
+    for _ in 0..12 {
+        let mut child = Command::new(bin())
+            .args(["run", config.to_str().unwrap()])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let fraction = (next() % 1000) as f64 / 1000.0;
+        std::thread::sleep(full.mul_f64(fraction * 0.9));
+        if child.try_wait().unwrap().is_none() {
+            child.kill().unwrap(); // SIGKILL
+            kills += 1;
+        }
+        child.wait().unwrap();
+    }
+    assert!(kills >= 10, "only {kills} runs were still going when killed; the run takes {full:?}");
+    run_ok(&config, &[]);
+    assert_eq!(snapshot(&config), snapshot(&reference));
+    assert_eq!(
+        sql_number(&config, "SELECT count(*) FROM stats WHERE rows_in <> rows_out + rows_dropped + rows_quarantined"),
+        0
+    );
+}
+
+#[test]
+fn status_reports_units_rows_and_staleness() {
+    let ws = Workspace::new();
+    let config = ws.config("config.toml", &sample_config(""));
+    let before = safepipe(&["status", config.to_str().unwrap()]);
+    assert!(before.status.success());
+    assert!(text(&before.stdout).contains("no work plan"), "{}", text(&before.stdout));
+    run_ok(&config, &[]);
+    let units = sql_number(&config, "SELECT count(*) FROM stats WHERE stage = 'ingest'");
+    let status = text(&safepipe(&["status", config.to_str().unwrap()]).stdout);
+    let ingest = status.lines().find(|l| l.starts_with("ingest")).unwrap().to_string();
+    assert!(ingest.contains(&format!("{units}/{units}")), "{status}");
+    let docs = sql_number(&config, "SELECT count(*) FROM documents");
+    assert!(ingest.contains(&docs.to_string()), "{status}");
+    std::fs::write(&config, sample_config("").replace("< 20", "< 30")).unwrap();
+    let status = text(&safepipe(&["status", config.to_str().unwrap()]).stdout);
+    let route: Vec<&str> = status.lines().find(|l| l.starts_with("route")).unwrap().split_whitespace().collect();
+    assert_eq!(route[1], format!("0/{units}"), "{status}");
+    assert_eq!(route[2], units.to_string(), "stale count: {status}");
+}
+
+#[test]
+fn committed_files_have_the_documented_schemas() {
+    use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+    let ws = Workspace::new();
+    let config = ws.config("config.toml", &sample_config(""));
+    run_ok(&config, &[]);
+    for (stage, table, schema) in [
+        ("ingest", "documents", safepipe_operators::schema::DOCUMENTS.clone()),
+        ("ingest", "quarantine", safepipe_operators::schema::QUARANTINE.clone()),
+        ("route", "routes", safepipe_operators::schema::ROUTES.clone()),
+    ] {
+        let dir = ws.path().join("run").join(stage).join(table);
+        let mut seen = 0;
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            let file = std::fs::File::open(entry.unwrap().path()).unwrap();
+            let reader = ParquetRecordBatchReaderBuilder::try_new(file).unwrap();
+            assert_eq!(reader.schema().fields(), schema.fields(), "{stage}/{table}");
+            seen += 1;
+        }
+        assert!(seen > 0, "no {table} files");
+    }
+}
+
+#[test]
+fn bad_config_errors_name_the_key_and_exit_2() {
+    let ws = Workspace::new();
+    let config = ws.config("config.toml", &sample_config("[ingest]\nbatch_rowz = 3\n"));
+    let out = safepipe(&["run", config.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(text(&out.stderr).contains("batch_rowz"), "{}", text(&out.stderr));
+    let config = ws.config("missing.toml", "run_dir = \"r\"\n[[inputs]]\nname = \"x\"\npaths = [\"nowhere/*.jsonl\"]\n");
+    let out = safepipe(&["run", config.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(text(&out.stderr).contains("matches no file"), "{}", text(&out.stderr));
+}

@@ -1,0 +1,122 @@
+//! The same pipeline against a real S3-compatible server (moto, installed by `make setup`) on
+//! 127.0.0.1: inputs and the run directory both on S3, then SQL over the S3 run directory.
+
+mod common;
+
+use common::*;
+use std::net::{TcpListener, TcpStream};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+struct Server(Child);
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn start_moto() -> (Server, u16) {
+    let moto = repo().join(".venv/bin/moto_server");
+    assert!(moto.exists(), "{} is missing: run `make setup` first", moto.display());
+    let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let child = Command::new(moto)
+        .args(["-H", "127.0.0.1", "-p", &port.to_string()])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let server = Server(child);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(Instant::now() < deadline, "moto_server did not start on port {port}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    (server, port)
+}
+
+fn s3_env(port: u16) -> Vec<(&'static str, String)> {
+    vec![
+        ("AWS_ACCESS_KEY_ID", "test".into()),
+        ("AWS_SECRET_ACCESS_KEY", "test".into()),
+        ("AWS_REGION", "us-east-1".into()),
+        ("AWS_ENDPOINT", format!("http://127.0.0.1:{port}")),
+        ("AWS_ALLOW_HTTP", "true".into()),
+        ("RUST_LOG", "info".into()),
+    ]
+}
+
+fn safepipe_s3(port: u16, args: &[&str]) -> Output {
+    Command::new(bin()).args(args).envs(s3_env(port)).output().unwrap()
+}
+
+fn rows(port: u16, config: &str, query: &str) -> Vec<String> {
+    let out = safepipe_s3(port, &["sql", config, query, "--format", "jsonl"]);
+    assert!(out.status.success(), "{query}: {}", text(&out.stderr));
+    let mut rows: Vec<String> = text(&out.stdout).lines().map(str::to_string).collect();
+    rows.sort();
+    rows
+}
+
+const DOCUMENTS: &str = "SELECT id, source, md5(text) AS h, metadata FROM documents";
+const QUARANTINE: &str = "SELECT source, unit, \"offset\", records, reason, id FROM quarantine";
+const ROUTES: &str = "SELECT id, route, rule FROM routes";
+
+#[test]
+fn pipeline_runs_with_inputs_and_run_dir_on_s3() {
+    let (_server, port) = start_moto();
+    let files = ["spamassassin-ham.jsonl", "spamassassin-spam.jsonl.gz", "harmbench.parquet", "strongreject.jsonl.zst"];
+    let upload = format!(
+        "import boto3, sys\n\
+         s3 = boto3.client('s3', endpoint_url='http://127.0.0.1:{port}', aws_access_key_id='test', aws_secret_access_key='test', region_name='us-east-1')\n\
+         s3.create_bucket(Bucket='corpus')\n\
+         for path in sys.argv[1:]:\n    s3.upload_file(path, 'corpus', 'input/' + path.rsplit('/', 1)[1])\n"
+    );
+    let mut args = vec!["-c".to_string(), upload];
+    args.extend(files.iter().map(|f| sample(f).display().to_string()));
+    let status = Command::new(repo().join(".venv/bin/python")).args(&args).status().unwrap();
+    assert!(status.success(), "uploading the sample to moto failed");
+
+    let ws = Workspace::new();
+    let local = ws.config("local.toml", &sample_config(""));
+    run_ok(&local, &[]);
+
+    let remote_inputs = sample_inputs()
+        .lines()
+        .map(|l| match files.iter().find(|f| l.contains(*f)) {
+            Some(f) => format!("paths = [\"s3://corpus/input/{f}\"]"),
+            None => l.to_string(),
+        })
+        .collect::<Vec<_>>()
+        .join("\n");
+    let remote = ws.config(
+        "remote.toml",
+        &sample_config("").replace("run_dir = \"run\"", "run_dir = \"s3://corpus/runs/demo\"").replace(&sample_inputs(), &format!("{remote_inputs}\n")),
+    );
+    let remote = remote.to_str().unwrap();
+    let first = safepipe_s3(port, &["run", remote]);
+    assert!(first.status.success(), "{}", text(&first.stderr));
+    let stderr = text(&first.stderr);
+    assert!(units_done(&stderr, "ingest") > 4, "{stderr}");
+
+    let local = local.to_str().unwrap();
+    for query in [DOCUMENTS, QUARANTINE, ROUTES] {
+        let expected = {
+            let out = safepipe(&["sql", local, query, "--format", "jsonl"]);
+            let mut r: Vec<String> = text(&out.stdout).lines().map(str::to_string).collect();
+            r.sort();
+            r
+        };
+        assert_eq!(rows(port, remote, query), expected, "{query}");
+    }
+    let files = rows(port, remote, "SELECT DISTINCT file FROM quarantine");
+    assert!(files.iter().all(|f| f.contains("s3://corpus/input/")), "{files:?}");
+
+    // Resuming against S3 does no work.
+    let again = safepipe_s3(port, &["run", remote]);
+    assert!(again.status.success());
+    assert_eq!(units_done(&text(&again.stderr), "ingest"), 0);
+    let status = text(&safepipe_s3(port, &["status", remote]).stdout);
+    assert!(status.contains("s3://corpus/runs/demo"), "{status}");
+}
