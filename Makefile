@@ -44,6 +44,7 @@ fmt:
 	$(CARGO) fmt --all
 
 bench: build
+	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements-bench.txt
 	$(PY) scripts/bench_ingest.py --bin $(BIN) --out docs/BENCHMARKS.md
 
 clean:

@@ -29,7 +29,11 @@ fn write_corpus(dir: &std::path::Path) -> usize {
             8 => line(&mut f, br#"{"id": "blank", "text": "  \n\t "}"#, b"\n"),
             10 => line(&mut f, br#"{"id": "notext", "body": "the text is elsewhere"}"#, b"\n"),
             12 => line(&mut f, b"[1, 2, 3]", b"\n"),
-            14 => line(&mut f, br#"{"id": {"nested": 1}, "text": "an id that is an object"}"#, b"\n"),
+            14 => line(
+                &mut f,
+                br#"{"id": {"nested": 1}, "text": "an id that is an object"}"#,
+                b"\n",
+            ),
             16 => line(&mut f, br#"{"id": "number", "text": 42}"#, b"\n"),
             18 => {
                 // 20 MB in one record: read only up to the cap, then skipped and quarantined.
@@ -40,8 +44,16 @@ fn write_corpus(dir: &std::path::Path) -> usize {
                 let long = format!("{{\"id\": \"long\", \"text\": \"{}\"}}", "word ".repeat(1 << 20));
                 line(&mut f, long.as_bytes(), b"\n");
             }
-            22 => line(&mut f, br#"{"text": "a record without an id gets one derived from its text"}"#, b"\n"),
-            24 => line(&mut f, br#"{"id": 7, "text": "a numeric id is kept as its decimal string"}"#, b"\n"),
+            22 => line(
+                &mut f,
+                br#"{"text": "a record without an id gets one derived from its text"}"#,
+                b"\n",
+            ),
+            24 => line(
+                &mut f,
+                br#"{"id": 7, "text": "a numeric id is kept as its decimal string"}"#,
+                b"\n",
+            ),
             26 => {
                 f.write_all(b"\n   \n").unwrap(); // blank lines are not records
             }
@@ -49,14 +61,21 @@ fn write_corpus(dir: &std::path::Path) -> usize {
         }
     }
     // The last record has no trailing newline.
-    line(&mut f, br#"{"id": "last", "text": "the final line of the file has no newline"}"#, b"");
+    line(
+        &mut f,
+        br#"{"id": "last", "text": "the final line of the file has no newline"}"#,
+        b"",
+    );
 
     // A Parquet file cut in half: its footer is gone.
     let parquet = std::fs::read(sample("harmbench.parquet")).unwrap();
     std::fs::write(dir.join("truncated.parquet"), &parquet[..parquet.len() / 2]).unwrap();
 
     // A Parquet file with the wrong schema (no text column).
-    let schema = Arc::new(Schema::new(vec![Field::new("body", DataType::Utf8, true), Field::new("n", DataType::Int64, true)]));
+    let schema = Arc::new(Schema::new(vec![
+        Field::new("body", DataType::Utf8, true),
+        Field::new("n", DataType::Int64, true),
+    ]));
     let batch = RecordBatch::try_new(
         schema.clone(),
         vec![
@@ -65,7 +84,12 @@ fn write_corpus(dir: &std::path::Path) -> usize {
         ],
     )
     .unwrap();
-    let mut writer = parquet::arrow::ArrowWriter::try_new(std::fs::File::create(dir.join("wrong_schema.parquet")).unwrap(), schema, None).unwrap();
+    let mut writer = parquet::arrow::ArrowWriter::try_new(
+        std::fs::File::create(dir.join("wrong_schema.parquet")).unwrap(),
+        schema,
+        None,
+    )
+    .unwrap();
     writer.write(&batch).unwrap();
     writer.close().unwrap();
 
@@ -104,35 +128,67 @@ fn every_bad_record_is_accounted_for_and_no_bad_file_stops_the_others() {
     assert!(reason("notext").contains("missing_text"));
     assert!(reason("number").contains("text_not_string"));
     assert!(reason("long").contains("text_too_long"));
-    let by_reason = sql_rows(&config, "SELECT reason, sum(records) AS n FROM quarantine WHERE source = 'mixed' GROUP BY reason");
+    let by_reason = sql_rows(
+        &config,
+        "SELECT reason, sum(records) AS n FROM quarantine WHERE source = 'mixed' GROUP BY reason",
+    );
     for expected in ["invalid_json", "not_an_object", "invalid_id", "record_too_long"] {
-        assert!(by_reason.iter().any(|r| r.contains(expected)), "{expected} missing from {by_reason:?}");
+        assert!(
+            by_reason.iter().any(|r| r.contains(expected)),
+            "{expected} missing from {by_reason:?}"
+        );
     }
     // The 20 MB record was not read whole: its raw prefix is short.
-    assert!(sql_number(&config, "SELECT max(length(raw)) FROM quarantine WHERE reason = 'record_too_long'") <= 1024);
+    assert!(
+        sql_number(
+            &config,
+            "SELECT max(length(raw)) FROM quarantine WHERE reason = 'record_too_long'"
+        ) <= 1024
+    );
 
     // Every record of the JSONL file is accounted for, across all its units.
     let documents = sql_number(&config, "SELECT count(*) FROM documents WHERE source = 'mixed'");
     let quarantined = sql_number(&config, "SELECT sum(records) FROM quarantine WHERE source = 'mixed'");
     assert_eq!(documents + quarantined, records as i64);
     assert_eq!(sql_number(&config, "SELECT count(*) FROM documents WHERE id = '7'"), 1);
-    assert_eq!(sql_number(&config, "SELECT count(*) FROM documents WHERE id LIKE 'sha256:%'"), 1);
-    assert_eq!(sql_number(&config, "SELECT count(*) FROM documents WHERE id = 'last'"), 1);
+    assert_eq!(
+        sql_number(&config, "SELECT count(*) FROM documents WHERE id LIKE 'sha256:%'"),
+        1
+    );
+    assert_eq!(
+        sql_number(&config, "SELECT count(*) FROM documents WHERE id = 'last'"),
+        1
+    );
 
     // Unreadable files: one clear row each, the rest of the run went on.
-    let parquet = sql_rows(&config, "SELECT file, reason, records, detail FROM quarantine WHERE source = 'parquet'");
+    let parquet = sql_rows(
+        &config,
+        "SELECT file, reason, records, detail FROM quarantine WHERE source = 'parquet'",
+    );
     assert_eq!(parquet.len(), 2, "{parquet:?}");
     let truncated = parquet.iter().find(|r| r.contains("truncated.parquet")).unwrap();
-    assert!(truncated.contains("unreadable_file") && truncated.contains("Parquet"), "{truncated}");
+    assert!(
+        truncated.contains("unreadable_file") && truncated.contains("Parquet"),
+        "{truncated}"
+    );
     let wrong = parquet.iter().find(|r| r.contains("wrong_schema.parquet")).unwrap();
-    assert!(wrong.contains("schema_mismatch") && wrong.contains("\"records\":10") && wrong.contains("no column 'text'"), "{wrong}");
+    assert!(
+        wrong.contains("schema_mismatch") && wrong.contains("\"records\":10") && wrong.contains("no column 'text'"),
+        "{wrong}"
+    );
     let gz = sql_rows(&config, "SELECT reason, detail FROM quarantine WHERE source = 'gz'");
     assert_eq!(gz.len(), 1, "{gz:?}");
-    assert!(gz[0].contains("corrupt_stream") && gz[0].contains("unreadable"), "{gz:?}");
+    assert!(
+        gz[0].contains("corrupt_stream") && gz[0].contains("unreadable"),
+        "{gz:?}"
+    );
     assert!(sql_number(&config, "SELECT count(*) FROM documents WHERE source = 'gz'") > 10);
 
     assert_eq!(
-        sql_number(&config, "SELECT count(*) FROM stats WHERE rows_in <> rows_out + rows_dropped + rows_quarantined"),
+        sql_number(
+            &config,
+            "SELECT count(*) FROM stats WHERE rows_in <> rows_out + rows_dropped + rows_quarantined"
+        ),
         0
     );
     let status = text(&safepipe(&["status", config.to_str().unwrap()]).stdout);

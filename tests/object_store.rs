@@ -66,7 +66,12 @@ const ROUTES: &str = "SELECT id, route, rule FROM routes";
 #[test]
 fn pipeline_runs_with_inputs_and_run_dir_on_s3() {
     let (_server, port) = start_moto();
-    let files = ["spamassassin-ham.jsonl", "spamassassin-spam.jsonl.gz", "harmbench.parquet", "strongreject.jsonl.zst"];
+    let files = [
+        "spamassassin-ham.jsonl",
+        "spamassassin-spam.jsonl.gz",
+        "harmbench.parquet",
+        "strongreject.jsonl.zst",
+    ];
     let upload = format!(
         "import boto3, sys\n\
          s3 = boto3.client('s3', endpoint_url='http://127.0.0.1:{port}', aws_access_key_id='test', aws_secret_access_key='test', region_name='us-east-1')\n\
@@ -75,7 +80,10 @@ fn pipeline_runs_with_inputs_and_run_dir_on_s3() {
     );
     let mut args = vec!["-c".to_string(), upload];
     args.extend(files.iter().map(|f| sample(f).display().to_string()));
-    let status = Command::new(repo().join(".venv/bin/python")).args(&args).status().unwrap();
+    let status = Command::new(repo().join(".venv/bin/python"))
+        .args(&args)
+        .status()
+        .unwrap();
     assert!(status.success(), "uploading the sample to moto failed");
 
     let ws = Workspace::new();
@@ -92,7 +100,9 @@ fn pipeline_runs_with_inputs_and_run_dir_on_s3() {
         .join("\n");
     let remote = ws.config(
         "remote.toml",
-        &sample_config("").replace("run_dir = \"run\"", "run_dir = \"s3://corpus/runs/demo\"").replace(&sample_inputs(), &format!("{remote_inputs}\n")),
+        &sample_config("")
+            .replace("run_dir = \"run\"", "run_dir = \"s3://corpus/runs/demo\"")
+            .replace(&sample_inputs(), &format!("{remote_inputs}\n")),
     );
     let remote = remote.to_str().unwrap();
     let first = safepipe_s3(port, &["run", remote]);

@@ -21,7 +21,11 @@ fn sql_is_read_only_and_speaks_every_format() {
     ] {
         let out = safepipe(&["sql", cfg, statement]);
         assert_eq!(out.status.code(), Some(2), "{statement}: {}", text(&out.stderr));
-        assert!(text(&out.stderr).contains("read-only"), "{statement}: {}", text(&out.stderr));
+        assert!(
+            text(&out.stderr).contains("read-only"),
+            "{statement}: {}",
+            text(&out.stderr)
+        );
     }
     let bad = safepipe(&["sql", cfg, "SELECT nope FROM documents"]);
     assert_eq!(bad.status.code(), Some(2));
@@ -29,18 +33,40 @@ fn sql_is_read_only_and_speaks_every_format() {
     let n = sql_number(&config, "SELECT count(*) AS n FROM documents");
     let table = text(&safepipe(&["sql", cfg, "SELECT count(*) AS n FROM documents"]).stdout);
     assert!(table.contains(&format!("| {n}")), "{table}");
-    let json = text(&safepipe(&["sql", cfg, "SELECT source, count(*) AS n FROM documents GROUP BY source ORDER BY source", "--format", "json"]).stdout);
+    let json = text(
+        &safepipe(&[
+            "sql",
+            cfg,
+            "SELECT source, count(*) AS n FROM documents GROUP BY source ORDER BY source",
+            "--format",
+            "json",
+        ])
+        .stdout,
+    );
     let parsed: serde_json::Value = serde_json::from_str(&json).unwrap();
-    let total: i64 = parsed.as_array().unwrap().iter().map(|r| r["n"].as_i64().unwrap()).sum();
+    let total: i64 = parsed
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["n"].as_i64().unwrap())
+        .sum();
     assert_eq!(total, n);
     let empty = text(&safepipe(&["sql", cfg, "SELECT id FROM documents WHERE false", "--format", "json"]).stdout);
-    assert_eq!(serde_json::from_str::<serde_json::Value>(&empty).unwrap(), serde_json::json!([]));
+    assert_eq!(
+        serde_json::from_str::<serde_json::Value>(&empty).unwrap(),
+        serde_json::json!([])
+    );
     let tables = text(&safepipe(&["sql", cfg, "SHOW TABLES"]).stdout);
     for t in ["documents", "quarantine", "routes", "stats"] {
         assert!(tables.contains(t), "{tables}");
     }
     // Nested metadata is queryable.
-    assert!(sql_number(&config, "SELECT count(*) FROM documents WHERE metadata.dump IS NOT NULL") > 0);
+    assert!(
+        sql_number(
+            &config,
+            "SELECT count(*) FROM documents WHERE metadata.dump IS NOT NULL"
+        ) > 0
+    );
 }
 
 #[test]

@@ -61,7 +61,12 @@ mod tests {
 
     #[test]
     fn invariant_holds_and_breaks() {
-        let mut c = UnitCounts { rows_in: 10, rows_out: 6, quarantined: 1, ..Default::default() };
+        let mut c = UnitCounts {
+            rows_in: 10,
+            rows_out: 6,
+            quarantined: 1,
+            ..Default::default()
+        };
         c.drop("too_short", 3);
         assert!(c.check().is_ok());
         c.drop("too_short", 1);

@@ -14,6 +14,7 @@
 pub mod counts;
 pub mod error;
 pub mod ingest;
+pub mod parquet_io;
 pub mod route;
 pub mod schema;
 

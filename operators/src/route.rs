@@ -92,9 +92,15 @@ impl RouteRules {
     /// and SQL syntax before any work starts. The error names the rule.
     pub async fn validate(&self) -> Result<(), String> {
         for (i, rule) in self.rules.iter().enumerate() {
-            let single = RouteRules { rules: vec![rule.clone()], default: self.default };
+            let single = RouteRules {
+                rules: vec![rule.clone()],
+                default: self.default,
+            };
             single.plan_on_empty().await.map_err(|e| {
-                format!("route.rules[{i}] (name = {:?}): `when = {:?}` is not a valid predicate over documents: {e}", rule.name, rule.when)
+                format!(
+                    "route.rules[{i}] (name = {:?}): `when = {:?}` is not a valid predicate over documents: {e}",
+                    rule.name, rule.when
+                )
             })?;
         }
         self.plan_on_empty().await.map_err(|e| format!("route: {e}"))
@@ -119,20 +125,27 @@ impl RouteRules {
 /// Adds one `routes` batch to the unit's counts: every row is in; `drop` rows are dropped by
 /// their rule (or [`DEFAULT_RULE`]); the rest are out.
 pub fn account(batch: &RecordBatch, counts: &mut UnitCounts) -> OpResult<()> {
+    if batch.num_columns() != 3 {
+        return Err(OpError::Config(format!(
+            "a routes batch has 3 columns, not {}",
+            batch.num_columns()
+        )));
+    }
     let route = cast(batch.column(1), &DataType::Utf8)?;
     let rule = cast(batch.column(2), &DataType::Utf8)?;
     let (route, rule) = (route.as_string::<i32>(), rule.as_string::<i32>());
     counts.rows_in += batch.num_rows() as u64;
     for row in 0..batch.num_rows() {
         if route.value(row) == Route::Drop.as_str() {
-            let name = if rule.is_valid(row) { rule.value(row) } else { DEFAULT_RULE };
+            let name = if rule.is_valid(row) {
+                rule.value(row)
+            } else {
+                DEFAULT_RULE
+            };
             counts.drop(name, 1);
         } else {
             counts.rows_out += 1;
         }
-    }
-    if batch.schema().fields().len() != 3 {
-        return Err(OpError::Config("routes batch must have 3 columns".into()));
     }
     Ok(())
 }
@@ -162,16 +175,30 @@ mod tests {
     async fn first_matching_rule_wins_and_drops_are_counted() {
         let rules = RouteRules {
             rules: vec![
-                RouteRule { name: "short".into(), when: "length(text) < 5".into(), route: Route::Drop },
-                RouteRule { name: "shouty".into(), when: "upper(text) = text".into(), route: Route::Tag },
+                RouteRule {
+                    name: "short".into(),
+                    when: "length(text) < 5".into(),
+                    route: Route::Drop,
+                },
+                RouteRule {
+                    name: "shouty".into(),
+                    when: "upper(text) = text".into(),
+                    route: Route::Tag,
+                },
             ],
             default: Route::Keep,
         };
         rules.validate().await.unwrap();
         let ctx = SessionContext::new();
-        let table = MemTable::try_new(schema::DOCUMENTS.clone(), vec![vec![documents(&["hi", "HELLO THERE", "hello there", "OK"])]]).unwrap();
+        let table = MemTable::try_new(
+            schema::DOCUMENTS.clone(),
+            vec![vec![documents(&["hi", "HELLO THERE", "hello there", "OK"])]],
+        )
+        .unwrap();
         ctx.register_table("documents", Arc::new(table)).unwrap();
-        let batches = datafusion::physical_plan::common::collect(rules.execute(&ctx).await.unwrap()).await.unwrap();
+        let batches = datafusion::physical_plan::common::collect(rules.execute(&ctx).await.unwrap())
+            .await
+            .unwrap();
         let mut counts = UnitCounts::default();
         let mut routes = vec![];
         for b in &batches {
@@ -189,7 +216,11 @@ mod tests {
     #[tokio::test]
     async fn bad_predicate_names_the_rule() {
         let rules = RouteRules {
-            rules: vec![RouteRule { name: "oops".into(), when: "no_such_column > 3".into(), route: Route::Drop }],
+            rules: vec![RouteRule {
+                name: "oops".into(),
+                when: "no_such_column > 3".into(),
+                route: Route::Drop,
+            }],
             default: Route::Keep,
         };
         let err = rules.validate().await.unwrap_err();

@@ -50,7 +50,10 @@ pub async fn session(config: &Config) -> Result<SessionContext> {
     let fingerprints = plan.as_ref().map(|p| stages::fingerprints(&stages, &p.fingerprint));
     let mut all: Vec<(CompletionRecord, bool)> = Vec::new();
     for (i, stage) in stages.iter().enumerate() {
-        let mut done: Vec<CompletionRecord> = records::load_done(&run_dir, stage.name()).await?.into_values().collect();
+        let mut done: Vec<CompletionRecord> = records::load_done(&run_dir, stage.name())
+            .await?
+            .into_values()
+            .collect();
         done.sort_by_key(|r| r.unit);
         for table in stage.outputs() {
             let files: Vec<String> = done
@@ -66,7 +69,10 @@ pub async fn session(config: &Config) -> Result<SessionContext> {
             (r, is_current)
         }));
     }
-    ctx.register_table("stats", Arc::new(MemTable::try_new(STATS.clone(), vec![vec![stats_batch(&all)?]])?))?;
+    ctx.register_table(
+        "stats",
+        Arc::new(MemTable::try_new(STATS.clone(), vec![vec![stats_batch(&all)?]])?),
+    )?;
     Ok(ctx)
 }
 
@@ -75,9 +81,14 @@ fn register(ctx: &SessionContext, name: &str, schema: SchemaRef, files: &[String
         ctx.register_table(name, Arc::new(MemTable::try_new(schema, vec![vec![]])?))?;
         return Ok(());
     }
-    let urls = files.iter().map(ListingTableUrl::parse).collect::<datafusion::error::Result<Vec<_>>>()?;
+    let urls = files
+        .iter()
+        .map(ListingTableUrl::parse)
+        .collect::<datafusion::error::Result<Vec<_>>>()?;
     let options = ListingOptions::new(Arc::new(ParquetFormat::default())).with_file_extension(".parquet");
-    let config = ListingTableConfig::new_with_multi_paths(urls).with_listing_options(options).with_schema(schema);
+    let config = ListingTableConfig::new_with_multi_paths(urls)
+        .with_listing_options(options)
+        .with_schema(schema);
     ctx.register_table(name, Arc::new(ListingTable::try_new(config)?))?;
     Ok(())
 }

@@ -14,7 +14,11 @@ use std::sync::Arc;
 use tracing::info;
 
 #[derive(Debug, Parser)]
-#[command(name = "safepipe", version, about = "Safety pretraining data pipeline: ingest, score, route, synthesize, tag, tokenize, pack.")]
+#[command(
+    name = "safepipe",
+    version,
+    about = "Safety pretraining data pipeline: ingest, score, route, synthesize, tag, tokenize, pack."
+)]
 pub struct Cli {
     /// Log format on stderr: human-readable text or JSON lines (for cluster log collectors).
     #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
@@ -67,7 +71,13 @@ pub enum Command {
 
 pub async fn run(cli: Cli) -> Result<()> {
     match cli.command {
-        Command::Run { config, rank, world_size, force, jobs } => {
+        Command::Run {
+            config,
+            rank,
+            world_size,
+            force,
+            jobs,
+        } => {
             let config = Arc::new(Config::load(&config).await?);
             let who = ranks::resolve(rank, world_size, |name| std::env::var(name).ok())?;
             info!(rank = who.rank, world_size = who.world_size, from = who.source, "rank");
@@ -89,7 +99,12 @@ pub async fn run(cli: Cli) -> Result<()> {
             let run_dir = stores.resolve(&config.run_dir)?;
             let (plan, created) = Plan::load_or_create(&config, &stores, &run_dir).await?;
             let verb = if created { "made" } else { "already had" };
-            println!("{} {verb} a work plan of {} units ({})", run_dir.display(), plan.units.len(), plan.fingerprint);
+            println!(
+                "{} {verb} a work plan of {} units ({})",
+                run_dir.display(),
+                plan.units.len(),
+                plan.fingerprint
+            );
             Ok(())
         }
         Command::Status { config } => {
@@ -130,9 +145,13 @@ fn print_summary(summaries: &[StageSummary]) {
 
 /// Sets up `tracing` on stderr in the chosen format.
 pub fn init_logging(format: LogFormat, filter: &str) -> Result<()> {
-    let filter = tracing_subscriber::EnvFilter::try_new(filter)
-        .map_err(|e| Error::Config(format!("--log {filter:?}: {e}")))?;
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_target(false);
+    let filter =
+        tracing_subscriber::EnvFilter::try_new(filter).map_err(|e| Error::Config(format!("--log {filter:?}: {e}")))?;
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_target(false);
     match format {
         LogFormat::Text => builder.compact().init(),
         LogFormat::Json => builder.json().init(),

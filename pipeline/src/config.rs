@@ -89,7 +89,9 @@ pub struct PlanConfig {
 
 impl Default for PlanConfig {
     fn default() -> Self {
-        PlanConfig { jsonl_unit_bytes: 64 << 20 }
+        PlanConfig {
+            jsonl_unit_bytes: 64 << 20,
+        }
     }
 }
 
@@ -104,7 +106,10 @@ pub struct IngestConfig {
 
 impl Default for IngestConfig {
     fn default() -> Self {
-        IngestConfig { max_text_bytes: 4 << 20, batch_rows: 4096 }
+        IngestConfig {
+            max_text_bytes: 4 << 20,
+            batch_rows: 4096,
+        }
     }
 }
 
@@ -143,14 +148,19 @@ impl Config {
     pub async fn load(path: &Path) -> Result<Config> {
         let text = std::fs::read_to_string(path)
             .map_err(|e| Error::Config(format!("cannot read config {}: {e}", path.display())))?;
-        let raw: RawConfig =
-            toml::from_str(&text).map_err(|e| Error::Config(format!("{}: {e}", path.display())))?;
+        let raw: RawConfig = toml::from_str(&text).map_err(|e| Error::Config(format!("{}: {e}", path.display())))?;
         let dir = path.parent().map(Path::to_path_buf).unwrap_or_default();
-        let dir = if dir.is_absolute() { dir } else { std::env::current_dir().unwrap_or_default().join(dir) };
+        let dir = if dir.is_absolute() {
+            dir
+        } else {
+            std::env::current_dir().unwrap_or_default().join(dir)
+        };
         let fail = |msg: String| Error::Config(format!("{}: {msg}", path.display()));
 
         if raw.run_dir.trim().is_empty() {
-            return Err(fail("run_dir is empty; set it to a local directory or an s3:// / gs:// / az:// URL".into()));
+            return Err(fail(
+                "run_dir is empty; set it to a local directory or an s3:// / gs:// / az:// URL".into(),
+            ));
         }
         if raw.inputs.is_empty() {
             return Err(fail("no [[inputs]]; add at least one with a name and paths".into()));
@@ -165,33 +175,50 @@ impl Config {
                 )));
             }
             if !names.insert(input.name.clone()) {
-                return Err(fail(format!("inputs[{i}].name = {:?} is used twice; names must be unique", input.name)));
+                return Err(fail(format!(
+                    "inputs[{i}].name = {:?} is used twice; names must be unique",
+                    input.name
+                )));
             }
             if input.paths.is_empty() {
-                return Err(fail(format!("inputs[{i}].paths is empty; list files, directories or globs")));
+                return Err(fail(format!(
+                    "inputs[{i}].paths is empty; list files, directories or globs"
+                )));
             }
             let paths = input.paths.iter().map(|p| resolve(&dir, p)).collect();
             inputs.push(InputConfig { paths, ..input });
         }
         if raw.plan.jsonl_unit_bytes < 4096 {
-            return Err(fail(format!("plan.jsonl_unit_bytes = {} is too small; use at least 4096", raw.plan.jsonl_unit_bytes)));
+            return Err(fail(format!(
+                "plan.jsonl_unit_bytes = {} is too small; use at least 4096",
+                raw.plan.jsonl_unit_bytes
+            )));
         }
         if raw.ingest.max_text_bytes == 0 {
             return Err(fail("ingest.max_text_bytes must be at least 1".into()));
         }
         if !(1..=1_000_000).contains(&raw.ingest.batch_rows) {
-            return Err(fail(format!("ingest.batch_rows = {} must be between 1 and 1000000", raw.ingest.batch_rows)));
+            return Err(fail(format!(
+                "ingest.batch_rows = {} must be between 1 and 1000000",
+                raw.ingest.batch_rows
+            )));
         }
         let mut rule_names = BTreeSet::new();
         for (i, rule) in raw.route.rules.iter().enumerate() {
             if !valid_name(&rule.name) || rule.name.contains(['-', '.']) {
-                return Err(fail(format!("route.rules[{i}].name = {:?}: use letters, digits and '_'", rule.name)));
+                return Err(fail(format!(
+                    "route.rules[{i}].name = {:?}: use letters, digits and '_'",
+                    rule.name
+                )));
             }
             if !rule_names.insert(rule.name.clone()) {
                 return Err(fail(format!("route.rules[{i}].name = {:?} is used twice", rule.name)));
             }
         }
-        let route = RouteRules { rules: raw.route.rules, default: raw.route.default };
+        let route = RouteRules {
+            rules: raw.route.rules,
+            default: raw.route.default,
+        };
         route.validate().await.map_err(fail)?;
         let jobs = match raw.runner.jobs {
             0 => std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
@@ -215,9 +242,17 @@ impl Config {
             source: input.name.clone(),
             text_column: c.text.clone(),
             id_column: c.id.clone(),
-            metadata_columns: [&c.dump, &c.url, &c.date, &c.file_path, &c.language, &c.language_score, &c.token_count]
-                .map(String::clone)
-                .to_vec(),
+            metadata_columns: [
+                &c.dump,
+                &c.url,
+                &c.date,
+                &c.file_path,
+                &c.language,
+                &c.language_score,
+                &c.token_count,
+            ]
+            .map(String::clone)
+            .to_vec(),
             max_text_bytes: self.ingest.max_text_bytes,
             batch_rows: self.ingest.batch_rows,
         }
@@ -229,7 +264,10 @@ impl Config {
 }
 
 fn valid_name(name: &str) -> bool {
-    !name.is_empty() && name.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.'))
+    !name.is_empty()
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.'))
 }
 
 /// URLs stay as they are; local paths become absolute (relative ones against the config's
@@ -266,7 +304,9 @@ mod tests {
 
     #[tokio::test]
     async fn minimal_config_resolves_relative_paths() {
-        let c = load("run_dir = 'runs/x'\n[[inputs]]\nname = 'a'\npaths = ['../data/*.jsonl']\n").await.unwrap();
+        let c = load("run_dir = 'runs/x'\n[[inputs]]\nname = 'a'\npaths = ['../data/*.jsonl']\n")
+            .await
+            .unwrap();
         assert!(c.run_dir.ends_with("runs/x") && c.run_dir.starts_with('/'));
         assert!(!c.inputs[0].paths[0].contains(".."), "{}", c.inputs[0].paths[0]);
         assert_eq!(c.ingest.batch_rows, 4096);
@@ -274,20 +314,29 @@ mod tests {
 
     #[tokio::test]
     async fn unknown_key_is_named() {
-        let err = load("run_dir = 'x'\nrundir = 'y'\n[[inputs]]\nname='a'\npaths=['b']\n").await.unwrap_err().to_string();
+        let err = load("run_dir = 'x'\nrundir = 'y'\n[[inputs]]\nname='a'\npaths=['b']\n")
+            .await
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("rundir"), "{err}");
     }
 
     #[tokio::test]
     async fn semantic_errors_name_the_key() {
-        let err = load("run_dir = 'x'\n[[inputs]]\nname='a b'\npaths=['b']\n").await.unwrap_err().to_string();
+        let err = load("run_dir = 'x'\n[[inputs]]\nname='a b'\npaths=['b']\n")
+            .await
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("inputs[0].name"), "{err}");
         let err = load("run_dir = 'x'\n[[inputs]]\nname='a'\npaths=['b']\n[[route.rules]]\nname='r'\nwhen='nope > 1'\nroute='drop'\n")
             .await
             .unwrap_err()
             .to_string();
         assert!(err.contains("route.rules[0]"), "{err}");
-        let err = load("run_dir = 'x'\n[[inputs]]\nname='a'\npaths=['b']\n[route]\ndefault='explode'\n").await.unwrap_err().to_string();
+        let err = load("run_dir = 'x'\n[[inputs]]\nname='a'\npaths=['b']\n[route]\ndefault='explode'\n")
+            .await
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("explode"), "{err}");
     }
 }

@@ -16,8 +16,9 @@ use crate::error::{Error, Result};
 use crate::storage::{Location, Stores};
 use futures::TryStreamExt;
 use object_store::ObjectStoreExt;
-use parquet::arrow::async_reader::{AsyncFileReader, ParquetObjectReader};
+use parquet::arrow::async_reader::AsyncFileReader;
 use safepipe_operators::ingest::{Codec, Slice};
+use safepipe_operators::parquet_io::{ObjectReader, storage_failure};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use std::ops::Range;
@@ -65,7 +66,9 @@ impl Plan {
     /// Loads the run directory's plan, checking it still matches the config.
     pub async fn load(config: &Config, run_dir: &Location) -> Result<Option<Plan>> {
         let location = run_dir.child(PLAN_FILE);
-        let Some(bytes) = location.read().await? else { return Ok(None) };
+        let Some(bytes) = location.read().await? else {
+            return Ok(None);
+        };
         let plan: Plan = serde_json::from_slice(&bytes)
             .map_err(|e| Error::Internal(format!("{} is not a valid plan: {e}", location.display())))?;
         let expected = fingerprint(config);
@@ -101,7 +104,9 @@ impl Plan {
         };
         let json = serde_json::to_vec_pretty(&plan).map_err(|e| Error::Internal(e.to_string()))?;
         run_dir.child(PLAN_FILE).write(json).await?;
-        let stored = Plan::load(config, run_dir).await?.ok_or_else(|| Error::Internal("plan vanished after writing".into()))?;
+        let stored = Plan::load(config, run_dir)
+            .await?
+            .ok_or_else(|| Error::Internal("plan vanished after writing".into()))?;
         Ok((stored, true))
     }
 
@@ -129,18 +134,28 @@ async fn list_input(stores: &Stores, input: &InputConfig) -> Result<Vec<InputFil
             let fixed: Vec<&str> = pattern.split('/').take_while(|s| !has_glob(s)).collect();
             let prefix = stores.resolve(&fixed.join("/"))?;
             let full = stores.resolve(pattern)?;
-            let matcher = glob::Pattern::new(full.path.as_ref())
-                .map_err(|e| Error::Config(format!("inputs '{}'.paths[{j}] = {pattern:?}: bad glob: {e}", input.name)))?;
+            let matcher = glob::Pattern::new(full.path.as_ref()).map_err(|e| {
+                Error::Config(format!(
+                    "inputs '{}'.paths[{j}] = {pattern:?}: bad glob: {e}",
+                    input.name
+                ))
+            })?;
             let listed: Vec<_> = prefix.store.list(Some(&prefix.path)).try_collect().await?;
             for meta in listed {
                 if matcher.matches(meta.location.as_ref()) {
-                    found.push(InputFile { location: prefix.with_path(meta.location), size: meta.size });
+                    found.push(InputFile {
+                        location: prefix.with_path(meta.location),
+                        size: meta.size,
+                    });
                 }
             }
         } else {
             let location = stores.resolve(pattern)?;
             match location.store.head(&location.path).await {
-                Ok(meta) => found.push(InputFile { size: meta.size, location }),
+                Ok(meta) => found.push(InputFile {
+                    size: meta.size,
+                    location,
+                }),
                 Err(_) => {
                     let listed: Vec<_> = location.store.list(Some(&location.path)).try_collect().await?;
                     for meta in listed {
@@ -148,7 +163,10 @@ async fn list_input(stores: &Stores, input: &InputConfig) -> Result<Vec<InputFil
                         if name.starts_with(['.', '_']) || detect_format(input.format, name).is_err() {
                             continue; // hidden, marker or foreign files in a directory
                         }
-                        found.push(InputFile { location: location.with_path(meta.location), size: meta.size });
+                        found.push(InputFile {
+                            location: location.with_path(meta.location),
+                            size: meta.size,
+                        });
                     }
                 }
             }
@@ -200,7 +218,8 @@ fn detect_format(format: InputFormat, name: &str) -> std::result::Result<FileKin
 
 async fn plan_file(config: &Config, input: &InputConfig, file: &InputFile, units: &mut Vec<WorkUnit>) -> Result<()> {
     let name = file.location.path.filename().unwrap_or_default().to_string();
-    let kind = detect_format(input.format, &name).map_err(|e| Error::Config(format!("inputs '{}': {e}", input.name)))?;
+    let kind =
+        detect_format(input.format, &name).map_err(|e| Error::Config(format!("inputs '{}': {e}", input.name)))?;
     let mut push = |slice: Slice| {
         units.push(WorkUnit {
             id: units.len() as u32,
@@ -212,27 +231,33 @@ async fn plan_file(config: &Config, input: &InputConfig, file: &InputFile, units
     };
     match kind {
         FileKind::Parquet => {
-            let mut reader = ParquetObjectReader::new(file.location.store.clone(), file.location.path.clone())
-                .with_file_size(file.size);
-            match reader.get_metadata(None).await {
+            let mut reader = ObjectReader::new(file.location.store.clone(), file.location.path.clone(), file.size);
+            match reader.get_metadata(None).await.map_err(storage_failure) {
                 Ok(meta) => {
                     let mut first_row = 0u64;
                     for (row_group, rg) in meta.row_groups().iter().enumerate() {
                         let rows = rg.num_rows() as u64;
-                        push(Slice::ParquetRowGroup { row_group, first_row, rows });
+                        push(Slice::ParquetRowGroup {
+                            row_group,
+                            first_row,
+                            rows,
+                        });
                         first_row += rows;
                     }
                 }
-                Err(parquet::errors::ParquetError::External(e)) if e.is::<object_store::Error>() => {
-                    return Err(Error::Storage(*e.downcast().expect("checked")));
-                }
-                Err(e) => push(Slice::Unreadable { error: format!("not a readable Parquet file: {e}") }),
+                Err(Ok(storage)) => return Err(Error::Storage(storage)),
+                Err(Err(e)) => push(Slice::Unreadable {
+                    error: format!("not a readable Parquet file: {e}"),
+                }),
             }
         }
         FileKind::CompressedJsonl(codec) => push(Slice::JsonlCompressed { codec }),
         FileKind::Jsonl => {
             for range in split_lines(&file.location, file.size, config.plan.jsonl_unit_bytes).await? {
-                push(Slice::JsonlRange { start: range.start, end: range.end });
+                push(Slice::JsonlRange {
+                    start: range.start,
+                    end: range.end,
+                });
             }
         }
     }
@@ -286,8 +311,14 @@ mod tests {
         let auto = InputFormat::Auto;
         assert_eq!(detect_format(auto, "a.parquet").unwrap(), FileKind::Parquet);
         assert_eq!(detect_format(auto, "a.jsonl").unwrap(), FileKind::Jsonl);
-        assert_eq!(detect_format(auto, "a.JSONL.GZ").unwrap(), FileKind::CompressedJsonl(Codec::Gzip));
-        assert_eq!(detect_format(auto, "a.json.zst").unwrap(), FileKind::CompressedJsonl(Codec::Zstd));
+        assert_eq!(
+            detect_format(auto, "a.JSONL.GZ").unwrap(),
+            FileKind::CompressedJsonl(Codec::Gzip)
+        );
+        assert_eq!(
+            detect_format(auto, "a.json.zst").unwrap(),
+            FileKind::CompressedJsonl(Codec::Zstd)
+        );
         assert!(detect_format(auto, "a.csv").unwrap_err().contains("format ="));
         assert_eq!(detect_format(InputFormat::Jsonl, "a.txt").unwrap(), FileKind::Jsonl);
     }

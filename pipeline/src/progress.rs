@@ -15,8 +15,15 @@ pub struct Bars {
 
 impl Bars {
     pub fn new() -> Self {
-        let target = if std::io::stderr().is_terminal() { ProgressDrawTarget::stderr() } else { ProgressDrawTarget::hidden() };
-        Bars { multi: MultiProgress::with_draw_target(target), bars: Mutex::new(HashMap::new()) }
+        let target = if std::io::stderr().is_terminal() {
+            ProgressDrawTarget::stderr()
+        } else {
+            ProgressDrawTarget::hidden()
+        };
+        Bars {
+            multi: MultiProgress::with_draw_target(target),
+            bars: Mutex::new(HashMap::new()),
+        }
     }
 }
 
@@ -49,7 +56,10 @@ impl Reporter for Bars {
         if skipped > 0 {
             bar.println(format!("{stage}: {skipped} unit(s) already committed, skipped"));
         }
-        self.bars.lock().expect("bars").insert(stage.to_string(), (bar, UnitCounts::default(), Instant::now()));
+        self.bars
+            .lock()
+            .expect("bars")
+            .insert(stage.to_string(), (bar, UnitCounts::default(), Instant::now()));
     }
 
     fn unit_finished(&self, stage: &str, counts: &UnitCounts) {

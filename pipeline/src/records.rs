@@ -11,7 +11,7 @@
 
 use crate::error::{Error, Result};
 use crate::storage::Location;
-use futures::TryStreamExt;
+use futures::{StreamExt, TryStreamExt};
 use object_store::ObjectStoreExt;
 use safepipe_operators::UnitCounts;
 use serde::{Deserialize, Serialize};
@@ -75,22 +75,25 @@ pub fn failed_location(run_dir: &Location, stage: &str, unit: u32) -> Location {
 async fn load_all<T: for<'de> Deserialize<'de>>(run_dir: &Location, stage: &str, dir: &str) -> Result<HashMap<u32, T>> {
     let prefix = run_dir.child(&format!("{stage}/{dir}"));
     let listed: Vec<_> = prefix.store.list(Some(&prefix.path)).try_collect().await?;
-    let reads = listed.into_iter().filter(|m| m.location.as_ref().ends_with(".json")).map(|meta| {
-        let store = prefix.store.clone();
-        async move {
-            let bytes = store.get(&meta.location).await?.bytes().await?;
-            let record: T = serde_json::from_slice(&bytes)
-                .map_err(|e| Error::Internal(format!("{} is not a valid record: {e}", meta.location)))?;
-            let unit = meta
-                .location
-                .filename()
-                .and_then(|n| n.strip_prefix("unit-"))
-                .and_then(|n| n.strip_suffix(".json"))
-                .and_then(|n| n.parse().ok())
-                .ok_or_else(|| Error::Internal(format!("unexpected record name {}", meta.location)))?;
-            Ok::<_, Error>((unit, record))
-        }
-    });
+    let reads = listed
+        .into_iter()
+        .filter(|m| m.location.as_ref().ends_with(".json"))
+        .map(|meta| {
+            let store = prefix.store.clone();
+            async move {
+                let bytes = store.get(&meta.location).await?.bytes().await?;
+                let record: T = serde_json::from_slice(&bytes)
+                    .map_err(|e| Error::Internal(format!("{} is not a valid record: {e}", meta.location)))?;
+                let unit = meta
+                    .location
+                    .filename()
+                    .and_then(|n| n.strip_prefix("unit-"))
+                    .and_then(|n| n.strip_suffix(".json"))
+                    .and_then(|n| n.parse().ok())
+                    .ok_or_else(|| Error::Internal(format!("unexpected record name {}", meta.location)))?;
+                Ok::<_, Error>((unit, record))
+            }
+        });
     let records: Vec<(u32, T)> = futures::stream::iter(reads).buffer_unordered(32).try_collect().await?;
     Ok(records.into_iter().collect())
 }
@@ -115,5 +118,3 @@ pub async fn delete_if_exists(location: &Location) -> Result<()> {
         Err(e) => Err(e.into()),
     }
 }
-
-use futures::StreamExt as _;

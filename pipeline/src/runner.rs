@@ -97,7 +97,9 @@ pub async fn run(config: Arc<Config>, options: RunOptions, reporter: Arc<dyn Rep
     let names: Vec<&str> = stages.iter().map(|s| s.name()).collect();
     for name in &options.force {
         if name != "all" && !names.contains(&name.as_str()) {
-            return Err(Error::Config(format!("--force {name}: no such stage; stages are {names:?} (or 'all')")));
+            return Err(Error::Config(format!(
+                "--force {name}: no such stage; stages are {names:?} (or 'all')"
+            )));
         }
     }
     let fingerprints = stages::fingerprints(&stages, &plan.fingerprint);
@@ -110,7 +112,12 @@ pub async fn run(config: Arc<Config>, options: RunOptions, reporter: Arc<dyn Rep
         world_size: options.world_size,
         reporter,
     });
-    info!(rank = options.rank, world_size = options.world_size, units = units.len(), "starting");
+    info!(
+        rank = options.rank,
+        world_size = options.world_size,
+        units = units.len(),
+        "starting"
+    );
 
     let mut committed: HashMap<&'static str, HashMap<u32, CompletionRecord>> = HashMap::new();
     let mut summaries = Vec::new();
@@ -121,7 +128,11 @@ pub async fn run(config: Arc<Config>, options: RunOptions, reporter: Arc<dyn Rep
             (&committed[name], fingerprints[j].stage.as_str())
         });
         let existing = records::load_done(&env.run_dir, stage.name()).await?;
-        let mut summary = StageSummary { stage: stage.name().to_string(), units: units.len(), ..Default::default() };
+        let mut summary = StageSummary {
+            stage: stage.name().to_string(),
+            units: units.len(),
+            ..Default::default()
+        };
         let mut todo = Vec::new();
         for unit in &units {
             let upstream_record = match upstream {
@@ -157,12 +168,7 @@ pub async fn run(config: Arc<Config>, options: RunOptions, reporter: Arc<dyn Rep
             committed = summary.skipped,
             blocked = summary.blocked,
             why = ?reasons,
-            "{}: {} unit(s) to do {:?}, {} already committed{}",
-            stage.name(),
-            todo.len(),
-            reasons,
-            summary.skipped,
-            if summary.blocked > 0 { format!(", {} waiting for a failed upstream unit", summary.blocked) } else { String::new() }
+            "stage planned"
         );
         env.reporter.stage_started(stage.name(), todo.len(), summary.skipped);
 
@@ -207,7 +213,8 @@ pub async fn run(config: Arc<Config>, options: RunOptions, reporter: Arc<dyn Rep
 }
 
 fn output_location(env: &Env, stage: &str, table: &str, unit: u32, fingerprint: &str) -> Location {
-    env.run_dir.child(&format!("{stage}/{table}/unit-{unit:06}-{fingerprint}.parquet"))
+    env.run_dir
+        .child(&format!("{stage}/{table}/unit-{unit:06}-{fingerprint}.parquet"))
 }
 
 /// Runs and commits one unit of one stage; on failure leaves a failure record.
@@ -231,7 +238,9 @@ async fn run_unit(
                 error: e.to_string(),
                 at: chrono::Utc::now().to_rfc3339(),
             };
-            if let Err(write_error) = records::write_json(&records::failed_location(&env.run_dir, stage.name(), id), &failure).await {
+            if let Err(write_error) =
+                records::write_json(&records::failed_location(&env.run_dir, stage.name(), id), &failure).await
+            {
                 warn!(unit = id, error = %write_error, "could not write the failure record");
             }
             Err(e)
@@ -254,10 +263,19 @@ async fn produce(
     let mut writers: Vec<(&'static str, TableWriter)> = stage
         .outputs()
         .into_iter()
-        .map(|t| (t.name, TableWriter::new(output_location(env, name, t.name, id, &fingerprint.stage), t.schema)))
+        .map(|t| {
+            (
+                t.name,
+                TableWriter::new(output_location(env, name, t.name, id, &fingerprint.stage), t.schema),
+            )
+        })
         .collect();
     let mut counts = UnitCounts::default();
-    let mut batches = stage.run(UnitInput { unit, stores: env.stores.clone(), upstream });
+    let mut batches = stage.run(UnitInput {
+        unit,
+        stores: env.stores.clone(),
+        upstream,
+    });
     while let Some(batch) = batches.next().await {
         let batch = batch?;
         for (table, rows) in &batch.tables {
@@ -269,7 +287,9 @@ async fn produce(
         }
         counts.merge(&batch.counts);
     }
-    counts.check().map_err(|e| Error::Internal(format!("stage {name}, unit {id}: {e}")))?;
+    counts
+        .check()
+        .map_err(|e| Error::Internal(format!("stage {name}, unit {id}: {e}")))?;
     let mut outputs = BTreeMap::new();
     for (table, writer) in writers {
         if let Some(file) = writer.commit().await? {
@@ -298,6 +318,12 @@ async fn produce(
             }
         }
     }
-    debug!(stage = name, unit = id, rows_in = record.counts.rows_in, seconds = record.seconds, "unit committed");
+    debug!(
+        stage = name,
+        unit = id,
+        rows_in = record.counts.rows_in,
+        seconds = record.seconds,
+        "unit committed"
+    );
     Ok(record)
 }

@@ -26,7 +26,10 @@ pub enum Format {
 pub fn check_read_only(sql: &str) -> Result<()> {
     let statements = DFParser::parse_sql(sql).map_err(|e| Error::Query(e.to_string()))?;
     if statements.len() != 1 {
-        return Err(Error::Query(format!("give exactly one statement (got {})", statements.len())));
+        return Err(Error::Query(format!(
+            "give exactly one statement (got {})",
+            statements.len()
+        )));
     }
     let refused = match &statements[0] {
         Statement::Statement(s) => match s.as_ref() {
@@ -35,12 +38,25 @@ pub fn check_read_only(sql: &str) -> Result<()> {
             | SqlStatement::ExplainTable { .. }
             | SqlStatement::ShowTables { .. }
             | SqlStatement::ShowColumns { .. } => None,
-            other => Some(other.to_string().split_whitespace().take(2).collect::<Vec<_>>().join(" ")),
+            other => Some(
+                other
+                    .to_string()
+                    .split_whitespace()
+                    .take(2)
+                    .collect::<Vec<_>>()
+                    .join(" "),
+            ),
         },
         Statement::Explain(_) => None,
         Statement::CreateExternalTable(_) => Some("CREATE EXTERNAL TABLE".to_string()),
         Statement::CopyTo(_) => Some("COPY".to_string()),
-        other => Some(format!("{other}").split_whitespace().take(2).collect::<Vec<_>>().join(" ")),
+        other => Some(
+            format!("{other}")
+                .split_whitespace()
+                .take(2)
+                .collect::<Vec<_>>()
+                .join(" "),
+        ),
     };
     match refused {
         None => Ok(()),
@@ -54,8 +70,14 @@ pub fn check_read_only(sql: &str) -> Result<()> {
 /// Runs one read-only query and returns its rows.
 pub async fn execute(ctx: &SessionContext, sql: &str) -> Result<Vec<RecordBatch>> {
     check_read_only(sql)?;
-    let options = SQLOptions::new().with_allow_ddl(false).with_allow_dml(false).with_allow_statements(false);
-    let df = ctx.sql_with_options(sql, options).await.map_err(|e| Error::Query(e.to_string()))?;
+    let options = SQLOptions::new()
+        .with_allow_ddl(false)
+        .with_allow_dml(false)
+        .with_allow_statements(false);
+    let df = ctx
+        .sql_with_options(sql, options)
+        .await
+        .map_err(|e| Error::Query(e.to_string()))?;
     df.collect().await.map_err(|e| Error::Query(e.to_string()))
 }
 
@@ -81,9 +103,6 @@ pub fn render(batches: &[RecordBatch], format: Format, out: &mut dyn Write) -> R
                 writer.write(batch)?;
             }
             writer.finish()?;
-            if batches.iter().all(|b| b.num_rows() == 0) {
-                write!(out, "[]").map_err(io)?;
-            }
             writeln!(out).map_err(io)?;
         }
         Format::Jsonl => {
@@ -110,7 +129,10 @@ pub async fn shell(config: &Config) -> Result<()> {
     let ctx = catalog::session(config).await?;
     let interactive = std::io::stdin().is_terminal();
     if interactive {
-        eprintln!("safepipe SQL shell over {} (read-only). Tables: SHOW TABLES; quit with Ctrl-D.", config.run_dir);
+        eprintln!(
+            "safepipe SQL shell over {} (read-only). Tables: SHOW TABLES; quit with Ctrl-D.",
+            config.run_dir
+        );
     }
     let mut pending = String::new();
     let stdin = std::io::stdin();
@@ -119,7 +141,12 @@ pub async fn shell(config: &Config) -> Result<()> {
             eprint!("{}", if pending.is_empty() { "safepipe> " } else { "      ... " });
         }
         let mut line = String::new();
-        if stdin.lock().read_line(&mut line).map_err(|e| Error::Internal(e.to_string()))? == 0 {
+        if stdin
+            .lock()
+            .read_line(&mut line)
+            .map_err(|e| Error::Internal(e.to_string()))?
+            == 0
+        {
             break;
         }
         pending.push_str(&line);

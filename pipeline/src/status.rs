@@ -31,14 +31,20 @@ pub struct StageStatus {
 pub async fn collect(config: &Config) -> Result<Option<(Plan, Vec<StageStatus>)>> {
     let stores = Stores::default();
     let run_dir = stores.resolve(&config.run_dir)?;
-    let Some(plan) = Plan::load(config, &run_dir).await? else { return Ok(None) };
+    let Some(plan) = Plan::load(config, &run_dir).await? else {
+        return Ok(None);
+    };
     let stages = stages::pipeline(&Arc::new(config.clone()));
     let fingerprints = stages::fingerprints(&stages, &plan.fingerprint);
     let mut out = Vec::new();
     for (stage, fp) in stages.iter().zip(&fingerprints) {
         let done = records::load_done(&run_dir, stage.name()).await?;
         let failed = records::load_failed(&run_dir, stage.name()).await?;
-        let mut status = StageStatus { stage: stage.name().to_string(), units: plan.units.len(), ..Default::default() };
+        let mut status = StageStatus {
+            stage: stage.name().to_string(),
+            units: plan.units.len(),
+            ..Default::default()
+        };
         for unit in &plan.units {
             match done.get(&unit.id) {
                 Some(r) if r.fingerprint == fp.stage => {
@@ -50,7 +56,10 @@ pub async fn collect(config: &Config) -> Result<Option<(Plan, Vec<StageStatus>)>
                 None => status.pending += 1,
             }
         }
-        let last = failed.values().filter(|f| done.get(&f.unit).is_none_or(|d| d.fingerprint != fp.stage)).max_by(|a, b| a.at.cmp(&b.at));
+        let last = failed
+            .values()
+            .filter(|f| done.get(&f.unit).is_none_or(|d| d.fingerprint != fp.stage))
+            .max_by(|a, b| a.at.cmp(&b.at));
         status.last_error = last.map(|f| format!("unit {} (rank {}, {}): {}", f.unit, f.rank, f.at, f.error));
         out.push(status);
     }
@@ -66,7 +75,13 @@ pub fn render(config: &Config, found: &Option<(Plan, Vec<StageStatus>)>) -> Stri
             config.path.display()
         );
     };
-    let _ = writeln!(s, "run dir {}: {} work units (planned {})", config.run_dir, plan.units.len(), plan.created_at);
+    let _ = writeln!(
+        s,
+        "run dir {}: {} work units (planned {})",
+        config.run_dir,
+        plan.units.len(),
+        plan.created_at
+    );
     let _ = writeln!(
         s,
         "{:<10} {:>9} {:>6} {:>7} {:>8} {:>10} {:>10} {:>8} {:>12}",

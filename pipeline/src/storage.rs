@@ -36,13 +36,17 @@ impl Location {
 
     /// What users wrote: plain paths for local files, URLs otherwise.
     pub fn display(&self) -> String {
-        if self.base.scheme() == "file" { format!("/{}", self.path) } else { self.url() }
+        if self.base.scheme() == "file" {
+            format!("/{}", self.path)
+        } else {
+            self.url()
+        }
     }
 
     pub fn child(&self, part: &str) -> Location {
         let mut path = self.path.clone();
         for segment in part.split('/').filter(|s| !s.is_empty()) {
-            path = path.child(segment);
+            path = path.join(segment);
         }
         Location { path, ..self.clone() }
     }
@@ -79,7 +83,11 @@ impl Stores {
             let path = Path::from_absolute_path(raw)
                 .map_err(|e| Error::Config(format!("{location}: not a usable local path: {e}")))?;
             let store = self.cached("file://", || Ok(Arc::new(LocalFileSystem::new())))?;
-            return Ok(Location { store, path, base: Url::parse("file:///").expect("static URL") });
+            return Ok(Location {
+                store,
+                path,
+                base: Url::parse("file:///").expect("static URL"),
+            });
         }
         let url = Url::parse(location).map_err(|e| Error::Config(format!("{location}: not a valid URL: {e}")))?;
         let bucket = url
@@ -91,8 +99,14 @@ impl Stores {
         let store = self.cached(base.as_str(), || {
             let store: Arc<dyn ObjectStore> = match scheme.as_str() {
                 "s3" | "s3a" => Arc::new(AmazonS3Builder::from_env().with_bucket_name(&bucket).build()?),
-                "gs" => Arc::new(GoogleCloudStorageBuilder::from_env().with_bucket_name(&bucket).build()?),
-                "az" | "abfs" | "abfss" | "azure" => Arc::new(MicrosoftAzureBuilder::from_env().with_url(location).build()?),
+                "gs" => Arc::new(
+                    GoogleCloudStorageBuilder::from_env()
+                        .with_bucket_name(&bucket)
+                        .build()?,
+                ),
+                "az" | "abfs" | "abfss" | "azure" => {
+                    Arc::new(MicrosoftAzureBuilder::from_env().with_url(location).build()?)
+                }
                 other => {
                     return Err(Error::Config(format!(
                         "{location}: unsupported scheme '{other}://'; use a local path, file://, s3://, gs:// or az://"
@@ -105,11 +119,7 @@ impl Stores {
         Ok(Location { store, path, base })
     }
 
-    fn cached(
-        &self,
-        key: &str,
-        build: impl FnOnce() -> Result<Arc<dyn ObjectStore>>,
-    ) -> Result<Arc<dyn ObjectStore>> {
+    fn cached(&self, key: &str, build: impl FnOnce() -> Result<Arc<dyn ObjectStore>>) -> Result<Arc<dyn ObjectStore>> {
         let mut cache = self.cache.lock().expect("store cache lock");
         if let Some(store) = cache.get(key) {
             return Ok(store.clone());

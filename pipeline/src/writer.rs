@@ -9,8 +9,8 @@ use crate::storage::Location;
 use arrow::array::RecordBatch;
 use arrow::compute::cast;
 use arrow::datatypes::SchemaRef;
+use object_store::buffered::BufWriter;
 use parquet::arrow::AsyncArrowWriter;
-use parquet::arrow::async_writer::ParquetObjectWriter;
 use parquet::basic::{Compression, ZstdLevel};
 use parquet::file::properties::WriterProperties;
 
@@ -22,13 +22,18 @@ const ROW_GROUP_BYTES: usize = 128 << 20;
 pub struct TableWriter {
     location: Location,
     schema: SchemaRef,
-    writer: Option<AsyncArrowWriter<ParquetObjectWriter>>,
+    writer: Option<AsyncArrowWriter<BufWriter>>,
     rows: u64,
 }
 
 impl TableWriter {
     pub fn new(location: Location, schema: SchemaRef) -> Self {
-        TableWriter { location, schema, writer: None, rows: 0 }
+        TableWriter {
+            location,
+            schema,
+            writer: None,
+            rows: 0,
+        }
     }
 
     pub async fn write(&mut self, batch: &RecordBatch) -> Result<()> {
@@ -42,7 +47,7 @@ impl TableWriter {
                 .set_max_row_group_row_count(Some(ROW_GROUP_ROWS))
                 .set_max_row_group_bytes(Some(ROW_GROUP_BYTES))
                 .build();
-            let sink = ParquetObjectWriter::new(self.location.store.clone(), self.location.path.clone());
+            let sink = BufWriter::new(self.location.store.clone(), self.location.path.clone());
             self.writer = Some(AsyncArrowWriter::try_new(sink, self.schema.clone(), Some(props))?);
         }
         let writer = self.writer.as_mut().expect("created above");
@@ -56,7 +61,11 @@ impl TableWriter {
         let Some(writer) = self.writer else { return Ok(None) };
         let bytes = writer.bytes_written() as u64;
         writer.close().await?;
-        Ok(Some(OutputFile { file: self.location.display(), rows: self.rows, bytes }))
+        Ok(Some(OutputFile {
+            file: self.location.display(),
+            rows: self.rows,
+            bytes,
+        }))
     }
 }
 

@@ -29,7 +29,10 @@ pub fn sample_inputs() -> String {
         ("harmbench", "harmbench.parquet"),
         ("strongreject", "strongreject.jsonl.zst"),
     ] {
-        s.push_str(&format!("[[inputs]]\nname = \"{name}\"\npaths = [{:?}]\n\n", sample(file).display().to_string()));
+        s.push_str(&format!(
+            "[[inputs]]\nname = \"{name}\"\npaths = [{:?}]\n\n",
+            sample(file).display().to_string()
+        ));
     }
     s
 }
@@ -48,7 +51,9 @@ pub struct Workspace {
 
 impl Workspace {
     pub fn new() -> Self {
-        Workspace { dir: tempfile::tempdir().unwrap() }
+        Workspace {
+            dir: tempfile::tempdir().unwrap(),
+        }
     }
 
     pub fn path(&self) -> &Path {
@@ -64,7 +69,11 @@ impl Workspace {
 }
 
 pub fn safepipe(args: &[&str]) -> Output {
-    Command::new(bin()).args(args).env("RUST_LOG", "info").output().expect("run safepipe")
+    Command::new(bin())
+        .args(args)
+        .env("RUST_LOG", "info")
+        .output()
+        .expect("run safepipe")
 }
 
 pub fn text(bytes: &[u8]) -> String {
@@ -94,15 +103,27 @@ pub fn sql_number(config: &Path, query: &str) -> i64 {
     let out = safepipe(&["sql", config.to_str().unwrap(), query, "--format", "csv"]);
     assert!(out.status.success(), "sql {query:?} failed:\n{}", text(&out.stderr));
     let stdout = text(&out.stdout);
-    let value = stdout.lines().nth(1).unwrap_or_else(|| panic!("no row from {query:?}: {stdout}"));
-    value.trim().parse().unwrap_or_else(|_| panic!("not a number from {query:?}: {value}"))
+    let value = stdout
+        .lines()
+        .nth(1)
+        .unwrap_or_else(|| panic!("no row from {query:?}: {stdout}"));
+    value
+        .trim()
+        .parse()
+        .unwrap_or_else(|_| panic!("not a number from {query:?}: {value}"))
 }
 
 /// Everything a run produced, as sorted multisets: documents (text hashed), quarantine, routes.
 pub fn snapshot(config: &Path) -> Vec<Vec<String>> {
     vec![
-        sql_rows(config, "SELECT id, source, md5(text) AS text_md5, length(text) AS chars, metadata FROM documents"),
-        sql_rows(config, "SELECT source, file, unit, \"offset\", records, reason, detail, id, raw FROM quarantine"),
+        sql_rows(
+            config,
+            "SELECT id, source, md5(text) AS text_md5, length(text) AS chars, metadata FROM documents",
+        ),
+        sql_rows(
+            config,
+            "SELECT source, file, unit, \"offset\", records, reason, detail, id, raw FROM quarantine",
+        ),
         sql_rows(config, "SELECT id, route, rule FROM routes"),
     ]
 }

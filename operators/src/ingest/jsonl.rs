@@ -44,7 +44,10 @@ async fn open(input: &IngestInput, framing: &Framing) -> OpResult<Lines> {
         Framing::Range { start, end } => Some(GetRange::Bounded(*start..*end)),
         Framing::Compressed(_) => None,
     };
-    let options = GetOptions { range, ..Default::default() };
+    let options = GetOptions {
+        range,
+        ..Default::default()
+    };
     let body = input.store.get_opts(&input.path, options).await?;
     let bytes = body.into_stream().map_err(|e| io::Error::other(StorageFailure(e)));
     let raw = BufReader::with_capacity(READ_BUFFER, StreamReader::new(bytes));
@@ -67,9 +70,13 @@ async fn open(input: &IngestInput, framing: &Framing) -> OpResult<Lines> {
 enum LineRead {
     Eof,
     /// A line of `len` bytes (newline included) was read whole.
-    Line { len: usize },
+    Line {
+        len: usize,
+    },
     /// A line of `len` bytes was longer than the cap; only its start was kept.
-    TooLong { len: usize },
+    TooLong {
+        len: usize,
+    },
 }
 
 struct Reader {
@@ -84,13 +91,26 @@ struct Reader {
     line: Vec<u8>,
 }
 
-pub(super) fn read(input: IngestInput, opts: Arc<IngestOptions>, framing: Framing) -> BoxStream<'static, OpResult<IngestBatch>> {
+pub(super) fn read(
+    input: IngestInput,
+    opts: Arc<IngestOptions>,
+    framing: Framing,
+) -> BoxStream<'static, OpResult<IngestBatch>> {
     let offset = match framing {
         Framing::Range { start, .. } => start,
         Framing::Compressed(_) => 0,
     };
     let sink = Sink::new(&input, &opts);
-    let reader = Reader { lines: None, input, framing, opts, sink, offset, done: false, line: Vec::new() };
+    let reader = Reader {
+        lines: None,
+        input,
+        framing,
+        opts,
+        sink,
+        offset,
+        done: false,
+        line: Vec::new(),
+    };
     futures::stream::try_unfold(reader, Reader::next_batch).boxed()
 }
 
@@ -119,7 +139,8 @@ impl Reader {
                         "line is {len} bytes, over the {} bytes read per record (2 x ingest.max_text_bytes + 1 MiB)",
                         self.opts.max_record_bytes()
                     );
-                    self.sink.quarantine(self.offset, Reason::RecordTooLong, &detail, None, Some(&self.line));
+                    self.sink
+                        .quarantine(self.offset, Reason::RecordTooLong, &detail, None, Some(&self.line));
                     self.offset += len as u64;
                 }
                 Err(e) => {
@@ -131,7 +152,8 @@ impl Reader {
                         "the stream could not be decoded after byte {} ({e}); the rest of the file is unreadable",
                         self.offset
                     );
-                    self.sink.quarantine_rest(self.offset, 1, Reason::CorruptStream, &detail);
+                    self.sink
+                        .quarantine_rest(self.offset, 1, Reason::CorruptStream, &detail);
                     self.done = true;
                     break;
                 }
@@ -149,12 +171,12 @@ impl Reader {
     /// Reads one line into `self.line`, keeping at most `max_record_bytes` of it.
     async fn next_line(&mut self) -> io::Result<LineRead> {
         let cap = self.opts.max_record_bytes();
-        let lines = self.lines.as_mut().expect("opened before reading");
+        let mut lines = self.lines.as_mut().expect("opened before reading").as_mut();
         self.line.clear();
         let mut len = 0usize;
         let mut too_long = false;
         loop {
-            let buf = lines.as_mut().fill_buf().await?;
+            let buf = lines.fill_buf().await?;
             if buf.is_empty() {
                 return Ok(match (len, too_long) {
                     (0, _) => LineRead::Eof,
@@ -178,7 +200,11 @@ impl Reader {
             len += take;
             lines.as_mut().consume(take);
             if found {
-                return Ok(if too_long { LineRead::TooLong { len } } else { LineRead::Line { len } });
+                return Ok(if too_long {
+                    LineRead::TooLong { len }
+                } else {
+                    LineRead::Line { len }
+                });
             }
         }
     }
@@ -198,7 +224,11 @@ impl Reader {
             Ok(text) => text,
             Err(e) => {
                 let detail = format!("invalid UTF-8 at byte {} of the line", e.valid_up_to());
-                return quarantine(sink, Reason::InvalidUtf8, &detail, None);
+                // Best effort: name the record by its id if the rest of the line is readable.
+                let id = serde_json::from_str::<Value>(&String::from_utf8_lossy(body))
+                    .ok()
+                    .and_then(|v| v.get(&self.opts.id_column).and_then(Value::as_str).map(str::to_string));
+                return quarantine(sink, Reason::InvalidUtf8, &detail, id.as_deref());
             }
         };
         let mut fields = match serde_json::from_str::<Value>(text) {
@@ -216,7 +246,11 @@ impl Reader {
             Some(Value::String(s)) => Some(s),
             Some(Value::Number(n)) => Some(n.to_string()),
             Some(other) => {
-                let detail = format!("field '{}' is a JSON {}; ids must be strings or numbers", opts.id_column, json_kind(&other));
+                let detail = format!(
+                    "field '{}' is a JSON {}; ids must be strings or numbers",
+                    opts.id_column,
+                    json_kind(&other)
+                );
                 return quarantine(sink, Reason::InvalidId, &detail, None);
             }
         };
@@ -230,7 +264,11 @@ impl Reader {
             }
             Some(Value::String(s)) => s,
             Some(other) => {
-                let detail = format!("field '{}' is a JSON {}, not a string", opts.text_column, json_kind(&other));
+                let detail = format!(
+                    "field '{}' is a JSON {}, not a string",
+                    opts.text_column,
+                    json_kind(&other)
+                );
                 return quarantine(sink, Reason::TextNotString, &detail, id.as_deref());
             }
         };

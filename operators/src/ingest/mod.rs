@@ -40,7 +40,11 @@ pub const BATCH_TEXT_BYTES: usize = 64 << 20;
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum Slice {
     /// One Parquet row group; `first_row` is its first row's index in the file.
-    ParquetRowGroup { row_group: usize, first_row: u64, rows: u64 },
+    ParquetRowGroup {
+        row_group: usize,
+        first_row: u64,
+        rows: u64,
+    },
     /// Bytes `[start, end)` of an uncompressed JSON Lines file, both at line starts.
     JsonlRange { start: u64, end: u64 },
     /// A whole compressed JSON Lines file.
@@ -102,15 +106,174 @@ pub struct IngestBatch {
 /// Reads one unit. Lazy: nothing is fetched before the first poll.
 pub fn ingest(input: IngestInput, opts: Arc<IngestOptions>) -> BoxStream<'static, OpResult<IngestBatch>> {
     match input.slice.clone() {
-        Slice::ParquetRowGroup { row_group, first_row, rows } => {
-            parquet::read_row_group(input, opts, row_group, first_row, rows)
-        }
+        Slice::ParquetRowGroup {
+            row_group,
+            first_row,
+            rows,
+        } => parquet::read_row_group(input, opts, row_group, first_row, rows),
         Slice::JsonlRange { start, end } => jsonl::read(input, opts, jsonl::Framing::Range { start, end }),
         Slice::JsonlCompressed { codec } => jsonl::read(input, opts, jsonl::Framing::Compressed(codec)),
         Slice::Unreadable { error } => {
             let mut sink = sink::Sink::new(&input, &opts);
             sink.quarantine_unit(Reason::UnreadableFile, &error, 1);
             Box::pin(futures::stream::iter([Ok(sink.flush())]))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use arrow::array::AsArray;
+    use futures::TryStreamExt;
+    use object_store::local::LocalFileSystem;
+
+    fn options(batch_rows: usize) -> Arc<IngestOptions> {
+        Arc::new(IngestOptions {
+            source: "t".into(),
+            text_column: "text".into(),
+            id_column: "id".into(),
+            metadata_columns: [
+                "dump",
+                "url",
+                "date",
+                "file_path",
+                "language",
+                "language_score",
+                "token_count",
+            ]
+            .map(String::from)
+            .to_vec(),
+            max_text_bytes: 64,
+            batch_rows,
+        })
+    }
+
+    async fn read_all(content: &[u8], slice: Slice, batch_rows: usize) -> (Vec<String>, Vec<String>, UnitCounts) {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("in.jsonl");
+        std::fs::write(&file, content).unwrap();
+        let input = IngestInput {
+            store: Arc::new(LocalFileSystem::new()),
+            path: Path::from_absolute_path(&file).unwrap(),
+            file: file.display().to_string(),
+            size: content.len() as u64,
+            unit: 0,
+            slice,
+        };
+        let batches: Vec<IngestBatch> = ingest(input, options(batch_rows)).try_collect().await.unwrap();
+        let (mut ids, mut reasons, mut counts) = (vec![], vec![], UnitCounts::default());
+        for b in batches {
+            ids.extend(
+                b.documents
+                    .column(0)
+                    .as_string::<i32>()
+                    .iter()
+                    .map(|s| s.unwrap().to_string()),
+            );
+            reasons.extend(
+                b.quarantine
+                    .column(5)
+                    .as_string::<i32>()
+                    .iter()
+                    .map(|s| s.unwrap().to_string()),
+            );
+            counts.merge(&b.counts);
+        }
+        (ids, reasons, counts)
+    }
+
+    const LINES: &[u8] = b"{\"id\":\"a\",\"text\":\"one\",\"lang\":\"x\"}\n\
+        not json\n\
+        \n\
+        {\"text\":\"derived\"}\r\n\
+        {\"id\":\"e\",\"text\":\"\"}\n\
+        {\"id\":\"l\",\"text\":\"0123456789012345678901234567890123456789012345678901234567890123456789\"}\n\
+        {\"id\":\"z\",\"text\":\"last\"}";
+
+    #[tokio::test]
+    async fn every_line_is_a_document_or_a_reason_whatever_the_batch_size() {
+        let whole = Slice::JsonlRange {
+            start: 0,
+            end: LINES.len() as u64,
+        };
+        let (ids, reasons, counts) = read_all(LINES, whole.clone(), 4096).await;
+        assert_eq!(ids, ["a", &derived_id("derived"), "z"]);
+        assert_eq!(reasons, ["invalid_json", "empty_text", "text_too_long"]);
+        assert_eq!((counts.rows_in, counts.rows_out, counts.quarantined), (6, 3, 3));
+        counts.check().unwrap();
+        assert_eq!(read_all(LINES, whole, 1).await, (ids, reasons, counts));
+    }
+
+    #[tokio::test]
+    async fn byte_ranges_at_line_starts_partition_the_records() {
+        let cut = LINES.iter().position(|&b| b == b'\n').unwrap() as u64 + 1;
+        let (first, _, c1) = read_all(LINES, Slice::JsonlRange { start: 0, end: cut }, 8).await;
+        let (rest, _, c2) = read_all(
+            LINES,
+            Slice::JsonlRange {
+                start: cut,
+                end: LINES.len() as u64,
+            },
+            8,
+        )
+        .await;
+        assert_eq!(first, ["a"]);
+        assert_eq!(rest.len(), 2);
+        assert_eq!(c1.rows_in + c2.rows_in, 6);
+    }
+
+    #[tokio::test]
+    async fn gzip_and_zstd_read_the_same_records() {
+        let plain = read_all(
+            LINES,
+            Slice::JsonlRange {
+                start: 0,
+                end: LINES.len() as u64,
+            },
+            2,
+        )
+        .await;
+        for codec in [Codec::Gzip, Codec::Zstd] {
+            let packed = compress(codec, LINES).await;
+            assert_eq!(
+                read_all(&packed, Slice::JsonlCompressed { codec }, 2).await,
+                plain,
+                "{codec:?}"
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn a_corrupt_stream_keeps_what_decoded_and_quarantines_the_rest() {
+        let mut many = Vec::new();
+        for i in 0..2000 {
+            many.extend_from_slice(format!("{{\"id\":\"{i}\",\"text\":\"record number {i}\"}}\n").as_bytes());
+        }
+        let mut packed = compress(Codec::Gzip, &many).await;
+        packed.truncate(packed.len() / 2);
+        let (ids, reasons, counts) = read_all(&packed, Slice::JsonlCompressed { codec: Codec::Gzip }, 100).await;
+        assert!(!ids.is_empty() && ids.len() < 2000, "{}", ids.len());
+        assert_eq!(reasons, ["corrupt_stream"]);
+        counts.check().unwrap();
+    }
+
+    async fn compress(codec: Codec, data: &[u8]) -> Vec<u8> {
+        use async_compression::tokio::write::{GzipEncoder, ZstdEncoder};
+        use tokio::io::AsyncWriteExt;
+        match codec {
+            Codec::Gzip => {
+                let mut e = GzipEncoder::new(Vec::new());
+                e.write_all(data).await.unwrap();
+                e.shutdown().await.unwrap();
+                e.into_inner()
+            }
+            Codec::Zstd => {
+                let mut e = ZstdEncoder::new(Vec::new());
+                e.write_all(data).await.unwrap();
+                e.shutdown().await.unwrap();
+                e.into_inner()
+            }
         }
     }
 }

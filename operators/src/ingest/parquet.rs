@@ -2,6 +2,7 @@
 
 use super::sink::{Metadata, Reason, Sink, check_text};
 use super::{IngestBatch, IngestInput, IngestOptions};
+use crate::parquet_io::{ObjectReader, storage_failure};
 use crate::schema::METADATA_FIELDS;
 use crate::{OpError, OpResult};
 use arrow::array::{Array, ArrayRef, AsArray, RecordBatch};
@@ -9,19 +10,14 @@ use arrow::compute::{CastOptions, can_cast_types, cast, cast_with_options};
 use arrow::datatypes::{DataType, Float64Type, Int64Type, SchemaRef};
 use futures::stream::{BoxStream, StreamExt, TryStreamExt};
 use parquet::arrow::ParquetRecordBatchStreamBuilder;
-use parquet::arrow::async_reader::{ParquetObjectReader, ParquetRecordBatchStream};
+use parquet::arrow::async_reader::ParquetRecordBatchStream;
 use parquet::errors::ParquetError;
 use std::sync::Arc;
 
 /// A Parquet error that came from the object store is a storage failure (retryable); any other
 /// is a problem with the file's bytes.
 fn split_error(e: ParquetError) -> Result<OpError, ParquetError> {
-    match e {
-        ParquetError::External(inner) if inner.is::<object_store::Error>() => {
-            Ok(OpError::Storage(*inner.downcast::<object_store::Error>().expect("checked above")))
-        }
-        other => Err(other),
-    }
+    storage_failure(e).map(OpError::Storage)
 }
 
 /// Where each output column comes from in the file.
@@ -78,13 +74,22 @@ fn map_columns(schema: &SchemaRef, opts: &IngestOptions) -> Result<Columns, Stri
                 .filter(|&i| can_cast_types(schema.field(i).data_type(), target))
         })
         .collect();
-    let used: Vec<usize> = [Some(text), id].into_iter().chain(metadata.iter().copied()).flatten().collect();
+    let used: Vec<usize> = [Some(text), id]
+        .into_iter()
+        .chain(metadata.iter().copied())
+        .flatten()
+        .collect();
     let others = (0..names.len()).filter(|i| !used.contains(i)).collect();
-    Ok(Columns { text, id, metadata, others })
+    Ok(Columns {
+        text,
+        id,
+        metadata,
+        others,
+    })
 }
 
 struct Reader {
-    batches: ParquetRecordBatchStream<ParquetObjectReader>,
+    batches: ParquetRecordBatchStream<ObjectReader>,
     columns: Columns,
     opts: Arc<IngestOptions>,
     sink: Sink,
@@ -113,12 +118,12 @@ async fn open(
     first_row: u64,
     rows: u64,
 ) -> OpResult<BoxStream<'static, OpResult<IngestBatch>>> {
-    let mut sink = Sink::new(&input, &opts);
+    let sink = Sink::new(&input, &opts);
     let whole_unit = |mut sink: Sink, reason: Reason, detail: String| {
         sink.quarantine_unit(reason, &format!("row group {row_group}: {detail}"), rows);
         Ok(futures::stream::iter([Ok(sink.flush())]).boxed())
     };
-    let reader = ParquetObjectReader::new(input.store.clone(), input.path.clone()).with_file_size(input.size);
+    let reader = ObjectReader::new(input.store.clone(), input.path.clone(), input.size);
     let builder = match ParquetRecordBatchStreamBuilder::new(reader).await {
         Ok(builder) => builder,
         Err(e) => match split_error(e) {
@@ -130,16 +135,26 @@ async fn open(
         Ok(columns) => columns,
         Err(detail) => return whole_unit(sink, Reason::SchemaMismatch, detail),
     };
-    let batches = match builder.with_row_groups(vec![row_group]).with_batch_size(opts.batch_rows.max(1)).build() {
+    let batches = match builder
+        .with_row_groups(vec![row_group])
+        .with_batch_size(opts.batch_rows.max(1))
+        .build()
+    {
         Ok(batches) => batches,
         Err(e) => match split_error(e) {
             Ok(storage) => return Err(storage),
             Err(e) => return whole_unit(sink, Reason::UnreadableRowGroup, e.to_string()),
         },
     };
-    // Keep the sink's counts in step even if the first poll fails.
-    let _ = &mut sink;
-    let reader = Reader { batches, columns, opts, sink, next_row: first_row, end_row: first_row + rows, done: false };
+    let reader = Reader {
+        batches,
+        columns,
+        opts,
+        sink,
+        next_row: first_row,
+        end_row: first_row + rows,
+        done: false,
+    };
     Ok(futures::stream::try_unfold(reader, Reader::next_batch).boxed())
 }
 
@@ -158,7 +173,8 @@ impl Reader {
                 };
                 let lost = self.end_row - self.next_row;
                 let detail = format!("rows {}..{} could not be decoded: {e}", self.next_row, self.end_row);
-                self.sink.quarantine_rest(self.next_row, lost, Reason::UnreadableRowGroup, &detail);
+                self.sink
+                    .quarantine_rest(self.next_row, lost, Reason::UnreadableRowGroup, &detail);
                 self.done = true;
             }
         }
@@ -171,17 +187,25 @@ impl Reader {
         let text = text.as_string::<i32>();
         let id = cols.id.map(|i| cast(batch.column(i), &DataType::Utf8)).transpose()?;
         let id = id.as_ref().map(|a| a.as_string::<i32>());
-        let safe = CastOptions { safe: true, ..Default::default() };
+        let safe = CastOptions {
+            safe: true,
+            ..Default::default()
+        };
         let meta: Vec<Option<ArrayRef>> = cols
             .metadata
             .iter()
             .zip(METADATA_FIELDS.iter())
-            .map(|(col, (_, target))| col.map(|i| cast_with_options(batch.column(i), target, &safe)).transpose())
+            .map(|(col, (_, target))| {
+                col.map(|i| cast_with_options(batch.column(i), target, &safe))
+                    .transpose()
+            })
             .collect::<Result<_, _>>()?;
         let extra = self.extra_json(batch)?;
         for row in 0..batch.num_rows() {
             let offset = self.next_row + row as u64;
-            let id = id.filter(|a| a.is_valid(row) && !a.value(row).is_empty()).map(|a| a.value(row));
+            let id = id
+                .filter(|a| a.is_valid(row) && !a.value(row).is_empty())
+                .map(|a| a.value(row));
             if text.is_null(row) {
                 let detail = format!("column '{}' is null", self.opts.text_column);
                 self.sink.quarantine(offset, Reason::MissingText, &detail, id, None);
@@ -189,7 +213,8 @@ impl Reader {
             }
             let value = text.value(row);
             if let Err((reason, detail)) = check_text(value, self.opts.max_text_bytes) {
-                self.sink.quarantine(offset, reason, &detail, id, Some(value.as_bytes()));
+                self.sink
+                    .quarantine(offset, reason, &detail, id, Some(value.as_bytes()));
                 continue;
             }
             let mut m = Metadata::default();
@@ -227,7 +252,8 @@ impl Reader {
         let mut writer = arrow::json::LineDelimitedWriter::new(&mut buf);
         writer.write(&projected)?;
         writer.finish()?;
-        let text = String::from_utf8(buf).map_err(|e| OpError::Arrow(arrow::error::ArrowError::ExternalError(Box::new(e))))?;
+        let text =
+            String::from_utf8(buf).map_err(|e| OpError::Arrow(arrow::error::ArrowError::ExternalError(Box::new(e))))?;
         let rows = text
             .lines()
             .map(|line| (line != "{}").then(|| line.to_string()))

@@ -4,7 +4,7 @@
 use super::{BATCH_TEXT_BYTES, IngestBatch, IngestInput, IngestOptions};
 use crate::{UnitCounts, schema};
 use arrow::array::{
-    ArrayRef, Float64Builder, Int64Builder, RecordBatch, StringBuilder, StructArray, UInt32Builder,
+    ArrayBuilder, ArrayRef, Float64Builder, Int64Builder, RecordBatch, StringBuilder, StructArray, UInt32Builder,
     UInt64Builder,
 };
 use sha2::{Digest, Sha256};
@@ -58,7 +58,10 @@ pub fn derived_id(text: &str) -> String {
 /// Checks a text against the rules every input format shares.
 pub fn check_text(text: &str, max_bytes: usize) -> Result<(), (Reason, String)> {
     if text.trim().is_empty() {
-        return Err((Reason::EmptyText, format!("text is empty or whitespace ({} bytes)", text.len())));
+        return Err((
+            Reason::EmptyText,
+            format!("text is empty or whitespace ({} bytes)", text.len()),
+        ));
     }
     if text.len() > max_bytes {
         return Err((
@@ -244,7 +247,11 @@ impl Sink {
             ],
         )
         .expect("quarantine builders follow schema::QUARANTINE");
-        IngestBatch { documents, quarantine, counts: std::mem::take(&mut self.counts) }
+        IngestBatch {
+            documents,
+            quarantine,
+            counts: std::mem::take(&mut self.counts),
+        }
     }
 }
 

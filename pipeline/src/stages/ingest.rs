@@ -29,13 +29,24 @@ impl Stage for IngestStage {
 
     fn outputs(&self) -> Vec<OutputTable> {
         vec![
-            OutputTable { name: "documents", schema: schema::DOCUMENTS.clone() },
-            OutputTable { name: "quarantine", schema: schema::QUARANTINE.clone() },
+            OutputTable {
+                name: "documents",
+                schema: schema::DOCUMENTS.clone(),
+            },
+            OutputTable {
+                name: "quarantine",
+                schema: schema::QUARANTINE.clone(),
+            },
         ]
     }
 
     fn settings(&self) -> serde_json::Value {
-        let per_input: Vec<_> = self.config.inputs.iter().map(|i| self.config.ingest_options(i)).collect();
+        let per_input: Vec<_> = self
+            .config
+            .inputs
+            .iter()
+            .map(|i| self.config.ingest_options(i))
+            .collect();
         serde_json::to_value(per_input).expect("serialisable")
     }
 
@@ -43,9 +54,12 @@ impl Stage for IngestStage {
         let config = self.config.clone();
         futures::stream::once(async move {
             let unit = input.unit;
-            let source = config
-                .input(&unit.input)
-                .ok_or_else(|| Error::Config(format!("the plan names input '{}', which the config no longer has", unit.input)))?;
+            let source = config.input(&unit.input).ok_or_else(|| {
+                Error::Config(format!(
+                    "the plan names input '{}', which the config no longer has",
+                    unit.input
+                ))
+            })?;
             let options = Arc::new(config.ingest_options(source));
             let location = input.stores.resolve(&unit.file)?;
             let slice = IngestInput {

@@ -67,7 +67,10 @@ const CODE_VERSION: &str = "1";
 
 /// The pipeline's stages in dependency order.
 pub fn pipeline(config: &Arc<Config>) -> Vec<Arc<dyn Stage>> {
-    vec![Arc::new(IngestStage::new(config.clone())), Arc::new(RouteStage::new(config.clone()))]
+    vec![
+        Arc::new(IngestStage::new(config.clone())),
+        Arc::new(RouteStage::new(config.clone())),
+    ]
 }
 
 pub fn hash(value: &serde_json::Value) -> String {
@@ -87,12 +90,18 @@ pub fn fingerprints(stages: &[Arc<dyn Stage>], plan: &str) -> Vec<Fingerprint> {
     let mut out: Vec<Fingerprint> = Vec::new();
     for stage in stages {
         let upstream = stage.upstream().map(|name| {
-            let i = stages.iter().position(|s| s.name() == name).expect("upstream declared before");
+            let i = stages
+                .iter()
+                .position(|s| s.name() == name)
+                .expect("upstream declared before");
             out[i].stage.clone()
         });
         let settings = hash(&stage.settings());
         let chained = serde_json::json!([stage.name(), CODE_VERSION, settings, plan, upstream]);
-        out.push(Fingerprint { settings, stage: hash(&chained) });
+        out.push(Fingerprint {
+            settings,
+            stage: hash(&chained),
+        });
     }
     out
 }

@@ -29,7 +29,10 @@ impl Stage for RouteStage {
     }
 
     fn outputs(&self) -> Vec<OutputTable> {
-        vec![OutputTable { name: "routes", schema: schema::ROUTES.clone() }]
+        vec![OutputTable {
+            name: "routes",
+            schema: schema::ROUTES.clone(),
+        }]
     }
 
     fn settings(&self) -> serde_json::Value {
@@ -39,7 +42,11 @@ impl Stage for RouteStage {
     fn run(&self, input: UnitInput) -> BoxStream<'static, Result<StageBatch>> {
         let rules = self.config.route.clone();
         futures::stream::once(async move {
-            let documents = input.upstream.as_ref().and_then(|r| r.outputs.get("documents")).cloned();
+            let documents = input
+                .upstream
+                .as_ref()
+                .and_then(|r| r.outputs.get("documents"))
+                .cloned();
             let Some(documents) = documents else {
                 // The unit has no documents (all quarantined, or an empty slice).
                 return Ok(futures::stream::empty().boxed());
@@ -49,13 +56,17 @@ impl Stage for RouteStage {
             for (url, store) in input.stores.registered() {
                 ctx.register_object_store(&url, store);
             }
-            ctx.register_parquet("documents", location.url(), ParquetReadOptions::default()).await?;
+            ctx.register_parquet("documents", location.url(), ParquetReadOptions::default())
+                .await?;
             let stream = rules.execute(&ctx).await?;
             let batches = stream.map(|batch| {
                 let batch = batch?;
                 let mut counts = UnitCounts::default();
                 account(&batch, &mut counts)?;
-                Ok::<_, Error>(StageBatch { tables: vec![("routes", batch)], counts })
+                Ok::<_, Error>(StageBatch {
+                    tables: vec![("routes", batch)],
+                    counts,
+                })
             });
             Ok::<_, Error>(batches.boxed())
         })
