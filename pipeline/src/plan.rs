@@ -179,7 +179,7 @@ async fn list_input(stores: &Stores, input: &InputConfig) -> Result<Vec<InputFil
         }
         files.extend(found);
     }
-    files.sort_by(|a, b| a.location.url().cmp(&b.location.url()));
+    files.sort_by_key(|f| f.location.url());
     files.dedup_by(|a, b| a.location.url() == b.location.url());
     Ok(files)
 }

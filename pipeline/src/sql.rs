@@ -9,6 +9,7 @@ use datafusion::prelude::SessionContext;
 use datafusion::sql::parser::{DFParser, Statement};
 use datafusion::sql::sqlparser::ast::Statement as SqlStatement;
 use std::io::{BufRead, IsTerminal, Write};
+use std::sync::Arc;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Format {
@@ -78,7 +79,13 @@ pub async fn execute(ctx: &SessionContext, sql: &str) -> Result<Vec<RecordBatch>
         .sql_with_options(sql, options)
         .await
         .map_err(|e| Error::Query(e.to_string()))?;
-    df.collect().await.map_err(|e| Error::Query(e.to_string()))
+    let schema = Arc::new(df.schema().as_arrow().clone());
+    let batches = df.collect().await.map_err(|e| Error::Query(e.to_string()))?;
+    if batches.is_empty() {
+        // Keep the column names visible (table header, CSV header) when no row matched.
+        return Ok(vec![RecordBatch::new_empty(schema)]);
+    }
+    Ok(batches)
 }
 
 pub fn render(batches: &[RecordBatch], format: Format, out: &mut dyn Write) -> Result<()> {
@@ -90,9 +97,6 @@ pub fn render(batches: &[RecordBatch], format: Format, out: &mut dyn Write) -> R
         }
         Format::Csv => {
             let mut writer = arrow::csv::WriterBuilder::new().with_header(true).build(out);
-            if batches.is_empty() {
-                return Ok(());
-            }
             for batch in batches {
                 writer.write(batch)?;
             }

@@ -288,11 +288,9 @@ impl Reader {
             meta.language_score = n.as_f64();
             fields.remove(&columns[5]);
         }
-        if let Some(Value::Number(n)) = fields.get(&columns[6]) {
-            if let Some(count) = n.as_i64() {
-                meta.token_count = Some(count);
-                fields.remove(&columns[6]);
-            }
+        if let Some(count) = fields.get(&columns[6]).and_then(Value::as_i64) {
+            meta.token_count = Some(count);
+            fields.remove(&columns[6]);
         }
         if !fields.is_empty() {
             meta.extra = Some(Value::Object(fields).to_string());
