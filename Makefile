@@ -31,6 +31,7 @@ demo: build
 	$(BIN) sql configs/demo.toml "SELECT source, count(*) AS documents FROM documents GROUP BY source ORDER BY source"
 	$(BIN) sql configs/demo.toml "SELECT source, reason, sum(records) AS records FROM quarantine GROUP BY 1, 2 ORDER BY 1, 2"
 	$(BIN) sql configs/demo.toml "SELECT route, rule, count(*) AS documents FROM routes GROUP BY 1, 2 ORDER BY 1, 2"
+	$(BIN) sql configs/demo.toml "SELECT source, count(*) AS documents, sum(tags_inserted) AS tags, round(sum(tags_inserted) * 1.0 / sum(words - 1), 4) AS rate FROM tagged GROUP BY 1 ORDER BY 1"
 
 test:
 	@test -d data/sample || { echo "test: no sample corpus; run 'make setup' first" >&2; exit 1; }

@@ -313,6 +313,7 @@ fn committed_files_have_the_documented_schemas() {
         ("ingest", "documents", safepipe_operators::schema::DOCUMENTS.clone()),
         ("ingest", "quarantine", safepipe_operators::schema::QUARANTINE.clone()),
         ("route", "routes", safepipe_operators::schema::ROUTES.clone()),
+        ("tag", "tagged", safepipe_operators::schema::TAGGED.clone()),
     ] {
         let dir = ws.path().join("run").join(stage).join(table);
         let mut seen = 0;
@@ -340,4 +341,62 @@ fn bad_config_errors_name_the_key_and_exit_2() {
     let out = safepipe(&["run", config.to_str().unwrap()]);
     assert_eq!(out.status.code(), Some(2));
     assert!(text(&out.stderr).contains("matches no file"), "{}", text(&out.stderr));
+}
+
+#[test]
+fn tag_stage_tags_exactly_the_documents_routed_tag() {
+    let ws = Workspace::new();
+    let config = ws.config("config.toml", &sample_config(""));
+    let first = run_ok(&config, &[]);
+    let routed = sql_number(&config, "SELECT count(*) FROM routes WHERE route = 'tag'");
+    assert_eq!(
+        routed,
+        sql_number(
+            &config,
+            "SELECT count(*) FROM documents WHERE source IN ('harmbench', 'strongreject')"
+        )
+    );
+    assert_eq!(sql_number(&config, "SELECT count(*) FROM tagged"), routed);
+    assert_eq!(
+        sql_number(
+            &config,
+            "SELECT count(*) FROM tagged WHERE source NOT IN ('harmbench', 'strongreject')"
+        ),
+        0
+    );
+    // Removing the tags gives back each document's text exactly.
+    assert_eq!(
+        sql_number(
+            &config,
+            "SELECT count(*) FROM tagged t JOIN documents d ON t.id = d.id \
+             WHERE replace(t.text, '<potentially unsafe content>', '') <> d.text"
+        ),
+        0
+    );
+    // The counted tags are the tags in the text, and the rate is near the default 5%.
+    assert_eq!(
+        sql_number(
+            &config,
+            "SELECT count(*) FROM tagged WHERE tags_inserted <> \
+             (length(text) - length(replace(text, '<potentially unsafe content>', ''))) / 28"
+        ),
+        0
+    );
+    let tags = sql_number(&config, "SELECT sum(tags_inserted) FROM tagged");
+    let boundaries = sql_number(&config, "SELECT sum(words) - count(*) FROM tagged WHERE words > 0");
+    let rate = tags as f64 / boundaries as f64;
+    assert!(
+        (0.04..0.06).contains(&rate),
+        "tag rate {rate} over {boundaries} word boundaries"
+    );
+    assert!(units_done(&first, "tag") > 0);
+
+    // Changing the tag probability reruns the tag stage only.
+    std::fs::write(&config, sample_config("[tag]\nprobability = 0.10\n")).unwrap();
+    let second = run_ok(&config, &[]);
+    assert_eq!(units_done(&second, "ingest"), 0);
+    assert_eq!(units_done(&second, "route"), 0);
+    assert!(units_done(&second, "tag") > 0);
+    let more = sql_number(&config, "SELECT sum(tags_inserted) FROM tagged");
+    assert!(more as f64 > 1.6 * tags as f64, "{more} vs {tags}");
 }

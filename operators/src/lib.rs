@@ -3,6 +3,7 @@
 //! ```text
 //! ingest  raw Parquet / JSON Lines slices  -> documents + quarantine
 //! route   documents (+ side tables)        -> routes   (SQL predicates from the config)
+//! tag     documents routed `tag`           -> tagged   (Algorithm 1: the harmfulness tag between words)
 //! ```
 //!
 //! Operators know nothing of the CLI, the run directory or the work plan's persistence: they are
@@ -17,6 +18,7 @@ pub mod ingest;
 pub mod parquet_io;
 pub mod route;
 pub mod schema;
+pub mod tag;
 
 pub use counts::UnitCounts;
 pub use error::{OpError, OpResult};

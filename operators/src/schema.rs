@@ -62,3 +62,16 @@ pub static ROUTES: LazyLock<SchemaRef> = LazyLock::new(|| {
         Field::new("rule", DataType::Utf8, true),
     ]))
 });
+
+/// `tagged`: documents routed `tag`, with the harmfulness tag inserted between words.
+pub static TAGGED: LazyLock<SchemaRef> = LazyLock::new(|| {
+    Arc::new(Schema::new(vec![
+        Field::new("id", DataType::Utf8, false),
+        Field::new("source", DataType::Utf8, false),
+        // The text with tags; removing every tag string gives back `documents.text` exactly.
+        Field::new("text", DataType::Utf8, false),
+        // Whitespace-delimited words of the original text.
+        Field::new("words", DataType::UInt32, false),
+        Field::new("tags_inserted", DataType::UInt32, false),
+    ]))
+});

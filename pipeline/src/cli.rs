@@ -149,7 +149,7 @@ pub fn init_logging(format: LogFormat, filter: &str) -> Result<()> {
         tracing_subscriber::EnvFilter::try_new(filter).map_err(|e| Error::Config(format!("--log {filter:?}: {e}")))?;
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
+        .with_writer(|| crate::progress::LogWriter)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_target(false);
     match format {

@@ -4,6 +4,7 @@
 use crate::error::{Error, Result};
 use safepipe_operators::ingest::IngestOptions;
 use safepipe_operators::route::{Route, RouteRule, RouteRules};
+use safepipe_operators::tag::Tagger;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeSet;
 use std::path::{Component, Path, PathBuf};
@@ -20,6 +21,8 @@ struct RawConfig {
     ingest: IngestConfig,
     #[serde(default)]
     route: RouteConfig,
+    #[serde(default)]
+    tag: TagConfig,
     #[serde(default)]
     runner: RunnerConfig,
 }
@@ -122,6 +125,28 @@ pub struct RouteConfig {
     pub rules: Vec<RouteRule>,
 }
 
+/// Algorithm 1: the harmfulness tag inserted before words of documents routed `tag`.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TagConfig {
+    /// The tag string (one special token of the tokenizer later on).
+    pub tag: String,
+    /// Chance of a tag before each word after the first (the paper found 5% best).
+    pub probability: f64,
+    /// With the document id, seeds the draws: same seed, same tags.
+    pub seed: u64,
+}
+
+impl Default for TagConfig {
+    fn default() -> Self {
+        TagConfig {
+            tag: safepipe_operators::tag::DEFAULT_TAG.to_string(),
+            probability: 0.05,
+            seed: 0,
+        }
+    }
+}
+
 #[derive(Debug, Clone, Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct RunnerConfig {
@@ -140,6 +165,7 @@ pub struct Config {
     pub plan: PlanConfig,
     pub ingest: IngestConfig,
     pub route: RouteRules,
+    pub tagger: Tagger,
     pub jobs: usize,
 }
 
@@ -220,6 +246,7 @@ impl Config {
             default: raw.route.default,
         };
         route.validate().await.map_err(fail)?;
+        let tagger = Tagger::new(raw.tag.tag, raw.tag.probability, raw.tag.seed).map_err(fail)?;
         let jobs = match raw.runner.jobs {
             0 => std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
             n => n,
@@ -231,6 +258,7 @@ impl Config {
             plan: raw.plan,
             ingest: raw.ingest,
             route,
+            tagger,
             jobs,
         })
     }
@@ -310,6 +338,22 @@ mod tests {
         assert!(c.run_dir.ends_with("runs/x") && c.run_dir.starts_with('/'));
         assert!(!c.inputs[0].paths[0].contains(".."), "{}", c.inputs[0].paths[0]);
         assert_eq!(c.ingest.batch_rows, 4096);
+    }
+
+    #[tokio::test]
+    async fn example_configs_are_valid() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../configs");
+        let mut seen = 0;
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.extension().is_some_and(|e| e == "toml") {
+                Config::load(&path)
+                    .await
+                    .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+                seen += 1;
+            }
+        }
+        assert!(seen >= 2);
     }
 
     #[tokio::test]

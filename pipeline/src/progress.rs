@@ -5,8 +5,33 @@ use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
 use safepipe_operators::UnitCounts;
 use std::collections::HashMap;
 use std::io::IsTerminal;
-use std::sync::Mutex;
+use std::io::Write;
+use std::sync::{LazyLock, Mutex};
 use std::time::Instant;
+
+/// The one set of bars of this process; log lines go through [`LogWriter`] so they print above
+/// the bars instead of through them.
+static MULTI: LazyLock<MultiProgress> = LazyLock::new(|| {
+    let target = if std::io::stderr().is_terminal() {
+        ProgressDrawTarget::stderr()
+    } else {
+        ProgressDrawTarget::hidden()
+    };
+    MultiProgress::with_draw_target(target)
+});
+
+/// A stderr writer for `tracing` that hides the progress bars while a line is written.
+pub struct LogWriter;
+
+impl Write for LogWriter {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        MULTI.suspend(|| std::io::stderr().write(buf))
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        std::io::stderr().flush()
+    }
+}
 
 pub struct Bars {
     multi: MultiProgress,
@@ -15,13 +40,8 @@ pub struct Bars {
 
 impl Bars {
     pub fn new() -> Self {
-        let target = if std::io::stderr().is_terminal() {
-            ProgressDrawTarget::stderr()
-        } else {
-            ProgressDrawTarget::hidden()
-        };
         Bars {
-            multi: MultiProgress::with_draw_target(target),
+            multi: MULTI.clone(),
             bars: Mutex::new(HashMap::new()),
         }
     }

@@ -123,10 +123,14 @@ pub async fn run(config: Arc<Config>, options: RunOptions, reporter: Arc<dyn Rep
     let mut summaries = Vec::new();
     for (i, stage) in stages.iter().enumerate() {
         let fingerprint = &fingerprints[i];
-        let upstream = stage.upstream().map(|name| {
-            let j = names.iter().position(|n| *n == name).expect("declared earlier");
-            (&committed[name], fingerprints[j].stage.as_str())
-        });
+        let upstream: Vec<(&'static str, &HashMap<u32, CompletionRecord>, &str)> = stage
+            .upstream()
+            .iter()
+            .map(|name| {
+                let j = names.iter().position(|n| n == name).expect("declared earlier");
+                (*name, &committed[name], fingerprints[j].stage.as_str())
+            })
+            .collect();
         let existing = records::load_done(&env.run_dir, stage.name()).await?;
         let mut summary = StageSummary {
             stage: stage.name().to_string(),
@@ -135,16 +139,16 @@ pub async fn run(config: Arc<Config>, options: RunOptions, reporter: Arc<dyn Rep
         };
         let mut todo = Vec::new();
         for unit in &units {
-            let upstream_record = match upstream {
-                None => None,
-                Some((records, fp)) => match records.get(&unit.id) {
-                    Some(r) if r.fingerprint == fp => Some(r.clone()),
-                    _ => {
-                        summary.blocked += 1;
-                        continue;
-                    }
-                },
-            };
+            let mut upstream_records = BTreeMap::new();
+            for (name, records, fp) in &upstream {
+                if let Some(r) = records.get(&unit.id).filter(|r| r.fingerprint == *fp) {
+                    upstream_records.insert(*name, r.clone());
+                }
+            }
+            if upstream_records.len() < upstream.len() {
+                summary.blocked += 1;
+                continue;
+            }
             let previous = existing.get(&unit.id);
             let reason = match previous {
                 _ if forced.contains(&stage.name()) => "forced",
@@ -156,7 +160,7 @@ pub async fn run(config: Arc<Config>, options: RunOptions, reporter: Arc<dyn Rep
                 Some(r) if r.settings_fingerprint != fingerprint.settings => "settings changed",
                 Some(_) => "upstream changed",
             };
-            todo.push((unit.clone(), upstream_record, previous.cloned(), reason));
+            todo.push((unit.clone(), upstream_records, previous.cloned(), reason));
         }
         let mut reasons: BTreeMap<&str, usize> = BTreeMap::new();
         for (_, _, _, reason) in &todo {
@@ -221,7 +225,7 @@ fn output_location(env: &Env, stage: &str, table: &str, unit: u32, fingerprint: 
 async fn run_unit(
     stage: Arc<dyn Stage>,
     unit: WorkUnit,
-    upstream: Option<CompletionRecord>,
+    upstream: BTreeMap<&'static str, CompletionRecord>,
     previous: Option<CompletionRecord>,
     fingerprint: Fingerprint,
     env: Arc<Env>,
@@ -251,7 +255,7 @@ async fn run_unit(
 async fn produce(
     stage: &Arc<dyn Stage>,
     unit: WorkUnit,
-    upstream: Option<CompletionRecord>,
+    upstream: BTreeMap<&'static str, CompletionRecord>,
     previous: Option<CompletionRecord>,
     fingerprint: &Fingerprint,
     env: &Env,

@@ -40,7 +40,9 @@ pub fn sample_inputs() -> String {
 /// The demo-like config over the sample corpus with small JSONL units.
 pub fn sample_config(extra: &str) -> String {
     format!(
-        "run_dir = \"run\"\n\n{}[plan]\njsonl_unit_bytes = 1048576\n\n{extra}\n\n[[route.rules]]\nname = \"too_short\"\nwhen = \"length(trim(text)) < 20\"\nroute = \"drop\"\n",
+        "run_dir = \"run\"\n\n{}[plan]\njsonl_unit_bytes = 1048576\n\n{extra}\n\n\
+         [[route.rules]]\nname = \"too_short\"\nwhen = \"length(trim(text)) < 20\"\nroute = \"drop\"\n\n\
+         [[route.rules]]\nname = \"harmful_prompts\"\nwhen = \"source IN ('harmbench', 'strongreject')\"\nroute = \"tag\"\n",
         sample_inputs()
     )
 }
@@ -113,7 +115,8 @@ pub fn sql_number(config: &Path, query: &str) -> i64 {
         .unwrap_or_else(|_| panic!("not a number from {query:?}: {value}"))
 }
 
-/// Everything a run produced, as sorted multisets: documents (text hashed), quarantine, routes.
+/// Everything a run produced, as sorted multisets: documents (text hashed), quarantine, routes,
+/// tagged.
 pub fn snapshot(config: &Path) -> Vec<Vec<String>> {
     vec![
         sql_rows(
@@ -125,6 +128,10 @@ pub fn snapshot(config: &Path) -> Vec<Vec<String>> {
             "SELECT source, file, unit, \"offset\", records, reason, detail, id, raw FROM quarantine",
         ),
         sql_rows(config, "SELECT id, route, rule FROM routes"),
+        sql_rows(
+            config,
+            "SELECT id, source, md5(text) AS text_md5, words, tags_inserted FROM tagged",
+        ),
     ]
 }
 

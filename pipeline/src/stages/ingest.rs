@@ -23,8 +23,8 @@ impl Stage for IngestStage {
         "ingest"
     }
 
-    fn upstream(&self) -> Option<&'static str> {
-        None
+    fn upstream(&self) -> &'static [&'static str] {
+        &[]
     }
 
     fn outputs(&self) -> Vec<OutputTable> {

@@ -15,6 +15,7 @@
 
 mod ingest;
 mod route;
+mod tag;
 
 use crate::config::Config;
 use crate::error::Result;
@@ -26,10 +27,12 @@ use arrow::datatypes::SchemaRef;
 use futures::stream::BoxStream;
 use safepipe_operators::UnitCounts;
 use sha2::{Digest, Sha256};
+use std::collections::BTreeMap;
 use std::sync::Arc;
 
 pub use ingest::IngestStage;
 pub use route::RouteStage;
+pub use tag::TagStage;
 
 /// One output table of a stage.
 pub struct OutputTable {
@@ -47,19 +50,50 @@ pub struct StageBatch {
 pub struct UnitInput {
     pub unit: WorkUnit,
     pub stores: Arc<Stores>,
-    /// The upstream stage's completion record for this unit (None for source stages).
-    pub upstream: Option<CompletionRecord>,
+    /// The completion record of each upstream stage for this unit (empty for source stages).
+    pub upstream: BTreeMap<&'static str, CompletionRecord>,
 }
 
 pub trait Stage: Send + Sync {
     fn name(&self) -> &'static str;
-    /// The stage whose outputs for the same unit this stage reads; None for a source.
-    fn upstream(&self) -> Option<&'static str>;
+    /// The stages whose outputs for the same unit this stage reads; empty for a source.
+    fn upstream(&self) -> &'static [&'static str];
     fn outputs(&self) -> Vec<OutputTable>;
     /// Everything in the config that changes this stage's output, as JSON.
     fn settings(&self) -> serde_json::Value;
     /// Runs one unit. Lazy: nothing happens before the first poll.
     fn run(&self, input: UnitInput) -> BoxStream<'static, Result<StageBatch>>;
+}
+
+/// A DataFusion session holding, for this unit, the committed upstream tables `wanted` as
+/// `(stage, table, schema)`, each registered under the table's name (empty when the upstream
+/// unit wrote no rows to it).
+pub async fn unit_session(
+    input: &UnitInput,
+    wanted: &[(&str, &str, SchemaRef)],
+) -> Result<datafusion::prelude::SessionContext> {
+    use datafusion::datasource::MemTable;
+    use datafusion::prelude::{ParquetReadOptions, SessionConfig, SessionContext};
+    // One partition keeps every scan in file order, so outputs are byte-for-byte repeatable and
+    // tables of the same unit line up row by row.
+    let ctx = SessionContext::new_with_config(SessionConfig::new().with_target_partitions(1));
+    for (url, store) in input.stores.registered() {
+        ctx.register_object_store(&url, store);
+    }
+    for (stage, table, schema) in wanted {
+        let file = input.upstream.get(stage).and_then(|r| r.outputs.get(*table));
+        match file {
+            Some(file) => {
+                let location = input.stores.resolve(&file.file)?;
+                let options = ParquetReadOptions::default().schema(schema);
+                ctx.register_parquet(*table, location.url(), options).await?;
+            }
+            None => {
+                ctx.register_table(*table, Arc::new(MemTable::try_new(schema.clone(), vec![vec![]])?))?;
+            }
+        }
+    }
+    Ok(ctx)
 }
 
 /// Bump when a stage's code changes its output for the same settings.
@@ -70,6 +104,7 @@ pub fn pipeline(config: &Arc<Config>) -> Vec<Arc<dyn Stage>> {
     vec![
         Arc::new(IngestStage::new(config.clone())),
         Arc::new(RouteStage::new(config.clone())),
+        Arc::new(TagStage::new(config.clone())),
     ]
 }
 
@@ -89,13 +124,17 @@ pub struct Fingerprint {
 pub fn fingerprints(stages: &[Arc<dyn Stage>], plan: &str) -> Vec<Fingerprint> {
     let mut out: Vec<Fingerprint> = Vec::new();
     for stage in stages {
-        let upstream = stage.upstream().map(|name| {
-            let i = stages
-                .iter()
-                .position(|s| s.name() == name)
-                .expect("upstream declared before");
-            out[i].stage.clone()
-        });
+        let upstream: Vec<String> = stage
+            .upstream()
+            .iter()
+            .map(|name| {
+                let i = stages
+                    .iter()
+                    .position(|s| s.name() == *name)
+                    .expect("upstream declared before");
+                out[i].stage.clone()
+            })
+            .collect();
         let settings = hash(&stage.settings());
         let chained = serde_json::json!([stage.name(), CODE_VERSION, settings, plan, upstream]);
         out.push(Fingerprint {
@@ -111,7 +150,7 @@ pub fn downstream_closure(stages: &[Arc<dyn Stage>], names: &[String]) -> Vec<&'
     let mut chosen: Vec<&'static str> = Vec::new();
     for stage in stages {
         let forced = names.iter().any(|n| n == stage.name() || n == "all");
-        let below = stage.upstream().is_some_and(|up| chosen.contains(&up));
+        let below = stage.upstream().iter().any(|up| chosen.contains(up));
         if forced || below {
             chosen.push(stage.name());
         }

@@ -1,9 +1,8 @@
 //! Adapter of the route operator: the unit's committed `documents` -> `routes`.
 
-use super::{OutputTable, Stage, StageBatch, UnitInput};
+use super::{OutputTable, Stage, StageBatch, UnitInput, unit_session};
 use crate::config::Config;
 use crate::error::{Error, Result};
-use datafusion::prelude::{ParquetReadOptions, SessionContext};
 use futures::stream::{BoxStream, StreamExt, TryStreamExt};
 use safepipe_operators::route::account;
 use safepipe_operators::{UnitCounts, schema};
@@ -24,8 +23,8 @@ impl Stage for RouteStage {
         "route"
     }
 
-    fn upstream(&self) -> Option<&'static str> {
-        Some("ingest")
+    fn upstream(&self) -> &'static [&'static str] {
+        &["ingest"]
     }
 
     fn outputs(&self) -> Vec<OutputTable> {
@@ -42,22 +41,8 @@ impl Stage for RouteStage {
     fn run(&self, input: UnitInput) -> BoxStream<'static, Result<StageBatch>> {
         let rules = self.config.route.clone();
         futures::stream::once(async move {
-            let documents = input
-                .upstream
-                .as_ref()
-                .and_then(|r| r.outputs.get("documents"))
-                .cloned();
-            let Some(documents) = documents else {
-                // The unit has no documents (all quarantined, or an empty slice).
-                return Ok(futures::stream::empty().boxed());
-            };
-            let ctx = SessionContext::new();
-            let location = input.stores.resolve(&documents.file)?;
-            for (url, store) in input.stores.registered() {
-                ctx.register_object_store(&url, store);
-            }
-            ctx.register_parquet("documents", location.url(), ParquetReadOptions::default())
-                .await?;
+            let wanted = [("ingest", "documents", schema::DOCUMENTS.clone())];
+            let ctx = unit_session(&input, &wanted).await?;
             let stream = rules.execute(&ctx).await?;
             let batches = stream.map(|batch| {
                 let batch = batch?;
