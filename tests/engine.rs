@@ -400,3 +400,65 @@ fn tag_stage_tags_exactly_the_documents_routed_tag() {
     let more = sql_number(&config, "SELECT sum(tags_inserted) FROM tagged");
     assert!(more as f64 > 1.6 * tags as f64, "{more} vs {tags}");
 }
+
+#[test]
+fn failed_units_are_recorded_retried_and_block_only_their_downstream() {
+    let ws = Workspace::new();
+    // An input that disappears after planning: its unit fails with a storage error.
+    let moved = ws.path().join("extra.jsonl");
+    std::fs::copy(sample("spamassassin-ham.jsonl"), &moved).unwrap();
+    let body = sample_config("").replace(
+        "[plan]",
+        "[[inputs]]\nname = \"extra\"\npaths = [\"extra.jsonl\"]\n\n[plan]",
+    );
+    // A route predicate that plans fine but fails on real rows (text is not a number).
+    let failing = body.replace("length(trim(text)) < 20", "CAST(text AS BIGINT) > 0");
+    let config = ws.config("config.toml", &failing);
+    let cfg = config.to_str().unwrap();
+    assert!(safepipe(&["plan", cfg]).status.success());
+    std::fs::rename(&moved, ws.path().join("away.jsonl")).unwrap();
+
+    let out = safepipe(&["run", cfg]);
+    assert_eq!(out.status.code(), Some(3), "{}", text(&out.stderr));
+    let stderr = text(&out.stderr);
+    let extra_units = {
+        let plan: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(ws.path().join("run/plan.json")).unwrap()).unwrap();
+        plan["units"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|u| u["input"] == "extra")
+            .count()
+    };
+    assert!(extra_units > 1);
+    assert!(
+        summary_line(&stderr, "ingest").contains(&format!("{extra_units} failed")),
+        "{stderr}"
+    );
+    assert!(!summary_line(&stderr, "route").contains(" 0 failed"), "{stderr}");
+    assert!(!summary_line(&stderr, "tag").contains(" 0 waiting"), "{stderr}");
+    let status = text(&safepipe(&["status", cfg]).stdout);
+    assert!(
+        status.contains("last error in ingest") && status.contains("extra.jsonl"),
+        "{status}"
+    );
+    assert!(
+        status.contains("last error in route") && status.contains("Cast error"),
+        "{status}"
+    );
+    let committed = sql_number(&config, "SELECT count(*) FROM stats WHERE stage = 'ingest'");
+    assert!(committed > 0, "the other units still committed");
+
+    // Fix both; the rerun redoes only what failed or waited.
+    std::fs::rename(ws.path().join("away.jsonl"), &moved).unwrap();
+    std::fs::write(&config, &body).unwrap();
+    let rerun = run_ok(&config, &[]);
+    assert_eq!(units_done(&rerun, "ingest"), extra_units, "{rerun}");
+    let status = text(&safepipe(&["status", cfg]).stdout);
+    assert!(!status.contains("last error"), "{status}");
+    assert_eq!(
+        sql_number(&config, "SELECT count(*) FROM documents WHERE source = 'extra'"),
+        sql_number(&config, "SELECT count(*) FROM documents WHERE source = 'ham'")
+    );
+}

@@ -87,11 +87,13 @@ pub async fn run(cli: Cli) -> Result<()> {
                 force,
                 jobs: jobs.unwrap_or(config.jobs),
             };
-            let outcome = runner::run(config, options, Arc::new(Bars::new())).await;
-            if let Ok(summaries) = &outcome {
-                print_summary(summaries);
+            let summaries = runner::run(config, options, Arc::new(Bars::new())).await?;
+            print_summary(&summaries);
+            let failed: usize = summaries.iter().map(|s| s.failed).sum();
+            if failed > 0 {
+                return Err(Error::UnitsFailed { failed });
             }
-            outcome.map(|_| ())
+            Ok(())
         }
         Command::Plan { config } => {
             let config = Config::load(&config).await?;

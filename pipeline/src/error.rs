@@ -28,6 +28,10 @@ pub enum Error {
     /// The run directory or an input could not be read or written.
     #[error("storage error: {0}")]
     Storage(#[from] object_store::Error),
+    /// A stage's query or transform failed while running (e.g. a route predicate that cannot be
+    /// evaluated on some row). Recorded per unit; the message says what failed.
+    #[error("execution error: {0}")]
+    Execution(String),
     /// The run finished, but some units failed; their errors are in `safepipe status`.
     #[error("{failed} unit(s) failed; rerun the same command to retry them (see `safepipe status`)")]
     UnitsFailed { failed: usize },
@@ -40,7 +44,7 @@ impl Error {
     pub fn exit_code(&self) -> i32 {
         match self {
             Error::Config(_) | Error::Query(_) => exit::USAGE,
-            Error::Storage(_) | Error::UnitsFailed { .. } => exit::UNITS_FAILED,
+            Error::Storage(_) | Error::Execution(_) | Error::UnitsFailed { .. } => exit::UNITS_FAILED,
             Error::Internal(_) => exit::INTERNAL,
         }
     }
@@ -51,6 +55,7 @@ impl From<OpError> for Error {
         match e {
             OpError::Storage(e) => Error::Storage(e),
             OpError::Config(msg) => Error::Config(msg),
+            OpError::Query(e) => Error::Execution(e.to_string()),
             other => Error::Internal(other.to_string()),
         }
     }
@@ -58,7 +63,7 @@ impl From<OpError> for Error {
 
 impl From<datafusion::error::DataFusionError> for Error {
     fn from(e: datafusion::error::DataFusionError) -> Self {
-        Error::Internal(e.to_string())
+        Error::Execution(e.to_string())
     }
 }
 

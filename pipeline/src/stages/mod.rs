@@ -1,6 +1,6 @@
 //! The stage DAG, declared in code, and the contract every stage keeps.
 //!
-//! A stage runs per work unit: given the unit (and the committed outputs of its upstream stage
+//! A stage runs per work unit: given the unit (and the committed outputs of its upstream stages
 //! for the same unit) it returns a lazy stream of [`StageBatch`]es. The runner writes them,
 //! checks the counts and commits. Every stage must:
 //! - do no work before its stream is first polled, and free everything when it is dropped;
