@@ -472,3 +472,36 @@ fn failed_units_are_recorded_retried_and_block_only_their_downstream() {
         sql_number(&config, "SELECT count(*) FROM documents WHERE source = 'ham'")
     );
 }
+
+#[test]
+fn gc_removes_only_files_no_record_names() {
+    let ws = Workspace::new();
+    let config = ws.config("config.toml", &sample_config(""));
+    run_ok(&config, &[]);
+    let before = snapshot(&config);
+    // Leftovers like those of a killed attempt: an output of an old fingerprint and a stray file.
+    let documents = ws.path().join("run/ingest/documents");
+    let committed = std::fs::read_dir(&documents).unwrap().next().unwrap().unwrap().path();
+    let orphan = documents.join("unit-000000-0123456789abcdef.parquet");
+    std::fs::copy(&committed, &orphan).unwrap();
+    std::fs::write(ws.path().join("run/route/routes/stray.tmp"), b"partial").unwrap();
+    let cfg = config.to_str().unwrap();
+
+    let young = text(&safepipe(&["gc", cfg]).stdout);
+    assert!(
+        young.contains("0 unreferenced file(s)") && young.contains("2 unreferenced file(s) younger"),
+        "{young}"
+    );
+    let dry = text(&safepipe(&["gc", cfg, "--min-age-secs", "0", "--dry-run"]).stdout);
+    assert!(dry.contains("would delete") && orphan.exists(), "{dry}");
+    let real = safepipe(&["gc", cfg, "--min-age-secs", "0"]);
+    assert!(real.status.success());
+    assert!(
+        text(&real.stdout).contains("2 unreferenced file(s)"),
+        "{}",
+        text(&real.stdout)
+    );
+    assert!(!orphan.exists() && committed.exists());
+    assert_eq!(snapshot(&config), before);
+    assert_eq!(units_done(&run_ok(&config, &[]), "ingest"), 0);
+}

@@ -7,7 +7,7 @@ use crate::progress::Bars;
 use crate::runner::{self, RunOptions, StageSummary};
 use crate::sql::{self, Format};
 use crate::storage::Stores;
-use crate::{ranks, status};
+use crate::{gc, ranks, status};
 use clap::{Parser, Subcommand, ValueEnum};
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -67,6 +67,17 @@ pub enum Command {
     },
     /// Interactive read-only SQL (statements end with `;`).
     Shell { config: PathBuf },
+    /// Delete files no completion record names (leftovers of killed or superseded attempts).
+    Gc {
+        config: PathBuf,
+        /// Only delete files at least this many seconds old (a unit being written is unnamed
+        /// until it commits).
+        #[arg(long, default_value_t = 3600)]
+        min_age_secs: u64,
+        /// List what would be deleted without deleting.
+        #[arg(long)]
+        dry_run: bool,
+    },
 }
 
 pub async fn run(cli: Cli) -> Result<()> {
@@ -122,6 +133,30 @@ pub async fn run(cli: Cli) -> Result<()> {
         Command::Shell { config } => {
             let config = Config::load(&config).await?;
             sql::shell(&config).await
+        }
+        Command::Gc {
+            config,
+            min_age_secs,
+            dry_run,
+        } => {
+            let config = Config::load(&config).await?;
+            let report = gc::collect(&config, std::time::Duration::from_secs(min_age_secs), dry_run).await?;
+            for file in &report.orphans {
+                println!("{} {file}", if dry_run { "would delete" } else { "deleted" });
+            }
+            println!(
+                "{} unreferenced file(s), {} bytes{}; {} committed file(s) kept; {} unreferenced file(s) younger than {min_age_secs}s left alone",
+                report.orphans.len(),
+                report.orphan_bytes,
+                if dry_run {
+                    " (dry run: nothing deleted)"
+                } else {
+                    " deleted"
+                },
+                report.kept,
+                report.too_young
+            );
+            Ok(())
         }
     }
 }

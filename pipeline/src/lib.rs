@@ -6,6 +6,7 @@
 //! records.rs   completion / failure records      writer.rs   batches -> atomic Parquet files
 //! catalog.rs   committed outputs as SQL tables   sql.rs      `safepipe sql` / `shell`
 //! status.rs    `safepipe status`                 storage.rs  paths and URLs -> object stores
+//! gc.rs        `safepipe gc`: unreferenced files
 //! ranks.rs     rank / world size from flags, Slurm, Kubernetes
 //! ```
 //! The transforms themselves live in the `safepipe-operators` crate.
@@ -14,6 +15,7 @@ pub mod catalog;
 pub mod cli;
 pub mod config;
 pub mod error;
+pub mod gc;
 pub mod plan;
 pub mod progress;
 pub mod ranks;
