@@ -295,6 +295,11 @@ fn status_reports_units_rows_and_staleness() {
     assert!(ingest.contains(&format!("{units}/{units}")), "{status}");
     let docs = sql_number(&config, "SELECT count(*) FROM documents");
     assert!(ingest.contains(&docs.to_string()), "{status}");
+    let json: serde_json::Value =
+        serde_json::from_slice(&safepipe(&["status", config.to_str().unwrap(), "--format", "json"]).stdout).unwrap();
+    assert_eq!(json[0]["stage"], "ingest");
+    assert_eq!(json[0]["committed"], units);
+    assert_eq!(json[0]["counts"]["rows_out"], docs);
     std::fs::write(&config, sample_config("").replace("< 20", "< 30")).unwrap();
     let status = text(&safepipe(&["status", config.to_str().unwrap()]).stdout);
     let route: Vec<&str> = status

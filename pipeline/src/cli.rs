@@ -36,6 +36,12 @@ pub enum LogFormat {
     Json,
 }
 
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum StatusFormat {
+    Text,
+    Json,
+}
+
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run every stage for this rank's work units; committed units are skipped.
@@ -57,7 +63,12 @@ pub enum Command {
     /// Split the inputs into work units and store the plan (once, before starting many ranks).
     Plan { config: PathBuf },
     /// Show per stage how many units are committed, stale, failed or pending, and last errors.
-    Status { config: PathBuf },
+    Status {
+        config: PathBuf,
+        /// `json` prints one object per stage, for scripts and dashboards.
+        #[arg(long, value_enum, default_value_t = StatusFormat::Text)]
+        format: StatusFormat,
+    },
     /// Run one read-only SQL query over the run's tables.
     Sql {
         config: PathBuf,
@@ -120,10 +131,17 @@ pub async fn run(cli: Cli) -> Result<()> {
             );
             Ok(())
         }
-        Command::Status { config } => {
+        Command::Status { config, format } => {
             let config = Config::load(&config).await?;
             let found = status::collect(&config).await?;
-            print!("{}", status::render(&config, &found));
+            match format {
+                StatusFormat::Text => print!("{}", status::render(&config, &found)),
+                StatusFormat::Json => {
+                    let stages = found.as_ref().map(|(_, stages)| stages.as_slice()).unwrap_or_default();
+                    let json = serde_json::to_string_pretty(stages).map_err(|e| Error::Internal(e.to_string()))?;
+                    println!("{json}");
+                }
+            }
             Ok(())
         }
         Command::Sql { config, query, format } => {
