@@ -1,4 +1,4 @@
-# The README's commands call these targets. One cargo profile (dev, with optimised dependencies)
+# The README's commands call these targets. One cargo profile (dev, dependencies lightly optimised)
 # serves the demo, the tests and the benches, so nothing is built twice.
 SHELL := /bin/bash
 CARGO ?= cargo

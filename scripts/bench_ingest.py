@@ -553,7 +553,7 @@ def main() -> None:
             "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d"),
             "git": git_rev(),
             "bin": display_path(args.bin),
-            "profile": "debug profile (dependencies optimised)" if "debug" in binary.parts else "release profile",
+            "profile": "dev profile (dependencies at opt-level 1, ingest hot path at 2; see Cargo.toml)" if "debug" in binary.parts else "release profile",
             "datatrove": dt_info["version"],
             "pyarrow": pyarrow.__version__,
             "mb": nbytes / 1e6,
