@@ -44,8 +44,6 @@ pub trait Reporter: Send + Sync {
 #[derive(Debug, Clone, Default)]
 pub struct StageSummary {
     pub stage: String,
-    /// Units of this rank.
-    pub units: usize,
     /// Units already committed with the current fingerprint: no work.
     pub skipped: usize,
     /// Units done in this run, by the reason they needed work.
@@ -135,7 +133,6 @@ pub async fn run(config: Arc<Config>, options: RunOptions, reporter: Arc<dyn Rep
         let existing = records::load_done(&env.run_dir, stage.name()).await?;
         let mut summary = StageSummary {
             stage: stage.name().to_string(),
-            units: units.len(),
             ..Default::default()
         };
         let mut todo = Vec::new();

@@ -122,7 +122,6 @@ pub fn render(batches: &[RecordBatch], format: Format, out: &mut dyn Write) -> R
 
 /// `safepipe sql CONFIG QUERY`.
 pub async fn sql(config: &Config, query: &str, format: Format) -> Result<()> {
-    check_read_only(query)?;
     let ctx = catalog::session(config).await?;
     let batches = execute(&ctx, query).await?;
     render(&batches, format, &mut std::io::stdout().lock())
