@@ -51,14 +51,6 @@ fn safepipe_s3(port: u16, args: &[&str]) -> Output {
     Command::new(bin()).args(args).envs(s3_env(port)).output().unwrap()
 }
 
-fn rows(port: u16, config: &str, query: &str) -> Vec<String> {
-    let out = safepipe_s3(port, &["sql", config, query, "--format", "jsonl"]);
-    assert!(out.status.success(), "{query}: {}", text(&out.stderr));
-    let mut rows: Vec<String> = text(&out.stdout).lines().map(str::to_string).collect();
-    rows.sort();
-    rows
-}
-
 const DOCUMENTS: &str = "SELECT id, source, md5(text) AS h, metadata FROM documents";
 const QUARANTINE: &str = "SELECT source, unit, \"offset\", records, reason, id FROM quarantine";
 const ROUTES: &str = "SELECT id, route, rule FROM routes";
@@ -110,17 +102,15 @@ fn pipeline_runs_with_inputs_and_run_dir_on_s3() {
     let stderr = text(&first.stderr);
     assert!(units_done(&stderr, "ingest") > 4, "{stderr}");
 
-    let local = local.to_str().unwrap();
+    let remote_path = std::path::Path::new(remote);
     for query in [DOCUMENTS, QUARANTINE, ROUTES] {
-        let expected = {
-            let out = safepipe(&["sql", local, query, "--format", "jsonl"]);
-            let mut r: Vec<String> = text(&out.stdout).lines().map(str::to_string).collect();
-            r.sort();
-            r
-        };
-        assert_eq!(rows(port, remote, query), expected, "{query}");
+        assert_eq!(
+            sql_rows_with_env(remote_path, query, &s3_env(port)),
+            sql_rows(&local, query),
+            "{query}"
+        );
     }
-    let files = rows(port, remote, "SELECT DISTINCT file FROM quarantine");
+    let files = sql_rows_with_env(remote_path, "SELECT DISTINCT file FROM quarantine", &s3_env(port));
     assert!(files.iter().all(|f| f.contains("s3://corpus/input/")), "{files:?}");
 
     // Resuming against S3 does no work.

@@ -93,7 +93,16 @@ pub fn run_ok(config: &Path, extra: &[&str]) -> String {
 
 /// Runs a query; returns the JSON lines of its rows, sorted (a multiset to compare).
 pub fn sql_rows(config: &Path, query: &str) -> Vec<String> {
-    let out = safepipe(&["sql", config.to_str().unwrap(), query, "--format", "jsonl"]);
+    sql_rows_with_env(config, query, &[])
+}
+
+/// [`sql_rows`] with extra environment variables (e.g. object-store credentials).
+pub fn sql_rows_with_env(config: &Path, query: &str, env: &[(&str, String)]) -> Vec<String> {
+    let out = Command::new(bin())
+        .args(["sql", config.to_str().unwrap(), query, "--format", "jsonl"])
+        .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
+        .output()
+        .expect("run safepipe");
     assert!(out.status.success(), "sql {query:?} failed:\n{}", text(&out.stderr));
     let mut rows: Vec<String> = text(&out.stdout).lines().map(str::to_string).collect();
     rows.sort();
