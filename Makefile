@@ -20,6 +20,7 @@ setup:
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements.txt
 	$(PY) scripts/build_sample.py --out data/sample --cache .cache/sample
+	$(PY) scripts/fetch_models.py --out models --cache .cache/models
 	$(CARGO) fetch --locked
 
 build:
@@ -32,6 +33,10 @@ demo: build
 	$(BIN) sql configs/demo.toml "SELECT source, reason, sum(records) AS records FROM quarantine GROUP BY 1, 2 ORDER BY 1, 2"
 	$(BIN) sql configs/demo.toml "SELECT route, rule, count(*) AS documents FROM routes GROUP BY 1, 2 ORDER BY 1, 2"
 	$(BIN) sql configs/demo.toml "SELECT source, count(*) AS documents, sum(tags_inserted) AS tags, round(sum(tags_inserted) * 1.0 / sum(words - 1), 4) AS rate FROM tagged GROUP BY 1 ORDER BY 1"
+	$(BIN) sql configs/demo.toml "SELECT kind, count(*) AS documents, sum(n_tokens) AS tokens, sum(tag_tokens) AS tag_tokens FROM tokens GROUP BY 1 ORDER BY 1"
+	$(BIN) sql configs/demo.toml "SELECT count(*) AS sequences, sum(cardinality(input_ids)) AS tokens FROM shards"
+	$(BIN) sql configs/demo.toml "SELECT s.source, count(*) AS segments FROM (SELECT unnest(sources) AS source FROM shards) s GROUP BY 1 ORDER BY 1"
+	$(BIN) export megatron configs/demo.toml --out runs/demo-megatron/demo_text_document
 
 test:
 	@test -d data/sample || { echo "test: no sample corpus; run 'make setup' first" >&2; exit 1; }
@@ -47,6 +52,7 @@ fmt:
 bench: build
 	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements-bench.txt
 	$(PY) scripts/bench_ingest.py --bin $(BIN) --out docs/BENCHMARKS.md
+	$(PY) scripts/bench_tokenize.py --bin $(BIN) --out docs/BENCHMARKS.md
 
 clean:
 	rm -rf runs target/debug/safepipe

@@ -424,7 +424,9 @@ def render(info: dict, rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_section(out: Path, body: str) -> None:
+def write_section(out: Path, body: str, start: str = START, end: str = END) -> None:
+    """Replaces the text between the markers `start` and `end` of `out` (or appends it)."""
+    START, END = start, end  # noqa: N806 (the markers of this section)
     section = f"{START}\n{body}{END}\n"
     if out.exists():
         text = out.read_text()

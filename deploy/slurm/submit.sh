@@ -1,5 +1,5 @@
 #!/bin/bash
-# Plan once, run an array of WORLD_SIZE ranks, wait for it, print the run's status.
+# Plan once, run an array of WORLD_SIZE ranks, wait for it, pack (one rank), print the status.
 #
 #   deploy/slurm/submit.sh CONFIG WORLD_SIZE [extra sbatch options...]
 #   deploy/slurm/submit.sh pipeline.toml 64 --partition=cpu --time=08:00:00
@@ -43,7 +43,13 @@ sbatch "${WAIT[@]}" --array="$ARRAY" \
 rc=$?
 set -e
 
-# 3. Status of the whole run (all ranks), whatever the array's outcome.
+# 3. Global stages (pack): one single-rank run after the array. Every committed unit is skipped;
+#    it only packs, and only if every unit is tokenized (a no-op for configs without [pack]).
+if (( rc == 0 )) && [[ -z "${NO_WAIT:-}" ]]; then
+  "${LAUNCHER[@]}" "${SAFEPIPE[@]}" run "$CONFIG" --world-size 1 --rank 0 || rc=$?
+fi
+
+# 4. Status of the whole run (all ranks), whatever the array's outcome.
 "${SAFEPIPE[@]}" status "$CONFIG"
 if (( rc != 0 )); then
   echo "some array tasks failed (sbatch exit ${rc}); find them with: sacct -X -n -j JOBID -o JobID,State,ExitCode | grep -v COMPLETED" >&2

@@ -22,4 +22,7 @@ pub enum OpError {
     /// The user's configuration cannot work with this input (names the key and the fix).
     #[error("config: {0}")]
     Config(String),
+    /// The tokenizer failed on a text (a bug in the tokenizer or a malformed vocabulary).
+    #[error("tokenizer: {0}")]
+    Tokenizer(#[from] safepipe_model::TokenizerError),
 }

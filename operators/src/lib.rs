@@ -4,6 +4,8 @@
 //! ingest  raw Parquet / JSON Lines slices  -> documents + quarantine
 //! route   documents (+ side tables)        -> routes   (SQL predicates from the config)
 //! tag     documents routed `tag`           -> tagged   (Algorithm 1: the harmfulness tag between words)
+//! tokenize kept documents + tagged texts   -> tokens   (ids + EOS, the tag one special token)
+//! pack    every unit's tokens (global)     -> shards   (mixture, seeded shuffle, seq_len + 1 rows)
 //! ```
 //!
 //! Operators know nothing of the CLI, the run directory or the work plan's persistence: they are
@@ -15,10 +17,12 @@
 pub mod counts;
 pub mod error;
 pub mod ingest;
+pub mod pack;
 pub mod parquet_io;
 pub mod route;
 pub mod schema;
 pub mod tag;
+pub mod tokenize;
 
 pub use counts::UnitCounts;
 pub use error::{OpError, OpResult};

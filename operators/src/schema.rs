@@ -75,3 +75,44 @@ pub static TAGGED: LazyLock<SchemaRef> = LazyLock::new(|| {
         Field::new("tags_inserted", DataType::UInt32, false),
     ]))
 });
+
+/// The element field of `tokens.input_ids`.
+pub fn token_id_field(ty: DataType) -> Arc<Field> {
+    Arc::new(Field::new("item", ty, false))
+}
+
+/// `tokens`: one row per document that goes to training, its token ids with EOS appended.
+pub static TOKENS: LazyLock<SchemaRef> = LazyLock::new(|| {
+    Arc::new(Schema::new(vec![
+        Field::new("id", DataType::Utf8, false),
+        Field::new("source", DataType::Utf8, false),
+        // What the text is: `raw` (a document kept as is), `tagged` (with harmfulness tags);
+        // synthetic kinds (`safeweb`, `refuseweb`, `moral`) come with the synthesis stages.
+        Field::new("kind", DataType::Utf8, false),
+        Field::new("n_tokens", DataType::UInt32, false),
+        // How many of the ids are the tag token.
+        Field::new("tag_tokens", DataType::UInt32, false),
+        Field::new("input_ids", DataType::List(token_id_field(DataType::UInt32)), false),
+    ]))
+});
+
+/// `shards`: one row per packed training sequence of exactly `seq_len + 1` tokens.
+pub fn shards_schema(id_type: DataType) -> SchemaRef {
+    Arc::new(Schema::new(vec![
+        Field::new("input_ids", DataType::List(token_id_field(id_type)), false),
+        // Start offset of every document segment in the sequence (the first is always 0).
+        Field::new(
+            "doc_offsets",
+            DataType::List(Arc::new(Field::new("item", DataType::UInt32, false))),
+            false,
+        ),
+        // The mixture source of each segment, aligned with `doc_offsets`.
+        Field::new(
+            "sources",
+            DataType::List(Arc::new(Field::new("item", DataType::Utf8, false))),
+            false,
+        ),
+        // Whether the first segment continues a document begun in the previous sequence.
+        Field::new("continues", DataType::Boolean, false),
+    ]))
+}

@@ -69,6 +69,27 @@ pub async fn session(config: &Config) -> Result<SessionContext> {
             (r, is_current)
         }));
     }
+    // `shards`: the files the committed pack manifest names.
+    let manifest = crate::pack::load_manifest(&run_dir).await?;
+    if config.pack.is_some() || manifest.is_some() {
+        let (files, wide) = match &manifest {
+            Some(m) => (
+                m.shards
+                    .iter()
+                    .map(|f| stores.resolve(&f.file).map(|l| l.url()))
+                    .collect::<Result<Vec<_>>>()?,
+                m.id_type == "uint32",
+            ),
+            None => (Vec::new(), false),
+        };
+        let id_type = if wide { DataType::UInt32 } else { DataType::UInt16 };
+        register(
+            &ctx,
+            "shards",
+            safepipe_operators::schema::shards_schema(id_type),
+            &files,
+        )?;
+    }
     ctx.register_table(
         "stats",
         Arc::new(MemTable::try_new(STATS.clone(), vec![vec![stats_batch(&all)?]])?),

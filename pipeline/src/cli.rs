@@ -7,7 +7,7 @@ use crate::progress::Bars;
 use crate::runner::{self, RunOptions, StageSummary};
 use crate::sql::{self, Format};
 use crate::storage::Stores;
-use crate::{gc, ranks, status};
+use crate::{export, gc, ranks, status};
 use clap::{Parser, Subcommand, ValueEnum};
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -88,6 +88,40 @@ pub enum Command {
         /// List what would be deleted without deleting.
         #[arg(long)]
         dry_run: bool,
+    },
+    /// The run's tokenizer (the `[tokenize]` section, with the tag as one special token).
+    Tokenizer {
+        #[command(subcommand)]
+        command: TokenizerCommand,
+    },
+    /// Write the packed shards in another trainer's format.
+    Export {
+        #[command(subcommand)]
+        command: ExportCommand,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum TokenizerCommand {
+    /// Write the complete tokenizer.json (what trainers and `transformers` should load).
+    Export {
+        config: PathBuf,
+        /// A file, or a directory to write `tokenizer.json` into.
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Print the token ids of a text (one JSON list), as the tokenize stage would, without EOS.
+    Encode { config: PathBuf, text: String },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ExportCommand {
+    /// Megatron-LM / NeMo indexed dataset: PREFIX.bin + PREFIX.idx (MMIDIDX).
+    Megatron {
+        config: PathBuf,
+        /// Output path prefix, e.g. `out/safe_pretraining_text_document`.
+        #[arg(long)]
+        out: PathBuf,
     },
 }
 
@@ -176,6 +210,50 @@ pub async fn run(cli: Cli) -> Result<()> {
             );
             Ok(())
         }
+        Command::Tokenizer { command } => match command {
+            TokenizerCommand::Export { config, out } => {
+                let config = Config::load(&config).await?;
+                let file = export::tokenizer_json(&config, &out)?;
+                let t = &config.tokenize.as_ref().expect("checked by export").tokenizer;
+                println!(
+                    "wrote {} (vocabulary {}, eos id {}, tag id {}, sha256 {})",
+                    file.display(),
+                    t.vocab_size(),
+                    t.eos_id(),
+                    t.tag_id().map_or("none".into(), |id| id.to_string()),
+                    t.hash()
+                );
+                Ok(())
+            }
+            TokenizerCommand::Encode { config, text } => {
+                let config = Config::load(&config).await?;
+                let settings = config
+                    .tokenize
+                    .as_ref()
+                    .ok_or_else(|| Error::Config(format!("{} has no [tokenize] section", config.path.display())))?;
+                let ids = settings
+                    .tokenizer
+                    .encode(&text)
+                    .map_err(|e| Error::Internal(e.to_string()))?;
+                println!("{}", serde_json::to_string(&ids).expect("ids serialise"));
+                Ok(())
+            }
+        },
+        Command::Export { command } => match command {
+            ExportCommand::Megatron { config, out } => {
+                let config = Config::load(&config).await?;
+                let report = export::megatron(&config, &out).await?;
+                println!(
+                    "wrote {} and {}: {} tokens, {} sequences, {} documents",
+                    report.bin.display(),
+                    report.idx.display(),
+                    report.tokens,
+                    report.sequences,
+                    report.documents
+                );
+                Ok(())
+            }
+        },
     }
 }
 

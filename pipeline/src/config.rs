@@ -2,12 +2,14 @@
 //! docs/config.md documents every key; errors name the key and the fix.
 
 use crate::error::{Error, Result};
+use safepipe_model::{TextTokenizer, TokenizerOptions};
 use safepipe_operators::ingest::IngestOptions;
 use safepipe_operators::route::{Route, RouteRule, RouteRules};
 use safepipe_operators::tag::Tagger;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeSet;
 use std::path::{Component, Path, PathBuf};
+use std::sync::Arc;
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -25,6 +27,8 @@ struct RawConfig {
     tag: TagConfig,
     #[serde(default)]
     runner: RunnerConfig,
+    tokenize: Option<TokenizeConfig>,
+    pack: Option<PackConfig>,
 }
 
 /// One named input: files in one format and schema. The name becomes `documents.source`.
@@ -147,6 +151,83 @@ impl Default for TagConfig {
     }
 }
 
+/// `[tokenize]`: present = the tokenize stage runs.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct TokenizeConfig {
+    /// A `.gguf` model (its tokenizer metadata is used) or a `tokenizer.json`.
+    pub tokenizer: String,
+    /// Appended after every document; must be in the vocabulary.
+    #[serde(default = "default_eos")]
+    pub eos: String,
+}
+
+fn default_eos() -> String {
+    "<|endoftext|>".into()
+}
+
+/// `[pack]`: present = the global mix & pack stage runs (needs `[tokenize]`).
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct PackConfig {
+    /// Tokens per training sequence; rows hold `seq_len + 1` (inputs and shifted targets).
+    #[serde(default = "default_seq_len")]
+    pub seq_len: usize,
+    /// Seeds document selection and the shuffle.
+    #[serde(default)]
+    pub seed: u64,
+    /// Sequences per shard file.
+    #[serde(default = "default_shard_sequences")]
+    pub shard_sequences: usize,
+    /// Weight mode only: tokens to pack (default: as many as the mixture allows without
+    /// exceeding any source's `max_epochs`).
+    #[serde(default)]
+    pub total_tokens: Option<u64>,
+    /// Memory per shuffle bucket; the shuffle spills `tokens` into buckets of this size.
+    #[serde(default = "default_bucket_bytes")]
+    pub bucket_bytes: u64,
+    /// Local directory for the shuffle's spill files (default: the system temp directory).
+    #[serde(default)]
+    pub spill_dir: Option<String>,
+    /// The mixture; default: one source per kind present, each taken once.
+    #[serde(default)]
+    pub mix: Vec<MixSourceConfig>,
+}
+
+fn default_seq_len() -> usize {
+    2048
+}
+fn default_shard_sequences() -> usize {
+    8192
+}
+fn default_bucket_bytes() -> u64 {
+    256 << 20
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct MixSourceConfig {
+    pub name: String,
+    /// `tokens.kind` values this source takes (default: `[name]`).
+    #[serde(default)]
+    pub kinds: Vec<String>,
+    pub weight: Option<f64>,
+    pub epochs: Option<f64>,
+    #[serde(default = "one")]
+    pub max_epochs: f64,
+}
+
+fn one() -> f64 {
+    1.0
+}
+
+/// The tokenize stage's settings with the tokenizer loaded.
+#[derive(Debug, Clone)]
+pub struct TokenizeSettings {
+    pub path: String,
+    pub tokenizer: Arc<TextTokenizer>,
+}
+
 #[derive(Debug, Clone, Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct RunnerConfig {
@@ -167,6 +248,9 @@ pub struct Config {
     pub route: RouteRules,
     pub tagger: Tagger,
     pub jobs: usize,
+    pub tokenize: Option<TokenizeSettings>,
+    /// An empty `mix` means one source per kind present, decided when the stage runs.
+    pub pack: Option<PackConfig>,
 }
 
 impl Config {
@@ -251,6 +335,32 @@ impl Config {
             0 => std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
             n => n,
         };
+        let tokenize = match raw.tokenize {
+            None => None,
+            Some(t) => {
+                let file = resolve(&dir, &t.tokenizer);
+                if !Path::new(&file).exists() {
+                    return Err(fail(format!(
+                        "tokenize.tokenizer = {:?}: {file} does not exist (`make setup` fetches the SmolLM2 model \
+                         into models/)",
+                        t.tokenizer
+                    )));
+                }
+                let options = TokenizerOptions {
+                    eos: t.eos.clone(),
+                    tag: Some(tagger.tag.clone()),
+                };
+                let tokenizer = TextTokenizer::load(Path::new(&file), &options)
+                    .map_err(|e| fail(format!("tokenize.tokenizer: {e}")))?;
+                Some(TokenizeSettings {
+                    path: file,
+                    tokenizer: Arc::new(tokenizer),
+                })
+            }
+        };
+        if let Some(pack) = &raw.pack {
+            validate_pack(pack, tokenize.is_some()).map_err(fail)?;
+        }
         Ok(Config {
             path: path.to_path_buf(),
             run_dir: resolve(&dir, &raw.run_dir),
@@ -260,6 +370,8 @@ impl Config {
             route,
             tagger,
             jobs,
+            tokenize,
+            pack: raw.pack,
         })
     }
 
@@ -289,6 +401,57 @@ impl Config {
     pub fn input(&self, name: &str) -> Option<&InputConfig> {
         self.inputs.iter().find(|i| i.name == name)
     }
+}
+
+fn validate_pack(pack: &PackConfig, tokenize: bool) -> std::result::Result<(), String> {
+    if !tokenize {
+        return Err("[pack] needs a [tokenize] section (it packs the tokens stage's output)".into());
+    }
+    if !(1..=1 << 20).contains(&pack.seq_len) {
+        return Err(format!("pack.seq_len = {} must be between 1 and 1048576", pack.seq_len));
+    }
+    if pack.shard_sequences == 0 {
+        return Err("pack.shard_sequences must be at least 1".into());
+    }
+    if pack.bucket_bytes < 1 << 20 {
+        return Err(format!(
+            "pack.bucket_bytes = {} is too small; use at least 1048576",
+            pack.bucket_bytes
+        ));
+    }
+    let mut names = BTreeSet::new();
+    for (i, m) in pack.mix.iter().enumerate() {
+        if !valid_name(&m.name) || !names.insert(m.name.as_str()) {
+            return Err(format!(
+                "pack.mix[{i}].name = {:?} must be a unique name (letters, digits, '_', '-', '.')",
+                m.name
+            ));
+        }
+        for (key, value) in [
+            ("weight", m.weight),
+            ("epochs", m.epochs),
+            ("max_epochs", Some(m.max_epochs)),
+        ] {
+            if let Some(v) = value
+                && !(v.is_finite() && v >= 0.0)
+            {
+                return Err(format!("pack.mix[{i}].{key} = {v} must be a number >= 0"));
+            }
+        }
+        if m.weight.is_some() && m.epochs.is_some() {
+            return Err(format!(
+                "pack.mix[{i}]: give `weight` (a token fraction) or `epochs` (passes), not both"
+            ));
+        }
+    }
+    let weighted = pack.mix.iter().filter(|m| m.weight.is_some()).count();
+    if weighted != 0 && weighted != pack.mix.len() {
+        return Err("pack.mix: give every source a weight, or none (then each takes `epochs` passes)".into());
+    }
+    if weighted != 0 && pack.mix.iter().filter_map(|m| m.weight).sum::<f64>() <= 0.0 {
+        return Err("pack.mix: the weights sum to 0".into());
+    }
+    Ok(())
 }
 
 fn valid_name(name: &str) -> bool {

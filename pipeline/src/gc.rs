@@ -10,7 +10,7 @@ use crate::config::Config;
 use crate::error::Result;
 use crate::records::{self, DONE_DIR, FAILED_DIR};
 use crate::stages;
-use crate::storage::Stores;
+use crate::storage::{Location, Stores};
 use futures::TryStreamExt;
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -39,33 +39,61 @@ pub async fn collect(config: &Config, min_age: Duration, dry_run: bool) -> Resul
             .flat_map(|r| r.outputs.values())
             .map(|f| stores.resolve(&f.file).map(|l| l.url()))
             .collect::<Result<_>>()?;
-        let prefix = run_dir.child(stage.name());
-        let listed: Vec<_> = prefix.store.list(Some(&prefix.path)).try_collect().await?;
-        for meta in listed {
-            let relative = meta
-                .location
-                .as_ref()
-                .strip_prefix(prefix.path.as_ref())
-                .unwrap_or_default();
-            if relative.starts_with(&format!("/{DONE_DIR}/")) || relative.starts_with(&format!("/{FAILED_DIR}/")) {
-                continue;
-            }
-            let location = prefix.with_path(meta.location.clone());
-            if named.contains(&location.url()) {
-                report.kept += 1;
-                continue;
-            }
-            let age = (now - meta.last_modified).to_std().unwrap_or_default();
-            if age < min_age {
-                report.too_young += 1;
-                continue;
-            }
-            if !dry_run {
-                records::delete_if_exists(&location).await?;
-            }
-            report.orphan_bytes += meta.size;
-            report.orphans.push(location.display());
-        }
+        sweep(&run_dir.child(stage.name()), &named, now, min_age, dry_run, &mut report).await?;
     }
+    // The pack stage's shards: the committed manifest names the live ones.
+    let manifest = crate::pack::load_manifest(&run_dir).await?;
+    let named: HashSet<String> = manifest
+        .iter()
+        .flat_map(|m| m.shards.iter())
+        .map(|f| stores.resolve(&f.file).map(|l| l.url()))
+        .collect::<Result<_>>()?;
+    sweep(
+        &run_dir.child("pack/shards"),
+        &named,
+        now,
+        min_age,
+        dry_run,
+        &mut report,
+    )
+    .await?;
     Ok(report)
+}
+
+/// Deletes (or lists) the files under `prefix` that `named` does not hold, records excepted.
+async fn sweep(
+    prefix: &Location,
+    named: &HashSet<String>,
+    now: chrono::DateTime<chrono::Utc>,
+    min_age: Duration,
+    dry_run: bool,
+    report: &mut GcReport,
+) -> Result<()> {
+    let listed: Vec<_> = prefix.store.list(Some(&prefix.path)).try_collect().await?;
+    for meta in listed {
+        let relative = meta
+            .location
+            .as_ref()
+            .strip_prefix(prefix.path.as_ref())
+            .unwrap_or_default();
+        if relative.starts_with(&format!("/{DONE_DIR}/")) || relative.starts_with(&format!("/{FAILED_DIR}/")) {
+            continue;
+        }
+        let location = prefix.with_path(meta.location.clone());
+        if named.contains(&location.url()) {
+            report.kept += 1;
+            continue;
+        }
+        let age = (now - meta.last_modified).to_std().unwrap_or_default();
+        if age < min_age {
+            report.too_young += 1;
+            continue;
+        }
+        if !dry_run {
+            records::delete_if_exists(&location).await?;
+        }
+        report.orphan_bytes += meta.size;
+        report.orphans.push(location.display());
+    }
+    Ok(())
 }

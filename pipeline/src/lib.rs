@@ -7,6 +7,8 @@
 //! catalog.rs   committed outputs as SQL tables   sql.rs      `safepipe sql` / `shell`
 //! status.rs    `safepipe status`                 storage.rs  paths and URLs -> object stores
 //! gc.rs        `safepipe gc`: unreferenced files
+//! pack.rs      the global stage: tokens -> mixture, shuffle -> shards + manifest.json
+//! export.rs    `safepipe export megatron`, `safepipe tokenizer export`
 //! ranks.rs     rank / world size from flags, Slurm, Kubernetes
 //! ```
 //! The transforms themselves live in the `safepipe-operators` crate.
@@ -15,7 +17,9 @@ pub mod catalog;
 pub mod cli;
 pub mod config;
 pub mod error;
+pub mod export;
 pub mod gc;
+pub mod pack;
 pub mod plan;
 pub mod progress;
 pub mod ranks;

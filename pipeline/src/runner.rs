@@ -95,7 +95,8 @@ pub async fn run(config: Arc<Config>, options: RunOptions, reporter: Arc<dyn Rep
     let stages = stages::pipeline(&config);
     let names: Vec<&str> = stages.iter().map(|s| s.name()).collect();
     for name in &options.force {
-        if name != "all" && !names.contains(&name.as_str()) {
+        let pack = name == "pack" && config.pack.is_some();
+        if name != "all" && !pack && !names.contains(&name.as_str()) {
             return Err(Error::Config(format!(
                 "--force {name}: no such stage; stages are {names:?} (or 'all')"
             )));
@@ -207,7 +208,88 @@ pub async fn run(config: Arc<Config>, options: RunOptions, reporter: Arc<dyn Rep
         committed.insert(stage.name(), records);
         summaries.push(summary);
     }
+    if config.pack.is_some() {
+        let j = names
+            .iter()
+            .position(|n| *n == "tokenize")
+            .expect("pack needs tokenize");
+        let force_pack = options.force.iter().any(|f| f == "pack" || f == "all");
+        if let Some(summary) = run_pack(&config, &plan, &env, &fingerprints[j].stage, force_pack).await? {
+            summaries.push(summary);
+        }
+    }
     Ok(summaries)
+}
+
+/// Runs the global pack stage when every unit of the plan has current tokens (on rank 0 only
+/// when several ranks share the plan). `None`: not this rank's job.
+async fn run_pack(
+    config: &Arc<Config>,
+    plan: &Plan,
+    env: &Arc<Env>,
+    tokenize_fingerprint: &str,
+    forced: bool,
+) -> Result<Option<StageSummary>> {
+    if env.rank != 0 {
+        info!("pack: runs on rank 0 (or in a final single-rank `safepipe run`) once every unit is tokenized");
+        return Ok(None);
+    }
+    let done = records::load_done(&env.run_dir, "tokenize").await?;
+    let current: Vec<CompletionRecord> = plan
+        .units
+        .iter()
+        .filter_map(|u| {
+            done.get(&u.id)
+                .filter(|r| r.fingerprint == tokenize_fingerprint)
+                .cloned()
+        })
+        .collect();
+    let missing = plan.units.len() - current.len();
+    if missing > 0 {
+        if env.world_size > 1 {
+            info!(
+                missing,
+                "pack: waiting for other ranks; when they finish, run `safepipe run {}` once (one rank)",
+                config.path.display()
+            );
+            return Ok(None);
+        }
+        warn!(
+            missing,
+            "pack: blocked, some units are not tokenized (see the failures above)"
+        );
+        let summary = StageSummary {
+            stage: "pack".into(),
+            blocked: 1,
+            ..Default::default()
+        };
+        env.reporter.stage_started("pack", 0, 0);
+        env.reporter.stage_finished(&summary);
+        return Ok(Some(summary));
+    }
+    let summary = crate::pack::run(crate::pack::PackInput {
+        config,
+        stores: env.stores.clone(),
+        run_dir: env.run_dir.clone(),
+        tokens: current,
+        tokenize_fingerprint: tokenize_fingerprint.to_string(),
+        forced,
+        reporter: env.reporter.clone(),
+    })
+    .await;
+    match summary {
+        Ok(summary) => Ok(Some(summary)),
+        Err(e @ Error::Config(_)) => Err(e),
+        Err(e) => {
+            warn!(stage = "pack", error = %e, "pack failed");
+            env.reporter.unit_failed("pack", 0, &e.to_string());
+            Ok(Some(StageSummary {
+                stage: "pack".into(),
+                failed: 1,
+                ..Default::default()
+            }))
+        }
+    }
 }
 
 fn output_location(env: &Env, stage: &str, table: &str, unit: u32, fingerprint: &str) -> Location {

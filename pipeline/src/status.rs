@@ -63,6 +63,29 @@ pub async fn collect(config: &Config) -> Result<Option<(Plan, Vec<StageStatus>)>
         status.last_error = last.map(|f| format!("unit {} (rank {}, {}): {}", f.unit, f.rank, f.at, f.error));
         out.push(status);
     }
+    if let (Some(pack), Some(i)) = (&config.pack, stages.iter().position(|s| s.name() == "tokenize")) {
+        let (_, current) = crate::pack::fingerprint(pack, &fingerprints[i].stage);
+        let mut status = StageStatus {
+            stage: "pack".into(),
+            units: 1,
+            ..Default::default()
+        };
+        match crate::pack::load_manifest(&run_dir).await? {
+            Some(m) if m.fingerprint == current => {
+                status.committed = 1;
+                status.counts = UnitCounts {
+                    rows_in: m.documents_in,
+                    rows_out: m.documents_packed,
+                    ..Default::default()
+                };
+                status.counts.drop("not_selected", m.documents_not_selected);
+                status.counts.drop("not_in_mixture", m.documents_not_in_mixture);
+            }
+            Some(_) => status.stale = 1,
+            None => status.pending = 1,
+        }
+        out.push(status);
+    }
     Ok(Some((plan, out)))
 }
 

@@ -16,6 +16,7 @@
 mod ingest;
 mod route;
 mod tag;
+mod tokenize;
 
 use crate::config::Config;
 use crate::error::Result;
@@ -33,6 +34,7 @@ use std::sync::Arc;
 pub use ingest::IngestStage;
 pub use route::RouteStage;
 pub use tag::TagStage;
+pub use tokenize::TokenizeStage;
 
 /// One output table of a stage.
 pub struct OutputTable {
@@ -97,15 +99,21 @@ pub async fn unit_session(
 }
 
 /// Bump when a stage's code changes its output for the same settings.
-const CODE_VERSION: &str = "1";
+pub const CODE_VERSION: &str = "1";
 
 /// The pipeline's stages in dependency order.
+/// The pipeline's per-unit stages in dependency order (`tokenize` when the config has a
+/// `[tokenize]` section). The global `pack` stage runs after them (see `crate::pack`).
 pub fn pipeline(config: &Arc<Config>) -> Vec<Arc<dyn Stage>> {
-    vec![
+    let mut stages: Vec<Arc<dyn Stage>> = vec![
         Arc::new(IngestStage::new(config.clone())),
         Arc::new(RouteStage::new(config.clone())),
         Arc::new(TagStage::new(config.clone())),
-    ]
+    ];
+    if let Some(settings) = &config.tokenize {
+        stages.push(Arc::new(TokenizeStage::new(settings.clone())));
+    }
+    stages
 }
 
 pub fn hash(value: &serde_json::Value) -> String {

@@ -1,0 +1,63 @@
+//! **tokenize**: the texts that go to training -> `tokens` (ids + EOS per document).
+//!
+//! What goes to training from one unit: documents routed `keep` (kind `raw`) and the `tagged`
+//! texts (kind `tagged`); documents routed `rephrase`/`refuse` reach training through the
+//! synthesis stages, `drop` never does. Encoding runs on rayon's pool, a record batch at a time,
+//! through [`TextTokenizer`] (Hugging Face `tokenizers`), so ids equal those of Python's
+//! `tokenizers` on the same `tokenizer.json`.
+
+use crate::OpResult;
+use crate::schema;
+use arrow::array::{Array, AsArray, ListArray, RecordBatch, StringArray, UInt32Array};
+use arrow::buffer::OffsetBuffer;
+use arrow::compute::cast;
+use arrow::datatypes::DataType;
+use safepipe_model::TextTokenizer;
+use std::sync::Arc;
+
+/// The query over one unit's tables that lists what to tokenize, in a fixed order (kept
+/// documents in input order, then tagged texts in input order).
+pub const SELECT_FOR_TRAINING: &str = "WITH d AS (SELECT id, text, source, row_number() OVER () AS n FROM documents), \
+     r AS (SELECT id, route, row_number() OVER () AS n FROM routes), \
+     t AS (SELECT id, text, source, row_number() OVER () AS n FROM tagged) \
+     SELECT id, source, kind, text FROM ( \
+       SELECT d.id, d.source, 'raw' AS kind, d.text, 0 AS part, d.n FROM d JOIN r ON d.n = r.n AND d.id = r.id \
+         WHERE r.route = 'keep' \
+       UNION ALL SELECT id, source, 'tagged' AS kind, text, 1 AS part, n FROM t) \
+     ORDER BY part, n";
+
+/// Tokenizes `(id, source, kind, text)` rows into a `tokens` batch.
+pub fn tokenize_batch(tokenizer: &TextTokenizer, batch: &RecordBatch) -> OpResult<RecordBatch> {
+    let column = |i: usize| cast(batch.column(i), &DataType::Utf8);
+    let (id, source, kind, text) = (column(0)?, column(1)?, column(2)?, column(3)?);
+    let text = text.as_string::<i32>();
+    let texts: Vec<&str> = (0..text.len()).map(|i| text.value(i)).collect();
+    let encoded = tokenizer.encode_documents(&texts)?;
+    let tag_id = tokenizer.tag_id();
+    let n_tokens = UInt32Array::from_iter_values(encoded.iter().map(|ids| ids.len() as u32));
+    let tag_tokens = UInt32Array::from_iter_values(
+        encoded
+            .iter()
+            .map(|ids| ids.iter().filter(|&&t| Some(t) == tag_id).count() as u32),
+    );
+    let offsets = OffsetBuffer::from_lengths(encoded.iter().map(Vec::len));
+    let values = UInt32Array::from(encoded.into_iter().flatten().collect::<Vec<u32>>());
+    let input_ids = ListArray::new(
+        schema::token_id_field(DataType::UInt32),
+        offsets,
+        Arc::new(values),
+        None,
+    );
+    let strings = |a: &Arc<dyn Array>| Arc::new(StringArray::from(a.to_data())) as Arc<dyn Array>;
+    Ok(RecordBatch::try_new(
+        schema::TOKENS.clone(),
+        vec![
+            strings(&id),
+            strings(&source),
+            strings(&kind),
+            Arc::new(n_tokens),
+            Arc::new(tag_tokens),
+            Arc::new(input_ids),
+        ],
+    )?)
+}
