@@ -310,6 +310,22 @@ fn megatron_export_reads_back_with_numpy() {
         text(&early.stderr)
     );
     run_ok(&config, &[]);
+    // Every committed file has the documented schema (operators::schema, docs/schema.md).
+    use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+    let m = manifest(&ws, "run");
+    let shards: Vec<PathBuf> = m["shards"].as_array().unwrap().iter().map(|s| PathBuf::from(s["file"].as_str().unwrap())).collect();
+    let tokens: Vec<PathBuf> = std::fs::read_dir(ws.path().join("run/tokenize/tokens"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    assert!(!tokens.is_empty() && !shards.is_empty());
+    let shards_schema = safepipe_operators::schema::shards_schema(arrow::datatypes::DataType::UInt16);
+    for (files, schema) in [(&tokens, safepipe_operators::schema::TOKENS.clone()), (&shards, shards_schema)] {
+        for file in files {
+            let reader = ParquetRecordBatchReaderBuilder::try_new(std::fs::File::open(file).unwrap()).unwrap();
+            assert_eq!(reader.schema().fields(), schema.fields(), "{}", file.display());
+        }
+    }
     let prefix: PathBuf = ws.path().join("megatron/demo_text_document");
     let out = safepipe(&[
         "export",
@@ -326,7 +342,6 @@ fn megatron_export_reads_back_with_numpy() {
             ws.path().join("run/pack/manifest.json").to_str().unwrap(),
         ],
     );
-    let m = manifest(&ws, "run");
     assert_eq!(report["tokens"], m["tokens"]);
     assert_eq!(report["dtype"], "uint16");
     // Documents in the export: every packed copy (a document split over rows is one document).

@@ -26,13 +26,22 @@ pub const SELECT_FOR_TRAINING: &str = "WITH d AS (SELECT id, text, source, row_n
        UNION ALL SELECT id, source, 'tagged' AS kind, text, 1 AS part, n FROM t) \
      ORDER BY part, n";
 
+/// Texts encoded per call: enough to keep every core busy, small enough that the per-token
+/// overhead of `tokenizers`' encodings stays at a few MB.
+const ENCODE_CHUNK: usize = 256;
+
 /// Tokenizes `(id, source, kind, text)` rows into a `tokens` batch.
 pub fn tokenize_batch(tokenizer: &TextTokenizer, batch: &RecordBatch) -> OpResult<RecordBatch> {
     let column = |i: usize| cast(batch.column(i), &DataType::Utf8);
     let (id, source, kind, text) = (column(0)?, column(1)?, column(2)?, column(3)?);
     let text = text.as_string::<i32>();
     let texts: Vec<&str> = (0..text.len()).map(|i| text.value(i)).collect();
-    let encoded = tokenizer.encode_documents(&texts)?;
+    // `tokenizers` builds a full Encoding per text (a string, offsets and masks per token, ~80
+    // bytes a token): encode a slice at a time and keep only the ids, so memory stays bounded.
+    let mut encoded = Vec::with_capacity(texts.len());
+    for chunk in texts.chunks(ENCODE_CHUNK) {
+        encoded.extend(tokenizer.encode_documents(chunk)?);
+    }
     let tag_id = tokenizer.tag_id();
     let n_tokens = UInt32Array::from_iter_values(encoded.iter().map(|ids| ids.len() as u32));
     let tag_tokens = UInt32Array::from_iter_values(

@@ -201,7 +201,7 @@ fn default_shard_sequences() -> usize {
     8192
 }
 fn default_bucket_bytes() -> u64 {
-    256 << 20
+    64 << 20
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]

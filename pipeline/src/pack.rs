@@ -267,6 +267,8 @@ struct SpillEntry {
 }
 
 const SPILL_HEADER: usize = 8 + 4 + 4 + 4 + 2 + 4;
+/// Packed sequences handed to the shard writer at a time (bounded memory whatever the shard size).
+const FLUSH_SEQUENCES: usize = 512;
 /// More buckets than this would mean too many open files: buckets grow instead.
 const MAX_BUCKETS: u64 = 512;
 
@@ -425,7 +427,7 @@ impl PackJob<'_> {
                         .map(|c| u32::from_le_bytes(c.try_into().expect("4 bytes"))),
                 );
                 packer.push(e.source, &doc);
-                if packer.pending() >= self.pack.shard_sequences
+                if packer.pending() >= FLUSH_SEQUENCES
                     && let Some(batch) = packer.take_batch()?
                 {
                     sink.write(batch).await?;
