@@ -54,6 +54,18 @@ fn safepipe_s3(port: u16, args: &[&str]) -> Output {
 const DOCUMENTS: &str = "SELECT id, source, md5(text) AS h, metadata FROM documents";
 const QUARANTINE: &str = "SELECT source, unit, \"offset\", records, reason, id FROM quarantine";
 const ROUTES: &str = "SELECT id, route, rule FROM routes";
+const TOKENS: &str = "SELECT id, kind, n_tokens, md5(array_to_string(input_ids, ',')) AS h FROM tokens";
+const SHARDS: &str = "SELECT md5(array_to_string(input_ids, ',')) AS h, doc_offsets, sources, continues FROM shards";
+
+/// Tokenize and pack too, so the global stage reads and writes through S3.
+fn token_sections() -> String {
+    let gguf = repo().join("models/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf");
+    assert!(gguf.exists(), "{} is missing: run `make setup` first", gguf.display());
+    format!(
+        "[tokenize]\ntokenizer = {:?}\n\n[pack]\nseq_len = 1023\nshard_sequences = 500\n",
+        gguf.display().to_string()
+    )
+}
 
 #[test]
 fn pipeline_runs_with_inputs_and_run_dir_on_s3() {
@@ -79,7 +91,7 @@ fn pipeline_runs_with_inputs_and_run_dir_on_s3() {
     assert!(status.success(), "uploading the sample to moto failed");
 
     let ws = Workspace::new();
-    let local = ws.config("local.toml", &sample_config(""));
+    let local = ws.config("local.toml", &sample_config(&token_sections()));
     run_ok(&local, &[]);
 
     let remote_inputs = sample_inputs()
@@ -92,7 +104,7 @@ fn pipeline_runs_with_inputs_and_run_dir_on_s3() {
         .join("\n");
     let remote = ws.config(
         "remote.toml",
-        &sample_config("")
+        &sample_config(&token_sections())
             .replace("run_dir = \"run\"", "run_dir = \"s3://corpus/runs/demo\"")
             .replace(&sample_inputs(), &format!("{remote_inputs}\n")),
     );
@@ -101,9 +113,10 @@ fn pipeline_runs_with_inputs_and_run_dir_on_s3() {
     assert!(first.status.success(), "{}", text(&first.stderr));
     let stderr = text(&first.stderr);
     assert!(units_done(&stderr, "ingest") > 4, "{stderr}");
+    assert!(summary_line(&stderr, "pack").contains("1 unit(s) done"), "{stderr}");
 
     let remote_path = std::path::Path::new(remote);
-    for query in [DOCUMENTS, QUARANTINE, ROUTES] {
+    for query in [DOCUMENTS, QUARANTINE, ROUTES, TOKENS, SHARDS] {
         assert_eq!(
             sql_rows_with_env(remote_path, query, &s3_env(port)),
             sql_rows(&local, query),
@@ -117,6 +130,9 @@ fn pipeline_runs_with_inputs_and_run_dir_on_s3() {
     let again = safepipe_s3(port, &["run", remote]);
     assert!(again.status.success());
     assert_eq!(units_done(&text(&again.stderr), "ingest"), 0);
+    assert_eq!(units_done(&text(&again.stderr), "pack"), 0);
+    let shards = sql_rows_with_env(remote_path, SHARDS, &s3_env(port)).len();
+    assert!(shards > 1000, "{shards} shards rows");
     let status = text(&safepipe_s3(port, &["status", remote]).stdout);
     assert!(status.contains("s3://corpus/runs/demo"), "{status}");
 }

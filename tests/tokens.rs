@@ -313,14 +313,22 @@ fn megatron_export_reads_back_with_numpy() {
     // Every committed file has the documented schema (operators::schema, docs/schema.md).
     use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
     let m = manifest(&ws, "run");
-    let shards: Vec<PathBuf> = m["shards"].as_array().unwrap().iter().map(|s| PathBuf::from(s["file"].as_str().unwrap())).collect();
+    let shards: Vec<PathBuf> = m["shards"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| PathBuf::from(s["file"].as_str().unwrap()))
+        .collect();
     let tokens: Vec<PathBuf> = std::fs::read_dir(ws.path().join("run/tokenize/tokens"))
         .unwrap()
         .map(|e| e.unwrap().path())
         .collect();
     assert!(!tokens.is_empty() && !shards.is_empty());
     let shards_schema = safepipe_operators::schema::shards_schema(arrow::datatypes::DataType::UInt16);
-    for (files, schema) in [(&tokens, safepipe_operators::schema::TOKENS.clone()), (&shards, shards_schema)] {
+    for (files, schema) in [
+        (&tokens, safepipe_operators::schema::TOKENS.clone()),
+        (&shards, shards_schema),
+    ] {
         for file in files {
             let reader = ParquetRecordBatchReaderBuilder::try_new(std::fs::File::open(file).unwrap()).unwrap();
             assert_eq!(reader.schema().fields(), schema.fields(), "{}", file.display());

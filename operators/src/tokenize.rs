@@ -28,7 +28,7 @@ pub const SELECT_FOR_TRAINING: &str = "WITH d AS (SELECT id, text, source, row_n
 
 /// Texts encoded per call: enough to keep every core busy, small enough that the per-token
 /// overhead of `tokenizers`' encodings stays at a few MB.
-const ENCODE_CHUNK: usize = 256;
+const ENCODE_CHUNK: usize = 512;
 
 /// Tokenizes `(id, source, kind, text)` rows into a `tokens` batch.
 pub fn tokenize_batch(tokenizer: &TextTokenizer, batch: &RecordBatch) -> OpResult<RecordBatch> {
