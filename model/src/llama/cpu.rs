@@ -1,0 +1,687 @@
+//! The CPU reference backend: forward and backward of the Llama model in plain Rust, generic over
+//! `f32` (training) and `f64` (gradient checks).
+//!
+//! Exactness over speed: every output element is computed by one thread in a fixed order, so
+//! results are bit-identical across runs and thread counts (what `train --resume` relies on).
+//! Rayon parallelises over rows. Attention is recomputed in the backward pass from the saved
+//! log-sum-exp of each row (no T x T matrix is stored), and the vocabulary projection is done in
+//! chunks of rows (no N x V logits matrix is stored).
+
+use super::config::LlamaConfig;
+use rayon::prelude::*;
+
+/// The float type of a backend instance.
+pub trait Scalar: num_traits::Float + std::iter::Sum + Send + Sync + std::fmt::Debug + 'static {}
+impl Scalar for f32 {}
+impl Scalar for f64 {}
+
+fn c<T: Scalar>(x: f64) -> T {
+    T::from(x).expect("representable")
+}
+
+/// The weights of one decoder layer (Hugging Face shapes: linear weights are `[out, in]`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct LayerParams<T> {
+    pub attn_norm: Vec<T>,
+    pub q: Vec<T>,
+    pub k: Vec<T>,
+    pub v: Vec<T>,
+    pub o: Vec<T>,
+    pub mlp_norm: Vec<T>,
+    pub gate: Vec<T>,
+    pub up: Vec<T>,
+    pub down: Vec<T>,
+}
+
+/// All weights; the output projection is `embed` (tied).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Params<T> {
+    pub embed: Vec<T>,
+    pub layers: Vec<LayerParams<T>>,
+    pub norm: Vec<T>,
+}
+
+impl<T: Scalar> Params<T> {
+    pub fn zeros(c: &LlamaConfig) -> Self {
+        let (d, f, kv, v) = (c.hidden_size, c.intermediate_size, c.kv_dim(), c.vocab_size);
+        let z = |n: usize| vec![T::zero(); n];
+        Params {
+            embed: z(v * d),
+            layers: (0..c.num_hidden_layers)
+                .map(|_| LayerParams {
+                    attn_norm: z(d),
+                    q: z(d * d),
+                    k: z(kv * d),
+                    v: z(kv * d),
+                    o: z(d * d),
+                    mlp_norm: z(d),
+                    gate: z(f * d),
+                    up: z(f * d),
+                    down: z(d * f),
+                })
+                .collect(),
+            norm: z(d),
+        }
+    }
+
+    /// Seeded init: N(0, 0.02) for matrices, 1 for norm weights.
+    pub fn init(config: &LlamaConfig, seed: u64) -> Self {
+        let mut p = Self::zeros(config);
+        let mut rng = crate::rng::Normal::new(seed);
+        for (name, t, _) in p.tensors_mut() {
+            if name.ends_with("layernorm.weight") || name == "model.norm.weight" {
+                t.iter_mut().for_each(|x| *x = T::one());
+            } else {
+                t.iter_mut().for_each(|x| *x = c(rng.sample() * 0.02));
+            }
+        }
+        p
+    }
+
+    /// Every tensor with its Hugging Face name and shape, in a fixed order.
+    pub fn tensors(&self) -> Vec<(String, &[T], Vec<usize>)> {
+        let mut out: Vec<(String, &[T], Vec<usize>)> = Vec::new();
+        let d = self.norm.len();
+        out.push(("model.embed_tokens.weight".into(), &self.embed, vec![self.embed.len() / d, d]));
+        for (i, l) in self.layers.iter().enumerate() {
+            let p = format!("model.layers.{i}");
+            let f = l.gate.len() / d;
+            let kv = l.k.len() / d;
+            out.push((format!("{p}.input_layernorm.weight"), &l.attn_norm, vec![d]));
+            out.push((format!("{p}.self_attn.q_proj.weight"), &l.q, vec![d, d]));
+            out.push((format!("{p}.self_attn.k_proj.weight"), &l.k, vec![kv, d]));
+            out.push((format!("{p}.self_attn.v_proj.weight"), &l.v, vec![kv, d]));
+            out.push((format!("{p}.self_attn.o_proj.weight"), &l.o, vec![d, d]));
+            out.push((format!("{p}.post_attention_layernorm.weight"), &l.mlp_norm, vec![d]));
+            out.push((format!("{p}.mlp.gate_proj.weight"), &l.gate, vec![f, d]));
+            out.push((format!("{p}.mlp.up_proj.weight"), &l.up, vec![f, d]));
+            out.push((format!("{p}.mlp.down_proj.weight"), &l.down, vec![d, f]));
+        }
+        out.push(("model.norm.weight".into(), &self.norm, vec![d]));
+        out
+    }
+
+    /// [`Params::tensors`], mutable.
+    pub fn tensors_mut(&mut self) -> Vec<(String, &mut [T], Vec<usize>)> {
+        let d = self.norm.len();
+        let mut out: Vec<(String, &mut [T], Vec<usize>)> = Vec::new();
+        let rows = self.embed.len() / d;
+        out.push(("model.embed_tokens.weight".into(), &mut self.embed, vec![rows, d]));
+        for (i, l) in self.layers.iter_mut().enumerate() {
+            let p = format!("model.layers.{i}");
+            let f = l.gate.len() / d;
+            let kv = l.k.len() / d;
+            out.push((format!("{p}.input_layernorm.weight"), &mut l.attn_norm, vec![d]));
+            out.push((format!("{p}.self_attn.q_proj.weight"), &mut l.q, vec![d, d]));
+            out.push((format!("{p}.self_attn.k_proj.weight"), &mut l.k, vec![kv, d]));
+            out.push((format!("{p}.self_attn.v_proj.weight"), &mut l.v, vec![kv, d]));
+            out.push((format!("{p}.self_attn.o_proj.weight"), &mut l.o, vec![d, d]));
+            out.push((format!("{p}.post_attention_layernorm.weight"), &mut l.mlp_norm, vec![d]));
+            out.push((format!("{p}.mlp.gate_proj.weight"), &mut l.gate, vec![f, d]));
+            out.push((format!("{p}.mlp.up_proj.weight"), &mut l.up, vec![f, d]));
+            out.push((format!("{p}.mlp.down_proj.weight"), &mut l.down, vec![d, f]));
+        }
+        out.push(("model.norm.weight".into(), &mut self.norm, vec![d]));
+        out
+    }
+
+    /// Converts every element (f32 <-> f64).
+    pub fn cast<U: Scalar>(&self, c: &LlamaConfig) -> Params<U> {
+        let mut out = Params::<U>::zeros(c);
+        for ((_, dst, _), (_, src, _)) in out.tensors_mut().into_iter().zip(self.tensors()) {
+            for (d, s) in dst.iter_mut().zip(src) {
+                *d = U::from(s.to_f64().expect("finite")).expect("representable");
+            }
+        }
+        out
+    }
+}
+
+
+/// One training batch: `rows` sequences of `seq_len + 1` token ids (inputs are the first
+/// `seq_len`, targets the last `seq_len`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Batch {
+    pub rows: usize,
+    pub seq_len: usize,
+    pub tokens: Vec<u32>,
+    /// Per input position, a document number: attention never crosses documents when given.
+    pub segments: Option<Vec<u32>>,
+    /// Per target position, whether it counts in the loss (all when `None`).
+    pub loss_mask: Option<Vec<bool>>,
+}
+
+impl Batch {
+    fn input(&self, n: usize) -> usize {
+        let (b, t) = (n / self.seq_len, n % self.seq_len);
+        self.tokens[b * (self.seq_len + 1) + t] as usize
+    }
+
+    fn target(&self, n: usize) -> usize {
+        let (b, t) = (n / self.seq_len, n % self.seq_len);
+        self.tokens[b * (self.seq_len + 1) + t + 1] as usize
+    }
+
+    fn counts(&self, n: usize) -> bool {
+        self.loss_mask.as_ref().is_none_or(|m| m[n])
+    }
+
+    /// Whether position `t` may attend to position `s` of the same row (`n = b * seq_len + t`).
+    fn visible(&self, n: usize, m: usize) -> bool {
+        m <= n && self.segments.as_ref().is_none_or(|seg| seg[n] == seg[m])
+    }
+}
+
+/// Activations of one layer kept for the backward pass.
+struct LayerCache<T> {
+    x_in: Vec<T>,
+    r1: Vec<T>,
+    h1: Vec<T>,
+    q: Vec<T>,
+    k: Vec<T>,
+    v: Vec<T>,
+    lse: Vec<T>,
+    attn: Vec<T>,
+    x_mid: Vec<T>,
+    r2: Vec<T>,
+    h2: Vec<T>,
+    gate: Vec<T>,
+    up: Vec<T>,
+    act: Vec<T>,
+}
+
+/// What the forward pass keeps: per layer caches, the last residual and the final norm.
+struct Forward<T> {
+    layers: Vec<LayerCache<T>>,
+    x_last: Vec<T>,
+    r_final: Vec<T>,
+    h_final: Vec<T>,
+}
+
+/// Loss of one batch.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Loss {
+    /// Mean cross-entropy over the counted targets (0 when none counts).
+    pub mean: f64,
+    /// Targets counted.
+    pub tokens: usize,
+}
+
+/// The CPU model.
+pub struct CpuModel {
+    pub config: LlamaConfig,
+}
+
+impl CpuModel {
+    pub fn new(config: LlamaConfig) -> Result<Self, String> {
+        config.validate()?;
+        Ok(CpuModel { config })
+    }
+
+    /// The mean loss of `batch`.
+    pub fn loss<T: Scalar>(&self, params: &Params<T>, batch: &Batch) -> Loss {
+        let fwd = self.forward(params, batch);
+        self.head(params, batch, &fwd.h_final, None).0
+    }
+
+    /// The mean loss and its gradient, **added** into `grads` (zero it, or accumulate).
+    pub fn loss_and_grad<T: Scalar>(&self, params: &Params<T>, batch: &Batch, grads: &mut Params<T>) -> Loss {
+        let fwd = self.forward(params, batch);
+        let (loss, dh) = self.head(params, batch, &fwd.h_final, Some(&mut grads.embed));
+        let d = self.config.hidden_size;
+        let mut dx = rmsnorm_backward(&fwd.x_last, &fwd.r_final, &params.norm, &dh, &mut grads.norm, d);
+        for (i, cache) in fwd.layers.iter().enumerate().rev() {
+            dx = self.layer_backward(&params.layers[i], cache, batch, dx, &mut grads.layers[i]);
+        }
+        // The embedding lookup: scatter-add in position order (deterministic).
+        for n in 0..batch.rows * batch.seq_len {
+            let tok = batch.input(n);
+            add_into(&mut grads.embed[tok * d..(tok + 1) * d], &dx[n * d..(n + 1) * d]);
+        }
+        loss
+    }
+
+    fn forward<T: Scalar>(&self, p: &Params<T>, batch: &Batch) -> Forward<T> {
+        let d = self.config.hidden_size;
+        let n = batch.rows * batch.seq_len;
+        let mut x = vec![T::zero(); n * d];
+        x.par_chunks_mut(d).enumerate().for_each(|(i, row)| {
+            let tok = batch.input(i);
+            row.copy_from_slice(&p.embed[tok * d..(tok + 1) * d]);
+        });
+        let mut layers = Vec::with_capacity(p.layers.len());
+        for layer in &p.layers {
+            let (next, cache) = self.layer_forward(layer, batch, x);
+            layers.push(cache);
+            x = next;
+        }
+        let (h_final, r_final) = rmsnorm(&x, &p.norm, d, self.config.rms_norm_eps);
+        Forward {
+            layers,
+            x_last: x,
+            r_final,
+            h_final,
+        }
+    }
+
+    fn layer_forward<T: Scalar>(&self, l: &LayerParams<T>, batch: &Batch, x_in: Vec<T>) -> (Vec<T>, LayerCache<T>) {
+        let cfg = &self.config;
+        let (d, kv, f) = (cfg.hidden_size, cfg.kv_dim(), cfg.intermediate_size);
+        let (h1, r1) = rmsnorm(&x_in, &l.attn_norm, d, cfg.rms_norm_eps);
+        let mut q = linear(&h1, &l.q, d, d);
+        let mut k = linear(&h1, &l.k, d, kv);
+        let v = linear(&h1, &l.v, d, kv);
+        self.rope(&mut q, d, batch.seq_len, false);
+        self.rope(&mut k, kv, batch.seq_len, false);
+        let (attn, lse) = self.attention(&q, &k, &v, batch);
+        let o = linear(&attn, &l.o, d, d);
+        let x_mid: Vec<T> = x_in.iter().zip(&o).map(|(a, b)| *a + *b).collect();
+        let (h2, r2) = rmsnorm(&x_mid, &l.mlp_norm, d, cfg.rms_norm_eps);
+        let gate = linear(&h2, &l.gate, d, f);
+        let up = linear(&h2, &l.up, d, f);
+        let act: Vec<T> = gate.iter().zip(&up).map(|(g, u)| silu(*g) * *u).collect();
+        let down = linear(&act, &l.down, f, d);
+        let x_out = x_mid.iter().zip(&down).map(|(a, b)| *a + *b).collect();
+        let cache = LayerCache {
+            x_in,
+            r1,
+            h1,
+            q,
+            k,
+            v,
+            lse,
+            attn,
+            x_mid,
+            r2,
+            h2,
+            gate,
+            up,
+            act,
+        };
+        (x_out, cache)
+    }
+
+    fn layer_backward<T: Scalar>(
+        &self,
+        l: &LayerParams<T>,
+        c: &LayerCache<T>,
+        batch: &Batch,
+        dx_out: Vec<T>,
+        g: &mut LayerParams<T>,
+    ) -> Vec<T> {
+        let cfg = &self.config;
+        let (d, kv, f) = (cfg.hidden_size, cfg.kv_dim(), cfg.intermediate_size);
+        // MLP: x_out = x_mid + down(silu(gate) * up).
+        let dact = linear_grad_input(&dx_out, &l.down, f, d);
+        linear_grad_weight(&dx_out, &c.act, &mut g.down, f, d);
+        let (dgate, dup): (Vec<T>, Vec<T>) = dact
+            .iter()
+            .zip(c.gate.iter().zip(&c.up))
+            .map(|(da, (gt, u))| (*da * *u * silu_grad(*gt), *da * silu(*gt)))
+            .unzip();
+        let mut dh2 = linear_grad_input(&dgate, &l.gate, d, f);
+        add_into(&mut dh2, &linear_grad_input(&dup, &l.up, d, f));
+        linear_grad_weight(&dgate, &c.h2, &mut g.gate, d, f);
+        linear_grad_weight(&dup, &c.h2, &mut g.up, d, f);
+        let mut dx_mid = rmsnorm_backward(&c.x_mid, &c.r2, &l.mlp_norm, &dh2, &mut g.mlp_norm, d);
+        add_into(&mut dx_mid, &dx_out);
+        // Attention: x_mid = x_in + o(attention(rope(q), rope(k), v)).
+        let dattn = linear_grad_input(&dx_mid, &l.o, d, d);
+        linear_grad_weight(&dx_mid, &c.attn, &mut g.o, d, d);
+        let (mut dq, mut dk, dv) = self.attention_backward(c, &dattn, batch);
+        self.rope(&mut dq, d, batch.seq_len, true);
+        self.rope(&mut dk, kv, batch.seq_len, true);
+        let mut dh1 = linear_grad_input(&dq, &l.q, d, d);
+        add_into(&mut dh1, &linear_grad_input(&dk, &l.k, d, kv));
+        add_into(&mut dh1, &linear_grad_input(&dv, &l.v, d, kv));
+        linear_grad_weight(&dq, &c.h1, &mut g.q, d, d);
+        linear_grad_weight(&dk, &c.h1, &mut g.k, d, kv);
+        linear_grad_weight(&dv, &c.h1, &mut g.v, d, kv);
+        let mut dx_in = rmsnorm_backward(&c.x_in, &c.r1, &l.attn_norm, &dh1, &mut g.attn_norm, d);
+        add_into(&mut dx_in, &dx_mid);
+        dx_in
+    }
+
+    /// Rotary embedding in place on rows of `width` = heads x head_dim (Hugging Face's
+    /// rotate-half layout, positions 0..seq_len within each row of the batch). `inverse`
+    /// applies the transposed rotation (the backward pass).
+    fn rope<T: Scalar>(&self, x: &mut [T], width: usize, seq_len: usize, inverse: bool) {
+        let hd = self.config.head_dim();
+        let half = hd / 2;
+        let theta = self.config.rope_theta;
+        x.par_chunks_mut(width).enumerate().for_each(|(n, row)| {
+            let pos = (n % seq_len) as f64;
+            for j in 0..half {
+                let freq = theta.powf(-2.0 * j as f64 / hd as f64);
+                let (sin, cos) = (pos * freq).sin_cos();
+                let (sin, cos): (T, T) = (c(if inverse { -sin } else { sin }), c(cos));
+                for head in row.chunks_mut(hd) {
+                    let (a, b) = (head[j], head[j + half]);
+                    head[j] = a * cos - b * sin;
+                    head[j + half] = b * cos + a * sin;
+                }
+            }
+        });
+    }
+
+    /// Causal (and, with segments, document-masked) grouped-query attention. Returns the output
+    /// `[n, heads * head_dim]` and the log-sum-exp of every (position, head) row of scores.
+    fn attention<T: Scalar>(&self, q: &[T], k: &[T], v: &[T], batch: &Batch) -> (Vec<T>, Vec<T>) {
+        let cfg = &self.config;
+        let (d, hd, heads, kv) = (cfg.hidden_size, cfg.head_dim(), cfg.num_attention_heads, cfg.kv_dim());
+        let group = heads / cfg.num_key_value_heads;
+        let scale: T = c(1.0 / (hd as f64).sqrt());
+        let n_all = batch.rows * batch.seq_len;
+        let mut out = vec![T::zero(); n_all * d];
+        let mut lse = vec![T::zero(); n_all * heads];
+        out.par_chunks_mut(d)
+            .zip(lse.par_chunks_mut(heads))
+            .enumerate()
+            .for_each(|(n, (row, lse_row))| {
+                let start = n - n % batch.seq_len;
+                let mut scores = Vec::with_capacity(n - start + 1);
+                for h in 0..heads {
+                    let qh = &q[n * d + h * hd..n * d + (h + 1) * hd];
+                    let kvh = (h / group) * hd;
+                    scores.clear();
+                    let mut max = T::neg_infinity();
+                    for m in start..=n {
+                        let s = if batch.visible(n, m) {
+                            dot(qh, &k[m * kv + kvh..m * kv + kvh + hd]) * scale
+                        } else {
+                            T::neg_infinity()
+                        };
+                        max = max.max(s);
+                        scores.push(s);
+                    }
+                    let sum: T = scores.iter().map(|s| (*s - max).exp()).sum();
+                    let log_sum = max + sum.ln();
+                    lse_row[h] = log_sum;
+                    let o = &mut row[h * hd..(h + 1) * hd];
+                    for (i, m) in (start..=n).enumerate() {
+                        let p = (scores[i] - log_sum).exp();
+                        if p > T::zero() {
+                            axpy(o, p, &v[m * kv + kvh..m * kv + kvh + hd]);
+                        }
+                    }
+                }
+            });
+        (out, lse)
+    }
+
+    /// Gradients of q, k and v (before the rotary embedding is undone) from the gradient of the
+    /// attention output. Probabilities are recomputed from the saved log-sum-exp.
+    fn attention_backward<T: Scalar>(&self, c_: &LayerCache<T>, dout: &[T], batch: &Batch) -> (Vec<T>, Vec<T>, Vec<T>) {
+        let cfg = &self.config;
+        let (d, hd, heads, kv) = (cfg.hidden_size, cfg.head_dim(), cfg.num_attention_heads, cfg.kv_dim());
+        let group = heads / cfg.num_key_value_heads;
+        let scale: T = c(1.0 / (hd as f64).sqrt());
+        let (q, k, v, lse, out) = (&c_.q, &c_.k, &c_.v, &c_.lse, &c_.attn);
+        let n_all = batch.rows * batch.seq_len;
+        let t_len = batch.seq_len;
+        // delta[n, h] = dout . out (the softmax backward's row term).
+        let delta: Vec<T> = (0..n_all * heads)
+            .into_par_iter()
+            .map(|i| {
+                let (n, h) = (i / heads, i % heads);
+                dot(&dout[n * d + h * hd..n * d + (h + 1) * hd], &out[n * d + h * hd..n * d + (h + 1) * hd])
+            })
+            .collect();
+        let prob = |n: usize, m: usize, h: usize| -> T {
+            let kvh = (h / group) * hd;
+            let s = dot(&q[n * d + h * hd..n * d + (h + 1) * hd], &k[m * kv + kvh..m * kv + kvh + hd]) * scale;
+            (s - lse[n * heads + h]).exp()
+        };
+        // dq: rows are independent.
+        let mut dq = vec![T::zero(); n_all * d];
+        dq.par_chunks_mut(d).enumerate().for_each(|(n, row)| {
+            let start = n - n % t_len;
+            for h in 0..heads {
+                let kvh = (h / group) * hd;
+                let dqh = &mut row[h * hd..(h + 1) * hd];
+                let doh = &dout[n * d + h * hd..n * d + (h + 1) * hd];
+                for m in start..=n {
+                    if !batch.visible(n, m) {
+                        continue;
+                    }
+                    let p = prob(n, m, h);
+                    let dp = dot(doh, &v[m * kv + kvh..m * kv + kvh + hd]);
+                    let ds = p * (dp - delta[n * heads + h]) * scale;
+                    axpy(dqh, ds, &k[m * kv + kvh..m * kv + kvh + hd]);
+                }
+            }
+        });
+        // dk, dv: each key/value row gathers from the later positions of its row that see it.
+        let mut dk = vec![T::zero(); n_all * kv];
+        let mut dv = vec![T::zero(); n_all * kv];
+        dk.par_chunks_mut(kv)
+            .zip(dv.par_chunks_mut(kv))
+            .enumerate()
+            .for_each(|(m, (dk_row, dv_row))| {
+                let end = m - m % t_len + t_len;
+                for h in 0..heads {
+                    let kvh = (h / group) * hd;
+                    for n in m..end {
+                        if !batch.visible(n, m) {
+                            continue;
+                        }
+                        let p = prob(n, m, h);
+                        let doh = &dout[n * d + h * hd..n * d + (h + 1) * hd];
+                        let dp = dot(doh, &v[m * kv + kvh..m * kv + kvh + hd]);
+                        let ds = p * (dp - delta[n * heads + h]) * scale;
+                        axpy(&mut dk_row[kvh..kvh + hd], ds, &q[n * d + h * hd..n * d + (h + 1) * hd]);
+                        axpy(&mut dv_row[kvh..kvh + hd], p, doh);
+                    }
+                }
+            });
+        (dq, dk, dv)
+    }
+
+    /// The tied output projection and the cross-entropy, in chunks of rows. With `grad_embed`,
+    /// also returns the gradient of the final hidden states and adds the projection's gradient
+    /// into the embedding's.
+    fn head<T: Scalar>(&self, p: &Params<T>, batch: &Batch, h: &[T], mut grad_embed: Option<&mut Vec<T>>) -> (Loss, Vec<T>) {
+        let (d, vocab) = (self.config.hidden_size, self.config.vocab_size);
+        let n_all = batch.rows * batch.seq_len;
+        let counted = (0..n_all).filter(|&n| batch.counts(n)).count();
+        let mut dh = vec![T::zero(); if grad_embed.is_some() { n_all * d } else { 0 }];
+        let mut total = 0f64;
+        const CHUNK: usize = 64;
+        for start in (0..n_all).step_by(CHUNK) {
+            let rows = CHUNK.min(n_all - start);
+            let mut logits = linear(&h[start * d..(start + rows) * d], &p.embed, d, vocab);
+            let losses: Vec<f64> = logits
+                .par_chunks_mut(vocab)
+                .enumerate()
+                .map(|(i, row)| {
+                    let n = start + i;
+                    let max = row.iter().fold(T::neg_infinity(), |a, b| a.max(*b));
+                    let sum: T = row.iter().map(|x| (*x - max).exp()).sum();
+                    let log_sum = max + sum.ln();
+                    let target = batch.target(n);
+                    let loss = (log_sum - row[target]).to_f64().expect("finite");
+                    // Turn the row into d loss / d logits (softmax - one-hot) / counted.
+                    let weight: T = if batch.counts(n) && counted > 0 { c(1.0 / counted as f64) } else { T::zero() };
+                    for x in row.iter_mut() {
+                        *x = (*x - log_sum).exp() * weight;
+                    }
+                    row[target] = row[target] - weight;
+                    if batch.counts(n) { loss } else { 0.0 }
+                })
+                .collect();
+            total += losses.iter().sum::<f64>();
+            if let Some(ge) = grad_embed.as_deref_mut() {
+                let dh_chunk = linear_grad_input(&logits, &p.embed, d, vocab);
+                dh[start * d..(start + rows) * d].copy_from_slice(&dh_chunk);
+                linear_grad_weight(&logits, &h[start * d..(start + rows) * d], ge, d, vocab);
+            }
+        }
+        let mean = if counted == 0 { 0.0 } else { total / counted as f64 };
+        (Loss { mean, tokens: counted }, dh)
+    }
+}
+
+fn dot<T: Scalar>(a: &[T], b: &[T]) -> T {
+    a.iter().zip(b).fold(T::zero(), |acc, (x, y)| acc + *x * *y)
+}
+
+fn axpy<T: Scalar>(y: &mut [T], a: T, x: &[T]) {
+    for (y, x) in y.iter_mut().zip(x) {
+        *y = *y + a * *x;
+    }
+}
+
+fn add_into<T: Scalar>(y: &mut [T], x: &[T]) {
+    for (y, x) in y.iter_mut().zip(x) {
+        *y = *y + *x;
+    }
+}
+
+fn silu<T: Scalar>(z: T) -> T {
+    z / (T::one() + (-z).exp())
+}
+
+fn silu_grad<T: Scalar>(z: T) -> T {
+    let s = T::one() / (T::one() + (-z).exp());
+    s * (T::one() + z * (T::one() - s))
+}
+
+/// `y[n, o] = sum_i x[n, i] w[o, i]` for `x: [n, inp]`, `w: [out, inp]`.
+pub fn linear<T: Scalar>(x: &[T], w: &[T], inp: usize, out: usize) -> Vec<T> {
+    let n = x.len() / inp;
+    let mut y = vec![T::zero(); n * out];
+    y.par_chunks_mut(out).enumerate().for_each(|(r, row)| {
+        let xr = &x[r * inp..(r + 1) * inp];
+        for (o, y) in row.iter_mut().enumerate() {
+            *y = dot(xr, &w[o * inp..(o + 1) * inp]);
+        }
+    });
+    y
+}
+
+/// `dx[n, i] = sum_o dy[n, o] w[o, i]`.
+fn linear_grad_input<T: Scalar>(dy: &[T], w: &[T], inp: usize, out: usize) -> Vec<T> {
+    let n = dy.len() / out;
+    let mut dx = vec![T::zero(); n * inp];
+    dx.par_chunks_mut(inp).enumerate().for_each(|(r, row)| {
+        for (o, g) in dy[r * out..(r + 1) * out].iter().enumerate() {
+            if *g != T::zero() {
+                axpy(row, *g, &w[o * inp..(o + 1) * inp]);
+            }
+        }
+    });
+    dx
+}
+
+/// `dw[o, i] += sum_n dy[n, o] x[n, i]` (rows of `dw` in parallel, positions in order).
+fn linear_grad_weight<T: Scalar>(dy: &[T], x: &[T], dw: &mut [T], inp: usize, out: usize) {
+    let n = dy.len() / out;
+    dw.par_chunks_mut(inp).enumerate().for_each(|(o, row)| {
+        for r in 0..n {
+            let g = dy[r * out + o];
+            if g != T::zero() {
+                axpy(row, g, &x[r * inp..(r + 1) * inp]);
+            }
+        }
+    });
+}
+
+/// RMSNorm of rows of width `d`: returns the output and each row's `1 / rms`.
+fn rmsnorm<T: Scalar>(x: &[T], g: &[T], d: usize, eps: f64) -> (Vec<T>, Vec<T>) {
+    let mut y = vec![T::zero(); x.len()];
+    let mut r = vec![T::zero(); x.len() / d];
+    y.par_chunks_mut(d).zip(r.par_iter_mut()).enumerate().for_each(|(n, (row, rn))| {
+        let xr = &x[n * d..(n + 1) * d];
+        let ms = dot(xr, xr) / c(d as f64);
+        *rn = T::one() / (ms + c(eps)).sqrt();
+        for ((y, x), g) in row.iter_mut().zip(xr).zip(g) {
+            *y = *x * *rn * *g;
+        }
+    });
+    (y, r)
+}
+
+/// Backward of [`rmsnorm`]: returns dx, adds dg.
+fn rmsnorm_backward<T: Scalar>(x: &[T], r: &[T], g: &[T], dy: &[T], dg: &mut [T], d: usize) -> Vec<T> {
+    let mut dx = vec![T::zero(); x.len()];
+    dx.par_chunks_mut(d).enumerate().for_each(|(n, row)| {
+        let (xr, dyr, rn) = (&x[n * d..(n + 1) * d], &dy[n * d..(n + 1) * d], r[n]);
+        // xhat = x * r; dx = r * (dy*g - xhat * mean(dy*g*xhat)).
+        let mean: T = xr.iter().zip(dyr).zip(g).map(|((x, dy), g)| *dy * *g * *x * rn).sum::<T>() / c(d as f64);
+        for (((dx, x), dy), g) in row.iter_mut().zip(xr).zip(dyr).zip(g) {
+            *dx = rn * (*dy * *g - *x * rn * mean);
+        }
+    });
+    for n in 0..x.len() / d {
+        for i in 0..d {
+            dg[i] = dg[i] + dy[n * d + i] * x[n * d + i] * r[n];
+        }
+    }
+    dx
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn batch(rows: usize, seq_len: usize, vocab: usize, seed: u64, documents: bool) -> Batch {
+        let mut rng = crate::rng::Normal::new(seed);
+        let tokens = (0..rows * (seq_len + 1)).map(|_| (rng.next_u64() % vocab as u64) as u32).collect();
+        let segments = documents.then(|| (0..rows * seq_len).map(|n| ((n % seq_len) / 3) as u32).collect());
+        let loss_mask = documents.then(|| (0..rows * seq_len).map(|n| n % 5 != 1).collect());
+        Batch {
+            rows,
+            seq_len,
+            tokens,
+            segments,
+            loss_mask,
+        }
+    }
+
+    /// Central finite differences in f64 against the analytic gradient, for entries of every
+    /// tensor: covers every op's backward (embedding, RMSNorm, q/k/v/o, RoPE, GQA attention with
+    /// causal and document masks, SwiGLU, the tied head and the loss mask).
+    #[test]
+    fn gradients_match_finite_differences() {
+        let cfg = LlamaConfig::preset("micro").unwrap();
+        let model = CpuModel::new(cfg.clone()).unwrap();
+        for documents in [false, true] {
+            let params: Params<f64> = Params::<f32>::init(&cfg, 3).cast(&cfg);
+            let b = batch(2, 7, cfg.vocab_size, 11, documents);
+            let mut grads = Params::<f64>::zeros(&cfg);
+            model.loss_and_grad(&params, &b, &mut grads);
+            let mut rng = crate::rng::Normal::new(5);
+            let names: Vec<(String, usize)> = params.tensors().iter().map(|(n, t, _)| (n.clone(), t.len())).collect();
+            for (ti, (name, len)) in names.iter().enumerate() {
+                for _ in 0..4 {
+                    let i = (rng.next_u64() % *len as u64) as usize;
+                    let eps = 1e-5;
+                    let mut plus = params.clone();
+                    plus.tensors_mut()[ti].1[i] += eps;
+                    let mut minus = params.clone();
+                    minus.tensors_mut()[ti].1[i] -= eps;
+                    let numeric = (model.loss(&plus, &b).mean - model.loss(&minus, &b).mean) / (2.0 * eps);
+                    let analytic = grads.tensors()[ti].1[i];
+                    let tolerance = 1e-6 + 1e-4 * numeric.abs().max(analytic.abs());
+                    assert!(
+                        (numeric - analytic).abs() < tolerance,
+                        "{name}[{i}] (documents {documents}): numeric {numeric} analytic {analytic}"
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn loss_starts_near_log_vocab_and_f32_matches_f64() {
+        let cfg = LlamaConfig::preset("micro").unwrap();
+        let model = CpuModel::new(cfg.clone()).unwrap();
+        let p32 = Params::<f32>::init(&cfg, 1);
+        let b = batch(3, 9, cfg.vocab_size, 2, false);
+        let l32 = model.loss(&p32, &b);
+        let l64 = model.loss(&p32.cast::<f64>(&cfg), &b);
+        assert_eq!(l32.tokens, 27);
+        assert!((l32.mean - (cfg.vocab_size as f64).ln()).abs() < 0.1, "{l32:?}");
+        assert!((l32.mean - l64.mean).abs() < 1e-5, "{l32:?} {l64:?}");
+    }
+}

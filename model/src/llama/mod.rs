@@ -1,0 +1,9 @@
+//! The SmolLM2 / Llama model family for pretraining: configuration and the CPU reference
+//! backend (forward + backward, exact and deterministic). A CUDA backend over cudarc comes next
+//! behind the same parameter layout.
+
+pub mod config;
+pub mod cpu;
+
+pub use config::LlamaConfig;
+pub use cpu::{Batch, CpuModel, Loss, Params};
