@@ -12,5 +12,6 @@ pub mod gguf;
 pub mod llama;
 pub mod rng;
 pub mod tokenizer;
+pub mod train;
 
 pub use tokenizer::{TextTokenizer, TokenizerError, TokenizerOptions};
