@@ -37,6 +37,7 @@ demo: build
 	$(BIN) sql configs/demo.toml "SELECT count(*) AS sequences, sum(cardinality(input_ids)) AS tokens FROM shards"
 	$(BIN) sql configs/demo.toml "SELECT s.source, count(*) AS segments FROM (SELECT unnest(sources) AS source FROM shards) s GROUP BY 1 ORDER BY 1"
 	$(BIN) export megatron configs/demo.toml --out runs/demo-megatron/demo_text_document
+	$(BIN) train configs/demo.toml
 
 test:
 	@test -d data/sample || { echo "test: no sample corpus; run 'make setup' first" >&2; exit 1; }

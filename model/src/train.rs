@@ -228,7 +228,9 @@ impl Trainer {
         let mut offset = 0;
         let m_tensors = self.m.tensors_mut();
         let v_tensors = self.v.tensors_mut();
-        for (((_, p, shape), (_, m, _)), (_, v, _)) in self.params.tensors_mut().into_iter().zip(m_tensors).zip(v_tensors) {
+        for (((_, p, shape), (_, m, _)), (_, v, _)) in
+            self.params.tensors_mut().into_iter().zip(m_tensors).zip(v_tensors)
+        {
             // Decoupled weight decay on matrices only (not on norm weights).
             let decay = if shape.len() == 2 { wd } else { 0.0 };
             for i in 0..p.len() {
@@ -265,7 +267,10 @@ impl Trainer {
         let config = serde_json::to_vec_pretty(&self.model.config.hf_config_json(bos, eos)).expect("json");
         write_atomic(&dir.join("config.json"), &config)?;
         let state = serde_json::json!({ "step": self.step, "optim": self.optim, "extra": extra });
-        write_atomic(&dir.join("trainer_state.json"), &serde_json::to_vec_pretty(&state).expect("json"))
+        write_atomic(
+            &dir.join("trainer_state.json"),
+            &serde_json::to_vec_pretty(&state).expect("json"),
+        )
     }
 
     /// Loads a checkpoint written by [`Trainer::save`] (weights, moments, step); returns the
@@ -295,7 +300,10 @@ impl Trainer {
 }
 
 fn flatten(p: &Params<f32>) -> Vec<f32> {
-    p.tensors().into_iter().flat_map(|(_, t, _)| t.iter().copied()).collect()
+    p.tensors()
+        .into_iter()
+        .flat_map(|(_, t, _)| t.iter().copied())
+        .collect()
 }
 
 fn named_bytes(p: &Params<f32>, prefix: &str) -> Vec<(String, Vec<usize>, Vec<u8>)> {
@@ -453,14 +461,28 @@ mod tests {
         // Gradient accumulation: two micro-batches of b on one rank.
         let mut acc = Trainer::new(cfg.clone(), Params::init(&cfg, 1), optim(10)).unwrap();
         for s in 0..steps {
-            acc.train_step(&[batch(2, 10, cfg.vocab_size, s * 4), batch(2, 10, cfg.vocab_size, s * 4 + 2)], &Single);
+            acc.train_step(
+                &[
+                    batch(2, 10, cfg.vocab_size, s * 4),
+                    batch(2, 10, cfg.vocab_size, s * 4 + 2),
+                ],
+                &Single,
+            );
         }
         let reference = flatten(&one.params);
         for other in [flatten(&results[0]), flatten(&results[1]), flatten(&acc.params)] {
-            let worst = reference.iter().zip(&other).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+            let worst = reference
+                .iter()
+                .zip(&other)
+                .map(|(a, b)| (a - b).abs())
+                .fold(0f32, f32::max);
             assert!(worst < 1e-5, "max difference {worst}");
         }
-        assert_eq!(flatten(&results[0]), flatten(&results[1]), "ranks must hold identical weights");
+        assert_eq!(
+            flatten(&results[0]),
+            flatten(&results[1]),
+            "ranks must hold identical weights"
+        );
     }
 
     #[test]
@@ -475,7 +497,9 @@ mod tests {
         for s in 0..3 {
             stopped.train_step(&[batch(3, 9, cfg.vocab_size, s * 3)], &Single);
         }
-        stopped.save(dir.path(), 1, 0, serde_json::json!({"rows_seen": 9})).unwrap();
+        stopped
+            .save(dir.path(), 1, 0, serde_json::json!({"rows_seen": 9}))
+            .unwrap();
         let (mut resumed, extra) = Trainer::load(dir.path(), optim(8)).unwrap();
         assert_eq!(extra["rows_seen"], 9);
         assert_eq!(resumed.step, 3);

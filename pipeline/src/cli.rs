@@ -94,6 +94,17 @@ pub enum Command {
         #[command(subcommand)]
         command: TokenizerCommand,
     },
+    /// Pretrain on the run's packed shards (the `[train]` section; docs/training.md).
+    Train {
+        config: PathBuf,
+        /// Continue from the latest checkpoint in train.checkpoint_dir.
+        #[arg(long)]
+        resume: bool,
+        /// Stop after this step (a checkpoint is saved there), e.g. to fit a job's time limit;
+        /// `--resume` later continues exactly where it stopped.
+        #[arg(long, value_name = "STEP")]
+        until: Option<u64>,
+    },
     /// Write the packed shards in another trainer's format.
     Export {
         #[command(subcommand)]
@@ -239,6 +250,27 @@ pub async fn run(cli: Cli) -> Result<()> {
                 Ok(())
             }
         },
+        Command::Train { config, resume, until } => {
+            let config = Config::load(&config).await?;
+            let summary = crate::train::train(&config, resume, until).await?;
+            match (&summary.first, &summary.last) {
+                (Some(first), Some(last)) => eprintln!(
+                    "train: steps {}..{}, loss {:.4} -> {:.4}, {:.0} tokens/s{}",
+                    summary.start_step + 1,
+                    last.step,
+                    first.loss,
+                    last.loss,
+                    summary.tokens_per_second,
+                    summary
+                        .checkpoint
+                        .as_ref()
+                        .map(|c| format!(", checkpoint {}", c.display()))
+                        .unwrap_or_default()
+                ),
+                _ => eprintln!("train: nothing to do (already at train.steps)"),
+            }
+            Ok(())
+        }
         Command::Export { command } => match command {
             ExportCommand::Megatron { config, out } => {
                 let config = Config::load(&config).await?;

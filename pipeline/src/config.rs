@@ -29,6 +29,7 @@ struct RawConfig {
     runner: RunnerConfig,
     tokenize: Option<TokenizeConfig>,
     pack: Option<PackConfig>,
+    train: Option<TrainConfig>,
 }
 
 /// One named input: files in one format and schema. The name becomes `documents.source`.
@@ -221,6 +222,101 @@ fn one() -> f64 {
     1.0
 }
 
+/// `[train]`: `safepipe train CONFIG` pretrains on this run's packed shards.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct TrainConfig {
+    /// A model preset (`smollm2-135m`, `smollm2-360m`, `smollm2-1.7b`, `tiny`, `micro`).
+    #[serde(default = "default_preset")]
+    pub model: String,
+    /// Start from this Hugging Face-format checkpoint directory instead of a fresh init.
+    #[serde(default)]
+    pub init_from: Option<String>,
+    /// Where checkpoints go (`step-NNNNNNNN/` + `latest`).
+    pub checkpoint_dir: String,
+    /// Save every this many steps (and at the end); 0 = only at the end.
+    #[serde(default)]
+    pub checkpoint_every: u64,
+    /// Optimiser steps to take in total.
+    pub steps: u64,
+    /// Rows (sequences of seq_len + 1) per micro-batch per rank.
+    #[serde(default = "default_micro_batch")]
+    pub micro_batch: usize,
+    /// Micro-batches per optimiser step (global batch = micro_batch x grad_accum x ranks).
+    #[serde(default = "one_usize")]
+    pub grad_accum: usize,
+    #[serde(default = "default_lr")]
+    pub lr: f64,
+    #[serde(default)]
+    pub min_lr: Option<f64>,
+    #[serde(default)]
+    pub warmup_steps: u64,
+    /// `cosine` or `wsd`.
+    #[serde(default = "default_schedule")]
+    pub schedule: String,
+    /// WSD: the share of steps spent decaying.
+    #[serde(default = "default_decay_fraction")]
+    pub decay_fraction: f64,
+    #[serde(default = "default_weight_decay")]
+    pub weight_decay: f64,
+    #[serde(default = "default_beta1")]
+    pub beta1: f64,
+    #[serde(default = "default_beta2")]
+    pub beta2: f64,
+    #[serde(default = "default_eps")]
+    pub eps: f64,
+    #[serde(default = "one")]
+    pub clip: f64,
+    /// Seeds the initial weights and the data order.
+    #[serde(default)]
+    pub seed: u64,
+    /// Keep attention within documents (from the shards' `doc_offsets`).
+    #[serde(default = "yes")]
+    pub document_mask: bool,
+    #[serde(default = "one_u64")]
+    pub log_every: u64,
+    /// The machine's peak FLOP/s, to report MFU (default: only achieved FLOP/s is logged).
+    #[serde(default)]
+    pub peak_flops: Option<f64>,
+}
+
+fn default_preset() -> String {
+    "tiny".into()
+}
+fn default_micro_batch() -> usize {
+    4
+}
+fn one_usize() -> usize {
+    1
+}
+fn one_u64() -> u64 {
+    1
+}
+fn yes() -> bool {
+    true
+}
+fn default_lr() -> f64 {
+    5e-4
+}
+fn default_schedule() -> String {
+    "cosine".into()
+}
+fn default_decay_fraction() -> f64 {
+    0.2
+}
+fn default_weight_decay() -> f64 {
+    0.01
+}
+fn default_beta1() -> f64 {
+    0.9
+}
+fn default_beta2() -> f64 {
+    0.95
+}
+fn default_eps() -> f64 {
+    1e-8
+}
+
 /// The tokenize stage's settings with the tokenizer loaded.
 #[derive(Debug, Clone)]
 pub struct TokenizeSettings {
@@ -251,6 +347,8 @@ pub struct Config {
     pub tokenize: Option<TokenizeSettings>,
     /// An empty `mix` means one source per kind present, decided when the stage runs.
     pub pack: Option<PackConfig>,
+    /// Paths resolved; the model preset and the schedule checked.
+    pub train: Option<TrainConfig>,
 }
 
 impl Config {
@@ -361,6 +459,10 @@ impl Config {
         if let Some(pack) = &raw.pack {
             validate_pack(pack, tokenize.is_some()).map_err(fail)?;
         }
+        let train = match raw.train {
+            None => None,
+            Some(t) => Some(validate_train(t, &dir).map_err(fail)?),
+        };
         Ok(Config {
             path: path.to_path_buf(),
             run_dir: resolve(&dir, &raw.run_dir),
@@ -372,6 +474,7 @@ impl Config {
             jobs,
             tokenize,
             pack: raw.pack,
+            train,
         })
     }
 
@@ -401,6 +504,28 @@ impl Config {
     pub fn input(&self, name: &str) -> Option<&InputConfig> {
         self.inputs.iter().find(|i| i.name == name)
     }
+}
+
+fn validate_train(mut t: TrainConfig, dir: &Path) -> std::result::Result<TrainConfig, String> {
+    if safepipe_model::llama::LlamaConfig::preset(&t.model).is_none() {
+        return Err(format!(
+            "train.model = {:?}: use one of {:?}",
+            t.model,
+            safepipe_model::llama::LlamaConfig::PRESETS
+        ));
+    }
+    if !matches!(t.schedule.as_str(), "cosine" | "wsd") {
+        return Err(format!("train.schedule = {:?}: use \"cosine\" or \"wsd\"", t.schedule));
+    }
+    if t.steps == 0 || t.micro_batch == 0 || t.grad_accum == 0 {
+        return Err("train.steps, train.micro_batch and train.grad_accum must be at least 1".into());
+    }
+    if !(t.lr > 0.0 && t.lr.is_finite()) || !(0.0..1.0).contains(&t.decay_fraction) {
+        return Err("train.lr must be > 0 and train.decay_fraction in [0, 1)".into());
+    }
+    t.checkpoint_dir = resolve(dir, &t.checkpoint_dir);
+    t.init_from = t.init_from.map(|p| resolve(dir, &p));
+    Ok(t)
 }
 
 fn validate_pack(pack: &PackConfig, tokenize: bool) -> std::result::Result<(), String> {

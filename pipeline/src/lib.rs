@@ -9,6 +9,7 @@
 //! gc.rs        `safepipe gc`: unreferenced files
 //! pack.rs      the global stage: tokens -> mixture, shuffle -> shards + manifest.json
 //! export.rs    `safepipe export megatron`, `safepipe tokenizer export`
+//! train.rs     `safepipe train`: the packed shards -> the CPU trainer -> checkpoints
 //! ranks.rs     rank / world size from flags, Slurm, Kubernetes
 //! ```
 //! The transforms themselves live in the `safepipe-operators` crate.
@@ -29,4 +30,5 @@ pub mod sql;
 pub mod stages;
 pub mod status;
 pub mod storage;
+pub mod train;
 pub mod writer;

@@ -33,6 +33,18 @@ impl Write for LogWriter {
     }
 }
 
+/// A bar of `len` steps in the process's bar set (for long loops outside the runner).
+pub fn step_bar(len: u64, what: &str) -> ProgressBar {
+    let bar = MULTI.add(ProgressBar::new(len));
+    bar.set_style(
+        ProgressStyle::with_template("{prefix} [{bar:30}] {pos}/{len} {msg} ({elapsed}, eta {eta})")
+            .expect("valid template")
+            .progress_chars("=> "),
+    );
+    bar.set_prefix(what.to_string());
+    bar
+}
+
 pub struct Bars {
     multi: MultiProgress,
     bars: Mutex<HashMap<String, (ProgressBar, UnitCounts, Instant)>>,

@@ -82,7 +82,11 @@ impl<T: Scalar> Params<T> {
     pub fn tensors(&self) -> Vec<(String, &[T], Vec<usize>)> {
         let mut out: Vec<(String, &[T], Vec<usize>)> = Vec::new();
         let d = self.norm.len();
-        out.push(("model.embed_tokens.weight".into(), &self.embed, vec![self.embed.len() / d, d]));
+        out.push((
+            "model.embed_tokens.weight".into(),
+            &self.embed,
+            vec![self.embed.len() / d, d],
+        ));
         for (i, l) in self.layers.iter().enumerate() {
             let p = format!("model.layers.{i}");
             let f = l.gate.len() / d;
@@ -136,7 +140,6 @@ impl<T: Scalar> Params<T> {
         out
     }
 }
-
 
 /// One training batch: `rows` sequences of `seq_len + 1` token ids (inputs are the first
 /// `seq_len`, targets the last `seq_len`).
@@ -424,12 +427,18 @@ impl CpuModel {
             .into_par_iter()
             .map(|i| {
                 let (n, h) = (i / heads, i % heads);
-                dot(&dout[n * d + h * hd..n * d + (h + 1) * hd], &out[n * d + h * hd..n * d + (h + 1) * hd])
+                dot(
+                    &dout[n * d + h * hd..n * d + (h + 1) * hd],
+                    &out[n * d + h * hd..n * d + (h + 1) * hd],
+                )
             })
             .collect();
         let prob = |n: usize, m: usize, h: usize| -> T {
             let kvh = (h / group) * hd;
-            let s = dot(&q[n * d + h * hd..n * d + (h + 1) * hd], &k[m * kv + kvh..m * kv + kvh + hd]) * scale;
+            let s = dot(
+                &q[n * d + h * hd..n * d + (h + 1) * hd],
+                &k[m * kv + kvh..m * kv + kvh + hd],
+            ) * scale;
             (s - lse[n * heads + h]).exp()
         };
         // dq: rows are independent.
@@ -480,7 +489,13 @@ impl CpuModel {
     /// The tied output projection and the cross-entropy, in chunks of rows. With `grad_embed`,
     /// also returns the gradient of the final hidden states and adds the projection's gradient
     /// into the embedding's.
-    fn head<T: Scalar>(&self, p: &Params<T>, batch: &Batch, h: &[T], mut grad_embed: Option<&mut Vec<T>>) -> (Loss, Vec<T>) {
+    fn head<T: Scalar>(
+        &self,
+        p: &Params<T>,
+        batch: &Batch,
+        h: &[T],
+        mut grad_embed: Option<&mut Vec<T>>,
+    ) -> (Loss, Vec<T>) {
         let (d, vocab) = (self.config.hidden_size, self.config.vocab_size);
         let n_all = batch.rows * batch.seq_len;
         let counted = (0..n_all).filter(|&n| batch.counts(n)).count();
@@ -501,7 +516,11 @@ impl CpuModel {
                     let target = batch.target(n);
                     let loss = (log_sum - row[target]).to_f64().expect("finite");
                     // Turn the row into d loss / d logits (softmax - one-hot) / counted.
-                    let weight: T = if batch.counts(n) && counted > 0 { c(1.0 / counted as f64) } else { T::zero() };
+                    let weight: T = if batch.counts(n) && counted > 0 {
+                        c(1.0 / counted as f64)
+                    } else {
+                        T::zero()
+                    };
                     for x in row.iter_mut() {
                         *x = (*x - log_sum).exp() * weight;
                     }
@@ -546,10 +565,33 @@ fn silu_grad<T: Scalar>(z: T) -> T {
     s * (T::one() + z * (T::one() - s))
 }
 
+/// Weights above this many elements are streamed once per call instead of once per row (the
+/// vocabulary projection: 49153 x d).
+const LARGE_WEIGHT: usize = 1 << 20;
+/// Fixed split of the output dimension for the large-weight input gradient: partial sums are
+/// added in this order, so results do not depend on the number of threads.
+const SPLITS: usize = 16;
+
 /// `y[n, o] = sum_i x[n, i] w[o, i]` for `x: [n, inp]`, `w: [out, inp]`.
 pub fn linear<T: Scalar>(x: &[T], w: &[T], inp: usize, out: usize) -> Vec<T> {
     let n = x.len() / inp;
     let mut y = vec![T::zero(); n * out];
+    if w.len() >= LARGE_WEIGHT {
+        // Stream each weight row once for all rows of x: compute y transposed, then transpose.
+        let mut yt = vec![T::zero(); out * n];
+        yt.par_chunks_mut(n).enumerate().for_each(|(o, col)| {
+            let wo = &w[o * inp..(o + 1) * inp];
+            for (r, y) in col.iter_mut().enumerate() {
+                *y = dot(&x[r * inp..(r + 1) * inp], wo);
+            }
+        });
+        y.par_chunks_mut(out).enumerate().for_each(|(r, row)| {
+            for (o, y) in row.iter_mut().enumerate() {
+                *y = yt[o * n + r];
+            }
+        });
+        return y;
+    }
     y.par_chunks_mut(out).enumerate().for_each(|(r, row)| {
         let xr = &x[r * inp..(r + 1) * inp];
         for (o, y) in row.iter_mut().enumerate() {
@@ -562,6 +604,32 @@ pub fn linear<T: Scalar>(x: &[T], w: &[T], inp: usize, out: usize) -> Vec<T> {
 /// `dx[n, i] = sum_o dy[n, o] w[o, i]`.
 fn linear_grad_input<T: Scalar>(dy: &[T], w: &[T], inp: usize, out: usize) -> Vec<T> {
     let n = dy.len() / out;
+    if w.len() >= LARGE_WEIGHT {
+        // Split the sum over o into fixed parts (each streams its weight rows once), then add
+        // the parts in order.
+        let part = out.div_ceil(SPLITS);
+        let partials: Vec<Vec<T>> = (0..SPLITS)
+            .into_par_iter()
+            .map(|s| {
+                let mut acc = vec![T::zero(); n * inp];
+                for o in (s * part)..((s + 1) * part).min(out) {
+                    let wo = &w[o * inp..(o + 1) * inp];
+                    for r in 0..n {
+                        let g = dy[r * out + o];
+                        if g != T::zero() {
+                            axpy(&mut acc[r * inp..(r + 1) * inp], g, wo);
+                        }
+                    }
+                }
+                acc
+            })
+            .collect();
+        let mut dx = vec![T::zero(); n * inp];
+        for p in &partials {
+            add_into(&mut dx, p);
+        }
+        return dx;
+    }
     let mut dx = vec![T::zero(); n * inp];
     dx.par_chunks_mut(inp).enumerate().for_each(|(r, row)| {
         for (o, g) in dy[r * out..(r + 1) * out].iter().enumerate() {
@@ -590,14 +658,17 @@ fn linear_grad_weight<T: Scalar>(dy: &[T], x: &[T], dw: &mut [T], inp: usize, ou
 fn rmsnorm<T: Scalar>(x: &[T], g: &[T], d: usize, eps: f64) -> (Vec<T>, Vec<T>) {
     let mut y = vec![T::zero(); x.len()];
     let mut r = vec![T::zero(); x.len() / d];
-    y.par_chunks_mut(d).zip(r.par_iter_mut()).enumerate().for_each(|(n, (row, rn))| {
-        let xr = &x[n * d..(n + 1) * d];
-        let ms = dot(xr, xr) / c(d as f64);
-        *rn = T::one() / (ms + c(eps)).sqrt();
-        for ((y, x), g) in row.iter_mut().zip(xr).zip(g) {
-            *y = *x * *rn * *g;
-        }
-    });
+    y.par_chunks_mut(d)
+        .zip(r.par_iter_mut())
+        .enumerate()
+        .for_each(|(n, (row, rn))| {
+            let xr = &x[n * d..(n + 1) * d];
+            let ms = dot(xr, xr) / c(d as f64);
+            *rn = T::one() / (ms + c(eps)).sqrt();
+            for ((y, x), g) in row.iter_mut().zip(xr).zip(g) {
+                *y = *x * *rn * *g;
+            }
+        });
     (y, r)
 }
 
@@ -607,7 +678,13 @@ fn rmsnorm_backward<T: Scalar>(x: &[T], r: &[T], g: &[T], dy: &[T], dg: &mut [T]
     dx.par_chunks_mut(d).enumerate().for_each(|(n, row)| {
         let (xr, dyr, rn) = (&x[n * d..(n + 1) * d], &dy[n * d..(n + 1) * d], r[n]);
         // xhat = x * r; dx = r * (dy*g - xhat * mean(dy*g*xhat)).
-        let mean: T = xr.iter().zip(dyr).zip(g).map(|((x, dy), g)| *dy * *g * *x * rn).sum::<T>() / c(d as f64);
+        let mean: T = xr
+            .iter()
+            .zip(dyr)
+            .zip(g)
+            .map(|((x, dy), g)| *dy * *g * *x * rn)
+            .sum::<T>()
+            / c(d as f64);
         for (((dx, x), dy), g) in row.iter_mut().zip(xr).zip(dyr).zip(g) {
             *dx = rn * (*dy * *g - *x * rn * mean);
         }
@@ -626,7 +703,9 @@ mod tests {
 
     fn batch(rows: usize, seq_len: usize, vocab: usize, seed: u64, documents: bool) -> Batch {
         let mut rng = crate::rng::Normal::new(seed);
-        let tokens = (0..rows * (seq_len + 1)).map(|_| (rng.next_u64() % vocab as u64) as u32).collect();
+        let tokens = (0..rows * (seq_len + 1))
+            .map(|_| (rng.next_u64() % vocab as u64) as u32)
+            .collect();
         let segments = documents.then(|| (0..rows * seq_len).map(|n| ((n % seq_len) / 3) as u32).collect());
         let loss_mask = documents.then(|| (0..rows * seq_len).map(|n| n % 5 != 1).collect());
         Batch {
@@ -668,6 +747,33 @@ mod tests {
                         "{name}[{i}] (documents {documents}): numeric {numeric} analytic {analytic}"
                     );
                 }
+            }
+        }
+    }
+
+    #[test]
+    fn large_weight_paths_match_plain_loops() {
+        let (n, inp, out) = (5, 64, LARGE_WEIGHT / 64);
+        let mut rng = crate::rng::Normal::new(9);
+        let x: Vec<f64> = (0..n * inp).map(|_| rng.sample()).collect();
+        let w: Vec<f64> = (0..out * inp).map(|_| rng.sample()).collect();
+        let dy: Vec<f64> = (0..n * out).map(|_| rng.sample()).collect();
+        let y = linear(&x, &w, inp, out);
+        let dx = linear_grad_input(&dy, &w, inp, out);
+        for r in 0..n {
+            for o in (0..out).step_by(997) {
+                assert_eq!(
+                    y[r * out + o],
+                    dot(&x[r * inp..(r + 1) * inp], &w[o * inp..(o + 1) * inp])
+                );
+            }
+            for i in 0..inp {
+                let expected: f64 = (0..out).map(|o| dy[r * out + o] * w[o * inp + i]).sum();
+                assert!(
+                    (dx[r * inp + i] - expected).abs() < 1e-9 * out as f64,
+                    "{} {expected}",
+                    dx[r * inp + i]
+                );
             }
         }
     }
