@@ -8,7 +8,7 @@ use std::path::Path;
 
 /// Spam, HarmBench and StrongREJECT packed into short rows, and a tiny model trained on them.
 fn config(ws: &Workspace, name: &str, steps: u64) -> std::path::PathBuf {
-    let mut s = format!("run_dir = \"run\"\n\n");
+    let mut s = "run_dir = \"run\"\n\n".to_string();
     for (input, file) in [
         ("spam", "spamassassin-spam.jsonl.gz"),
         ("harmbench", "harmbench.parquet"),
@@ -90,4 +90,56 @@ fn loss_falls_and_a_stopped_run_resumes_bit_exactly() {
         std::fs::read(ws.path().join("ckpt-stopped/step-00000024/model.safetensors")).unwrap(),
         std::fs::read(ckpt.join("model.safetensors")).unwrap()
     );
+}
+
+/// Our logits on a checkpoint equal an independent numpy implementation of Hugging Face's Llama
+/// forward, and `transformers`' own where PyTorch is installed (skipped cleanly otherwise).
+#[test]
+fn logits_match_an_independent_llama_forward() {
+    use safepipe_model::llama::{Batch, CpuModel, LlamaConfig, Params};
+    use safepipe_model::train::{OptimConfig, Schedule, Trainer};
+    let ws = Workspace::new();
+    let cfg = LlamaConfig::preset("micro").unwrap();
+    let params = Params::<f32>::init(&cfg, 7);
+    let optim = OptimConfig {
+        lr: 1e-3,
+        min_lr: 1e-4,
+        warmup_steps: 0,
+        total_steps: 1,
+        schedule: Schedule::Cosine,
+        weight_decay: 0.0,
+        beta1: 0.9,
+        beta2: 0.95,
+        eps: 1e-8,
+        clip: 0.0,
+    };
+    let trainer = Trainer::new(cfg.clone(), params.clone(), optim).unwrap();
+    let dir = ws.path().join("ckpt");
+    trainer.save(&dir, 1, 0, serde_json::Value::Null).unwrap();
+    let (rows, seq_len) = (2, 11);
+    let tokens: Vec<u32> = (0..rows * (seq_len + 1))
+        .map(|i| ((i * 37 + 5) % cfg.vocab_size) as u32)
+        .collect();
+    let batch = Batch {
+        rows,
+        seq_len,
+        tokens: tokens.clone(),
+        segments: None,
+        loss_mask: None,
+    };
+    let logits = CpuModel::new(cfg.clone()).unwrap().logits(&params, &batch);
+    let case = ws.path().join("case.json");
+    std::fs::write(
+        &case,
+        serde_json::json!({"rows": rows, "seq_len": seq_len, "tokens": tokens, "logits": logits}).to_string(),
+    )
+    .unwrap();
+    let out = std::process::Command::new(repo().join(".venv/bin/python"))
+        .arg(repo().join("tests/python/check_llama_parity.py"))
+        .args([dir.to_str().unwrap(), case.to_str().unwrap()])
+        .output()
+        .expect("run the Python oracle (make setup makes .venv)");
+    assert!(out.status.success(), "{}{}", text(&out.stdout), text(&out.stderr));
+    let report: serde_json::Value = serde_json::from_str(text(&out.stdout).trim()).unwrap();
+    assert!(report["numpy_max_abs_diff"].as_f64().unwrap() < 1e-4, "{report}");
 }

@@ -227,6 +227,18 @@ impl CpuModel {
         self.head(params, batch, &fwd.h_final, None).0
     }
 
+    /// Next-token logits `[rows * seq_len, vocab]` (for evaluation and parity checks; the
+    /// training path never materialises them).
+    pub fn logits<T: Scalar>(&self, params: &Params<T>, batch: &Batch) -> Vec<T> {
+        let fwd = self.forward(params, batch);
+        linear(
+            &fwd.h_final,
+            &params.embed,
+            self.config.hidden_size,
+            self.config.vocab_size,
+        )
+    }
+
     /// The mean loss and its gradient, **added** into `grads` (zero it, or accumulate).
     pub fn loss_and_grad<T: Scalar>(&self, params: &Params<T>, batch: &Batch, grads: &mut Params<T>) -> Loss {
         let fwd = self.forward(params, batch);
