@@ -97,21 +97,14 @@ fn loss_falls_and_a_stopped_run_resumes_bit_exactly() {
 #[test]
 fn logits_match_an_independent_llama_forward() {
     use safepipe_model::llama::{Batch, CpuModel, LlamaConfig, Params};
-    use safepipe_model::train::{OptimConfig, Schedule, Trainer};
+    use safepipe_model::train::{OptimConfig, Trainer};
     let ws = Workspace::new();
     let cfg = LlamaConfig::preset("micro").unwrap();
     let params = Params::<f32>::init(&cfg, 7);
     let optim = OptimConfig {
-        lr: 1e-3,
-        min_lr: 1e-4,
-        warmup_steps: 0,
-        total_steps: 1,
-        schedule: Schedule::Cosine,
         weight_decay: 0.0,
-        beta1: 0.9,
-        beta2: 0.95,
-        eps: 1e-8,
         clip: 0.0,
+        ..OptimConfig::default()
     };
     let trainer = Trainer::new(cfg.clone(), params.clone(), optim).unwrap();
     let dir = ws.path().join("ckpt");
@@ -142,4 +135,57 @@ fn logits_match_an_independent_llama_forward() {
     assert!(out.status.success(), "{}{}", text(&out.stdout), text(&out.stderr));
     let report: serde_json::Value = serde_json::from_str(text(&out.stdout).trim()).unwrap();
     assert!(report["numpy_max_abs_diff"].as_f64().unwrap() < 1e-4, "{report}");
+}
+
+/// Two `safepipe train` processes (torchrun-style RANK / WORLD_SIZE, rendezvous on 127.0.0.1)
+/// with micro-batch b reach the weights of one process with micro-batch 2b.
+#[test]
+fn two_processes_match_one_process_with_twice_the_batch() {
+    use safepipe_model::train::{OptimConfig, Trainer};
+    let ws = Workspace::new();
+    let one = config(&ws, "one", 3);
+    run_ok(&one, &[]);
+    let body = std::fs::read_to_string(&one).unwrap();
+    train(&one, &[]);
+    let two = ws.config(
+        "two.toml",
+        &body
+            .replace("ckpt-one", "ckpt-two")
+            .replace("micro_batch = 4", "micro_batch = 2"),
+    );
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let children: Vec<_> = (0..2)
+        .map(|rank| {
+            std::process::Command::new(bin())
+                .args(["train", two.to_str().unwrap()])
+                .env("RANK", rank.to_string())
+                .env("WORLD_SIZE", "2")
+                .env("MASTER_PORT", port.to_string())
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    for child in children {
+        let out = child.wait_with_output().unwrap();
+        assert!(out.status.success(), "{}", text(&out.stderr));
+    }
+    let optim = OptimConfig::default();
+    let load = |dir: &str| {
+        Trainer::load(&ws.path().join(dir).join("step-00000003"), optim.clone())
+            .unwrap()
+            .0
+    };
+    let (a, b) = (load("ckpt-one"), load("ckpt-two"));
+    let mut worst = 0f32;
+    for ((_, x, _), (_, y, _)) in a.params.tensors().into_iter().zip(b.params.tensors()) {
+        for (x, y) in x.iter().zip(y) {
+            worst = worst.max((x - y).abs());
+        }
+    }
+    assert!(worst < 1e-5, "max weight difference {worst}");
 }

@@ -38,6 +38,24 @@ pub struct OptimConfig {
     pub clip: f64,
 }
 
+impl Default for OptimConfig {
+    /// The paper's optimiser (AdamW, lr 5e-4, weight decay 0.01) with a cosine to lr / 10.
+    fn default() -> Self {
+        OptimConfig {
+            lr: 5e-4,
+            min_lr: 5e-5,
+            warmup_steps: 0,
+            total_steps: 1,
+            schedule: Schedule::Cosine,
+            weight_decay: 0.01,
+            beta1: 0.9,
+            beta2: 0.95,
+            eps: 1e-8,
+            clip: 1.0,
+        }
+    }
+}
+
 impl OptimConfig {
     /// The learning rate of (0-based) `step`.
     pub fn lr_at(&self, step: u64) -> f64 {
@@ -136,8 +154,8 @@ impl Collective for ThreadRank {
             let slots = self.shared.slots.lock().expect("collective lock");
             let n = self.shared.world as f32;
             for (i, x) in data.iter_mut().enumerate() {
-                let mut sum = 0f32;
-                for slot in slots.iter() {
+                let mut sum = slots[0][i];
+                for slot in &slots[1..] {
                     sum += slot[i];
                 }
                 *x = sum / n;
@@ -157,6 +175,149 @@ impl Collective for ThreadRank {
 
     fn barrier(&self) {
         self.shared.barrier.wait();
+    }
+}
+
+/// Ranks as processes (one machine or many) over TCP: rank 0 listens at the master address,
+/// every other rank connects to it. Rank 0 sums the buffers in rank order and sends the mean
+/// back, so results are bit-identical to [`ThreadRank`]'s. A star is plenty for the CPU
+/// reference backend; the CUDA backend brings NCCL.
+pub struct TcpCollective {
+    rank: usize,
+    world: usize,
+    /// Rank 0: the stream of rank i at index i - 1. Other ranks: the stream to rank 0.
+    streams: Mutex<Vec<std::net::TcpStream>>,
+}
+
+impl TcpCollective {
+    /// Connects the group; waits up to `timeout` for the master (rank 0) or for every worker.
+    pub fn connect(
+        rank: usize,
+        world: usize,
+        master: std::net::SocketAddr,
+        timeout: std::time::Duration,
+    ) -> Result<TcpCollective, String> {
+        use std::io::{Read, Write};
+        if rank >= world {
+            return Err(format!("rank {rank} is not below the world size {world}"));
+        }
+        let deadline = std::time::Instant::now() + timeout;
+        let streams = if rank == 0 {
+            let listener = std::net::TcpListener::bind(master)
+                .map_err(|e| format!("rank 0 cannot listen on {master}: {e} (set MASTER_ADDR / MASTER_PORT)"))?;
+            listener.set_nonblocking(true).map_err(|e| e.to_string())?;
+            let mut slots: Vec<Option<std::net::TcpStream>> = (1..world).map(|_| None).collect();
+            while slots.iter().any(Option::is_none) {
+                match listener.accept() {
+                    Ok((mut stream, _)) => {
+                        stream.set_nonblocking(false).map_err(|e| e.to_string())?;
+                        stream.set_nodelay(true).map_err(|e| e.to_string())?;
+                        let mut buf = [0u8; 4];
+                        stream.read_exact(&mut buf).map_err(|e| format!("handshake: {e}"))?;
+                        let peer = u32::from_le_bytes(buf) as usize;
+                        if peer == 0 || peer >= world || slots[peer - 1].is_some() {
+                            return Err(format!("a peer announced rank {peer}: duplicate or out of range"));
+                        }
+                        slots[peer - 1] = Some(stream);
+                    }
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                        if std::time::Instant::now() > deadline {
+                            let missing: Vec<usize> = (1..world).filter(|r| slots[r - 1].is_none()).collect();
+                            return Err(format!("rank 0: ranks {missing:?} did not connect to {master} in time"));
+                        }
+                        std::thread::sleep(std::time::Duration::from_millis(20));
+                    }
+                    Err(e) => return Err(format!("rank 0: accepting on {master}: {e}")),
+                }
+            }
+            slots.into_iter().map(|s| s.expect("all connected")).collect()
+        } else {
+            let mut stream = loop {
+                match std::net::TcpStream::connect(master) {
+                    Ok(s) => break s,
+                    Err(e) if std::time::Instant::now() > deadline => {
+                        return Err(format!("rank {rank}: cannot reach rank 0 at {master}: {e}"));
+                    }
+                    Err(_) => std::thread::sleep(std::time::Duration::from_millis(50)),
+                }
+            };
+            stream.set_nodelay(true).map_err(|e| e.to_string())?;
+            stream
+                .write_all(&(rank as u32).to_le_bytes())
+                .map_err(|e| format!("handshake: {e}"))?;
+            vec![stream]
+        };
+        Ok(TcpCollective {
+            rank,
+            world,
+            streams: Mutex::new(streams),
+        })
+    }
+}
+
+fn send(stream: &mut std::net::TcpStream, data: &[f32]) {
+    use std::io::Write;
+    let bytes: Vec<u8> = data.iter().flat_map(|x| x.to_le_bytes()).collect();
+    stream.write_all(&bytes).expect("collective: peer went away (send)");
+}
+
+fn receive(stream: &mut std::net::TcpStream, len: usize) -> Vec<f32> {
+    use std::io::Read;
+    let mut bytes = vec![0u8; len * 4];
+    stream
+        .read_exact(&mut bytes)
+        .expect("collective: peer went away (receive)");
+    bytes
+        .chunks_exact(4)
+        .map(|b| f32::from_le_bytes(b.try_into().expect("4 bytes")))
+        .collect()
+}
+
+impl Collective for TcpCollective {
+    fn rank(&self) -> usize {
+        self.rank
+    }
+
+    fn world_size(&self) -> usize {
+        self.world
+    }
+
+    /// Panics if a peer disappears: a data-parallel job cannot go on without it, and the
+    /// launcher restarts every rank from the last checkpoint.
+    fn all_reduce_mean(&self, data: &mut [f32]) {
+        let mut streams = self.streams.lock().expect("collective lock");
+        if self.rank == 0 {
+            let others: Vec<Vec<f32>> = streams.iter_mut().map(|s| receive(s, data.len())).collect();
+            let n = self.world as f32;
+            for (i, x) in data.iter_mut().enumerate() {
+                let mut sum = *x;
+                for other in &others {
+                    sum += other[i];
+                }
+                *x = sum / n;
+            }
+            for s in streams.iter_mut() {
+                send(s, data);
+            }
+        } else {
+            send(&mut streams[0], data);
+            data.copy_from_slice(&receive(&mut streams[0], data.len()));
+        }
+    }
+
+    fn broadcast(&self, data: &mut [f32]) {
+        let mut streams = self.streams.lock().expect("collective lock");
+        if self.rank == 0 {
+            for s in streams.iter_mut() {
+                send(s, data);
+            }
+        } else {
+            data.copy_from_slice(&receive(&mut streams[0], data.len()));
+        }
+    }
+
+    fn barrier(&self) {
+        self.all_reduce_mean(&mut [0.0]);
     }
 }
 
@@ -195,6 +356,16 @@ impl Trainer {
             step: 0,
             optim,
         })
+    }
+
+    /// Makes every rank hold rank 0's weights (after init or loading).
+    pub fn sync_weights(&mut self, comm: &dyn Collective) {
+        if comm.world_size() == 1 {
+            return;
+        }
+        for (_, t, _) in self.params.tensors_mut() {
+            comm.broadcast(t);
+        }
     }
 
     /// One optimiser step over this rank's micro-batches (gradient accumulation), averaged
@@ -373,12 +544,8 @@ mod tests {
             min_lr: 3e-4,
             warmup_steps: 2,
             total_steps: total,
-            schedule: Schedule::Cosine,
             weight_decay: 0.1,
-            beta1: 0.9,
-            beta2: 0.95,
-            eps: 1e-8,
-            clip: 1.0,
+            ..OptimConfig::default()
         }
     }
 

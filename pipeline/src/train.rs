@@ -14,7 +14,7 @@ use arrow::array::{Array, AsArray};
 use arrow::datatypes::{DataType, UInt16Type, UInt32Type};
 use futures::TryStreamExt;
 use safepipe_model::llama::{Batch, LlamaConfig, Params};
-use safepipe_model::train::{Collective, OptimConfig, Schedule, Single, StepStats, Trainer};
+use safepipe_model::train::{Collective, OptimConfig, Schedule, Single, StepStats, TcpCollective, Trainer};
 use safepipe_operators::pack::doc_hash;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -214,7 +214,8 @@ pub async fn train(config: &Config, resume: bool, until: Option<u64>) -> Result<
             trainer.model.config.vocab_size
         )));
     }
-    let comm = Single;
+    let comm = connect()?;
+    trainer.sync_weights(comm.as_ref());
     let global = t.micro_batch * t.grad_accum * comm.world_size();
     let flops_per_token = trainer.model.config.flops_per_token(data.seq_len);
     info!(
@@ -245,12 +246,13 @@ pub async fn train(config: &Config, resume: bool, until: Option<u64>) -> Result<
             })
             .collect();
         let step_clock = Instant::now();
-        let stats = tokio::task::block_in_place(|| trainer.train_step(&micro, &comm));
+        let stats = tokio::task::block_in_place(|| trainer.train_step(&micro, comm.as_ref()));
         let seconds = step_clock.elapsed().as_secs_f64();
         tokens_total += stats.tokens;
         let tokens_per_second = stats.tokens as f64 / seconds;
         let achieved = tokens_per_second * flops_per_token;
-        if stats.step % t.log_every == 0 || stats.step == t.steps {
+        let leader = comm.rank() == 0;
+        if leader && (stats.step % t.log_every == 0 || stats.step == t.steps) {
             let mfu = t.peak_flops.map(|peak| achieved / peak);
             info!(
                 step = stats.step,
@@ -270,7 +272,7 @@ pub async fn train(config: &Config, resume: bool, until: Option<u64>) -> Result<
         first.get_or_insert(stats);
         last = Some(stats);
         let due = t.checkpoint_every > 0 && stats.step % t.checkpoint_every == 0;
-        if due || stats.step == stop {
+        if leader && (due || stats.step == stop) {
             saved = Some(save(&trainer, config, &checkpoint_dir, global)?);
         }
     }
@@ -282,6 +284,37 @@ pub async fn train(config: &Config, resume: bool, until: Option<u64>) -> Result<
         tokens_per_second: tokens_total as f64 / clock.elapsed().as_secs_f64().max(1e-9),
         checkpoint: saved,
     })
+}
+
+/// The data-parallel group from the environment: torchrun-style `RANK` / `WORLD_SIZE`, else
+/// Slurm's `SLURM_PROCID` / `SLURM_NTASKS`, else one rank. Rank 0 listens at
+/// `MASTER_ADDR:MASTER_PORT` (default 127.0.0.1:29500); `SAFEPIPE_RENDEZVOUS_TIMEOUT` seconds
+/// (default 300) bound the wait for the others.
+fn connect() -> Result<Box<dyn Collective>> {
+    let var = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
+    let number = |k: &str, v: String| {
+        v.parse::<usize>()
+            .map_err(|_| Error::Config(format!("{k} = {v:?} is not a number")))
+    };
+    let (rank, world) = match (var("RANK"), var("WORLD_SIZE"), var("SLURM_PROCID"), var("SLURM_NTASKS")) {
+        (Some(r), Some(w), _, _) => (number("RANK", r)?, number("WORLD_SIZE", w)?),
+        (_, _, Some(r), Some(w)) => (number("SLURM_PROCID", r)?, number("SLURM_NTASKS", w)?),
+        _ => (0, 1),
+    };
+    if world <= 1 {
+        return Ok(Box::new(Single));
+    }
+    let host = var("MASTER_ADDR").unwrap_or_else(|| "127.0.0.1".into());
+    let port = var("MASTER_PORT").unwrap_or_else(|| "29500".into());
+    let timeout = var("SAFEPIPE_RENDEZVOUS_TIMEOUT").map_or(Ok(300), |v| number("SAFEPIPE_RENDEZVOUS_TIMEOUT", v))?;
+    let master = std::net::ToSocketAddrs::to_socket_addrs(&format!("{host}:{port}"))
+        .ok()
+        .and_then(|mut a| a.next())
+        .ok_or_else(|| Error::Config(format!("MASTER_ADDR:MASTER_PORT = {host}:{port} does not resolve")))?;
+    info!(rank, world_size = world, master = %master, "joining the data-parallel group");
+    let comm = TcpCollective::connect(rank, world, master, std::time::Duration::from_secs(timeout as u64))
+        .map_err(Error::Config)?;
+    Ok(Box::new(comm))
 }
 
 /// Saves `step-NNNNNNNN/` with the tokenizer beside the weights, then points `latest` at it.
