@@ -763,6 +763,103 @@ mod tests {
         }
     }
 
+    fn random(n: usize, rng: &mut crate::rng::Normal) -> Vec<f64> {
+        (0..n).map(|_| rng.sample()).collect()
+    }
+
+    /// Checks `grad` (the analytic gradient of `f` at `x`) against central differences.
+    fn check(name: &str, x: &[f64], grad: &[f64], f: &dyn Fn(&[f64]) -> f64) {
+        for i in 0..x.len() {
+            let (mut plus, mut minus) = (x.to_vec(), x.to_vec());
+            plus[i] += 1e-6;
+            minus[i] -= 1e-6;
+            let numeric = (f(&plus) - f(&minus)) / 2e-6;
+            assert!(
+                (numeric - grad[i]).abs() < 1e-6 + 1e-5 * numeric.abs(),
+                "{name}[{i}]: numeric {numeric} analytic {}",
+                grad[i]
+            );
+        }
+    }
+
+    /// Each op on its own: the scalar `sum(op(x) * r)` for a fixed random `r`, differentiated.
+    #[test]
+    fn every_op_matches_finite_differences() {
+        let mut rng = crate::rng::Normal::new(17);
+        let (n, d, out) = (3, 8, 5);
+        let (x, w, g) = (random(n * d, &mut rng), random(out * d, &mut rng), random(d, &mut rng));
+        let r_out = random(n * out, &mut rng);
+        let r_d = random(n * d, &mut rng);
+        let weigh = |y: &[f64], r: &[f64]| y.iter().zip(r).map(|(a, b)| a * b).sum::<f64>();
+        // linear: d/dx and d/dw.
+        let dx = linear_grad_input(&r_out, &w, d, out);
+        check("linear x", &x, &dx, &|x| weigh(&linear(x, &w, d, out), &r_out));
+        let mut dw = vec![0.0; out * d];
+        linear_grad_weight(&r_out, &x, &mut dw, d, out);
+        check("linear w", &w, &dw, &|w| weigh(&linear(&x, w, d, out), &r_out));
+        // RMSNorm: d/dx and d/dg.
+        let (_, r) = rmsnorm(&x, &g, d, 1e-5);
+        let mut dg = vec![0.0; d];
+        let dxn = rmsnorm_backward(&x, &r, &g, &r_d, &mut dg, d);
+        check("rmsnorm x", &x, &dxn, &|x| weigh(&rmsnorm(x, &g, d, 1e-5).0, &r_d));
+        check("rmsnorm g", &g, &dg, &|g| weigh(&rmsnorm(&x, g, d, 1e-5).0, &r_d));
+        // SiLU.
+        let z: Vec<f64> = random(6, &mut rng);
+        let dz: Vec<f64> = z.iter().map(|z| silu_grad(*z)).collect();
+        check("silu", &z, &dz, &|z| z.iter().map(|z| silu(*z)).sum());
+        // RoPE: the backward is the transposed rotation.
+        let cfg = LlamaConfig::preset("micro").unwrap();
+        let model = CpuModel::new(cfg.clone()).unwrap();
+        let (seq, width) = (5, cfg.hidden_size);
+        let q = random(seq * width, &mut rng);
+        let rq = random(seq * width, &mut rng);
+        let mut dq = rq.clone();
+        model.rope(&mut dq, width, seq, true);
+        let rotated = |q: &[f64]| {
+            let mut q = q.to_vec();
+            model.rope(&mut q, width, seq, false);
+            weigh(&q, &rq)
+        };
+        check("rope", &q, &dq, &rotated);
+        // Attention (GQA, causal + documents): d/dq, d/dk, d/dv through the saved log-sum-exp.
+        let kv = cfg.kv_dim();
+        let b = Batch {
+            rows: 1,
+            seq_len: seq,
+            tokens: vec![0; seq + 1],
+            segments: Some(vec![0, 0, 0, 1, 1]),
+            loss_mask: None,
+        };
+        let (k, v) = (random(seq * kv, &mut rng), random(seq * kv, &mut rng));
+        let (attn, lse) = model.attention(&q, &k, &v, &b);
+        let cache = LayerCache {
+            x_in: vec![],
+            r1: vec![],
+            h1: vec![],
+            q: q.clone(),
+            k: k.clone(),
+            v: v.clone(),
+            lse,
+            attn,
+            x_mid: vec![],
+            r2: vec![],
+            h2: vec![],
+            gate: vec![],
+            up: vec![],
+            act: vec![],
+        };
+        let (gq, gk, gv) = model.attention_backward(&cache, &rq, &b);
+        check("attention q", &q, &gq, &|q| {
+            weigh(&model.attention(q, &k, &v, &b).0, &rq)
+        });
+        check("attention k", &k, &gk, &|k| {
+            weigh(&model.attention(&q, k, &v, &b).0, &rq)
+        });
+        check("attention v", &v, &gv, &|v| {
+            weigh(&model.attention(&q, &k, v, &b).0, &rq)
+        });
+    }
+
     #[test]
     fn large_weight_paths_match_plain_loops() {
         let (n, inp, out) = (5, 64, LARGE_WEIGHT / 64);
