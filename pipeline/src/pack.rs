@@ -274,6 +274,7 @@ const MAX_BUCKETS: u64 = 512;
 
 impl PackJob<'_> {
     async fn execute(&self) -> Result<Manifest> {
+        let clock = Instant::now();
         // Pass 1: token totals per kind, then the mixture.
         let mut by_kind: BTreeMap<String, (u64, u64)> = BTreeMap::new();
         self.scan(&["kind", "n_tokens"], |_, _, batch| {
@@ -313,6 +314,12 @@ impl PackJob<'_> {
             }
         }
 
+        info!(
+            stage = "pack",
+            seconds = format!("{:.1}", clock.elapsed().as_secs_f64()),
+            epochs = ?epochs,
+            "pass 1 of 4 done: token totals and the mixture"
+        );
         // Passes 1b and 2: the exact selection cutoff of each fractional pass.
         if fractional {
             let seed = self.pack.seed;
@@ -355,6 +362,11 @@ impl PackJob<'_> {
             .map(|(s, e)| (s.tokens as f64 * e) as u64)
             .sum();
 
+        info!(
+            stage = "pack",
+            seconds = format!("{:.1}", clock.elapsed().as_secs_f64()),
+            "pass 2 of 4 done: selection cutoffs"
+        );
         // Pass 3: scatter the selected copies into key-range buckets on local disk.
         let buckets = (planned * 4 / self.pack.bucket_bytes + 1).min(MAX_BUCKETS);
         let spill = SpillDir::create(self.pack.spill_dir.as_deref())?;
@@ -410,6 +422,13 @@ impl PackJob<'_> {
             )));
         }
 
+        info!(
+            stage = "pack",
+            seconds = format!("{:.1}", clock.elapsed().as_secs_f64()),
+            buckets,
+            spill = %spill.path.display(),
+            "pass 3 of 4 done: selected documents spilled"
+        );
         // Pass 4: bucket by bucket in key order, pack and write shards.
         let names: Vec<String> = sources.iter().map(|s| s.spec.name.clone()).collect();
         let mut packer = Packer::new(self.pack.seq_len, self.tokenizer.vocab_size(), names);
