@@ -9,10 +9,11 @@ PY := $(VENV)/bin/python
 .PHONY: setup build demo test test-slow lint fmt bench clean help
 
 help:
-	@echo "make setup   install everything a fresh machine needs (Python venv, sample corpus, crates)"
-	@echo "make demo    run the pipeline on the bundled sample corpus (configs/demo.toml)"
+	@echo "make setup   install everything a fresh machine needs (Python venv, sample corpus, SmolLM2 model, crates)"
+	@echo "make demo    run the pipeline on the bundled sample corpus (configs/demo.toml), export, train a tiny model"
 	@echo "make test    the test suite (needs make setup first)"
 	@echo "make lint    rustfmt check + clippy -D warnings"
+	@echo "make bench   ingest and tokenize benchmarks -> docs/BENCHMARKS.md"
 
 setup:
 	@command -v $(CARGO) >/dev/null || { echo "setup: cargo not found; install Rust (rustup) first" >&2; exit 1; }
