@@ -1,90 +1,176 @@
 //! `safepipe train CONFIG`: pretrains a SmolLM2-family model on the run's packed shards with the
 //! CPU reference backend (the `[train]` section; docs/training.md).
 //!
-//! Data order: each epoch is a permutation of the shard rows seeded by (seed, epoch); global row
-//! position `p = step * global_batch + i` maps to row `perm(p / rows)[p % rows]`, and rank `r`
-//! takes positions `r * micro_batch ..` of each micro-batch slot. So the rows a step sees depend
-//! only on (seed, step): resuming at step k repeats and skips nothing.
+//! Data order ([`ShardReader`]): global row position `p = step * global_batch + slot` maps to a
+//! row by a seeded per-epoch order of the shards' row groups and a seeded permutation within
+//! each; rank `r` takes slots `r * micro_batch ..` of each micro-batch. So the rows a step sees
+//! depend only on (seed, step): resuming at step k repeats and skips nothing.
 
 use crate::config::{Config, TrainConfig};
 use crate::error::{Error, Result};
-use crate::pack::{Manifest, load_manifest, open_shard};
+use crate::pack::{Manifest, load_manifest};
 use crate::storage::Stores;
 use arrow::array::{Array, AsArray};
 use arrow::datatypes::{DataType, UInt16Type, UInt32Type};
 use futures::TryStreamExt;
+use object_store::ObjectStoreExt;
+use parquet::arrow::ParquetRecordBatchStreamBuilder;
 use safepipe_model::llama::{Batch, LlamaConfig, Params};
 use safepipe_model::train::{Collective, OptimConfig, Schedule, Single, StepStats, TcpCollective, Trainer};
 use safepipe_operators::pack::doc_hash;
+use safepipe_operators::parquet_io::ObjectReader;
+use std::collections::VecDeque;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Instant;
 use tracing::info;
 
-/// The packed rows, in memory.
-pub struct ShardRows {
-    pub seq_len: usize,
-    /// `rows * (seq_len + 1)` ids.
-    pub tokens: Vec<u32>,
-    /// Per row: segment starts and whether the first continues a document.
-    pub offsets: Vec<Vec<u32>>,
+/// One Parquet row group of a shard: what the trainer reads at a time and shuffles within.
+#[derive(Debug, Clone)]
+struct Block {
+    file: String,
+    row_group: usize,
+    rows: usize,
 }
 
-impl ShardRows {
-    pub fn len(&self) -> usize {
-        self.offsets.len()
-    }
+/// The rows of one block, decoded: `rows * (seq_len + 1)` ids and each row's segment starts.
+struct BlockRows {
+    tokens: Vec<u32>,
+    offsets: Vec<Vec<u32>>,
+}
 
-    pub fn is_empty(&self) -> bool {
-        self.offsets.is_empty()
-    }
+/// Decoded blocks kept at once (the one being read, the next, a prefetch).
+const CACHED_BLOCKS: usize = 3;
 
-    /// Reads every shard the manifest names.
-    pub async fn load(stores: &Stores, manifest: &Manifest) -> Result<ShardRows> {
-        let row_len = manifest.seq_len + 1;
-        let mut tokens = Vec::with_capacity(manifest.tokens as usize);
-        let mut offsets = Vec::new();
+/// Streams training rows from the shards in a seeded order, a row group at a time.
+///
+/// Order: the pack stage already shuffled documents globally; here each epoch visits the blocks
+/// in a permutation seeded by (seed, epoch) and the rows of a block in a seeded affine
+/// permutation. Global position `p` is a pure function of (seed, p), so resuming at any step
+/// repeats and skips nothing. Memory: at most [`CACHED_BLOCKS`] decoded row groups; the next
+/// block is read in the background while the current one trains.
+pub struct ShardReader {
+    stores: Arc<Stores>,
+    blocks: Vec<Block>,
+    rows: usize,
+    seq_len: usize,
+    seed: u64,
+    /// (epoch, block order, start position of each block of the order).
+    epoch: Option<(u64, Vec<usize>, Vec<usize>)>,
+    cache: VecDeque<(usize, Arc<BlockRows>)>,
+    prefetch: Option<(usize, tokio::task::JoinHandle<Result<BlockRows>>)>,
+}
+
+impl ShardReader {
+    /// Reads the shards' footers (not their data).
+    pub async fn open(stores: Arc<Stores>, manifest: &Manifest, seed: u64) -> Result<ShardReader> {
+        let mut blocks = Vec::new();
         for shard in &manifest.shards {
-            let mut stream = open_shard(&stores.resolve(&shard.file)?).await?;
-            while let Some(batch) = stream.try_next().await? {
-                let ids = batch.column(0).as_list::<i32>();
-                let starts = batch.column(1).as_list::<i32>();
-                match ids.values().data_type() {
-                    DataType::UInt16 => tokens.extend(
-                        ids.values()
-                            .as_primitive::<UInt16Type>()
-                            .values()
-                            .iter()
-                            .map(|&t| u32::from(t)),
-                    ),
-                    _ => tokens.extend(ids.values().as_primitive::<UInt32Type>().values().iter().copied()),
-                }
-                for row in 0..batch.num_rows() {
-                    offsets.push(starts.value(row).as_primitive::<UInt32Type>().values().to_vec());
-                }
+            let location = stores.resolve(&shard.file)?;
+            let size = location.store.head(&location.path).await?.size;
+            let reader = ObjectReader::new(location.store.clone(), location.path.clone(), size);
+            let builder = ParquetRecordBatchStreamBuilder::new(reader).await?;
+            for (row_group, meta) in builder.metadata().row_groups().iter().enumerate() {
+                blocks.push(Block {
+                    file: shard.file.clone(),
+                    row_group,
+                    rows: meta.num_rows() as usize,
+                });
             }
         }
-        if tokens.len() != offsets.len() * row_len {
-            return Err(Error::Internal(format!(
-                "shards hold {} ids for {} rows of {row_len}",
-                tokens.len(),
-                offsets.len()
-            )));
-        }
-        Ok(ShardRows {
+        let rows = blocks.iter().map(|b| b.rows).sum();
+        Ok(ShardReader {
+            stores,
+            blocks,
+            rows,
             seq_len: manifest.seq_len,
-            tokens,
-            offsets,
+            seed,
+            epoch: None,
+            cache: VecDeque::new(),
+            prefetch: None,
         })
     }
 
-    /// A batch of the given rows; with `document_mask`, attention stays within documents.
-    pub fn batch(&self, rows: &[usize], document_mask: bool) -> Batch {
+    pub fn len(&self) -> usize {
+        self.rows
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.rows == 0
+    }
+
+    /// (block, row within the block) of global position `p`.
+    fn locate(&mut self, p: u64) -> (usize, usize) {
+        let epoch = p / self.rows as u64;
+        if self.epoch.as_ref().is_none_or(|(e, _, _)| *e != epoch) {
+            let mut order: Vec<usize> = (0..self.blocks.len()).collect();
+            order.sort_by_key(|&b| (doc_hash(self.seed, 4, epoch as u32, b as u32, 0), b));
+            let mut starts = Vec::with_capacity(order.len());
+            let mut at = 0;
+            for &b in &order {
+                starts.push(at);
+                at += self.blocks[b].rows;
+            }
+            self.epoch = Some((epoch, order, starts));
+        }
+        let (_, order, starts) = self.epoch.as_ref().expect("set above");
+        let i = (p % self.rows as u64) as usize;
+        let k = starts.partition_point(|&s| s <= i) - 1;
+        let block = order[k];
+        let n = self.blocks[block].rows;
+        // An affine bijection of 0..n: a seeded multiplier coprime to n and a seeded offset.
+        let h = doc_hash(self.seed, 5, epoch as u32, block as u32, 0);
+        let mut a = (h % n as u64).max(1) as usize;
+        while gcd(a, n) != 1 {
+            a += 1;
+        }
+        let c = ((h >> 32) % n as u64) as usize;
+        (block, (a * (i - starts[k]) + c) % n)
+    }
+
+    async fn block(&mut self, b: usize) -> Result<Arc<BlockRows>> {
+        if let Some((_, rows)) = self.cache.iter().find(|(id, _)| *id == b) {
+            return Ok(rows.clone());
+        }
+        let rows = match self.prefetch.take() {
+            Some((id, handle)) if id == b => handle
+                .await
+                .map_err(|e| Error::Internal(format!("reading a shard block: {e}")))??,
+            other => {
+                self.prefetch = other;
+                load_block(self.stores.clone(), self.blocks[b].clone(), self.seq_len).await?
+            }
+        };
+        let rows = Arc::new(rows);
+        self.cache.push_back((b, rows.clone()));
+        while self.cache.len() > CACHED_BLOCKS {
+            self.cache.pop_front();
+        }
+        Ok(rows)
+    }
+
+    /// Starts reading the block of position `p` in the background, unless it is at hand.
+    pub fn prefetch(&mut self, p: u64) {
+        let (b, _) = self.locate(p);
+        let cached = self.cache.iter().any(|(id, _)| *id == b);
+        if cached || self.prefetch.as_ref().is_some_and(|(id, _)| *id == b) {
+            return;
+        }
+        let handle = tokio::spawn(load_block(self.stores.clone(), self.blocks[b].clone(), self.seq_len));
+        self.prefetch = Some((b, handle));
+    }
+
+    /// The rows at global positions `positions`; with `document_mask`, attention stays within
+    /// documents.
+    pub async fn batch(&mut self, positions: &[u64], document_mask: bool) -> Result<Batch> {
         let row_len = self.seq_len + 1;
-        let mut tokens = Vec::with_capacity(rows.len() * row_len);
-        let mut segments = Vec::with_capacity(rows.len() * self.seq_len);
-        for &r in rows {
-            tokens.extend_from_slice(&self.tokens[r * row_len..(r + 1) * row_len]);
-            let starts = &self.offsets[r];
+        let mut tokens = Vec::with_capacity(positions.len() * row_len);
+        let mut segments = Vec::with_capacity(positions.len() * self.seq_len);
+        for &p in positions {
+            let (b, r) = self.locate(p);
+            let block = self.block(b).await?;
+            tokens.extend_from_slice(&block.tokens[r * row_len..(r + 1) * row_len]);
+            let starts = &block.offsets[r];
             let mut segment = 0u32;
             for t in 0..self.seq_len {
                 while (segment as usize + 1) < starts.len() && starts[segment as usize + 1] as usize <= t {
@@ -93,42 +179,63 @@ impl ShardRows {
                 segments.push(segment);
             }
         }
-        Batch {
-            rows: rows.len(),
+        Ok(Batch {
+            rows: positions.len(),
             seq_len: self.seq_len,
             tokens,
             segments: document_mask.then_some(segments),
             loss_mask: None,
-        }
+        })
     }
 }
 
-/// The seeded order of rows: epoch permutations computed on demand.
-pub struct RowOrder {
-    seed: u64,
-    rows: usize,
-    epoch: Option<(u64, Vec<usize>)>,
+fn gcd(mut a: usize, mut b: usize) -> usize {
+    while b != 0 {
+        (a, b) = (b, a % b);
+    }
+    a
 }
 
-impl RowOrder {
-    pub fn new(seed: u64, rows: usize) -> Self {
-        RowOrder {
-            seed,
-            rows,
-            epoch: None,
+/// Reads and decodes one row group of a shard.
+async fn load_block(stores: Arc<Stores>, block: Block, seq_len: usize) -> Result<BlockRows> {
+    let location = stores.resolve(&block.file)?;
+    let size = location.store.head(&location.path).await?.size;
+    let reader = ObjectReader::new(location.store.clone(), location.path.clone(), size);
+    let mut stream = ParquetRecordBatchStreamBuilder::new(reader)
+        .await?
+        .with_row_groups(vec![block.row_group])
+        .with_batch_size(1024)
+        .build()?;
+    let mut tokens = Vec::with_capacity(block.rows * (seq_len + 1));
+    let mut offsets = Vec::with_capacity(block.rows);
+    while let Some(batch) = stream.try_next().await? {
+        let ids = batch.column(0).as_list::<i32>();
+        let starts = batch.column(1).as_list::<i32>();
+        match ids.values().data_type() {
+            DataType::UInt16 => tokens.extend(
+                ids.values()
+                    .as_primitive::<UInt16Type>()
+                    .values()
+                    .iter()
+                    .map(|&t| u32::from(t)),
+            ),
+            _ => tokens.extend(ids.values().as_primitive::<UInt32Type>().values().iter().copied()),
+        }
+        for row in 0..batch.num_rows() {
+            offsets.push(starts.value(row).as_primitive::<UInt32Type>().values().to_vec());
         }
     }
-
-    /// The row at global position `p`.
-    pub fn row(&mut self, p: u64) -> usize {
-        let epoch = p / self.rows as u64;
-        if self.epoch.as_ref().is_none_or(|(e, _)| *e != epoch) {
-            let mut perm: Vec<usize> = (0..self.rows).collect();
-            perm.sort_by_key(|&i| (doc_hash(self.seed, 3, epoch as u32, i as u32, 0), i));
-            self.epoch = Some((epoch, perm));
-        }
-        self.epoch.as_ref().expect("set above").1[(p % self.rows as u64) as usize]
+    if tokens.len() != block.rows * (seq_len + 1) || offsets.len() != block.rows {
+        return Err(Error::Internal(format!(
+            "{} row group {}: {} ids for {} rows of {}",
+            block.file,
+            block.row_group,
+            tokens.len(),
+            block.rows,
+            seq_len + 1
+        )));
     }
+    Ok(BlockRows { tokens, offsets })
 }
 
 fn optim(t: &TrainConfig) -> OptimConfig {
@@ -182,7 +289,7 @@ pub async fn train(config: &Config, resume: bool, until: Option<u64>) -> Result<
             config.path.display()
         ))
     })?;
-    let data = ShardRows::load(&stores, &manifest).await?;
+    let mut data = ShardReader::open(Arc::new(stores), &manifest, t.seed).await?;
     if data.is_empty() {
         return Err(Error::Config("the shards hold no rows: nothing to train on".into()));
     }
@@ -217,18 +324,17 @@ pub async fn train(config: &Config, resume: bool, until: Option<u64>) -> Result<
     let comm = connect()?;
     trainer.sync_weights(comm.as_ref());
     let global = t.micro_batch * t.grad_accum * comm.world_size();
-    let flops_per_token = trainer.model.config.flops_per_token(data.seq_len);
+    let flops_per_token = trainer.model.config.flops_per_token(manifest.seq_len);
     info!(
         model = %t.model,
         parameters = trainer.model.config.parameter_count(),
         rows = data.len(),
-        seq_len = data.seq_len,
+        seq_len = manifest.seq_len,
         global_batch = global,
         from_step = trainer.step,
         steps = t.steps,
         "training"
     );
-    let mut order = RowOrder::new(t.seed, data.len());
     let bar = crate::progress::step_bar(t.steps, "train");
     bar.set_position(trainer.step);
     let start_step = trainer.step;
@@ -238,13 +344,14 @@ pub async fn train(config: &Config, resume: bool, until: Option<u64>) -> Result<
     let stop = until.unwrap_or(t.steps).min(t.steps);
     while trainer.step < stop {
         let step = trainer.step;
-        let micro: Vec<Batch> = (0..t.grad_accum)
-            .map(|j| {
-                let base = step * global as u64 + ((j * comm.world_size() + comm.rank()) * t.micro_batch) as u64;
-                let rows: Vec<usize> = (0..t.micro_batch as u64).map(|i| order.row(base + i)).collect();
-                data.batch(&rows, t.document_mask)
-            })
-            .collect();
+        let mut micro: Vec<Batch> = Vec::with_capacity(t.grad_accum);
+        for j in 0..t.grad_accum {
+            let base = step * global as u64 + ((j * comm.world_size() + comm.rank()) * t.micro_batch) as u64;
+            let positions: Vec<u64> = (base..base + t.micro_batch as u64).collect();
+            micro.push(data.batch(&positions, t.document_mask).await?);
+        }
+        // Read ahead the block the end of the next step needs while this one computes.
+        data.prefetch((step + 2) * global as u64 - 1);
         let step_clock = Instant::now();
         let stats = tokio::task::block_in_place(|| trainer.train_step(&micro, comm.as_ref()));
         let seconds = step_clock.elapsed().as_secs_f64();
@@ -338,4 +445,47 @@ fn save(trainer: &Trainer, config: &Config, dir: &Path, global: usize) -> Result
     std::fs::rename(&partial, dir.join(LATEST)).map_err(|e| Error::Config(format!("{}: {e}", dir.display())))?;
     info!(checkpoint = %target.display(), step = trainer.step, "saved");
     Ok(target)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_epoch_visits_every_row_once_in_a_new_order() {
+        let blocks: Vec<Block> = [7, 12, 1, 30]
+            .iter()
+            .enumerate()
+            .map(|(i, &rows)| Block {
+                file: format!("shard-{i}"),
+                row_group: 0,
+                rows,
+            })
+            .collect();
+        let rows = blocks.iter().map(|b| b.rows).sum::<usize>();
+        let mut reader = ShardReader {
+            stores: Arc::new(Stores::default()),
+            blocks,
+            rows,
+            seq_len: 4,
+            seed: 3,
+            epoch: None,
+            cache: VecDeque::new(),
+            prefetch: None,
+        };
+        let mut orders = Vec::new();
+        for epoch in 0..3u64 {
+            let order: Vec<(usize, usize)> = (0..rows as u64)
+                .map(|i| reader.locate(epoch * rows as u64 + i))
+                .collect();
+            let mut sorted = order.clone();
+            sorted.sort();
+            sorted.dedup();
+            assert_eq!(sorted.len(), rows, "epoch {epoch} repeats a row");
+            orders.push(order);
+        }
+        assert_ne!(orders[0], orders[1]);
+        // A pure function of the position: asking again (or from another reader) agrees.
+        assert_eq!(reader.locate(5), orders[0][5]);
+    }
 }
