@@ -149,7 +149,10 @@ fn two_processes_match_one_process_with_twice_the_batch() {
     train(&one, &[]);
     let two = ws.config(
         "two.toml",
+        // A run directory of its own, training on the first config's shards (`train.shards`).
         &body
+            .replace("run_dir = \"run\"", "run_dir = \"elsewhere\"")
+            .replace("[train]\n", "[train]\nshards = \"run\"\n")
             .replace("ckpt-one", "ckpt-two")
             .replace("micro_batch = 4", "micro_batch = 2"),
     );

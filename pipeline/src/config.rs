@@ -232,6 +232,9 @@ pub struct TrainConfig {
     /// Start from this Hugging Face-format checkpoint directory instead of a fresh init.
     #[serde(default)]
     pub init_from: Option<String>,
+    /// Train on the packed shards of this run directory (path or URL) instead of this config's.
+    #[serde(default)]
+    pub shards: Option<String>,
     /// Where checkpoints go (`step-NNNNNNNN/` + `latest`).
     pub checkpoint_dir: String,
     /// Save every this many steps (and at the end); 0 = only at the end.
@@ -525,6 +528,7 @@ fn validate_train(mut t: TrainConfig, dir: &Path) -> std::result::Result<TrainCo
     }
     t.checkpoint_dir = resolve(dir, &t.checkpoint_dir);
     t.init_from = t.init_from.map(|p| resolve(dir, &p));
+    t.shards = t.shards.map(|p| resolve(dir, &p));
     Ok(t)
 }
 

@@ -281,12 +281,12 @@ pub async fn train(config: &Config, resume: bool, until: Option<u64>) -> Result<
         ))
     })?;
     let stores = Stores::default();
-    let run_dir = stores.resolve(&config.run_dir)?;
+    // The shards of this run, or of the run directory `train.shards` names.
+    let run_dir = stores.resolve(t.shards.as_deref().unwrap_or(&config.run_dir))?;
     let manifest = load_manifest(&run_dir).await?.ok_or_else(|| {
         Error::Config(format!(
-            "no packed shards in {}: run `safepipe run {}` (with [tokenize] and [pack]) first",
+            "no packed shards in {}: run `safepipe run` (with [tokenize] and [pack]) on it first",
             run_dir.display(),
-            config.path.display()
         ))
     })?;
     let mut data = ShardReader::open(Arc::new(stores), &manifest, t.seed).await?;
