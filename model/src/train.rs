@@ -63,7 +63,8 @@ impl OptimConfig {
             return self.lr * (step + 1) as f64 / self.warmup_steps as f64;
         }
         let total = self.total_steps.max(self.warmup_steps + 1);
-        let progress = (step - self.warmup_steps) as f64 / (total - self.warmup_steps) as f64;
+        // The last step taken is total - 1: it reaches min_lr.
+        let progress = (step - self.warmup_steps) as f64 / (total - self.warmup_steps - 1).max(1) as f64;
         let progress = progress.min(1.0);
         match self.schedule {
             Schedule::Cosine => {
@@ -209,15 +210,21 @@ impl TcpCollective {
             let mut slots: Vec<Option<std::net::TcpStream>> = (1..world).map(|_| None).collect();
             while slots.iter().any(Option::is_none) {
                 match listener.accept() {
-                    Ok((mut stream, _)) => {
-                        stream.set_nonblocking(false).map_err(|e| e.to_string())?;
-                        stream.set_nodelay(true).map_err(|e| e.to_string())?;
+                    Ok((mut stream, from)) => {
+                        // A peer that does not announce a valid rank within 10 s (a port probe,
+                        // a stray client) is dropped; the group keeps waiting for real ranks.
+                        let setup = stream
+                            .set_nonblocking(false)
+                            .and_then(|_| stream.set_nodelay(true))
+                            .and_then(|_| stream.set_read_timeout(Some(std::time::Duration::from_secs(10))));
                         let mut buf = [0u8; 4];
-                        stream.read_exact(&mut buf).map_err(|e| format!("handshake: {e}"))?;
+                        let announced = setup.and_then(|_| stream.read_exact(&mut buf));
                         let peer = u32::from_le_bytes(buf) as usize;
-                        if peer == 0 || peer >= world || slots[peer - 1].is_some() {
-                            return Err(format!("a peer announced rank {peer}: duplicate or out of range"));
+                        if announced.is_err() || peer == 0 || peer >= world || slots[peer - 1].is_some() {
+                            eprintln!("rank 0: ignoring a connection from {from} that did not announce a free rank");
+                            continue;
                         }
+                        stream.set_read_timeout(None).map_err(|e| e.to_string())?;
                         slots[peer - 1] = Some(stream);
                     }
                     Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {

@@ -81,7 +81,15 @@ pub fn plan_mixture(sources: &[MixSource], available: &[u64], total_tokens: Opti
     Ok(fractions
         .iter()
         .zip(available)
-        .map(|(&w, &a)| if a == 0 { 0.0 } else { w * total / a as f64 })
+        .zip(sources)
+        // Clamped: the tolerance above must never turn into a repeated document.
+        .map(|((&w, &a), s)| {
+            if a == 0 {
+                0.0
+            } else {
+                (w * total / a as f64).min(s.max_epochs)
+            }
+        })
         .collect())
 }
 

@@ -520,8 +520,8 @@ fn validate_train(mut t: TrainConfig, dir: &Path) -> std::result::Result<TrainCo
     if !matches!(t.schedule.as_str(), "cosine" | "wsd") {
         return Err(format!("train.schedule = {:?}: use \"cosine\" or \"wsd\"", t.schedule));
     }
-    if t.steps == 0 || t.micro_batch == 0 || t.grad_accum == 0 {
-        return Err("train.steps, train.micro_batch and train.grad_accum must be at least 1".into());
+    if t.steps == 0 || t.micro_batch == 0 || t.grad_accum == 0 || t.log_every == 0 {
+        return Err("train.steps, train.micro_batch, train.grad_accum and train.log_every must be at least 1".into());
     }
     if !(t.lr > 0.0 && t.lr.is_finite() && (0.0..1.0).contains(&t.decay_fraction)) {
         return Err("train.lr must be > 0 and train.decay_fraction in [0, 1)".into());

@@ -124,16 +124,17 @@ pub async fn megatron(config: &Config, prefix: &Path) -> Result<MegatronReport> 
     for d in &documents {
         index.extend_from_slice(&d.to_le_bytes());
     }
+    if tokens != manifest.tokens {
+        let _ = std::fs::remove_file(&bin_tmp);
+        return Err(Error::Internal(format!(
+            "megatron export read {tokens} tokens but the manifest has {}; nothing written",
+            manifest.tokens
+        )));
+    }
     let idx_tmp = with_suffix(".idx.partial");
     std::fs::write(&idx_tmp, &index).map_err(|e| io_error(&idx_tmp, e))?;
     std::fs::rename(&bin_tmp, &bin).map_err(|e| io_error(&bin, e))?;
     std::fs::rename(&idx_tmp, &idx).map_err(|e| io_error(&idx, e))?;
-    if tokens != manifest.tokens {
-        return Err(Error::Internal(format!(
-            "megatron export wrote {tokens} tokens but the manifest has {}",
-            manifest.tokens
-        )));
-    }
     Ok(MegatronReport {
         bin,
         idx,

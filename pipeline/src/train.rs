@@ -296,6 +296,8 @@ pub async fn train(config: &Config, resume: bool, until: Option<u64>) -> Result<
     let fail = |e: String| Error::Config(format!("train: {e}"));
     let checkpoint_dir = PathBuf::from(&t.checkpoint_dir);
     let latest = checkpoint_dir.join(LATEST);
+    let comm = connect()?;
+    let global = t.micro_batch * t.grad_accum * comm.world_size();
     let mut trainer = if resume {
         let name = std::fs::read_to_string(&latest).map_err(|e| {
             Error::Config(format!(
@@ -305,15 +307,35 @@ pub async fn train(config: &Config, resume: bool, until: Option<u64>) -> Result<
         })?;
         let dir = checkpoint_dir.join(name.trim());
         info!(checkpoint = %dir.display(), "resuming");
-        Trainer::load(&dir, optim(t)).map_err(fail)?.0
-    } else if let Some(init) = &t.init_from {
-        let mut trainer = Trainer::load(Path::new(init), optim(t)).map_err(fail)?.0;
-        trainer.step = 0;
+        let (trainer, extra) = Trainer::load(&dir, optim(t)).map_err(fail)?;
+        // Data positions are step x global batch: a different global batch would skip or repeat rows.
+        if let Some(saved) = extra["global_batch"].as_u64()
+            && saved != global as u64
+        {
+            return Err(fail(format!(
+                "--resume: the checkpoint was made with a global batch of {saved} rows, this run has {global} \
+                 (micro_batch x grad_accum x ranks); keep it the same to resume"
+            )));
+        }
         trainer
+    } else if let Some(init) = &t.init_from {
+        // Weights only: fresh optimiser moments and step 0.
+        let loaded = Trainer::load(Path::new(init), optim(t)).map_err(fail)?.0;
+        Trainer::new(loaded.model.config.clone(), loaded.params, optim(t)).map_err(fail)?
     } else {
         let model = LlamaConfig::preset(&t.model).expect("checked when the config loaded");
         Trainer::new(model.clone(), Params::init(&model, t.seed), optim(t)).map_err(fail)?
     };
+    if let Some(tokenize) = &config.tokenize
+        && tokenize.tokenizer.hash() != manifest.tokenizer.sha256
+    {
+        return Err(fail(format!(
+            "the shards were tokenized with tokenizer {} but [tokenize] here is {}: checkpoints would carry \
+             the wrong tokenizer.json; point [tokenize] at the shards' tokenizer",
+            manifest.tokenizer.sha256,
+            tokenize.tokenizer.hash()
+        )));
+    }
     let vocab = manifest.tokenizer.vocab_size;
     if trainer.model.config.vocab_size < vocab {
         return Err(fail(format!(
@@ -321,9 +343,7 @@ pub async fn train(config: &Config, resume: bool, until: Option<u64>) -> Result<
             trainer.model.config.vocab_size
         )));
     }
-    let comm = connect()?;
     trainer.sync_weights(comm.as_ref());
-    let global = t.micro_batch * t.grad_accum * comm.world_size();
     let flops_per_token = trainer.model.config.flops_per_token(manifest.seq_len);
     info!(
         model = %t.model,

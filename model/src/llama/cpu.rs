@@ -583,6 +583,8 @@ const LARGE_WEIGHT: usize = 1 << 20;
 /// Fixed split of the output dimension for the large-weight input gradient: partial sums are
 /// added in this order, so results do not depend on the number of threads.
 const SPLITS: usize = 16;
+/// Row counts up to which the split input gradient is used.
+const SMALL_ROWS: usize = 256;
 
 /// `y[n, o] = sum_i x[n, i] w[o, i]` for `x: [n, inp]`, `w: [out, inp]`.
 pub fn linear<T: Scalar>(x: &[T], w: &[T], inp: usize, out: usize) -> Vec<T> {
@@ -616,7 +618,8 @@ pub fn linear<T: Scalar>(x: &[T], w: &[T], inp: usize, out: usize) -> Vec<T> {
 /// `dx[n, i] = sum_o dy[n, o] w[o, i]`.
 fn linear_grad_input<T: Scalar>(dy: &[T], w: &[T], inp: usize, out: usize) -> Vec<T> {
     let n = dy.len() / out;
-    if w.len() >= LARGE_WEIGHT {
+    // Only for few rows (the head's chunks): the parts cost SPLITS x n x inp memory.
+    if w.len() >= LARGE_WEIGHT && n <= SMALL_ROWS {
         // Split the sum over o into fixed parts (each streams its weight rows once), then add
         // the parts in order.
         let part = out.div_ceil(SPLITS);
