@@ -322,34 +322,15 @@ impl PackJob<'_> {
         );
         // Passes 1b and 2: the exact selection cutoff of each fractional pass.
         if fractional {
-            let seed = self.pack.seed;
-            self.scan(&["kind", "n_tokens"], |unit, first_row, batch| {
-                let kinds = batch.column(0).as_string::<i32>();
-                let n = batch.column(1).as_primitive::<UInt32Type>();
-                for i in 0..batch.num_rows() {
-                    if let Some(&s) = kind_source.get(kinds.value(i)) {
-                        let h = doc_hash(seed, PURPOSE_SELECT, unit, first_row + i as u32, 0);
-                        sources[usize::from(s)].finder.histogram(h, u64::from(n.value(i)));
-                    }
-                }
-            })
-            .await?;
+            self.scan_selection(&kind_source, |s, h, n| sources[s].finder.histogram(h, n))
+                .await?;
             let mut boundary = false;
             for s in sources.iter_mut() {
                 boundary |= s.finder.boundary().is_some();
             }
             if boundary {
-                self.scan(&["kind", "n_tokens"], |unit, first_row, batch| {
-                    let kinds = batch.column(0).as_string::<i32>();
-                    let n = batch.column(1).as_primitive::<UInt32Type>();
-                    for i in 0..batch.num_rows() {
-                        if let Some(&s) = kind_source.get(kinds.value(i)) {
-                            let h = doc_hash(seed, PURPOSE_SELECT, unit, first_row + i as u32, 0);
-                            sources[usize::from(s)].finder.candidate(h, u64::from(n.value(i)));
-                        }
-                    }
-                })
-                .await?;
+                self.scan_selection(&kind_source, |s, h, n| sources[s].finder.candidate(h, n))
+                    .await?;
             }
         }
         for s in sources.iter_mut() {
@@ -585,13 +566,30 @@ impl PackJob<'_> {
             .collect())
     }
 
+    /// Streams every document of a mixture source as `f(source, selection hash, tokens)`.
+    async fn scan_selection(
+        &self,
+        kind_source: &HashMap<String, u16>,
+        mut f: impl FnMut(usize, u64, u64),
+    ) -> Result<()> {
+        let seed = self.pack.seed;
+        self.scan(&["kind", "n_tokens"], |unit, first_row, batch| {
+            let kinds = batch.column(0).as_string::<i32>();
+            let n = batch.column(1).as_primitive::<UInt32Type>();
+            for i in 0..batch.num_rows() {
+                if let Some(&s) = kind_source.get(kinds.value(i)) {
+                    let h = doc_hash(seed, PURPOSE_SELECT, unit, first_row + i as u32, 0);
+                    f(usize::from(s), h, u64::from(n.value(i)));
+                }
+            }
+        })
+        .await
+    }
+
     /// Streams `columns` of every unit's tokens file in unit order; `f(unit, first_row, batch)`.
     async fn scan(&self, columns: &[&str], mut f: impl FnMut(u32, u32, &RecordBatch)) -> Result<()> {
         for (unit, file) in &self.files {
-            let location = self.stores.resolve(file)?;
-            let size = location.store.head(&location.path).await?.size;
-            let reader = ObjectReader::new(location.store.clone(), location.path.clone(), size);
-            let builder = ParquetRecordBatchStreamBuilder::new(reader).await?;
+            let builder = open_parquet(&self.stores.resolve(file)?).await?;
             let roots: Vec<usize> = columns
                 .iter()
                 .map(|c| {
@@ -779,14 +777,16 @@ impl ShardSink {
     }
 }
 
+/// Opens a Parquet file of the run (its footer read, no data yet).
+pub async fn open_parquet(location: &Location) -> Result<ParquetRecordBatchStreamBuilder<ObjectReader>> {
+    let size = location.store.head(&location.path).await?.size;
+    let reader = ObjectReader::new(location.store.clone(), location.path.clone(), size);
+    Ok(ParquetRecordBatchStreamBuilder::new(reader).await?)
+}
+
 /// Opens one shard file as a stream of record batches.
 pub async fn open_shard(
     location: &Location,
 ) -> Result<parquet::arrow::async_reader::ParquetRecordBatchStream<ObjectReader>> {
-    let size = location.store.head(&location.path).await?.size;
-    let reader = ObjectReader::new(location.store.clone(), location.path.clone(), size);
-    Ok(ParquetRecordBatchStreamBuilder::new(reader)
-        .await?
-        .with_batch_size(1024)
-        .build()?)
+    Ok(open_parquet(location).await?.with_batch_size(1024).build()?)
 }

@@ -8,17 +8,14 @@
 
 use crate::config::{Config, TrainConfig};
 use crate::error::{Error, Result};
-use crate::pack::{Manifest, load_manifest};
+use crate::pack::{Manifest, load_manifest, open_parquet};
 use crate::storage::Stores;
 use arrow::array::{Array, AsArray};
 use arrow::datatypes::{DataType, UInt16Type, UInt32Type};
 use futures::TryStreamExt;
-use object_store::ObjectStoreExt;
-use parquet::arrow::ParquetRecordBatchStreamBuilder;
 use safepipe_model::llama::{Batch, LlamaConfig, Params};
 use safepipe_model::train::{Collective, OptimConfig, Schedule, Single, StepStats, TcpCollective, Trainer};
 use safepipe_operators::pack::doc_hash;
-use safepipe_operators::parquet_io::ObjectReader;
 use std::collections::VecDeque;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -66,10 +63,7 @@ impl ShardReader {
     pub async fn open(stores: Arc<Stores>, manifest: &Manifest, seed: u64) -> Result<ShardReader> {
         let mut blocks = Vec::new();
         for shard in &manifest.shards {
-            let location = stores.resolve(&shard.file)?;
-            let size = location.store.head(&location.path).await?.size;
-            let reader = ObjectReader::new(location.store.clone(), location.path.clone(), size);
-            let builder = ParquetRecordBatchStreamBuilder::new(reader).await?;
+            let builder = open_parquet(&stores.resolve(&shard.file)?).await?;
             for (row_group, meta) in builder.metadata().row_groups().iter().enumerate() {
                 blocks.push(Block {
                     file: shard.file.clone(),
@@ -198,10 +192,7 @@ fn gcd(mut a: usize, mut b: usize) -> usize {
 
 /// Reads and decodes one row group of a shard.
 async fn load_block(stores: Arc<Stores>, block: Block, seq_len: usize) -> Result<BlockRows> {
-    let location = stores.resolve(&block.file)?;
-    let size = location.store.head(&location.path).await?.size;
-    let reader = ObjectReader::new(location.store.clone(), location.path.clone(), size);
-    let mut stream = ParquetRecordBatchStreamBuilder::new(reader)
+    let mut stream = open_parquet(&stores.resolve(&block.file)?)
         .await?
         .with_row_groups(vec![block.row_group])
         .with_batch_size(1024)
