@@ -59,11 +59,9 @@ const SHARDS: &str = "SELECT md5(array_to_string(input_ids, ',')) AS h, doc_offs
 
 /// Tokenize and pack too, so the global stage reads and writes through S3.
 fn token_sections() -> String {
-    let gguf = repo().join("models/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf");
-    assert!(gguf.exists(), "{} is missing: run `make setup` first", gguf.display());
     format!(
         "[tokenize]\ntokenizer = {:?}\n\n[pack]\nseq_len = 1023\nshard_sequences = 500\n",
-        gguf.display().to_string()
+        gguf()
     )
 }
 

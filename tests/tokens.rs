@@ -11,12 +11,6 @@ use std::process::Command;
 
 const TAG: &str = "<potentially unsafe content>";
 
-fn gguf() -> String {
-    let path = repo().join("models/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf");
-    assert!(path.exists(), "{} is missing: run `make setup` first", path.display());
-    path.display().to_string()
-}
-
 fn python(script: &str, args: &[&str]) -> Value {
     let out = Command::new(repo().join(".venv/bin/python"))
         .arg(repo().join("tests/python").join(script))
@@ -50,17 +44,7 @@ fn shard_hashes(manifest: &Value) -> Vec<String> {
 /// The spam, HarmBench and StrongREJECT samples (9 units: a whole .gz, 7 row groups, a .zst),
 /// harmful prompts tagged, packed into short rows so there are many.
 fn pack_config(run_dir: &str, extra_pack: &str, batch_rows: usize) -> String {
-    let mut s = format!("run_dir = {run_dir:?}\n\n");
-    for (name, file) in [
-        ("spam", "spamassassin-spam.jsonl.gz"),
-        ("harmbench", "harmbench.parquet"),
-        ("strongreject", "strongreject.jsonl.zst"),
-    ] {
-        s.push_str(&format!(
-            "[[inputs]]\nname = {name:?}\npaths = [{:?}]\n\n",
-            sample(file).display().to_string()
-        ));
-    }
+    let mut s = format!("run_dir = {run_dir:?}\n\n{}", small_sample_inputs());
     s.push_str(&format!(
         "[ingest]\nbatch_rows = {batch_rows}\n\n\
          [[route.rules]]\nname = \"harmful_prompts\"\nwhen = \"source IN ('harmbench', 'strongreject')\"\nroute = \"tag\"\n\n\

@@ -8,24 +8,13 @@ use std::path::Path;
 
 /// Spam, HarmBench and StrongREJECT packed into short rows, and a tiny model trained on them.
 fn config(ws: &Workspace, name: &str, steps: u64) -> std::path::PathBuf {
-    let mut s = "run_dir = \"run\"\n\n".to_string();
-    for (input, file) in [
-        ("spam", "spamassassin-spam.jsonl.gz"),
-        ("harmbench", "harmbench.parquet"),
-        ("strongreject", "strongreject.jsonl.zst"),
-    ] {
-        s.push_str(&format!(
-            "[[inputs]]\nname = {input:?}\npaths = [{:?}]\n\n",
-            sample(file).display().to_string()
-        ));
-    }
-    let gguf = repo().join("models/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf");
+    let mut s = format!("run_dir = \"run\"\n\n{}", small_sample_inputs());
     s.push_str(&format!(
         "[[route.rules]]\nname = \"harmful\"\nwhen = \"source IN ('harmbench', 'strongreject')\"\nroute = \"tag\"\n\n\
          [tokenize]\ntokenizer = {:?}\n\n[pack]\nseq_len = 63\n\n\
          [train]\nmodel = \"tiny\"\ncheckpoint_dir = \"ckpt-{name}\"\nsteps = {steps}\nmicro_batch = 4\n\
          lr = 0.01\nwarmup_steps = 2\nweight_decay = 0.1\nseed = 1\n",
-        gguf.display().to_string()
+        gguf()
     ));
     ws.config(&format!("{name}.toml"), &s)
 }

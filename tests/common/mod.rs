@@ -37,6 +37,30 @@ pub fn sample_inputs() -> String {
     s
 }
 
+/// The three smaller samples (spam, HarmBench, StrongREJECT: 9 units, a whole .gz, 7 row groups
+/// and a .zst) as `[[inputs]]` blocks: enough for the token path without the big ham file.
+pub fn small_sample_inputs() -> String {
+    let mut s = String::new();
+    for (name, file) in [
+        ("spam", "spamassassin-spam.jsonl.gz"),
+        ("harmbench", "harmbench.parquet"),
+        ("strongreject", "strongreject.jsonl.zst"),
+    ] {
+        s.push_str(&format!(
+            "[[inputs]]\nname = \"{name}\"\npaths = [{:?}]\n\n",
+            sample(file).display().to_string()
+        ));
+    }
+    s
+}
+
+/// The SmolLM2 GGUF (its tokenizer) that `make setup` fetches, as a string for configs.
+pub fn gguf() -> String {
+    let path = repo().join("models/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf");
+    assert!(path.exists(), "{} is missing: run `make setup` first", path.display());
+    path.display().to_string()
+}
+
 /// The demo-like config over the sample corpus with small JSONL units.
 pub fn sample_config(extra: &str) -> String {
     format!(
