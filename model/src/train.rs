@@ -498,7 +498,7 @@ fn write_safetensors(path: &Path, p: &Params<f32>, prefix: &str) -> Result<(), S
     write_named(path, named_bytes(p, prefix))
 }
 
-fn write_named(path: &Path, tensors: Vec<(String, Vec<usize>, Vec<u8>)>) -> Result<(), String> {
+pub(crate) fn write_named(path: &Path, tensors: Vec<(String, Vec<usize>, Vec<u8>)>) -> Result<(), String> {
     let views = tensors
         .iter()
         .map(|(name, shape, bytes)| {
@@ -535,7 +535,7 @@ fn read_safetensors(path: &Path, p: &mut Params<f32>, prefix: &str) -> Result<()
     Ok(())
 }
 
-fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), String> {
+pub(crate) fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), String> {
     let partial = PathBuf::from(format!("{}.partial", path.display()));
     std::fs::write(&partial, bytes).map_err(|e| format!("cannot write {}: {e}", partial.display()))?;
     std::fs::rename(&partial, path).map_err(|e| format!("cannot write {}: {e}", path.display()))

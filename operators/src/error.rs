@@ -25,4 +25,7 @@ pub enum OpError {
     /// The tokenizer failed on a text (a bug in the tokenizer or a malformed vocabulary).
     #[error("tokenizer: {0}")]
     Tokenizer(#[from] safepipe_model::TokenizerError),
+    /// A model failed to load or to run (missing files, ONNX Runtime errors).
+    #[error("model: {0}")]
+    Model(String),
 }

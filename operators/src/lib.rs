@@ -2,7 +2,8 @@
 //!
 //! ```text
 //! ingest  raw Parquet / JSON Lines slices  -> documents + quarantine
-//! route   documents (+ side tables)        -> routes   (SQL predicates from the config)
+//! score   documents                        -> scores   (the ONNX safety classifier, max over chunks)
+//! route   documents (+ scores)             -> routes   (SQL predicates from the config)
 //! tag     documents routed `tag`           -> tagged   (Algorithm 1: the harmfulness tag between words)
 //! tokenize kept documents + tagged texts   -> tokens   (ids + EOS, the tag one special token)
 //! pack    every unit's tokens (global)     -> shards   (mixture, seeded shuffle, seq_len + 1 rows)
@@ -21,6 +22,7 @@ pub mod pack;
 pub mod parquet_io;
 pub mod route;
 pub mod schema;
+pub mod score;
 pub mod tag;
 pub mod tokenize;
 

@@ -1,12 +1,14 @@
 //! **route**: `documents` -> `routes`, one route per document chosen by SQL predicates.
 //!
-//! The rules are an ordered list of `(name, when, route)`; a document takes the route of the first
-//! rule whose `when` (a SQL boolean expression over the `documents` columns) is true, else the
-//! default route. The whole decision is one DataFusion query, so it streams, and a routing change
+//! The rules are an ordered list of `(name, when, route, also_tag)`; a document takes the route of
+//! the first rule whose `when` (a SQL boolean expression over the `documents` columns, plus the
+//! `scores` columns `score`, `probs`, `expected`, `chunks` when the score stage runs) is true,
+//! else the default route. `also_tag` keeps the raw text with harmfulness tags as well (the
+//! paper's "refuse, and keep the raw text tagged"). The whole decision is one DataFusion query, so it streams, and a routing change
 //! never touches the documents themselves (routes are a side table keyed by `id`).
 //!
-//! Guarantees: one `routes` row per input document, in input order; `rule` names the rule that
-//! matched (null for the default). Rows routed to `drop` stay in `routes` for inspection and are
+//! Guarantees: one `routes` row per input document, in input order (scores are joined by
+//! position and id); `rule` names the rule that matched (null for the default). Rows routed to `drop` stay in `routes` for inspection and are
 //! counted as dropped by their rule's name. A `when` that is null (e.g. over a null column) does
 //! not match. Cost: a scan of the unit's documents; no model, no network.
 
@@ -57,35 +59,58 @@ pub struct RouteRule {
     /// A SQL boolean expression over the `documents` columns, e.g. `length(text) < 200`.
     pub when: String,
     pub route: Route,
+    /// Also keep the raw text with harmfulness tags (for `rephrase` / `refuse` routes).
+    #[serde(default)]
+    pub also_tag: bool,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
 pub struct RouteRules {
     pub rules: Vec<RouteRule>,
     pub default: Route,
+    /// The score stage runs: predicates may use the `scores` columns.
+    #[serde(default)]
+    pub with_scores: bool,
 }
+
+/// The columns of `scores` that route predicates can use.
+pub const SCORE_COLUMNS: &str = "score, probs, expected, chunks";
 
 /// The name under which drops by the default route are counted.
 pub const DEFAULT_RULE: &str = "default";
 
 impl RouteRules {
-    /// The query that routes every row of the table `documents`.
+    /// The query that routes every row of the table `documents` (joined with `scores`).
     pub fn query(&self) -> String {
+        let source = if self.with_scores {
+            format!(
+                "(SELECT d.*, {SCORE_COLUMNS} FROM (SELECT *, row_number() OVER () AS doc_n__ FROM documents) d \
+                 LEFT JOIN (SELECT id AS score_id__, {SCORE_COLUMNS}, row_number() OVER () AS score_n__ FROM scores) s \
+                 ON d.doc_n__ = s.score_n__ AND d.id = s.score_id__ ORDER BY d.doc_n__) documents"
+            )
+        } else {
+            "documents".to_string()
+        };
         if self.rules.is_empty() {
             return format!(
-                "SELECT id, '{}' AS route, CAST(NULL AS VARCHAR) AS rule FROM documents",
-                self.default.as_str()
+                "SELECT id, '{}' AS route, CAST(NULL AS VARCHAR) AS rule, {} AS also_tag FROM {source}",
+                self.default.as_str(),
+                self.default == Route::Tag
             );
         }
         let mut route = String::from("CASE");
         let mut rule = String::from("CASE");
+        let mut also_tag = String::from("CASE");
         for r in &self.rules {
             route.push_str(&format!(" WHEN ({}) THEN '{}'", r.when, r.route.as_str()));
             rule.push_str(&format!(" WHEN ({}) THEN '{}'", r.when, r.name.replace('\'', "''")));
+            let tagged = r.also_tag || r.route == Route::Tag;
+            also_tag.push_str(&format!(" WHEN ({}) THEN {tagged}", r.when));
         }
         route.push_str(&format!(" ELSE '{}' END", self.default.as_str()));
         rule.push_str(" END");
-        format!("SELECT id, {route} AS route, {rule} AS rule FROM documents")
+        also_tag.push_str(&format!(" ELSE {} END", self.default == Route::Tag));
+        format!("SELECT id, {route} AS route, {rule} AS rule, {also_tag} AS also_tag FROM {source}")
     }
 
     /// Plans the query against an empty `documents` table: catches unknown columns, type errors
@@ -94,12 +119,14 @@ impl RouteRules {
         for (i, rule) in self.rules.iter().enumerate() {
             let single = RouteRules {
                 rules: vec![rule.clone()],
-                default: self.default,
+                ..self.clone()
             };
             single.plan_on_empty().await.map_err(|e| {
                 format!(
-                    "route.rules[{i}] (name = {:?}): `when = {:?}` is not a valid predicate over documents: {e}",
-                    rule.name, rule.when
+                    "route.rules[{i}] (name = {:?}): `when = {:?}` is not a valid predicate over documents{}: {e}",
+                    rule.name,
+                    rule.when,
+                    if self.with_scores { " and scores" } else { " (no [score] section: score columns are unavailable)" }
                 )
             })?;
         }
@@ -110,6 +137,8 @@ impl RouteRules {
         let ctx = SessionContext::new();
         let empty = MemTable::try_new(schema::DOCUMENTS.clone(), vec![vec![]])?;
         ctx.register_table("documents", Arc::new(empty))?;
+        let scores = MemTable::try_new(schema::SCORES.clone(), vec![vec![]])?;
+        ctx.register_table("scores", Arc::new(scores))?;
         let df = ctx.sql(&self.query()).await?;
         df.create_physical_plan().await?;
         Ok(())
@@ -125,9 +154,9 @@ impl RouteRules {
 /// Adds one `routes` batch to the unit's counts: every row is in; `drop` rows are dropped by
 /// their rule (or [`DEFAULT_RULE`]); the rest are out.
 pub fn account(batch: &RecordBatch, counts: &mut UnitCounts) -> OpResult<()> {
-    if batch.num_columns() != 3 {
+    if batch.num_columns() != 4 {
         return Err(OpError::Config(format!(
-            "a routes batch has 3 columns, not {}",
+            "a routes batch has 4 columns, not {}",
             batch.num_columns()
         )));
     }
@@ -179,14 +208,17 @@ mod tests {
                     name: "short".into(),
                     when: "length(text) < 5".into(),
                     route: Route::Drop,
+                    also_tag: false,
                 },
                 RouteRule {
                     name: "shouty".into(),
                     when: "upper(text) = text".into(),
                     route: Route::Tag,
+                    also_tag: false,
                 },
             ],
             default: Route::Keep,
+            with_scores: false,
         };
         rules.validate().await.unwrap();
         let ctx = SessionContext::new();
@@ -220,8 +252,10 @@ mod tests {
                 name: "oops".into(),
                 when: "no_such_column > 3".into(),
                 route: Route::Drop,
+                also_tag: false,
             }],
             default: Route::Keep,
+            with_scores: false,
         };
         let err = rules.validate().await.unwrap_err();
         assert!(err.contains("route.rules[0]") && err.contains("oops"), "{err}");

@@ -53,6 +53,30 @@ pub static QUARANTINE: LazyLock<SchemaRef> = LazyLock::new(|| {
     ]))
 });
 
+/// The element field of `scores.probs`.
+pub fn probability_field() -> Arc<Field> {
+    Arc::new(Field::new("item", DataType::Float32, false))
+}
+
+/// `scores`: the safety classifier's verdict, one row per document in `documents` order.
+pub static SCORES: LazyLock<SchemaRef> = LazyLock::new(|| {
+    Arc::new(Schema::new(vec![
+        Field::new("id", DataType::Utf8, false),
+        // 0..5: the score of the worst chunk's most probable label.
+        Field::new("score", DataType::UInt8, false),
+        // The worst chunk's label probabilities (sum 1).
+        Field::new("probs", DataType::List(probability_field()), false),
+        // The worst chunk's expected score, sum(p_i * score_i).
+        Field::new("expected", DataType::Float32, false),
+        // Chunks of the model's length the document was split into (0: no tokens at all).
+        Field::new("chunks", DataType::UInt32, false),
+        // The document's tokens under the classifier's tokenizer (special tokens not counted).
+        Field::new("tokens", DataType::UInt64, false),
+        // `name@precision` of the classifier.
+        Field::new("model", DataType::Utf8, false),
+    ]))
+});
+
 /// `routes`: one row per document, the route the first matching rule chose.
 pub static ROUTES: LazyLock<SchemaRef> = LazyLock::new(|| {
     Arc::new(Schema::new(vec![
@@ -60,6 +84,8 @@ pub static ROUTES: LazyLock<SchemaRef> = LazyLock::new(|| {
         Field::new("route", DataType::Utf8, false),
         // The rule that matched; null when no rule matched and the default route applied.
         Field::new("rule", DataType::Utf8, true),
+        // Also keep the raw text with harmfulness tags (the rule's `also_tag`; true for `tag`).
+        Field::new("also_tag", DataType::Boolean, false),
     ]))
 });
 

@@ -17,11 +17,12 @@ use arrow::datatypes::DataType;
 use sha2::{Digest, Sha256};
 use std::sync::Arc;
 
-/// The query that picks this unit's documents routed `tag`. Documents and routes are matched by
+/// The query that picks this unit's documents to tag: routed `tag`, or by a rule with
+/// `also_tag` (`routes.also_tag`). Documents and routes are matched by
 /// position as well as id (routes are written in documents order), so duplicate ids stay exact.
 pub const SELECT_TAGGED: &str = "WITH d AS (SELECT id, text, source, row_number() OVER () AS n FROM documents), \
-     r AS (SELECT id, route, row_number() OVER () AS n FROM routes) \
-     SELECT d.id, d.text, d.source FROM d JOIN r ON d.n = r.n AND d.id = r.id WHERE r.route = 'tag' ORDER BY d.n";
+     r AS (SELECT id, route, also_tag, row_number() OVER () AS n FROM routes) \
+     SELECT d.id, d.text, d.source FROM d JOIN r ON d.n = r.n AND d.id = r.id WHERE r.also_tag ORDER BY d.n";
 
 /// The paper's tag string.
 pub const DEFAULT_TAG: &str = "<potentially unsafe content>";

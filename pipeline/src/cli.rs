@@ -7,7 +7,8 @@ use crate::progress::Bars;
 use crate::runner::{self, RunOptions, StageSummary};
 use crate::sql::{self, Format};
 use crate::storage::Stores;
-use crate::{export, gc, ranks, status};
+use crate::{classifier, export, gc, ranks, status};
+use safepipe_model::classifier::{HeadTraining, Precision, RunOptions as ClassifierOptions};
 use clap::{Parser, Subcommand, ValueEnum};
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -23,8 +24,9 @@ pub struct Cli {
     /// Log format on stderr: human-readable text or JSON lines (for cluster log collectors).
     #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
-    /// Log filter, e.g. `info`, `debug`, `safepipe=debug` (also from RUST_LOG).
-    #[arg(long, global = true, env = "RUST_LOG", default_value = "info")]
+    /// Log filter, e.g. `info`, `debug`, `safepipe=debug` (also from RUST_LOG). ONNX Runtime's
+    /// own messages come under the target `ort`.
+    #[arg(long, global = true, env = "RUST_LOG", default_value = "info,ort=warn")]
     pub log: String,
     #[command(subcommand)]
     pub command: Command,
@@ -110,6 +112,67 @@ pub enum Command {
         #[command(subcommand)]
         command: ExportCommand,
     },
+    /// Train a safety classifier's head, or score texts with one (docs/classifier.md).
+    Classifier {
+        #[command(subcommand)]
+        command: ClassifierCommand,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ClassifierCommand {
+    /// Fit a linear head on frozen encoder embeddings of a labelled Parquet table and write a
+    /// classifier directory (classifier.toml, head.safetensors, metrics.json).
+    Train {
+        /// The encoder's manifest (e.g. models/minilm-l6/encoder.toml from `make setup`).
+        #[arg(long)]
+        encoder: PathBuf,
+        /// Parquet with a text column and an integer score column (0..labels-1).
+        #[arg(long)]
+        data: PathBuf,
+        /// The directory to write.
+        #[arg(long)]
+        out: PathBuf,
+        /// The classifier's name (scores.model).
+        #[arg(long, default_value = "safety-head")]
+        name: String,
+        #[arg(long, default_value = "text")]
+        text_column: String,
+        #[arg(long, default_value = "score")]
+        score_column: String,
+        /// A column with `train` / `test`; when absent, --test-fraction of texts are held out.
+        #[arg(long, default_value = "split")]
+        split_column: String,
+        #[arg(long, default_value_t = 0.2)]
+        test_fraction: f64,
+        /// At most this many examples per label in each split (0 = all), for quick runs.
+        #[arg(long, default_value_t = 0)]
+        limit: usize,
+        #[arg(long, default_value_t = 6)]
+        labels: usize,
+        /// Loss weight of examples with score > 0 (the paper upweights them).
+        #[arg(long, default_value_t = HeadTraining::default().upweight)]
+        upweight: f32,
+        #[arg(long, default_value_t = HeadTraining::default().epochs)]
+        epochs: usize,
+        #[arg(long, default_value_t = HeadTraining::default().lr)]
+        lr: f32,
+        /// Embed with the int8 encoder.
+        #[arg(long)]
+        int8: bool,
+    },
+    /// Score texts with a classifier manifest: one JSON object per text.
+    Score {
+        manifest: PathBuf,
+        /// Texts to score; `-` reads one JSON string per line from stdin.
+        #[arg(required = true)]
+        texts: Vec<String>,
+        #[arg(long)]
+        int8: bool,
+        /// Also print every chunk's token ids, logits and probabilities.
+        #[arg(long)]
+        chunks: bool,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -134,6 +197,10 @@ pub enum ExportCommand {
         #[arg(long)]
         out: PathBuf,
     },
+}
+
+fn precision(int8: bool) -> Precision {
+    if int8 { Precision::Int8 } else { Precision::Fp32 }
 }
 
 pub async fn run(cli: Cli) -> Result<()> {
@@ -271,6 +338,63 @@ pub async fn run(cli: Cli) -> Result<()> {
             }
             Ok(())
         }
+        Command::Classifier { command } => match command {
+            ClassifierCommand::Train {
+                encoder,
+                data,
+                out,
+                name,
+                text_column,
+                score_column,
+                split_column,
+                test_fraction,
+                limit,
+                labels,
+                upweight,
+                epochs,
+                lr,
+                int8,
+            } => {
+                let args = classifier::TrainArgs {
+                    encoder,
+                    data,
+                    out,
+                    name,
+                    text_column,
+                    score_column,
+                    split_column,
+                    test_fraction,
+                    limit,
+                    training: HeadTraining {
+                        labels,
+                        upweight,
+                        epochs,
+                        lr,
+                        ..Default::default()
+                    },
+                    options: ClassifierOptions {
+                        precision: precision(int8),
+                        ..Default::default()
+                    },
+                };
+                let report = tokio::task::spawn_blocking(move || classifier::train(&args))
+                    .await
+                    .map_err(|e| Error::Internal(e.to_string()))??;
+                classifier::print_report(&report);
+                Ok(())
+            }
+            ClassifierCommand::Score {
+                manifest,
+                texts,
+                int8,
+                chunks,
+            } => {
+                let texts = classifier::expand_stdin(texts)?;
+                tokio::task::spawn_blocking(move || classifier::score_texts(&manifest, precision(int8), &texts, chunks))
+                    .await
+                    .map_err(|e| Error::Internal(e.to_string()))?
+            }
+        },
         Command::Export { command } => match command {
             ExportCommand::Megatron { config, out } => {
                 let config = Config::load(&config).await?;

@@ -2,6 +2,7 @@
 //! docs/config.md documents every key; errors name the key and the fix.
 
 use crate::error::{Error, Result};
+use safepipe_model::classifier::{Device, Precision, RunOptions};
 use safepipe_model::{TextTokenizer, TokenizerOptions};
 use safepipe_operators::ingest::IngestOptions;
 use safepipe_operators::route::{Route, RouteRule, RouteRules};
@@ -27,6 +28,7 @@ struct RawConfig {
     tag: TagConfig,
     #[serde(default)]
     runner: RunnerConfig,
+    score: Option<ScoreConfig>,
     tokenize: Option<TokenizeConfig>,
     pack: Option<PackConfig>,
     train: Option<TrainConfig>,
@@ -150,6 +152,55 @@ impl Default for TagConfig {
             seed: 0,
         }
     }
+}
+
+/// `[score]`: present = the score stage runs and route predicates may use its columns.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ScoreConfig {
+    /// The classifier's manifest (`classifier.toml`, docs/classifier.md).
+    pub model: String,
+    #[serde(default)]
+    pub precision: Precision,
+    #[serde(default)]
+    pub device: Device,
+    /// ONNX Runtime intra-op threads; 0 = one per core.
+    #[serde(default)]
+    pub threads: usize,
+    /// Padded tokens per inference batch (rows x longest row).
+    #[serde(default = "default_batch_tokens")]
+    pub batch_tokens: usize,
+    #[serde(default = "default_max_batch")]
+    pub max_batch: usize,
+    /// Tokens shared by consecutive chunks of a long document.
+    #[serde(default)]
+    pub overlap: usize,
+    /// Documents tokenized ahead (and sorted by length together) while the previous window runs.
+    #[serde(default = "default_window")]
+    pub window: usize,
+    /// The ONNX Runtime library (default: ORT_DYLIB_PATH, else models/onnxruntime/ from `make setup`).
+    #[serde(default)]
+    pub onnxruntime: Option<String>,
+}
+
+fn default_batch_tokens() -> usize {
+    RunOptions::default().batch_tokens
+}
+fn default_max_batch() -> usize {
+    RunOptions::default().max_batch
+}
+fn default_window() -> usize {
+    4096
+}
+
+/// The score stage's settings, with the model's identity read from its files.
+#[derive(Debug, Clone)]
+pub struct ScoreSettings {
+    pub manifest: PathBuf,
+    pub options: RunOptions,
+    pub window: usize,
+    /// [`safepipe_model::classifier::model_identity`]: changes when the model's files do.
+    pub identity: String,
 }
 
 /// `[tokenize]`: present = the tokenize stage runs.
@@ -347,6 +398,7 @@ pub struct Config {
     pub route: RouteRules,
     pub tagger: Tagger,
     pub jobs: usize,
+    pub score: Option<ScoreSettings>,
     pub tokenize: Option<TokenizeSettings>,
     /// An empty `mix` means one source per kind present, decided when the stage runs.
     pub pack: Option<PackConfig>,
@@ -426,9 +478,22 @@ impl Config {
                 return Err(fail(format!("route.rules[{i}].name = {:?} is used twice", rule.name)));
             }
         }
+        for (i, rule) in raw.route.rules.iter().enumerate() {
+            if rule.also_tag && matches!(rule.route, Route::Keep | Route::Drop) {
+                return Err(fail(format!(
+                    "route.rules[{i}] (name = {:?}): also_tag is for `rephrase` and `refuse` routes (use route = \"tag\" to keep the text tagged)",
+                    rule.name
+                )));
+            }
+        }
+        let score = match raw.score {
+            None => None,
+            Some(s) => Some(validate_score(s, &dir).map_err(fail)?),
+        };
         let route = RouteRules {
             rules: raw.route.rules,
             default: raw.route.default,
+            with_scores: score.is_some(),
         };
         route.validate().await.map_err(fail)?;
         let tagger = Tagger::new(raw.tag.tag, raw.tag.probability, raw.tag.seed).map_err(fail)?;
@@ -475,6 +540,7 @@ impl Config {
             route,
             tagger,
             jobs,
+            score,
             tokenize,
             pack: raw.pack,
             train,
@@ -530,6 +596,36 @@ fn validate_train(mut t: TrainConfig, dir: &Path) -> std::result::Result<TrainCo
     t.init_from = t.init_from.map(|p| resolve(dir, &p));
     t.shards = t.shards.map(|p| resolve(dir, &p));
     Ok(t)
+}
+
+fn validate_score(s: ScoreConfig, dir: &Path) -> std::result::Result<ScoreSettings, String> {
+    let manifest = PathBuf::from(resolve(dir, &s.model));
+    if !manifest.is_file() {
+        return Err(format!(
+            "score.model = {:?}: {} does not exist (`make setup` fetches the demo encoder; classifiers/ holds its head)",
+            s.model,
+            manifest.display()
+        ));
+    }
+    if s.window == 0 || s.max_batch == 0 {
+        return Err("score.window and score.max_batch must be at least 1".into());
+    }
+    let options = RunOptions {
+        precision: s.precision,
+        device: s.device,
+        threads: s.threads,
+        batch_tokens: s.batch_tokens,
+        max_batch: s.max_batch,
+        overlap: s.overlap,
+        onnxruntime: s.onnxruntime.as_ref().map(|p| PathBuf::from(resolve(dir, p))),
+    };
+    let identity = safepipe_model::classifier::model_identity(&manifest, &options).map_err(|e| format!("score.model: {e}"))?;
+    Ok(ScoreSettings {
+        manifest,
+        options,
+        window: s.window,
+        identity,
+    })
 }
 
 fn validate_pack(pack: &PackConfig, tokenize: bool) -> std::result::Result<(), String> {

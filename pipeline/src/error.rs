@@ -56,6 +56,7 @@ impl From<OpError> for Error {
             OpError::Storage(e) => Error::Storage(e),
             OpError::Config(msg) => Error::Config(msg),
             OpError::Query(e) => Error::Execution(e.to_string()),
+            OpError::Model(msg) => Error::Execution(format!("model: {msg}")),
             other => Error::Internal(other.to_string()),
         }
     }

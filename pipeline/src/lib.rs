@@ -10,11 +10,13 @@
 //! pack.rs      the global stage: tokens -> mixture, shuffle -> shards + manifest.json
 //! export.rs    `safepipe export megatron`, `safepipe tokenizer export`
 //! train.rs     `safepipe train`: the packed shards -> the CPU trainer -> checkpoints
+//! classifier.rs `safepipe classifier train|score`: fit a safety head, score texts
 //! ranks.rs     rank / world size from flags, Slurm, Kubernetes
 //! ```
 //! The transforms themselves live in the `safepipe-operators` crate.
 
 pub mod catalog;
+pub mod classifier;
 pub mod cli;
 pub mod config;
 pub mod error;

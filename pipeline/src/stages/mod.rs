@@ -15,6 +15,7 @@
 
 mod ingest;
 mod route;
+mod score;
 mod tag;
 mod tokenize;
 
@@ -33,6 +34,7 @@ use std::sync::Arc;
 
 pub use ingest::IngestStage;
 pub use route::RouteStage;
+pub use score::ScoreStage;
 pub use tag::TagStage;
 pub use tokenize::TokenizeStage;
 
@@ -101,15 +103,15 @@ pub async fn unit_session(
 /// Bump when a stage's code changes its output for the same settings.
 pub const CODE_VERSION: &str = "1";
 
-/// The pipeline's stages in dependency order.
-/// The pipeline's per-unit stages in dependency order (`tokenize` when the config has a
-/// `[tokenize]` section). The global `pack` stage runs after them (see `crate::pack`).
+/// The pipeline's per-unit stages in dependency order (`score` when the config has a `[score]`
+/// section, `tokenize` when it has `[tokenize]`). The global `pack` stage runs after them (see `crate::pack`).
 pub fn pipeline(config: &Arc<Config>) -> Vec<Arc<dyn Stage>> {
-    let mut stages: Vec<Arc<dyn Stage>> = vec![
-        Arc::new(IngestStage::new(config.clone())),
-        Arc::new(RouteStage::new(config.clone())),
-        Arc::new(TagStage::new(config.clone())),
-    ];
+    let mut stages: Vec<Arc<dyn Stage>> = vec![Arc::new(IngestStage::new(config.clone()))];
+    if let Some(settings) = &config.score {
+        stages.push(Arc::new(ScoreStage::new(settings.clone())));
+    }
+    stages.push(Arc::new(RouteStage::new(config.clone())));
+    stages.push(Arc::new(TagStage::new(config.clone())));
     if let Some(settings) = &config.tokenize {
         stages.push(Arc::new(TokenizeStage::new(settings.clone())));
     }

@@ -1,4 +1,5 @@
-//! Adapter of the route operator: the unit's committed `documents` -> `routes`.
+//! Adapter of the route operator: the unit's committed `documents` (+ `scores` when the score
+//! stage runs) -> `routes`.
 
 use super::{OutputTable, Stage, StageBatch, UnitInput, unit_session};
 use crate::config::Config;
@@ -24,7 +25,11 @@ impl Stage for RouteStage {
     }
 
     fn upstream(&self) -> &'static [&'static str] {
-        &["ingest"]
+        if self.config.route.with_scores {
+            &["ingest", "score"]
+        } else {
+            &["ingest"]
+        }
     }
 
     fn outputs(&self) -> Vec<OutputTable> {
@@ -41,7 +46,10 @@ impl Stage for RouteStage {
     fn run(&self, input: UnitInput) -> BoxStream<'static, Result<StageBatch>> {
         let rules = self.config.route.clone();
         futures::stream::once(async move {
-            let wanted = [("ingest", "documents", schema::DOCUMENTS.clone())];
+            let mut wanted = vec![("ingest", "documents", schema::DOCUMENTS.clone())];
+            if rules.with_scores {
+                wanted.push(("score", "scores", schema::SCORES.clone()));
+            }
             let ctx = unit_session(&input, &wanted).await?;
             let stream = rules.execute(&ctx).await?;
             let batches = stream.map(|batch| {
