@@ -15,7 +15,11 @@ use std::process::{Command, Stdio};
 fn demo_classifier() -> PathBuf {
     let path = repo().join("classifiers/minilm-l6-safety/classifier.toml");
     let encoder = repo().join("models/minilm-l6/encoder.onnx");
-    assert!(encoder.exists(), "{} is missing: run `make setup` first", encoder.display());
+    assert!(
+        encoder.exists(),
+        "{} is missing: run `make setup` first",
+        encoder.display()
+    );
     path
 }
 
@@ -42,16 +46,25 @@ fn edge_inputs(ws: &Workspace) -> String {
     for (id, text) in [
         ("edge/long", long_text(110)),
         ("edge/no-tokens", "\u{200b}\u{0007}\u{200b}".to_string()),
-        ("edge/plain", "A recipe for lemon cake with plenty of butter.".to_string()),
+        (
+            "edge/plain",
+            "A recipe for lemon cake with plenty of butter.".to_string(),
+        ),
     ] {
         writeln!(f, "{}", serde_json::json!({ "id": id, "text": text })).unwrap();
     }
-    format!("[[inputs]]\nname = \"edge\"\npaths = [{:?}]\n\n", path.display().to_string())
+    format!(
+        "[[inputs]]\nname = \"edge\"\npaths = [{:?}]\n\n",
+        path.display().to_string()
+    )
 }
 
 fn prompts_inputs() -> String {
     let mut s = String::new();
-    for (name, file) in [("harmbench", "harmbench.parquet"), ("strongreject", "strongreject.jsonl.zst")] {
+    for (name, file) in [
+        ("harmbench", "harmbench.parquet"),
+        ("strongreject", "strongreject.jsonl.zst"),
+    ] {
         s.push_str(&format!(
             "[[inputs]]\nname = \"{name}\"\npaths = [{:?}]\n\n",
             sample(file).display().to_string()
@@ -75,16 +88,24 @@ fn score_config(ws: &Workspace, run_dir: &str, score_extra: &str, refuse_at: u8)
 }
 
 fn scores(config: &Path) -> Vec<Value> {
-    let mut rows: Vec<Value> = sql_rows(config, "SELECT id, score, probs, expected, chunks, tokens, model FROM scores")
-        .iter()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
+    let mut rows: Vec<Value> = sql_rows(
+        config,
+        "SELECT id, score, probs, expected, chunks, tokens, model FROM scores",
+    )
+    .iter()
+    .map(|l| serde_json::from_str(l).unwrap())
+    .collect();
     rows.sort_by(|a, b| a["id"].as_str().cmp(&b["id"].as_str()));
     rows
 }
 
 fn probs(row: &Value) -> Vec<f64> {
-    row["probs"].as_array().unwrap().iter().map(|p| p.as_f64().unwrap()).collect()
+    row["probs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p.as_f64().unwrap())
+        .collect()
 }
 
 #[test]
@@ -98,7 +119,10 @@ fn scores_every_document_and_routes_over_score_buckets() {
     for row in &rows {
         let p = probs(row);
         assert_eq!(p.len(), 6);
-        assert!((p.iter().sum::<f64>() - 1.0).abs() < 1e-5, "probabilities sum to 1: {row}");
+        assert!(
+            (p.iter().sum::<f64>() - 1.0).abs() < 1e-5,
+            "probabilities sum to 1: {row}"
+        );
         assert!(row["model"].as_str().unwrap().ends_with("@fp32"));
     }
     let by_id = |id: &str| rows.iter().find(|r| r["id"] == id).unwrap().clone();
@@ -106,10 +130,20 @@ fn scores_every_document_and_routes_over_score_buckets() {
     assert!(long["chunks"].as_u64().unwrap() > 100, "{long}");
     // The documented rule for a document without tokens: no chunks, score 0, all mass on label 0.
     let empty = by_id("edge/no-tokens");
-    assert_eq!((empty["chunks"].as_u64(), empty["score"].as_u64(), empty["tokens"].as_u64()), (Some(0), Some(0), Some(0)));
+    assert_eq!(
+        (
+            empty["chunks"].as_u64(),
+            empty["score"].as_u64(),
+            empty["tokens"].as_u64()
+        ),
+        (Some(0), Some(0), Some(0))
+    );
     assert_eq!(probs(&empty), vec![1.0, 0.0, 0.0, 0.0, 0.0, 0.0]);
     // The demo head finds most harmful prompts unsafe.
-    let harmful = rows.iter().filter(|r| !r["id"].as_str().unwrap().starts_with("edge/")).count();
+    let harmful = rows
+        .iter()
+        .filter(|r| !r["id"].as_str().unwrap().starts_with("edge/"))
+        .count();
     let flagged = rows
         .iter()
         .filter(|r| !r["id"].as_str().unwrap().starts_with("edge/") && r["score"].as_u64().unwrap() > 0)
@@ -127,7 +161,10 @@ fn scores_every_document_and_routes_over_score_buckets() {
     let tagged = sql_number(&config, "SELECT count(*) AS n FROM tagged");
     let also = sql_number(&config, "SELECT count(*) AS n FROM routes WHERE also_tag");
     assert_eq!(tagged, also);
-    assert_eq!(also, sql_number(&config, "SELECT count(*) AS n FROM scores WHERE score > 0"));
+    assert_eq!(
+        also,
+        sql_number(&config, "SELECT count(*) AS n FROM scores WHERE score > 0")
+    );
 
     // A new threshold reroutes without rescoring.
     std::fs::write(&config, score_config(&ws, "run", "", 5)).unwrap();
@@ -135,7 +172,10 @@ fn scores_every_document_and_routes_over_score_buckets() {
     assert_eq!(units_done(&stderr, "score"), 0, "{stderr}");
     assert!(units_done(&stderr, "route") > 0, "{stderr}");
     let refused = sql_number(&config, "SELECT count(*) AS n FROM routes WHERE route = 'refuse'");
-    assert_eq!(refused, sql_number(&config, "SELECT count(*) AS n FROM scores WHERE score = 5"));
+    assert_eq!(
+        refused,
+        sql_number(&config, "SELECT count(*) AS n FROM scores WHERE score = 5")
+    );
 }
 
 #[test]
@@ -146,10 +186,17 @@ fn results_do_not_depend_on_batches_windows_or_ranks() {
     // Tiny batches (a 300-token budget: one or two chunks each), windows of 5 documents.
     let small = ws.config(
         "small.toml",
-        &score_config(&ws, "small", "batch_tokens = 300\nmax_batch = 3\nwindow = 5\nthreads = 1", 4),
+        &score_config(
+            &ws,
+            "small",
+            "batch_tokens = 300\nmax_batch = 3\nwindow = 5\nthreads = 1",
+            4,
+        ),
     );
     run_ok(&small, &[]);
     let two = ws.config("two.toml", &score_config(&ws, "two", "window = 17", 4));
+    let plan = safepipe(&["plan", two.to_str().unwrap()]);
+    assert!(plan.status.success(), "{}", text(&plan.stderr));
     run_ok(&two, &["--rank", "1", "--world-size", "2"]);
     run_ok(&two, &["--rank", "0", "--world-size", "2"]);
     let base = scores(&one);
@@ -157,7 +204,10 @@ fn results_do_not_depend_on_batches_windows_or_ranks() {
         let rows = scores(other);
         assert_eq!(rows.len(), base.len());
         for (a, b) in base.iter().zip(&rows) {
-            assert_eq!((&a["id"], &a["score"], &a["chunks"], &a["tokens"]), (&b["id"], &b["score"], &b["chunks"], &b["tokens"]));
+            assert_eq!(
+                (&a["id"], &a["score"], &a["chunks"], &a["tokens"]),
+                (&b["id"], &b["score"], &b["chunks"], &b["tokens"])
+            );
             for (x, y) in probs(a).iter().zip(probs(b)) {
                 assert!((x - y).abs() < 1e-5, "{} differs: {a} vs {b}", a["id"]);
             }
@@ -181,7 +231,10 @@ fn score_cli(manifest: &Path, texts: &[String], extra: &[&str]) -> Vec<Value> {
     drop(stdin);
     let out = child.wait_with_output().unwrap();
     assert!(out.status.success(), "classifier score failed:\n{}", text(&out.stderr));
-    text(&out.stdout).lines().map(|l| serde_json::from_str(l).unwrap()).collect()
+    text(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
 }
 
 #[test]
@@ -227,8 +280,14 @@ fn chunked_max_equals_the_worst_chunk_and_logits_match_onnxruntime_python() {
     let scored = ws.path().join("scored.jsonl");
     let inputs = ws.path().join("texts.jsonl");
     std::fs::write(&scored, results.iter().map(|r| format!("{r}\n")).collect::<String>()).unwrap();
-    std::fs::write(&inputs, texts.iter().map(|t| format!("{}\n", serde_json::to_string(t).unwrap())).collect::<String>())
-        .unwrap();
+    std::fs::write(
+        &inputs,
+        texts
+            .iter()
+            .map(|t| format!("{}\n", serde_json::to_string(t).unwrap()))
+            .collect::<String>(),
+    )
+    .unwrap();
     let check = python_check(&demo_classifier(), &scored, &inputs, &[]);
     assert_eq!(check["id_mismatches"], 0, "{check}");
     assert_eq!(check["score_mismatches"], 0, "{check}");
@@ -238,8 +297,14 @@ fn chunked_max_equals_the_worst_chunk_and_logits_match_onnxruntime_python() {
     let int8 = score_cli(&demo_classifier(), &texts[..2], &["--int8"]);
     assert!(int8[0]["model"].as_str().unwrap().ends_with("@int8"));
     std::fs::write(&scored, int8.iter().map(|r| format!("{r}\n")).collect::<String>()).unwrap();
-    std::fs::write(&inputs, texts[..2].iter().map(|t| format!("{}\n", serde_json::to_string(t).unwrap())).collect::<String>())
-        .unwrap();
+    std::fs::write(
+        &inputs,
+        texts[..2]
+            .iter()
+            .map(|t| format!("{}\n", serde_json::to_string(t).unwrap()))
+            .collect::<String>(),
+    )
+    .unwrap();
     let check = python_check(&demo_classifier(), &scored, &inputs, &["--int8"]);
     assert!(check["max_logit_diff"].as_f64().unwrap() < 1e-4, "{check}");
 }
@@ -251,7 +316,12 @@ fn python_check(manifest: &Path, scored: &Path, texts: &Path, extra: &[&str]) ->
         .args(extra)
         .output()
         .expect("run the Python oracle (make setup makes .venv)");
-    assert!(out.status.success(), "check_classifier.py failed:\n{}{}", text(&out.stdout), text(&out.stderr));
+    assert!(
+        out.status.success(),
+        "check_classifier.py failed:\n{}{}",
+        text(&out.stdout),
+        text(&out.stderr)
+    );
     serde_json::from_str(text(&out.stdout).trim()).unwrap()
 }
 
@@ -259,7 +329,11 @@ fn python_check(manifest: &Path, scored: &Path, texts: &Path, extra: &[&str]) ->
 fn classifier_train_writes_a_head_the_score_stage_loads() {
     let ws = Workspace::new();
     let labels = repo().join("data/labels/safety.parquet");
-    assert!(labels.exists(), "{} is missing: run `make setup` first", labels.display());
+    assert!(
+        labels.exists(),
+        "{} is missing: run `make setup` first",
+        labels.display()
+    );
     let out_dir = ws.path().join("head");
     let out = safepipe(&[
         "classifier",
@@ -315,7 +389,11 @@ fn classifier_train_writes_a_head_the_score_stage_loads() {
         "no_such_column",
     ]);
     assert!(!out.status.success());
-    assert!(text(&out.stderr).contains("no column \"no_such_column\""), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stderr).contains("no column \"no_such_column\""),
+        "{}",
+        text(&out.stderr)
+    );
 }
 
 #[test]
@@ -331,7 +409,10 @@ fn a_missing_runtime_or_model_is_a_clear_error() {
     let ws = Workspace::new();
     let config = ws.config(
         "config.toml",
-        &format!("run_dir = \"run\"\n\n{}[score]\nmodel = \"missing/classifier.toml\"\n", prompts_inputs()),
+        &format!(
+            "run_dir = \"run\"\n\n{}[score]\nmodel = \"missing/classifier.toml\"\n",
+            prompts_inputs()
+        ),
     );
     let out = safepipe(&["run", config.to_str().unwrap()]);
     assert!(!out.status.success());
@@ -347,5 +428,49 @@ fn a_missing_runtime_or_model_is_a_clear_error() {
     );
     let out = safepipe(&["run", config.to_str().unwrap()]);
     assert!(!out.status.success());
-    assert!(text(&out.stderr).contains("no [score] section"), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stderr).contains("no [score] section"),
+        "{}",
+        text(&out.stderr)
+    );
+}
+
+/// The demo config as `make demo` runs it: every sample document scored (int8), routed by score
+/// bucket, tagged, tokenized and packed. Minutes on 2 cores: `make test-slow`.
+#[test]
+#[ignore = "scores the whole sample corpus (minutes on 2 cores): make test-slow"]
+fn demo_config_scores_routes_and_packs_the_whole_sample() {
+    let ws = Workspace::new();
+    let root = repo().display().to_string();
+    let demo = std::fs::read_to_string(repo().join("configs/demo.toml"))
+        .unwrap()
+        .replace("\"../runs/demo\"", "\"run\"")
+        .replace("\"../", &format!("\"{root}/"));
+    let config = ws.config("demo.toml", &demo);
+    run_ok(&config, &[]);
+    let docs = sql_number(&config, "SELECT count(*) AS n FROM documents");
+    assert_eq!(sql_number(&config, "SELECT count(*) AS n FROM scores"), docs);
+    let wrong = sql_number(
+        &config,
+        "SELECT count(*) AS n FROM routes r JOIN scores s ON r.id = s.id \
+         WHERE r.rule IS DISTINCT FROM 'too_short' AND NOT ((s.score >= 4 AND r.route = 'refuse') \
+         OR (s.score BETWEEN 1 AND 3 AND r.route = 'rephrase') OR (s.score = 0 AND r.route = 'keep'))",
+    );
+    assert_eq!(wrong, 0);
+    // The harmful prompts are mostly flagged; most ordinary mail is not.
+    let flagged = |source: &str| {
+        sql_number(
+            &config,
+            &format!(
+                "SELECT CAST(100 * avg(CASE WHEN s.score > 0 THEN 1 ELSE 0 END) AS BIGINT) AS pct \
+                 FROM documents d JOIN scores s ON d.id = s.id WHERE d.source = '{source}'"
+            ),
+        )
+    };
+    assert!(flagged("harmbench") >= 80 && flagged("strongreject") >= 80);
+    // Long mails get several chunks and the demo head sees spam-like chunks in about a third.
+    assert!(flagged("spamassassin-ham") <= 45);
+    let manifest: Value =
+        serde_json::from_str(&std::fs::read_to_string(ws.path().join("run/pack/manifest.json")).unwrap()).unwrap();
+    assert!(manifest["tokens"].as_u64().unwrap() > 0);
 }

@@ -66,11 +66,11 @@ class Graph:
     def op(self, op_type, inputs, **attrs):
         self.n += 1
         out = f"{op_type.lower()}_{self.n}"
-        self.nodes.append(helper.make_node(op_type, inputs, [out], **attrs))
+        self.nodes.append(helper.make_node(op_type, inputs, [out], name=out, **attrs))
         return out
 
 
-def build(config, w):
+def build(config, w, fused=True):
     hidden = config["hidden_size"]
     heads = config["num_attention_heads"]
     head_dim = hidden // heads
@@ -103,46 +103,80 @@ def build(config, w):
     types = g.op("Gather", ["embeddings.token_type_embeddings.weight", "token_type_ids"], axis=0)
     x = layer_norm(g.op("Add", [g.op("Add", [words, pos]), types]), "embeddings.LayerNorm")
 
-    # Additive attention mask [batch, 1, 1, seq]: 0 where attended, -10000 at padding (as BERT).
-    mask = g.op("Cast", ["attention_mask"], to=TensorProto.FLOAT)
-    mask = g.op("Mul", [g.op("Sub", [g.init("one_f", np.array(1.0, dtype=np.float32)), mask]),
-                        g.init("mask_value", np.array(-10000.0, dtype=np.float32))])
-    mask = g.op("Unsqueeze", [mask, g.init("mask_axes", np.array([1, 2], dtype=np.int64))])
-    split_heads = g.init("split_heads", np.array([0, 0, heads, head_dim], dtype=np.int64))
-    merge_heads = g.init("merge_heads", np.array([0, 0, hidden], dtype=np.int64))
-    scale = g.init("attention_scale", np.array(1.0 / math.sqrt(head_dim), dtype=np.float32))
-    sqrt2 = g.init("sqrt2", np.array(math.sqrt(2.0), dtype=np.float32))
-    one = "one_f"
+    one = g.init("one_f", np.array(1.0, dtype=np.float32))
     half = g.init("half", np.array(0.5, dtype=np.float32))
+    sqrt2 = g.init("sqrt2", np.array(math.sqrt(2.0), dtype=np.float32))
+    if not fused:
+        # Additive attention mask [batch, 1, 1, seq]: 0 where attended, -10000 at padding (as BERT).
+        mask = g.op("Cast", ["attention_mask"], to=TensorProto.FLOAT)
+        mask = g.op("Mul", [g.op("Sub", [one, mask]), g.init("mask_value", np.array(-10000.0, dtype=np.float32))])
+        mask = g.op("Unsqueeze", [mask, g.init("mask_axes", np.array([1, 2], dtype=np.int64))])
+        split_heads = g.init("split_heads", np.array([0, 0, heads, head_dim], dtype=np.int64))
+        merge_heads = g.init("merge_heads", np.array([0, 0, hidden], dtype=np.int64))
+        scale = g.init("attention_scale", np.array(1.0 / math.sqrt(head_dim), dtype=np.float32))
 
+    def contrib(op_type, inputs, **attrs):
+        g.n += 1
+        out = f"{op_type.lower()}_{g.n}"
+        g.nodes.append(helper.make_node(op_type, inputs, [out], name=out, domain="com.microsoft", **attrs))
+        return out
+
+    def residual_norm(x, y, dense, norm):
+        """LayerNorm(x + dense(y)): one SkipLayerNormalization when fused."""
+        if not fused:
+            return layer_norm(g.op("Add", [x, linear(y, dense)]), norm)
+        wt = g.init(dense + ".weight_t", w[dense + ".weight"].T)
+        projected = g.op("MatMul", [y, wt])
+        return contrib("SkipLayerNormalization", [projected, x, g.init(norm + ".weight", w[norm + ".weight"]),
+                                                  g.init(norm + ".bias", w[norm + ".bias"]),
+                                                  g.init(dense + ".bias", w[dense + ".bias"])], epsilon=eps)
+
+    mask_i32 = g.op("Cast", ["attention_mask"], to=TensorProto.INT32)
     for i in range(config["num_hidden_layers"]):
         p = f"encoder.layer.{i}."
-        q = g.op("Transpose", [g.op("Reshape", [linear(x, p + "attention.self.query"), split_heads])],
-                 perm=[0, 2, 1, 3])
-        k = g.op("Transpose", [g.op("Reshape", [linear(x, p + "attention.self.key"), split_heads])],
-                 perm=[0, 2, 3, 1])
-        v = g.op("Transpose", [g.op("Reshape", [linear(x, p + "attention.self.value"), split_heads])],
-                 perm=[0, 2, 1, 3])
-        scores = g.op("Add", [g.op("Mul", [g.op("MatMul", [q, k]), scale]), mask])
-        probs = g.op("Softmax", [scores], axis=-1)
-        ctx = g.op("Reshape", [g.op("Transpose", [g.op("MatMul", [probs, v])], perm=[0, 2, 1, 3]),
-                               merge_heads])
-        x = layer_norm(g.op("Add", [x, linear(ctx, p + "attention.output.dense")]),
-                       p + "attention.output.LayerNorm")
-        h = linear(x, p + "intermediate.dense")
-        # Exact GELU: 0.5 h (1 + erf(h / sqrt 2)).
-        h = g.op("Mul", [g.op("Mul", [h, half]), g.op("Add", [g.op("Erf", [g.op("Div", [h, sqrt2])]), one])])
-        x = layer_norm(g.op("Add", [x, linear(h, p + "output.dense")]), p + "output.LayerNorm")
+        if fused:
+            # ONNX Runtime's fused Attention (com.microsoft): packed QKV projection, masked
+            # softmax attention, heads merged; the dynamic quantiser turns it into QAttention.
+            names = [p + "attention.self." + n for n in ("query", "key", "value")]
+            qkv_w = g.init(p + "attention.qkv.weight_t", np.concatenate([w[n + ".weight"].T for n in names], axis=1))
+            qkv_b = g.init(p + "attention.qkv.bias", np.concatenate([w[n + ".bias"] for n in names]))
+            g.n += 1
+            ctx = f"attention_{g.n}"
+            g.nodes.append(helper.make_node("Attention", [x, qkv_w, qkv_b, mask_i32], [ctx], name=ctx, domain="com.microsoft",
+                                            num_heads=heads, mask_filter_value=-10000.0))
+        else:
+            q = g.op("Transpose", [g.op("Reshape", [linear(x, p + "attention.self.query"), split_heads])],
+                     perm=[0, 2, 1, 3])
+            k = g.op("Transpose", [g.op("Reshape", [linear(x, p + "attention.self.key"), split_heads])],
+                     perm=[0, 2, 3, 1])
+            v = g.op("Transpose", [g.op("Reshape", [linear(x, p + "attention.self.value"), split_heads])],
+                     perm=[0, 2, 1, 3])
+            scores = g.op("Add", [g.op("Mul", [g.op("MatMul", [q, k]), scale]), mask])
+            probs = g.op("Softmax", [scores], axis=-1)
+            ctx = g.op("Reshape", [g.op("Transpose", [g.op("MatMul", [probs, v])], perm=[0, 2, 1, 3]),
+                                   merge_heads])
+        x = residual_norm(x, ctx, p + "attention.output.dense", p + "attention.output.LayerNorm")
+        if fused:
+            wt = g.init(p + "intermediate.dense.weight_t", w[p + "intermediate.dense.weight"].T)
+            h = contrib("BiasGelu", [g.op("MatMul", [x, wt]),
+                                     g.init(p + "intermediate.dense.bias", w[p + "intermediate.dense.bias"])])
+        else:
+            h = linear(x, p + "intermediate.dense")
+            # Exact GELU: 0.5 h (1 + erf(h / sqrt 2)).
+            h = g.op("Mul", [g.op("Mul", [h, half]), g.op("Add", [g.op("Erf", [g.op("Div", [h, sqrt2])]), one])])
+        x = residual_norm(x, h, p + "output.dense", p + "output.LayerNorm")
 
     g.nodes.append(helper.make_node("Identity", [x], ["last_hidden_state"]))
     ints = [helper.make_tensor_value_info(n, TensorProto.INT64, ["batch", "sequence"])
             for n in ("input_ids", "attention_mask", "token_type_ids")]
     out = helper.make_tensor_value_info("last_hidden_state", TensorProto.FLOAT, ["batch", "sequence", hidden])
     graph = helper.make_graph(g.nodes, "bert_encoder", ints, [out], g.inits)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)],
+    opsets = [helper.make_opsetid("", 17)] + ([helper.make_opsetid("com.microsoft", 1)] if fused else [])
+    model = helper.make_model(graph, opset_imports=opsets,
                               producer_name="safepipe bert_to_onnx")
     model.ir_version = 8
-    onnx.checker.check_model(model)
+    if not fused:
+        onnx.checker.check_model(model)
     return model
 
 
@@ -189,10 +223,12 @@ def main():
     parser.add_argument("out", help="the fp32 ONNX file to write")
     parser.add_argument("--int8", help="also write a per-channel dynamically quantised copy here")
     parser.add_argument("--tolerance", type=float, default=1e-4, help="max abs difference vs numpy")
+    parser.add_argument("--portable", action="store_true",
+                        help="standard ONNX ops only (no com.microsoft Attention): for runtimes other than ONNX Runtime")
     args = parser.parse_args()
     config = json.load(open(os.path.join(args.model_dir, "config.json")))
     weights = read_safetensors(os.path.join(args.model_dir, "model.safetensors"))
-    model = build(config, weights)
+    model = build(config, weights, fused=not args.portable)
     tmp = args.out + ".tmp"
     onnx.save(model, tmp)
 
@@ -215,7 +251,9 @@ def main():
     if args.int8:
         from onnxruntime.quantization import QuantType, quantize_dynamic
         tmp = args.int8 + ".tmp"
-        quantize_dynamic(args.out, tmp, per_channel=True, weight_type=QuantType.QInt8)
+        # Shape inference cannot type the outputs of com.microsoft ops: tell the quantiser they are float.
+        quantize_dynamic(args.out, tmp, per_channel=True, weight_type=QuantType.QInt8,
+                         extra_options={"DefaultTensorType": TensorProto.FLOAT})
         os.replace(tmp, args.int8)
         print(f"bert_to_onnx: wrote {args.int8} (int8 weights, per-channel scales)")
 

@@ -126,7 +126,11 @@ impl RouteRules {
                     "route.rules[{i}] (name = {:?}): `when = {:?}` is not a valid predicate over documents{}: {e}",
                     rule.name,
                     rule.when,
-                    if self.with_scores { " and scores" } else { " (no [score] section: score columns are unavailable)" }
+                    if self.with_scores {
+                        " and scores"
+                    } else {
+                        " (no [score] section: score columns are unavailable)"
+                    }
                 )
             })?;
         }

@@ -34,7 +34,11 @@ pub struct ScoreTotals {
 
 /// Scores `(id, text)` rows into a `scores` batch, `window` documents at a time with the next
 /// window prepared while the current one is inferred.
-pub fn score_batch(classifier: &Classifier, batch: &RecordBatch, window: usize) -> OpResult<(RecordBatch, ScoreTotals)> {
+pub fn score_batch(
+    classifier: &Classifier,
+    batch: &RecordBatch,
+    window: usize,
+) -> OpResult<(RecordBatch, ScoreTotals)> {
     let ids = batch.column(0).as_string::<i32>();
     let texts = batch.column(1).as_string::<i32>();
     let n = batch.num_rows();
@@ -47,7 +51,9 @@ pub fn score_batch(classifier: &Classifier, batch: &RecordBatch, window: usize) 
         scope.spawn(move || {
             for start in (0..n).step_by(window) {
                 let end = (start + window).min(n);
-                let slice: Vec<&str> = (start..end).map(|i| if texts.is_valid(i) { texts.value(i) } else { "" }).collect();
+                let slice: Vec<&str> = (start..end)
+                    .map(|i| if texts.is_valid(i) { texts.value(i) } else { "" })
+                    .collect();
                 if tx.send(classifier.prepare(&slice)).is_err() {
                     return;
                 }

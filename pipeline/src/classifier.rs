@@ -111,8 +111,8 @@ pub fn train(args: &TrainArgs) -> Result<TrainReport> {
             test_x.len()
         )));
     }
-    let (head, metrics) =
-        train_head(&train_x, &train_y, &test_x, &test_y, &args.training).map_err(|e| Error::Execution(e.to_string()))?;
+    let (head, metrics) = train_head(&train_x, &train_y, &test_x, &test_y, &args.training)
+        .map_err(|e| Error::Execution(e.to_string()))?;
     std::fs::create_dir_all(&args.out)
         .map_err(|e| Error::Config(format!("cannot create {}: {e}", args.out.display())))?;
     head.save(&args.out.join("head.safetensors"))
@@ -123,7 +123,11 @@ pub fn train(args: &TrainArgs) -> Result<TrainReport> {
     let report = TrainReport {
         name: args.name.clone(),
         encoder: classifier.model_id(),
-        data: args.data.file_name().map(|f| f.to_string_lossy().to_string()).unwrap_or_default(),
+        data: args
+            .data
+            .file_name()
+            .map(|f| f.to_string_lossy().to_string())
+            .unwrap_or_default(),
         train_examples: train_x.len(),
         test_examples: test_x.len(),
         skipped_empty,
@@ -157,8 +161,14 @@ fn write_manifest(encoder: &Manifest, args: &TrainArgs) -> Result<()> {
     let text = format!(
         "# Written by `safepipe classifier train` (docs/classifier.md): the encoder {} with a linear\n\
          # head trained on {}. Paths are relative to this file.\n{body}",
-        args.encoder.file_name().map(|f| f.to_string_lossy().to_string()).unwrap_or_default(),
-        args.data.file_name().map(|f| f.to_string_lossy().to_string()).unwrap_or_default(),
+        args.encoder
+            .file_name()
+            .map(|f| f.to_string_lossy().to_string())
+            .unwrap_or_default(),
+        args.data
+            .file_name()
+            .map(|f| f.to_string_lossy().to_string())
+            .unwrap_or_default(),
     );
     std::fs::write(out.join("classifier.toml"), text)
         .map_err(|e| Error::Config(format!("cannot write classifier.toml: {e}")))
@@ -199,8 +209,8 @@ fn relative_to(path: &Path, base: &Path) -> PathBuf {
 }
 
 fn read_examples(args: &TrainArgs) -> Result<Vec<Example>> {
-    let file = std::fs::File::open(&args.data)
-        .map_err(|e| Error::Config(format!("--data {}: {e}", args.data.display())))?;
+    let file =
+        std::fs::File::open(&args.data).map_err(|e| Error::Config(format!("--data {}: {e}", args.data.display())))?;
     let reader = ParquetRecordBatchReaderBuilder::try_new(file)
         .map_err(|e| Error::Config(format!("--data {}: {e}", args.data.display())))?
         .build()
@@ -215,7 +225,13 @@ fn read_examples(args: &TrainArgs) -> Result<Vec<Example>> {
                 Error::Config(format!(
                     "--data {} has no column {name:?} (columns: {})",
                     args.data.display(),
-                    batch.schema().fields().iter().map(|f| f.name().as_str()).collect::<Vec<_>>().join(", ")
+                    batch
+                        .schema()
+                        .fields()
+                        .iter()
+                        .map(|f| f.name().as_str())
+                        .collect::<Vec<_>>()
+                        .join(", ")
                 ))
             })
         };
@@ -225,7 +241,10 @@ fn read_examples(args: &TrainArgs) -> Result<Vec<Example>> {
             Some(c) => Some(cast(c, &DataType::Utf8)?),
             None => None,
         };
-        let (texts, scores) = (texts.as_string::<i32>(), scores.as_primitive::<arrow::datatypes::Int64Type>());
+        let (texts, scores) = (
+            texts.as_string::<i32>(),
+            scores.as_primitive::<arrow::datatypes::Int64Type>(),
+        );
         for row in 0..batch.num_rows() {
             if texts.is_null(row) || scores.is_null(row) {
                 return Err(Error::Config(format!(
@@ -239,7 +258,10 @@ fn read_examples(args: &TrainArgs) -> Result<Vec<Example>> {
             let text = texts.value(row);
             let score = scores.value(row);
             if score < 0 {
-                return Err(Error::Config(format!("--data {}: negative score {score}", args.data.display())));
+                return Err(Error::Config(format!(
+                    "--data {}: negative score {score}",
+                    args.data.display()
+                )));
             }
             let test = match &splits {
                 Some(s) => match s.as_string::<i32>().value(row) {

@@ -619,7 +619,8 @@ fn validate_score(s: ScoreConfig, dir: &Path) -> std::result::Result<ScoreSettin
         overlap: s.overlap,
         onnxruntime: s.onnxruntime.as_ref().map(|p| PathBuf::from(resolve(dir, p))),
     };
-    let identity = safepipe_model::classifier::model_identity(&manifest, &options).map_err(|e| format!("score.model: {e}"))?;
+    let identity =
+        safepipe_model::classifier::model_identity(&manifest, &options).map_err(|e| format!("score.model: {e}"))?;
     Ok(ScoreSettings {
         manifest,
         options,

@@ -43,9 +43,11 @@ impl LinearHead {
         let bytes = std::fs::read(path).map_err(|e| io(e.to_string()))?;
         let file = safetensors::SafeTensors::deserialize(&bytes).map_err(|e| io(e.to_string()))?;
         let read = |name: &str| -> Result<(Vec<usize>, Vec<f32>)> {
-            let view = file
-                .tensor(name)
-                .map_err(|_| io(format!("no tensor {name} (a head has classifier.weight and classifier.bias)")))?;
+            let view = file.tensor(name).map_err(|_| {
+                io(format!(
+                    "no tensor {name} (a head has classifier.weight and classifier.bias)"
+                ))
+            })?;
             if view.dtype() != safetensors::Dtype::F32 {
                 return Err(io(format!("{name} is {:?}, expected F32", view.dtype())));
             }
@@ -59,7 +61,9 @@ impl LinearHead {
         let (wshape, weight) = read("classifier.weight")?;
         let (bshape, bias) = read("classifier.bias")?;
         if wshape.len() != 2 || bshape != [wshape[0]] {
-            return Err(io(format!("shapes {wshape:?} and {bshape:?} are not [labels, hidden] and [labels]")));
+            return Err(io(format!(
+                "shapes {wshape:?} and {bshape:?} are not [labels, hidden] and [labels]"
+            )));
         }
         Ok(LinearHead {
             weight,
@@ -74,7 +78,11 @@ impl LinearHead {
         crate::train::write_named(
             path,
             vec![
-                ("classifier.weight".into(), vec![self.labels(), self.hidden], bytes(&self.weight)),
+                (
+                    "classifier.weight".into(),
+                    vec![self.labels(), self.hidden],
+                    bytes(&self.weight),
+                ),
                 ("classifier.bias".into(), vec![self.labels()], bytes(&self.bias)),
             ],
         )
@@ -150,7 +158,10 @@ pub fn train_head(
         x.iter().map(|v| v * s).collect()
     };
     let xs: Vec<Vec<f32>> = train_x.iter().map(prep).collect();
-    let sample_weight: Vec<f32> = train_y.iter().map(|&y| if y > 0 { settings.upweight } else { 1.0 }).collect();
+    let sample_weight: Vec<f32> = train_y
+        .iter()
+        .map(|&y| if y > 0 { settings.upweight } else { 1.0 })
+        .collect();
     let total_weight: f32 = sample_weight.iter().sum();
     let mut head = LinearHead {
         weight: vec![0.0; k * hidden],
@@ -178,7 +189,11 @@ pub fn train_head(
         final_loss = loss / total_weight as f64;
         let (c1, c2) = (1.0 - b1.powi(epoch as i32), 1.0 - b2.powi(epoch as i32));
         for i in 0..n_params {
-            let param = if i < k * hidden { head.weight[i] } else { head.bias[i - k * hidden] };
+            let param = if i < k * hidden {
+                head.weight[i]
+            } else {
+                head.bias[i - k * hidden]
+            };
             let g = grad[i] + if i < k * hidden { settings.l2 * param } else { 0.0 };
             m[i] = b1 * m[i] + (1.0 - b1) * g;
             v[i] = b2 * v[i] + (1.0 - b2) * g * g;
@@ -210,10 +225,10 @@ pub fn evaluate(head: &LinearHead, normalize: bool, xs: &[Vec<f32>], ys: &[usize
     let ratio = |a: usize, b: usize| if b == 0 { 0.0 } else { a as f64 / b as f64 };
     let mut per_label = Vec::new();
     let (mut f1_sum, mut with_support) = (0.0, 0);
-    for c in 0..k {
-        let tp = confusion[c][c];
-        let predicted: usize = (0..k).map(|r| confusion[r][c]).sum();
-        let support: usize = confusion[c].iter().sum();
+    for (c, row) in confusion.iter().enumerate() {
+        let tp = row[c];
+        let predicted: usize = confusion.iter().map(|r| r[c]).sum();
+        let support: usize = row.iter().sum();
         let (p, r) = (ratio(tp, predicted), ratio(tp, support));
         if support > 0 {
             with_support += 1;
@@ -227,7 +242,11 @@ pub fn evaluate(head: &LinearHead, normalize: bool, xs: &[Vec<f32>], ys: &[usize
     HeadMetrics {
         examples: ys.len(),
         per_label,
-        macro_f1: if with_support == 0 { 0.0 } else { f1_sum / with_support as f64 },
+        macro_f1: if with_support == 0 {
+            0.0
+        } else {
+            f1_sum / with_support as f64
+        },
         recall_at_1: ratio(top1, ys.len()),
         recall_at_3: ratio(top3, ys.len()),
         unsafe_precision: ratio(unsafe_tp, predicted_unsafe),

@@ -167,16 +167,22 @@ impl Manifest {
                 return Err("output_kind = \"logits\" has no [head]: the output already is the logits".into());
             }
             (OutputKind::Logits, None) if !need_head => {
-                return Err("output_kind = \"logits\": this is a classifier, not an encoder; there is no head to train".into());
+                return Err(
+                    "output_kind = \"logits\": this is a classifier, not an encoder; there is no head to train".into(),
+                );
             }
             (OutputKind::HiddenStates | OutputKind::Pooled, None) if need_head => {
                 return Err("an encoder output needs a [head] (a linear head in safetensors)".into());
             }
             _ => {}
         }
-        for file in [Some(&self.onnx), Some(&self.tokenizer), self.head.as_ref().map(|h| &h.path)]
-            .into_iter()
-            .flatten()
+        for file in [
+            Some(&self.onnx),
+            Some(&self.tokenizer),
+            self.head.as_ref().map(|h| &h.path),
+        ]
+        .into_iter()
+        .flatten()
         {
             if !file.is_file() {
                 return Err(format!(

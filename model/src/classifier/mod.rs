@@ -219,7 +219,11 @@ impl Classifier {
         {
             return Err(ClassifierError::Invalid(format!(
                 "{}: the head has {} labels but the manifest's scores list {}",
-                manifest.head.as_ref().map(|s| s.path.display().to_string()).unwrap_or_default(),
+                manifest
+                    .head
+                    .as_ref()
+                    .map(|s| s.path.display().to_string())
+                    .unwrap_or_default(),
                 h.labels(),
                 manifest.labels()
             )));
@@ -242,15 +246,24 @@ impl Classifier {
         }
         let session = runtime::session(&onnx, options.threads, options.device, options.onnxruntime.as_deref())?;
         let (_, library) = runtime::environment(options.onnxruntime.as_deref())?;
-        for name in [Some(&manifest.inputs.input_ids), Some(&manifest.inputs.attention_mask), manifest.inputs.token_type_ids.as_ref()]
-            .into_iter()
-            .flatten()
+        for name in [
+            Some(&manifest.inputs.input_ids),
+            Some(&manifest.inputs.attention_mask),
+            manifest.inputs.token_type_ids.as_ref(),
+        ]
+        .into_iter()
+        .flatten()
         {
             if !session.inputs().iter().any(|i| i.name() == name) {
                 return Err(ClassifierError::Invalid(format!(
                     "{}: the model has no input {name:?} (it has {})",
                     onnx.display(),
-                    session.inputs().iter().map(|i| i.name().to_string()).collect::<Vec<_>>().join(", ")
+                    session
+                        .inputs()
+                        .iter()
+                        .map(|i| i.name().to_string())
+                        .collect::<Vec<_>>()
+                        .join(", ")
                 )));
             }
         }
@@ -408,7 +421,10 @@ impl Classifier {
             }
         }
         let mut embeddings = embeddings.into_iter();
-        Ok(first.iter().map(|f| f.map(|_| embeddings.next().expect("one per picked chunk"))).collect())
+        Ok(first
+            .iter()
+            .map(|f| f.map(|_| embeddings.next().expect("one per picked chunk")))
+            .collect())
     }
 
     /// Scores `texts` (prepare + score).
@@ -425,7 +441,11 @@ impl Classifier {
                 best = i;
             }
         }
-        let expected = probs.iter().zip(&self.manifest.scores).map(|(p, s)| p * *s as f32).sum();
+        let expected = probs
+            .iter()
+            .zip(&self.manifest.scores)
+            .map(|(p, s)| p * *s as f32)
+            .sum();
         (self.manifest.scores[best], expected)
     }
 
@@ -479,9 +499,8 @@ impl Classifier {
             }
         }
         let shape = [b as i64, t as i64];
-        let tensor = |data: Vec<i64>| {
-            Tensor::from_array((shape, data)).map_err(|e| ClassifierError::Runtime(e.to_string()))
-        };
+        let tensor =
+            |data: Vec<i64>| Tensor::from_array((shape, data)).map_err(|e| ClassifierError::Runtime(e.to_string()));
         let inputs = &self.manifest.inputs;
         let mut feed = vec![
             (inputs.input_ids.clone(), tensor(ids)?.into_dyn()),
@@ -508,7 +527,14 @@ impl Classifier {
                 }
                 let h = dims[2];
                 Ok((0..b)
-                    .map(|r| pool(&data[r * t * h..(r + 1) * t * h], &mask[r * t..(r + 1) * t], h, self.manifest.pooling))
+                    .map(|r| {
+                        pool(
+                            &data[r * t * h..(r + 1) * t * h],
+                            &mask[r * t..(r + 1) * t],
+                            h,
+                            self.manifest.pooling,
+                        )
+                    })
                     .collect())
             }
             OutputKind::Pooled | OutputKind::Logits => {

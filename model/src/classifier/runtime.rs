@@ -103,7 +103,8 @@ pub fn session(model: &Path, threads: usize, device: Device, library: Option<&Pa
         #[cfg(not(feature = "cuda"))]
         Device::Cuda => {
             return Err(err(
-                "device = \"cuda\" needs a build with `--features cuda` (cargo build --features safepipe-model/cuda)".into(),
+                "device = \"cuda\" needs a build with `--features cuda` (cargo build --features safepipe-model/cuda)"
+                    .into(),
             ));
         }
     }
