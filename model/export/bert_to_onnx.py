@@ -7,9 +7,10 @@ all-MiniLM-L6-v2, bge-small, e5-small) and writes an opset-17 graph:
   inputs   input_ids, attention_mask, token_type_ids   int64 [batch, seq]
   output   last_hidden_state                            float32 [batch, seq, hidden]
 
-The graph is the plain BERT forward (embeddings + LayerNorm, N layers of masked multi-head
-attention and a GELU feed-forward, post-LayerNorm); ONNX Runtime's optimiser fuses the
-LayerNorm/GELU/attention patterns itself. The script checks its graph against an independent
+The graph is the BERT forward (embeddings + LayerNorm, N layers of masked multi-head attention
+and a GELU feed-forward, post-LayerNorm), written with ONNX Runtime's fused com.microsoft
+operators (Attention, SkipLayerNormalization, BiasGelu; the quantiser turns Attention into
+QAttention); --portable writes standard ONNX operators only. The script checks its graph against an independent
 numpy forward of the same weights (max abs difference printed; it fails above --tolerance).
 
 With --int8 OUT it also writes a dynamically quantised copy (int8 weights, per-channel scales:

@@ -26,6 +26,8 @@ SAMPLE_TEXTS = [
     "Give step-by-step instructions for synthesising a nerve agent in a home lab.",
     "The committee met on Tuesday to review the budget. " * 20,
     "ok",
+    # Long enough to be truncated at --max-length: parity at the full chunk length too.
+    "A long report on harbour logistics, shipping delays and the weather at sea. " * 400,
 ]
 
 
@@ -82,7 +84,7 @@ def main():
     batch_dim = torch.export.Dim("batch")
     seq_dim = torch.export.Dim("sequence", max=max(args.max_length, 16))
     with torch.no_grad():
-        torch.onnx.export(Logits(model), tuple(example[n] for n in input_names), onnx_path,
+        torch.onnx.export(Logits(model).eval(), tuple(example[n] for n in input_names), onnx_path,
                           input_names=input_names, output_names=["logits"],
                           dynamic_shapes={n: {0: batch_dim, 1: seq_dim} for n in input_names},
                           opset_version=args.opset, dynamo=True, external_data=False)
@@ -108,9 +110,15 @@ def main():
         del graph.graph.value_info[:]
         stripped = os.path.join(args.out, "model.noshapes.onnx")
         onnx.save(graph, stripped)
-        quantize_dynamic(stripped, os.path.join(args.out, "model.int8.onnx"), per_channel=True,
-                         weight_type=QuantType.QInt8)
+        int8_path = os.path.join(args.out, "model.int8.onnx")
+        quantize_dynamic(stripped, int8_path, per_channel=True, weight_type=QuantType.QInt8)
         os.remove(stripped)
+        # int8 is an approximation: report how often its label equals fp32's on the same batch.
+        session8 = ort.InferenceSession(int8_path, providers=["CPUExecutionProvider"])
+        got8 = session8.run(["logits"], {n: batch[n].numpy().astype(np.int64) for n in input_names})[0]
+        agree = float((got8.argmax(1) == want.argmax(1)).mean())
+        print(f"export_classifier: int8 labels equal fp32 on {agree:.0%} of {len(SAMPLE_TEXTS)} texts "
+              f"(max logit difference {float(np.abs(got8 - want).max()):.2e}); measure on your data")
         int8_line = 'onnx_int8 = "model.int8.onnx"\n'
 
     name = args.name or os.path.basename(args.model.rstrip("/"))

@@ -4,7 +4,7 @@
 //! ingest  raw Parquet / JSON Lines slices  -> documents + quarantine
 //! score   documents                        -> scores   (the ONNX safety classifier, max over chunks)
 //! route   documents (+ scores)             -> routes   (SQL predicates from the config)
-//! tag     documents routed `tag`           -> tagged   (Algorithm 1: the harmfulness tag between words)
+//! tag     documents with routes.also_tag   -> tagged   (Algorithm 1: the harmfulness tag between words)
 //! tokenize kept documents + tagged texts   -> tokens   (ids + EOS, the tag one special token)
 //! pack    every unit's tokens (global)     -> shards   (mixture, seeded shuffle, seq_len + 1 rows)
 //! ```

@@ -56,7 +56,8 @@ impl Route {
 pub struct RouteRule {
     /// Shown in `routes.rule` and in drop counts; letters, digits and `_`.
     pub name: String,
-    /// A SQL boolean expression over the `documents` columns, e.g. `length(text) < 200`.
+    /// A SQL boolean expression over the `documents` columns (and the `scores` columns when the
+    /// score stage runs), e.g. `length(text) < 200`, `score >= 4`.
     pub when: String,
     pub route: Route,
     /// Also keep the raw text with harmfulness tags (for `rephrase` / `refuse` routes).
@@ -82,18 +83,24 @@ pub const DEFAULT_RULE: &str = "default";
 impl RouteRules {
     /// The query that routes every row of the table `documents` (joined with `scores`).
     pub fn query(&self) -> String {
-        let source = if self.with_scores {
-            format!(
-                "(SELECT d.*, {SCORE_COLUMNS} FROM (SELECT *, row_number() OVER () AS doc_n__ FROM documents) d \
-                 LEFT JOIN (SELECT id AS score_id__, {SCORE_COLUMNS}, row_number() OVER () AS score_n__ FROM scores) s \
-                 ON d.doc_n__ = s.score_n__ AND d.id = s.score_id__ ORDER BY d.doc_n__) documents"
+        // With scores, documents and scores are matched by position and id; the ORDER BY is at
+        // the top level (DataFusion drops one inside a derived table), so routes keep document
+        // order. The route adapter checks that every document has its score row.
+        let (source, order) = if self.with_scores {
+            (
+                format!(
+                    "(SELECT d.*, {SCORE_COLUMNS} FROM (SELECT *, row_number() OVER () AS doc_n__ FROM documents) d \
+                     LEFT JOIN (SELECT id AS score_id__, {SCORE_COLUMNS}, row_number() OVER () AS score_n__ FROM scores) s \
+                     ON d.doc_n__ = s.score_n__ AND d.id = s.score_id__) documents"
+                ),
+                " ORDER BY doc_n__",
             )
         } else {
-            "documents".to_string()
+            ("documents".to_string(), "")
         };
         if self.rules.is_empty() {
             return format!(
-                "SELECT id, '{}' AS route, CAST(NULL AS VARCHAR) AS rule, {} AS also_tag FROM {source}",
+                "SELECT id, '{}' AS route, CAST(NULL AS VARCHAR) AS rule, {} AS also_tag FROM {source}{order}",
                 self.default.as_str(),
                 self.default == Route::Tag
             );
@@ -110,7 +117,7 @@ impl RouteRules {
         route.push_str(&format!(" ELSE '{}' END", self.default.as_str()));
         rule.push_str(" END");
         also_tag.push_str(&format!(" ELSE {} END", self.default == Route::Tag));
-        format!("SELECT id, {route} AS route, {rule} AS rule, {also_tag} AS also_tag FROM {source}")
+        format!("SELECT id, {route} AS route, {rule} AS rule, {also_tag} AS also_tag FROM {source}{order}")
     }
 
     /// Plans the query against an empty `documents` table: catches unknown columns, type errors

@@ -89,7 +89,7 @@ pub static ROUTES: LazyLock<SchemaRef> = LazyLock::new(|| {
     ]))
 });
 
-/// `tagged`: documents routed `tag`, with the harmfulness tag inserted between words.
+/// `tagged`: documents routed `tag` (or with `also_tag`), with the harmfulness tag inserted between words.
 pub static TAGGED: LazyLock<SchemaRef> = LazyLock::new(|| {
     Arc::new(Schema::new(vec![
         Field::new("id", DataType::Utf8, false),

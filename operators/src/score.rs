@@ -39,8 +39,10 @@ pub fn score_batch(
     batch: &RecordBatch,
     window: usize,
 ) -> OpResult<(RecordBatch, ScoreTotals)> {
-    let ids = batch.column(0).as_string::<i32>();
-    let texts = batch.column(1).as_string::<i32>();
+    // Any string layout (Utf8View, LargeUtf8) becomes Utf8 first.
+    let ids = arrow::compute::cast(batch.column(0), &arrow::datatypes::DataType::Utf8)?;
+    let texts = arrow::compute::cast(batch.column(1), &arrow::datatypes::DataType::Utf8)?;
+    let (ids, texts) = (ids.as_string::<i32>(), texts.as_string::<i32>());
     let n = batch.num_rows();
     let window = window.max(1);
     let started = Instant::now();

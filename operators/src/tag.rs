@@ -1,4 +1,4 @@
-//! **tag**: documents routed `tag` -> `tagged`, the harmfulness tag inserted between words
+//! **tag**: documents routed `tag` or `also_tag` -> `tagged`, the harmfulness tag inserted between words
 //! (Algorithm 1 of the Safety Pretraining paper).
 //!
 //! For a text of words w1..wn (maximal runs of non-whitespace), w1 is emitted as is; before each

@@ -2,8 +2,8 @@
 //! embeddings of a labelled table) and score texts from the command line.
 //!
 //! `train` reads a Parquet file with a text column and an integer 0..5 score column (and an
-//! optional `train`/`test` split column; without one a seeded 20% of the texts, by SHA-256, is
-//! held out), embeds each text's first chunk with the encoder, fits the head
+//! optional `train`/`test` split column; without one `--test-fraction` of the texts, chosen by
+//! the SHA-256 of the text, is held out), embeds each text's first chunk with the encoder, fits the head
 //! ([`safepipe_model::classifier::train_head`]), and writes a directory the score stage loads:
 //! `classifier.toml` (the encoder's manifest plus the `[head]`, paths relative to it),
 //! `head.safetensors` and `metrics.json` (held-out metrics, also printed).
@@ -64,16 +64,21 @@ pub struct TrainReport {
 pub fn train(args: &TrainArgs) -> Result<TrainReport> {
     let config_err = |msg: String| Error::Config(msg);
     let examples = read_examples(args)?;
-    let labels = args.training.labels;
+    let classifier = Classifier::load_encoder(&args.encoder, &args.options)
+        .map_err(|e| config_err(format!("--encoder {}: {e}", args.encoder.display())))?;
+    // One head row per label of the encoder's manifest (its `scores` list).
+    let labels = classifier.manifest().labels();
+    let training = HeadTraining {
+        labels,
+        ..args.training.clone()
+    };
     if let Some(bad) = examples.iter().find(|e| e.label >= labels) {
         return Err(config_err(format!(
-            "{}: score {} is outside 0..{labels}",
+            "{}: score {} is outside 0..{labels} (the encoder manifest lists {labels} labels)",
             args.data.display(),
             bad.label
         )));
     }
-    let classifier = Classifier::load_encoder(&args.encoder, &args.options)
-        .map_err(|e| config_err(format!("--encoder {}: {e}", args.encoder.display())))?;
     let started = std::time::Instant::now();
     let bar = step_bar(examples.len() as u64, "embed");
     let mut embedded: Vec<Option<Vec<f32>>> = Vec::with_capacity(examples.len());
@@ -132,7 +137,7 @@ pub fn train(args: &TrainArgs) -> Result<TrainReport> {
         test_examples: test_x.len(),
         skipped_empty,
         train_per_label,
-        settings: args.training.clone(),
+        settings: training.clone(),
         metrics,
         embed_seconds,
     };
@@ -144,8 +149,10 @@ pub fn train(args: &TrainArgs) -> Result<TrainReport> {
 
 /// The encoder's manifest with the head added, its paths made relative to the output directory.
 fn write_manifest(encoder: &Manifest, args: &TrainArgs) -> Result<()> {
-    let out = absolute(&args.out);
-    let rel = |p: &Path| relative_to(&absolute(p), &out);
+    // Physical paths (symlinks resolved), so `..` in the relative paths means what the OS means.
+    let real = |p: &Path| std::fs::canonicalize(p).unwrap_or_else(|_| absolute(p));
+    let out = real(&args.out);
+    let rel = |p: &Path| relative_to(&real(p), &out);
     let manifest = Manifest {
         name: args.name.clone(),
         onnx: rel(&encoder.onnx),
@@ -216,6 +223,7 @@ fn read_examples(args: &TrainArgs) -> Result<Vec<Example>> {
         .build()
         .map_err(|e| Error::Config(format!("--data {}: {e}", args.data.display())))?;
     let mut out = Vec::new();
+    let mut rows_read = 0usize;
     // Examples taken per (split, label), for --limit.
     let mut taken: std::collections::HashMap<(bool, i64), usize> = std::collections::HashMap::new();
     for batch in reader {
@@ -236,7 +244,16 @@ fn read_examples(args: &TrainArgs) -> Result<Vec<Example>> {
             })
         };
         let texts = cast(&column(&args.text_column)?, &DataType::Utf8)?;
-        let scores = cast(&column(&args.score_column)?, &DataType::Int64)?;
+        let scores = column(&args.score_column)?;
+        if !scores.data_type().is_integer() {
+            return Err(Error::Config(format!(
+                "--data {}: column {:?} is {}, not an integer type (scores are labels 0..5)",
+                args.data.display(),
+                args.score_column,
+                scores.data_type()
+            )));
+        }
+        let scores = cast(&scores, &DataType::Int64)?;
         let splits = match batch.column_by_name(&args.split_column) {
             Some(c) => Some(cast(c, &DataType::Utf8)?),
             None => None,
@@ -250,7 +267,7 @@ fn read_examples(args: &TrainArgs) -> Result<Vec<Example>> {
                 return Err(Error::Config(format!(
                     "--data {}: row {} has a null {} or {}",
                     args.data.display(),
-                    out.len() + row,
+                    rows_read + row,
                     args.text_column,
                     args.score_column
                 )));
@@ -291,6 +308,7 @@ fn read_examples(args: &TrainArgs) -> Result<Vec<Example>> {
                 test,
             });
         }
+        rows_read += batch.num_rows();
     }
     Ok(out)
 }

@@ -148,8 +148,6 @@ pub enum ClassifierCommand {
         /// At most this many examples per label in each split (0 = all), for quick runs.
         #[arg(long, default_value_t = 0)]
         limit: usize,
-        #[arg(long, default_value_t = 6)]
-        labels: usize,
         /// Loss weight of examples with score > 0 (the paper upweights them).
         #[arg(long, default_value_t = HeadTraining::default().upweight)]
         upweight: f32,
@@ -349,7 +347,6 @@ pub async fn run(cli: Cli) -> Result<()> {
                 split_column,
                 test_fraction,
                 limit,
-                labels,
                 upweight,
                 epochs,
                 lr,
@@ -366,7 +363,6 @@ pub async fn run(cli: Cli) -> Result<()> {
                     test_fraction,
                     limit,
                     training: HeadTraining {
-                        labels,
                         upweight,
                         epochs,
                         lr,

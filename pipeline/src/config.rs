@@ -132,7 +132,7 @@ pub struct RouteConfig {
     pub rules: Vec<RouteRule>,
 }
 
-/// Algorithm 1: the harmfulness tag inserted before words of documents routed `tag`.
+/// Algorithm 1: the harmfulness tag inserted before words of documents with `routes.also_tag`.
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct TagConfig {

@@ -43,6 +43,7 @@ def main():
     tok = Tokenizer.from_file(os.path.join(base, m["tokenizer"]))
     tok.no_padding()
     tok.no_truncation()
+    tok.encode_special_tokens = True  # as safepipe: "[SEP]" in a text is text
     names = m.get("inputs", {})
     kind = m.get("output_kind", "hidden_states")
     head = m.get("head")

@@ -126,15 +126,17 @@ pub struct HeadMetrics {
     pub examples: usize,
     /// Per label: (precision, recall, support).
     pub per_label: Vec<(f64, f64, usize)>,
-    /// Mean F1 over labels with support.
+    /// Mean F1 over the labels that have held-out examples (labels without any are left out,
+    /// unlike scikit-learn's default).
     pub macro_f1: f64,
-    /// Fraction of examples whose true label is the top prediction / among the top 3.
+    /// Top-1 accuracy: the fraction of examples whose true label is the most probable one.
     pub recall_at_1: f64,
+    /// Top-3 accuracy: the true label is among the 3 most probable.
     pub recall_at_3: f64,
     /// Unsafe (label > 0) vs safe as a binary decision: precision and recall of "unsafe".
     pub unsafe_precision: f64,
     pub unsafe_recall: f64,
-    /// Mean training loss of the last epoch.
+    /// Weighted training loss of the last epoch (computed before its update).
     pub final_loss: f64,
 }
 

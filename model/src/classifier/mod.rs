@@ -10,8 +10,11 @@
 //!   chunks and scores 0 with `probs = [1, 0, ...]`: there is nothing in it to train on or to
 //!   judge (docs/classifier.md);
 //! - batches are built to a token budget over chunks sorted by length, so padding is small;
-//!   a chunk's result does not depend on which batch it lands in beyond ONNX Runtime's
-//!   floating-point summation order (labels equal, probabilities within ~1e-6, tested);
+//!   in fp32 a chunk's result does not depend on which batch it lands in beyond ONNX Runtime's
+//!   floating-point summation order (labels equal, probabilities within 1e-5, tested); int8
+//!   models quantise activations with one scale per batch, so their results depend on the batch
+//!   settings, which are then part of the fingerprint;
+//! - a chunk with non-finite logits is an error, never a "safe" verdict;
 //! - [`Classifier::fingerprint`] names the exact model (manifest, ONNX file, head, precision).
 
 mod head;
@@ -174,24 +177,22 @@ impl Classifier {
     }
 
     fn open(manifest: Manifest, path: &Path, options: &RunOptions) -> Result<Classifier> {
-        if options.overlap + 1 >= manifest.max_length {
-            return Err(ClassifierError::Invalid(format!(
-                "overlap = {} must be smaller than the chunk length ({} tokens)",
-                options.overlap, manifest.max_length
-            )));
-        }
-        if options.batch_tokens < manifest.max_length || options.max_batch == 0 {
-            return Err(ClassifierError::Invalid(format!(
-                "batch_tokens = {} must hold one chunk of {} tokens, and max_batch must be > 0",
-                options.batch_tokens, manifest.max_length
-            )));
-        }
+        check_options(&manifest, path, options)?;
         let mut tokenizer = Tokenizer::from_file(&manifest.tokenizer).map_err(|e| ClassifierError::Manifest {
             path: manifest.tokenizer.display().to_string(),
             detail: e.to_string(),
         })?;
+        let pad_id = tokenizer
+            .get_padding()
+            .map(|p| p.pad_id)
+            .or_else(|| tokenizer.token_to_id("[PAD]"))
+            .or_else(|| tokenizer.token_to_id("<pad>"))
+            .unwrap_or(0);
         // Chunking is ours: the file's own padding/truncation (often fixed at 128) must not apply.
         tokenizer.with_padding(None);
+        // A document that spells `[SEP]` or `[CLS]` gets those characters tokenized as text, not
+        // the special tokens: text cannot forge the model's structure.
+        tokenizer.set_encode_special_tokens(true);
         tokenizer
             .with_truncation(None)
             .map_err(|e| ClassifierError::Tokenize(e.to_string()))?;
@@ -204,12 +205,6 @@ impl Classifier {
                 options.overlap
             )));
         }
-        let pad_id = tokenizer
-            .get_padding()
-            .map(|p| p.pad_id)
-            .or_else(|| tokenizer.token_to_id("[PAD]"))
-            .or_else(|| tokenizer.token_to_id("<pad>"))
-            .unwrap_or(0);
         let head = match &manifest.head {
             Some(spec) => Some(LinearHead::load(&spec.path)?),
             None => None,
@@ -228,22 +223,7 @@ impl Classifier {
                 manifest.labels()
             )));
         }
-        let onnx = match options.precision {
-            Precision::Fp32 => manifest.onnx.clone(),
-            Precision::Int8 => manifest.onnx_int8.clone().ok_or_else(|| {
-                ClassifierError::Invalid(format!(
-                    "{}: precision = \"int8\" needs `onnx_int8` in the manifest (make setup writes one for the demo model; \
-                     model/export/bert_to_onnx.py --int8 or onnxruntime.quantization.quantize_dynamic make one)",
-                    path.display()
-                ))
-            })?,
-        };
-        if !onnx.is_file() {
-            return Err(ClassifierError::Io {
-                path: onnx.display().to_string(),
-                detail: "no such file (run `make setup`)".into(),
-            });
-        }
+        let onnx = onnx_file(&manifest, path, options.precision)?;
         let session = runtime::session(&onnx, options.threads, options.device, options.onnxruntime.as_deref())?;
         let (_, library) = runtime::environment(options.onnxruntime.as_deref())?;
         for name in [
@@ -359,10 +339,16 @@ impl Classifier {
             let rows: Vec<&[u32]> = batch.iter().map(|&i| prepared.chunks[i].1.as_slice()).collect();
             let logits = self.logits(&rows)?;
             for (&i, l) in batch.iter().zip(logits) {
+                if l.iter().any(|x| !x.is_finite()) {
+                    // A safety filter must not read a broken model as "safe".
+                    return Err(ClassifierError::Runtime(format!(
+                        "the model returned non-finite logits {l:?} for a chunk of {} tokens",
+                        rows.iter().map(|r| r.len()).max().unwrap_or(0)
+                    )));
+                }
                 chunk_probs[i] = softmax(&l);
             }
         }
-        let labels = self.manifest.labels();
         let mut worst: Vec<Option<(u8, f32, Vec<f32>)>> = vec![None; prepared.documents()];
         let mut counts = vec![0u32; prepared.documents()];
         for ((doc, _), probs) in prepared.chunks.iter().zip(chunk_probs) {
@@ -389,11 +375,15 @@ impl Classifier {
                     tokens,
                 },
                 None => {
-                    let mut probs = vec![0.0; labels];
-                    probs[0] = 1.0;
+                    // Nothing to judge: all mass on the safest label.
+                    let safest = (0..self.manifest.labels())
+                        .min_by_key(|&i| self.manifest.scores[i])
+                        .expect("at least 2 labels");
+                    let mut probs = vec![0.0; self.manifest.labels()];
+                    probs[safest] = 1.0;
                     DocumentScore {
-                        score: 0,
-                        expected: self.manifest.scores[0] as f32,
+                        score: self.manifest.scores[safest],
+                        expected: self.manifest.scores[safest] as f32,
                         probs,
                         chunks: 0,
                         tokens,
@@ -452,8 +442,19 @@ impl Classifier {
     /// Logits of each row (one chunk each, special tokens included), padded into one batch.
     pub fn logits(&self, rows: &[&[u32]]) -> Result<Vec<Vec<f32>>> {
         let out = self.run(rows)?;
+        let width = out.first().map_or(0, Vec::len);
         match &self.head {
+            Some(head) if width != head.hidden => Err(ClassifierError::Invalid(format!(
+                "the encoder's embeddings have {width} dimensions but the head expects {}",
+                head.hidden
+            ))),
             Some(head) => Ok(out.iter().map(|x| head.apply(x, self.normalize())).collect()),
+            None if self.manifest.output_kind == OutputKind::Logits && width != self.manifest.labels() => {
+                Err(ClassifierError::Invalid(format!(
+                    "the model returns {width} logits but the manifest's scores list {} labels",
+                    self.manifest.labels()
+                )))
+            }
             None if self.manifest.output_kind == OutputKind::Logits => Ok(out),
             None => Err(ClassifierError::Invalid(
                 "an encoder without a head has no logits (train one: safepipe classifier train)".into(),
@@ -613,12 +614,54 @@ pub fn softmax(logits: &[f32]) -> Vec<f32> {
     exps.iter().map(|e| (e / sum) as f32).collect()
 }
 
+/// Checks `options` against a manifest: overlap and batch budget versus the chunk length, the
+/// int8 file for `precision = "int8"`. Called when a config loads and when a model loads.
+pub fn check_options(manifest: &Manifest, path: &Path, options: &RunOptions) -> Result<()> {
+    if options.overlap + 1 >= manifest.max_length {
+        return Err(ClassifierError::Invalid(format!(
+            "overlap = {} must be smaller than the chunk length ({} tokens)",
+            options.overlap, manifest.max_length
+        )));
+    }
+    if options.batch_tokens < manifest.max_length || options.max_batch == 0 {
+        return Err(ClassifierError::Invalid(format!(
+            "batch_tokens = {} must hold one chunk of {} tokens, and max_batch must be > 0",
+            options.batch_tokens, manifest.max_length
+        )));
+    }
+    onnx_file(manifest, path, options.precision).map(|_| ())
+}
+
+/// The ONNX file of `precision`, which must exist.
+fn onnx_file(manifest: &Manifest, path: &Path, precision: Precision) -> Result<PathBuf> {
+    let onnx = match precision {
+        Precision::Fp32 => manifest.onnx.clone(),
+        Precision::Int8 => manifest.onnx_int8.clone().ok_or_else(|| {
+            ClassifierError::Invalid(format!(
+                "{}: precision = \"int8\" needs `onnx_int8` in the manifest (make setup writes one for the demo model; \
+                 model/export/bert_to_onnx.py --int8 or onnxruntime.quantization.quantize_dynamic make one)",
+                path.display()
+            ))
+        })?,
+    };
+    if !onnx.is_file() {
+        return Err(ClassifierError::Io {
+            path: onnx.display().to_string(),
+            detail: "no such file (run `make setup`)".into(),
+        });
+    }
+    Ok(onnx)
+}
+
 /// The identity of a classifier as run with `options`: SHA-256 (16 hex digits) over the
-/// manifest, the ONNX file of the chosen precision, the tokenizer, the head, the precision and the
-/// chunk overlap. Batch sizes and threads are left out: they change nothing but floating-point
-/// summation order. Reads the files, loads no model (cheap enough for every config load).
+/// manifest, the ONNX file of the chosen precision, the tokenizer, the head, the precision, the
+/// chunk overlap and the device; for int8 also the batch settings (see [`RunOptions`]). fp32
+/// batch sizes and threads are left out: they change nothing but floating-point summation order.
+/// Reads the files and checks the options, loads no model.
 pub fn model_identity(path: &Path, options: &RunOptions) -> Result<String> {
-    identity(path, &Manifest::load(path)?, options)
+    let manifest = Manifest::load(path)?;
+    check_options(&manifest, path, options)?;
+    identity(path, &manifest, options)
 }
 
 fn identity(manifest_path: &Path, manifest: &Manifest, options: &RunOptions) -> Result<String> {
@@ -629,18 +672,29 @@ fn identity(manifest_path: &Path, manifest: &Manifest, options: &RunOptions) -> 
             detail: e.to_string(),
         })
     };
-    let onnx = match options.precision {
-        Precision::Fp32 => Some(&manifest.onnx),
-        Precision::Int8 => manifest.onnx_int8.as_ref(),
-    };
+    let onnx = onnx_file(manifest, manifest_path, options.precision)?;
     h.update(read(manifest_path)?);
-    for file in [onnx, Some(&manifest.tokenizer), manifest.head.as_ref().map(|h| &h.path)]
-        .into_iter()
-        .flatten()
+    for file in [
+        Some(&onnx),
+        Some(&manifest.tokenizer),
+        manifest.head.as_ref().map(|h| &h.path),
+    ]
+    .into_iter()
+    .flatten()
     {
         h.update(read(file)?);
     }
-    h.update(format!("{}|{}", options.precision.as_str(), options.overlap));
+    h.update(format!(
+        "{}|{}|{:?}",
+        options.precision.as_str(),
+        options.overlap,
+        options.device
+    ));
+    if options.precision == Precision::Int8 {
+        // Dynamic quantisation takes one activation scale per tensor, i.e. per batch: int8
+        // results depend on which chunks share a batch, so the batch settings are part of them.
+        h.update(format!("|{}|{}", options.batch_tokens, options.max_batch));
+    }
     Ok(hex::encode(h.finalize())[..16].to_string())
 }
 

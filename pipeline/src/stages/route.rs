@@ -4,6 +4,7 @@
 use super::{OutputTable, Stage, StageBatch, UnitInput, unit_session};
 use crate::config::Config;
 use crate::error::{Error, Result};
+use arrow::array::AsArray;
 use futures::stream::{BoxStream, StreamExt, TryStreamExt};
 use safepipe_operators::route::account;
 use safepipe_operators::{UnitCounts, schema};
@@ -51,6 +52,30 @@ impl Stage for RouteStage {
                 wanted.push(("score", "scores", schema::SCORES.clone()));
             }
             let ctx = unit_session(&input, &wanted).await?;
+            if rules.with_scores {
+                // Every document must have its score: a missing one would fall to the default
+                // route, i.e. be kept unjudged.
+                let count = |table: &str| {
+                    let ctx = ctx.clone();
+                    let query = format!("SELECT count(*) FROM {table}");
+                    async move {
+                        let batches = ctx.sql(&query).await?.collect().await?;
+                        Ok::<i64, Error>(
+                            batches
+                                .first()
+                                .map(|b| b.column(0).as_primitive::<arrow::datatypes::Int64Type>().value(0))
+                                .unwrap_or(0),
+                        )
+                    }
+                };
+                let (documents, scores) = (count("documents").await?, count("scores").await?);
+                if documents != scores {
+                    return Err(Error::Execution(format!(
+                        "unit {}: {documents} documents but {scores} scores; rerun with --force score",
+                        input.unit.id
+                    )));
+                }
+            }
             let stream = rules.execute(&ctx).await?;
             let batches = stream.map(|batch| {
                 let batch = batch?;

@@ -1,4 +1,4 @@
-//! Adapter of the tag operator: the unit's documents routed `tag` -> `tagged`.
+//! Adapter of the tag operator: the unit's documents with `routes.also_tag` -> `tagged`.
 
 use super::{OutputTable, Stage, StageBatch, UnitInput, unit_session};
 use crate::config::Config;
