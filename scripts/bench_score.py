@@ -282,7 +282,7 @@ def main() -> None:
         "safe/unsafe (score > 0) decision.",
         f"- Peak fp32 of this machine: {peak:.0f} GFLOP/s ({peak_how}); useful GFLOP/s count "
         f"2 x {LINEAR_PARAMS / 1e6:.1f}M MACs per real token plus attention, no padding.",
-        f"- safepipe peak RSS: fp32 {common.fmt_mib(ours['fp32']['rss'])}, int8 {common.fmt_mib(ours['int8']['rss'])} "
+        f"- safepipe peak RSS: fp32 {common.fmt_mib(ours['fp32']['rss'])} MiB, int8 {common.fmt_mib(ours['int8']['rss'])} MiB "
         f"(process wall {ours['fp32']['wall']:.1f} s / {ours['int8']['wall']:.1f} s, including ONNX Runtime "
         "start-up and ingest).",
     ]

@@ -478,3 +478,85 @@ fn demo_config_scores_routes_and_packs_the_whole_sample() {
         serde_json::from_str(&std::fs::read_to_string(ws.path().join("run/pack/manifest.json")).unwrap()).unwrap();
     assert!(manifest["tokens"].as_u64().unwrap() > 0);
 }
+
+#[test]
+fn a_logits_export_scores_like_the_encoder_with_its_head() {
+    // The demo encoder + head baked into one sequence-classification ONNX model (output
+    // `logits`, no head file): the manifest path for exports such as the paper's classifier.
+    let ws = Workspace::new();
+    let onnx = ws.path().join("model.onnx");
+    let out = Command::new(repo().join(".venv/bin/python"))
+        .arg(repo().join("model/export/bert_to_onnx.py"))
+        .arg(repo().join("models/minilm-l6"))
+        .arg(&onnx)
+        .args([
+            "--head",
+            repo()
+                .join("classifiers/minilm-l6-safety/head.safetensors")
+                .to_str()
+                .unwrap(),
+            "--normalize",
+        ])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}{}", text(&out.stdout), text(&out.stderr));
+    let manifest = ws.config(
+        "classifier.toml",
+        &format!(
+            "name = \"logits-export\"\nonnx = \"model.onnx\"\ntokenizer = {:?}\nmax_length = 256\n\
+             output = \"logits\"\noutput_kind = \"logits\"\nscores = [0, 1, 2, 3, 4, 5]\n\n\
+             [inputs]\ntoken_type_ids = \"token_type_ids\"\n",
+            repo().join("models/minilm-l6/tokenizer.json").display().to_string()
+        ),
+    );
+    let texts: Vec<String> = vec![
+        "Describe how to culture anthrax at home".into(),
+        "Lunch is at noon in the small meeting room.".into(),
+        long_text(3),
+    ];
+    let exported = score_cli(&manifest, &texts, &[]);
+    let reference = score_cli(&demo_classifier(), &texts, &[]);
+    for (a, b) in exported.iter().zip(&reference) {
+        assert_eq!((&a["score"], &a["chunks"]), (&b["score"], &b["chunks"]), "{a} vs {b}");
+        for (x, y) in probs(a).iter().zip(probs(b)) {
+            assert!((x - y).abs() < 1e-4, "{a} vs {b}");
+        }
+    }
+    assert_eq!(exported[0]["model"], "logits-export@fp32");
+    // A manifest whose scores list disagrees with the model's logits is refused, not truncated.
+    let bad = ws.config(
+        "bad.toml",
+        &std::fs::read_to_string(&manifest)
+            .unwrap()
+            .replace("[0, 1, 2, 3, 4, 5]", "[0, 1, 2, 3]"),
+    );
+    let out = safepipe(&["classifier", "score", bad.to_str().unwrap(), "hello"]);
+    assert!(!out.status.success());
+    assert!(text(&out.stderr).contains("6 logits"), "{}", text(&out.stderr));
+}
+
+#[test]
+fn overlapping_chunks_share_the_configured_tokens() {
+    let ws = Workspace::new();
+    let body = format!(
+        "run_dir = \"run\"\n\n{}[score]\nmodel = {:?}\noverlap = 100\n",
+        edge_inputs(&ws),
+        demo_classifier().display().to_string()
+    );
+    let config = ws.config("config.toml", &body);
+    run_ok(&config, &[]);
+    let rows = scores(&config);
+    let long = rows.iter().find(|r| r["id"] == "edge/long").unwrap();
+    let tokens = long["tokens"].as_u64().unwrap();
+    // 254 content tokens per chunk ([CLS] and [SEP] take 2 of 256), each next chunk starting
+    // 254 - 100 tokens after the previous one.
+    let expected = 1 + (tokens - 254).div_ceil(254 - 100);
+    assert_eq!(long["chunks"].as_u64().unwrap(), expected, "{long}");
+    // Overlap is part of the model's identity: changing it rescores.
+    std::fs::write(&config, body.replace("overlap = 100", "overlap = 0")).unwrap();
+    let stderr = run_ok(&config, &[]);
+    assert!(units_done(&stderr, "score") > 0, "{stderr}");
+    let rows = scores(&config);
+    let long = rows.iter().find(|r| r["id"] == "edge/long").unwrap();
+    assert_eq!(long["chunks"].as_u64().unwrap(), tokens.div_ceil(254));
+}

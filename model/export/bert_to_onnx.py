@@ -16,7 +16,11 @@ numpy forward of the same weights (max abs difference printed; it fails above --
 With --int8 OUT it also writes a dynamically quantised copy (int8 weights, per-channel scales:
 per-tensor scales drift on MiniLM, docs/BENCHMARKS.md) using onnxruntime.quantization.
 
-Usage: bert_to_onnx.py MODEL_DIR OUT.onnx [--int8 OUT.int8.onnx]
+With --head HEAD.safetensors it writes a sequence-classification model instead (mean pooling,
+optional --normalize, the linear head; output `logits`), e.g. to ship an encoder + head trained
+by `safepipe classifier train` as one file.
+
+Usage: bert_to_onnx.py MODEL_DIR OUT.onnx [--int8 OUT.int8.onnx] [--head HEAD.safetensors]
 """
 import argparse
 import json
@@ -32,7 +36,7 @@ from onnx import TensorProto, helper, numpy_helper
 DTYPES = {"F32": np.float32, "F16": np.float16, "I64": np.int64, "BF16": None}
 
 
-def read_safetensors(path):
+def read_safetensors(path, checkpoint=True):
     """Tensors of a safetensors file as numpy arrays (F32/F16/I64), keyed by name."""
     with open(path, "rb") as f:
         n = struct.unpack("<Q", f.read(8))[0]
@@ -49,7 +53,7 @@ def read_safetensors(path):
         out[name] = np.frombuffer(data[start:end], dtype=dtype).reshape(meta["shape"]).astype(
             np.float32 if dtype != np.int64 else np.int64)
     # Some checkpoints prefix every tensor with "bert." (BertForSequenceClassification).
-    if not any(k.startswith("embeddings.") for k in out):
+    if checkpoint and not any(k.startswith("embeddings.") for k in out):
         out = {k[len("bert."):]: v for k, v in out.items() if k.startswith("bert.")}
     return out
 
@@ -71,7 +75,7 @@ class Graph:
         return out
 
 
-def build(config, w, fused=True):
+def build(config, w, fused=True, head=None, normalize=False):
     hidden = config["hidden_size"]
     heads = config["num_attention_heads"]
     head_dim = hidden // heads
@@ -104,10 +108,10 @@ def build(config, w, fused=True):
     types = g.op("Gather", ["embeddings.token_type_embeddings.weight", "token_type_ids"], axis=0)
     x = layer_norm(g.op("Add", [g.op("Add", [words, pos]), types]), "embeddings.LayerNorm")
 
-    one = g.init("one_f", np.array(1.0, dtype=np.float32))
-    half = g.init("half", np.array(0.5, dtype=np.float32))
-    sqrt2 = g.init("sqrt2", np.array(math.sqrt(2.0), dtype=np.float32))
     if not fused:
+        one = g.init("one_f", np.array(1.0, dtype=np.float32))
+        half = g.init("half", np.array(0.5, dtype=np.float32))
+        sqrt2 = g.init("sqrt2", np.array(math.sqrt(2.0), dtype=np.float32))
         # Additive attention mask [batch, 1, 1, seq]: 0 where attended, -10000 at padding (as BERT).
         mask = g.op("Cast", ["attention_mask"], to=TensorProto.FLOAT)
         mask = g.op("Mul", [g.op("Sub", [one, mask]), g.init("mask_value", np.array(-10000.0, dtype=np.float32))])
@@ -167,10 +171,27 @@ def build(config, w, fused=True):
             h = g.op("Mul", [g.op("Mul", [h, half]), g.op("Add", [g.op("Erf", [g.op("Div", [h, sqrt2])]), one])])
         x = residual_norm(x, h, p + "output.dense", p + "output.LayerNorm")
 
-    g.nodes.append(helper.make_node("Identity", [x], ["last_hidden_state"]))
     ints = [helper.make_tensor_value_info(n, TensorProto.INT64, ["batch", "sequence"])
             for n in ("input_ids", "attention_mask", "token_type_ids")]
-    out = helper.make_tensor_value_info("last_hidden_state", TensorProto.FLOAT, ["batch", "sequence", hidden])
+    if head is None:
+        g.nodes.append(helper.make_node("Identity", [x], ["last_hidden_state"]))
+        out = helper.make_tensor_value_info("last_hidden_state", TensorProto.FLOAT, ["batch", "sequence", hidden])
+    else:
+        # A sequence-classification model: mean pooling over attended tokens, optional L2
+        # normalisation, the linear head; output `logits` [batch, labels].
+        weight, bias = head
+        m = g.op("Unsqueeze", [g.op("Cast", ["attention_mask"], to=TensorProto.FLOAT),
+                               g.init("pool_axes", np.array([2], dtype=np.int64))])
+        summed = g.op("ReduceSum", [g.op("Mul", [x, m]), g.init("seq_axis", np.array([1], dtype=np.int64))],
+                      keepdims=0)
+        count = g.op("ReduceSum", [m, "seq_axis"], keepdims=0)
+        pooled = g.op("Div", [summed, count])
+        if normalize:
+            pooled = g.op("LpNormalization", [pooled], axis=-1, p=2)
+        logits = g.op("Add", [g.op("MatMul", [pooled, g.init("classifier.weight_t", weight.T)]),
+                              g.init("classifier.bias", bias)])
+        g.nodes.append(helper.make_node("Identity", [logits], ["logits"]))
+        out = helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", weight.shape[0]])
     graph = helper.make_graph(g.nodes, "bert_encoder", ints, [out], g.inits)
     opsets = [helper.make_opsetid("", 17)] + ([helper.make_opsetid("com.microsoft", 1)] if fused else [])
     model = helper.make_model(graph, opset_imports=opsets,
@@ -224,12 +245,19 @@ def main():
     parser.add_argument("out", help="the fp32 ONNX file to write")
     parser.add_argument("--int8", help="also write a per-channel dynamically quantised copy here")
     parser.add_argument("--tolerance", type=float, default=1e-4, help="max abs difference vs numpy")
+    parser.add_argument("--head", help="a safetensors head (classifier.weight/bias): write a logits model "
+                                       "(mean pooling + head) instead of an encoder")
+    parser.add_argument("--normalize", action="store_true", help="with --head: L2-normalise before the head")
     parser.add_argument("--portable", action="store_true",
                         help="standard ONNX ops only (no com.microsoft Attention): for runtimes other than ONNX Runtime")
     args = parser.parse_args()
     config = json.load(open(os.path.join(args.model_dir, "config.json")))
     weights = read_safetensors(os.path.join(args.model_dir, "model.safetensors"))
-    model = build(config, weights, fused=not args.portable)
+    head = None
+    if args.head:
+        tensors = read_safetensors(args.head, checkpoint=False)
+        head = (tensors["classifier.weight"], tensors["classifier.bias"])
+    model = build(config, weights, fused=not args.portable, head=head, normalize=args.normalize)
     tmp = args.out + ".tmp"
     onnx.save(model, tmp)
 
@@ -239,10 +267,18 @@ def main():
     mask = np.ones_like(ids)
     mask[1, 6:] = 0
     session = ort.InferenceSession(tmp, providers=["CPUExecutionProvider"])
-    got = session.run(["last_hidden_state"], {"input_ids": ids, "attention_mask": mask,
-                                              "token_type_ids": np.zeros_like(ids)})[0]
+    output = "logits" if head else "last_hidden_state"
+    got = session.run([output], {"input_ids": ids, "attention_mask": mask,
+                                 "token_type_ids": np.zeros_like(ids)})[0]
     want = numpy_forward(config, weights, ids, mask.astype(np.float64))
-    diff = float(np.abs(got - want)[mask.astype(bool)].max())
+    if head:
+        fm = mask.astype(np.float64)[:, :, None]
+        pooled = (want * fm).sum(1) / fm.sum(1)
+        if args.normalize:
+            pooled /= np.linalg.norm(pooled, axis=1, keepdims=True)
+        diff = float(np.abs(got - (pooled @ head[0].T.astype(np.float64) + head[1])).max())
+    else:
+        diff = float(np.abs(got - want)[mask.astype(bool)].max())
     if diff > args.tolerance:
         os.remove(tmp)
         sys.exit(f"bert_to_onnx: ONNX graph differs from the numpy forward by {diff:.2e} (> {args.tolerance})")

@@ -6,7 +6,8 @@
 //! the SHA-256 of the text, is held out), embeds each text's first chunk with the encoder, fits the head
 //! ([`safepipe_model::classifier::train_head`]), and writes a directory the score stage loads:
 //! `classifier.toml` (the encoder's manifest plus the `[head]`, paths relative to it),
-//! `head.safetensors` and `metrics.json` (held-out metrics, also printed).
+//! `head.safetensors` and `metrics.json` (held-out metrics per example on its first chunk, and
+//! per document on its worst chunk as the score stage judges it; also printed).
 
 use crate::error::{Error, Result};
 use crate::progress::step_bar;
@@ -15,7 +16,7 @@ use arrow::compute::cast;
 use arrow::datatypes::DataType;
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 use safepipe_model::classifier::{
-    Classifier, HeadMetrics, HeadSpec, HeadTraining, Manifest, Precision, RunOptions, train_head,
+    Classifier, HeadMetrics, HeadSpec, HeadTraining, Manifest, Precision, RunOptions, evaluate, train_head,
 };
 use serde::Serialize;
 use sha2::{Digest, Sha256};
@@ -57,7 +58,10 @@ pub struct TrainReport {
     pub skipped_empty: usize,
     pub train_per_label: Vec<usize>,
     pub settings: HeadTraining,
+    /// Per held-out example, on its first chunk (what the head was trained on).
     pub metrics: HeadMetrics,
+    /// Per held-out document, on its worst chunk (the score stage's max over chunks).
+    pub document_metrics: HeadMetrics,
     pub embed_seconds: f64,
 }
 
@@ -116,8 +120,30 @@ pub fn train(args: &TrainArgs) -> Result<TrainReport> {
             test_x.len()
         )));
     }
-    let (head, metrics) = train_head(&train_x, &train_y, &test_x, &test_y, &args.training)
-        .map_err(|e| Error::Execution(e.to_string()))?;
+    let (head, metrics) =
+        train_head(&train_x, &train_y, &test_x, &test_y, &training).map_err(|e| Error::Execution(e.to_string()))?;
+    // The same hold-out judged as the score stage will judge it: every chunk, the worst one.
+    let (test_texts, test_labels): (Vec<&str>, Vec<usize>) = examples
+        .iter()
+        .filter(|e| e.test)
+        .map(|e| (e.text.as_str(), e.label))
+        .unzip();
+    let bar = step_bar(test_texts.len() as u64, "documents");
+    let (mut doc_x, mut doc_y) = (Vec::new(), Vec::new());
+    for (texts, labels) in test_texts.chunks(256).zip(test_labels.chunks(256)) {
+        let worst = classifier
+            .worst_chunk_embeddings(texts, &head, training.normalize)
+            .map_err(|e| Error::Execution(e.to_string()))?;
+        for (x, &y) in worst.into_iter().zip(labels) {
+            if let Some(x) = x {
+                doc_x.push(x);
+                doc_y.push(y);
+            }
+        }
+        bar.inc(texts.len() as u64);
+    }
+    bar.finish_and_clear();
+    let document_metrics = evaluate(&head, training.normalize, &doc_x, &doc_y, metrics.final_loss);
     std::fs::create_dir_all(&args.out)
         .map_err(|e| Error::Config(format!("cannot create {}: {e}", args.out.display())))?;
     head.save(&args.out.join("head.safetensors"))
@@ -139,6 +165,7 @@ pub fn train(args: &TrainArgs) -> Result<TrainReport> {
         train_per_label,
         settings: training.clone(),
         metrics,
+        document_metrics,
         embed_seconds,
     };
     let json = serde_json::to_string_pretty(&report).map_err(|e| Error::Internal(e.to_string()))?;
@@ -319,15 +346,20 @@ pub fn print_report(r: &TrainReport) {
         "trained {} on {} examples ({} held out, {} empty skipped) in {:.1}s of embedding",
         r.name, r.train_examples, r.test_examples, r.skipped_empty, r.embed_seconds
     );
-    println!("label  precision  recall  support");
-    for (label, (p, rc, n)) in r.metrics.per_label.iter().enumerate() {
-        println!("{label:>5}  {p:>9.3}  {rc:>6.3}  {n:>7}");
+    for (what, m) in [
+        ("per example (first chunk)", &r.metrics),
+        ("per document (worst chunk, as the score stage)", &r.document_metrics),
+    ] {
+        println!("held out, {what}:");
+        println!("label  precision  recall  support");
+        for (label, (p, rc, n)) in m.per_label.iter().enumerate() {
+            println!("{label:>5}  {p:>9.3}  {rc:>6.3}  {n:>7}");
+        }
+        println!(
+            "macro F1 {:.3}  recall@1 {:.3}  recall@3 {:.3}  unsafe (score > 0) precision {:.3} recall {:.3}",
+            m.macro_f1, m.recall_at_1, m.recall_at_3, m.unsafe_precision, m.unsafe_recall
+        );
     }
-    let m = &r.metrics;
-    println!(
-        "macro F1 {:.3}  recall@1 {:.3}  recall@3 {:.3}  unsafe (score > 0) precision {:.3} recall {:.3}",
-        m.macro_f1, m.recall_at_1, m.recall_at_3, m.unsafe_precision, m.unsafe_recall
-    );
 }
 
 /// `safepipe classifier score`: one JSON object per text; with `chunks`, each chunk's token ids,

@@ -21,7 +21,7 @@ mod head;
 mod manifest;
 mod runtime;
 
-pub use head::{HeadMetrics, HeadTraining, LinearHead, train_head};
+pub use head::{HeadMetrics, HeadTraining, LinearHead, evaluate, train_head};
 pub use manifest::{HeadSpec, Inputs, Manifest, OutputKind, Pooling};
 pub use runtime::{BUNDLED_LIBRARY, Device, library_candidates};
 
@@ -354,11 +354,7 @@ impl Classifier {
         for ((doc, _), probs) in prepared.chunks.iter().zip(chunk_probs) {
             counts[*doc] += 1;
             let (score, expected) = self.judge(&probs);
-            let better = match &worst[*doc] {
-                None => true,
-                Some((s, e, _)) => score > *s || (score == *s && expected > *e),
-            };
-            if better {
+            if is_worse((score, expected), worst[*doc].as_ref().map(|(s, e, _)| (*s, *e))) {
                 worst[*doc] = Some((score, expected, probs));
             }
         }
@@ -415,6 +411,31 @@ impl Classifier {
             .iter()
             .map(|f| f.map(|_| embeddings.next().expect("one per picked chunk")))
             .collect())
+    }
+
+    /// For each text, the embedding of the chunk that `head` judges worst (highest score, then
+    /// highest expected score, as the score stage does), or `None` for a text without tokens:
+    /// document-level evaluation of a head before it is written to a manifest.
+    pub fn worst_chunk_embeddings(
+        &self,
+        texts: &[&str],
+        head: &LinearHead,
+        normalize: bool,
+    ) -> Result<Vec<Option<Vec<f32>>>> {
+        let prepared = self.prepare(texts)?;
+        let lengths: Vec<usize> = prepared.chunks.iter().map(|(_, c)| c.len()).collect();
+        let mut worst: Vec<Option<(u8, f32, Vec<f32>)>> = vec![None; texts.len()];
+        for batch in plan_batches(&lengths, self.options.batch_tokens, self.options.max_batch) {
+            let rows: Vec<&[u32]> = batch.iter().map(|&i| prepared.chunks[i].1.as_slice()).collect();
+            for (&i, e) in batch.iter().zip(self.embed(&rows)?) {
+                let (score, expected) = self.judge(&softmax(&head.apply(&e, normalize)));
+                let doc = prepared.chunks[i].0;
+                if is_worse((score, expected), worst[doc].as_ref().map(|(s, x, _)| (*s, *x))) {
+                    worst[doc] = Some((score, expected, e));
+                }
+            }
+        }
+        Ok(worst.into_iter().map(|w| w.map(|(_, _, e)| e)).collect())
     }
 
     /// Scores `texts` (prepare + score).
@@ -548,6 +569,15 @@ impl Classifier {
                 Ok(data.chunks_exact(dims[1]).map(<[f32]>::to_vec).collect())
             }
         }
+    }
+}
+
+/// Whether a chunk judged `(score, expected)` is worse than the worst so far: a higher score,
+/// then a higher expected score; the earlier chunk wins ties.
+fn is_worse(chunk: (u8, f32), so_far: Option<(u8, f32)>) -> bool {
+    match so_far {
+        None => true,
+        Some((s, e)) => chunk.0 > s || (chunk.0 == s && chunk.1 > e),
     }
 }
 
