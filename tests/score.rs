@@ -457,7 +457,7 @@ fn demo_config_scores_routes_and_packs_the_whole_sample() {
     let wrong = sql_number(
         &config,
         "SELECT count(*) AS n FROM routes r JOIN scores s ON r.id = s.id \
-         WHERE r.rule IS DISTINCT FROM 'too_short' AND NOT ((s.score >= 4 AND r.route = 'refuse') \
+         WHERE (r.rule IS DISTINCT FROM 'too_short') AND NOT ((s.score >= 4 AND r.route = 'refuse') \
          OR (s.score BETWEEN 1 AND 3 AND r.route = 'rephrase') OR (s.score = 0 AND r.route = 'keep'))",
     );
     assert_eq!(wrong, 0);

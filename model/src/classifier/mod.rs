@@ -694,6 +694,36 @@ pub fn model_identity(path: &Path, options: &RunOptions) -> Result<String> {
     identity(path, &manifest, options)
 }
 
+/// SHA-256 of a (large) file, cached in `FILE.sha256` next to it as `size mtime-ns digest`: a
+/// config load does not rehash a gigabyte model unless the file changed. A cache that cannot be
+/// written (read-only model directory) only costs the rehash.
+fn file_digest(path: &Path) -> Result<String> {
+    let io = |e: std::io::Error| ClassifierError::Io {
+        path: path.display().to_string(),
+        detail: e.to_string(),
+    };
+    let meta = std::fs::metadata(path).map_err(io)?;
+    let mtime = meta
+        .modified()
+        .ok()
+        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+        .map_or(0, |d| d.as_nanos());
+    let stamp = format!("{} {mtime}", meta.len());
+    let cache = PathBuf::from(format!("{}.sha256", path.display()));
+    if let Ok(text) = std::fs::read_to_string(&cache)
+        && let Some(digest) = text.trim().strip_prefix(&format!("{stamp} "))
+        && digest.len() == 64
+    {
+        return Ok(digest.to_string());
+    }
+    let mut file = std::fs::File::open(path).map_err(io)?;
+    let mut h = Sha256::new();
+    std::io::copy(&mut file, &mut h).map_err(io)?;
+    let digest = hex::encode(h.finalize());
+    let _ = std::fs::write(&cache, format!("{stamp} {digest}\n"));
+    Ok(digest)
+}
+
 fn identity(manifest_path: &Path, manifest: &Manifest, options: &RunOptions) -> Result<String> {
     let mut h = Sha256::new();
     let read = |p: &Path| {
@@ -704,13 +734,11 @@ fn identity(manifest_path: &Path, manifest: &Manifest, options: &RunOptions) -> 
     };
     let onnx = onnx_file(manifest, manifest_path, options.precision)?;
     h.update(read(manifest_path)?);
-    for file in [
-        Some(&onnx),
-        Some(&manifest.tokenizer),
-        manifest.head.as_ref().map(|h| &h.path),
-    ]
-    .into_iter()
-    .flatten()
+    // The ONNX file can be gigabytes: its digest is cached beside it (see `file_digest`).
+    h.update(file_digest(&onnx)?);
+    for file in [Some(&manifest.tokenizer), manifest.head.as_ref().map(|h| &h.path)]
+        .into_iter()
+        .flatten()
     {
         h.update(read(file)?);
     }
