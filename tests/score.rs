@@ -314,47 +314,39 @@ fn chunked_max_equals_the_worst_chunk_and_logits_match_onnxruntime_python() {
 }
 
 fn python_check(manifest: &Path, scored: &Path, texts: &Path, extra: &[&str]) -> Value {
-    let out = Command::new(repo().join(".venv/bin/python"))
-        .arg(repo().join("tests/python/check_classifier.py"))
-        .args([manifest, scored, texts])
-        .args(extra)
-        .output()
-        .expect("run the Python oracle (make setup makes .venv)");
-    assert!(
-        out.status.success(),
-        "check_classifier.py failed:\n{}{}",
-        text(&out.stdout),
-        text(&out.stderr)
-    );
-    serde_json::from_str(text(&out.stdout).trim()).unwrap()
+    let mut args = vec![manifest.as_os_str(), scored.as_os_str(), texts.as_os_str()];
+    args.extend(extra.iter().map(std::ffi::OsStr::new));
+    python_oracle("check_classifier.py", &args)
 }
 
-#[test]
-fn classifier_train_writes_a_head_the_score_stage_loads() {
-    let ws = Workspace::new();
+/// `safepipe classifier train` of the demo encoder on the labelled set, with extra flags.
+fn train_head(out_dir: &Path, extra: &[&str]) -> std::process::Output {
     let labels = repo().join("data/labels/safety.parquet");
     assert!(
         labels.exists(),
         "{} is missing: run `make setup` first",
         labels.display()
     );
-    let out_dir = ws.path().join("head");
-    let out = safepipe(&[
+    let encoder = repo().join("models/minilm-l6/encoder.toml");
+    let mut args = vec![
         "classifier",
         "train",
         "--encoder",
-        repo().join("models/minilm-l6/encoder.toml").to_str().unwrap(),
+        encoder.to_str().unwrap(),
         "--data",
         labels.to_str().unwrap(),
         "--out",
         out_dir.to_str().unwrap(),
-        "--name",
-        "tiny-head",
-        "--limit",
-        "12",
-        "--epochs",
-        "100",
-    ]);
+    ];
+    args.extend_from_slice(extra);
+    safepipe(&args)
+}
+
+#[test]
+fn classifier_train_writes_a_head_the_score_stage_loads() {
+    let ws = Workspace::new();
+    let out_dir = ws.path().join("head");
+    let out = train_head(&out_dir, &["--name", "tiny-head", "--limit", "12", "--epochs", "100"]);
     assert!(out.status.success(), "{}", text(&out.stderr));
     let stdout = text(&out.stdout);
     assert!(stdout.contains("macro F1") && stdout.contains("recall@3"), "{stdout}");
@@ -380,18 +372,7 @@ fn classifier_train_writes_a_head_the_score_stage_loads() {
     assert_eq!(models, vec!["{\"model\":\"tiny-head@fp32\"}".to_string()]);
 
     // Bad inputs get clear errors.
-    let out = safepipe(&[
-        "classifier",
-        "train",
-        "--encoder",
-        repo().join("models/minilm-l6/encoder.toml").to_str().unwrap(),
-        "--data",
-        labels.to_str().unwrap(),
-        "--out",
-        out_dir.to_str().unwrap(),
-        "--score-column",
-        "no_such_column",
-    ]);
+    let out = train_head(&out_dir, &["--score-column", "no_such_column"]);
     assert!(!out.status.success());
     assert!(
         text(&out.stderr).contains("no column \"no_such_column\""),

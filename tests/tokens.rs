@@ -7,24 +7,8 @@ mod common;
 use common::*;
 use serde_json::Value;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
 const TAG: &str = "<potentially unsafe content>";
-
-fn python(script: &str, args: &[&str]) -> Value {
-    let out = Command::new(repo().join(".venv/bin/python"))
-        .arg(repo().join("tests/python").join(script))
-        .args(args)
-        .output()
-        .expect("run the Python oracle (make setup makes .venv)");
-    assert!(
-        out.status.success(),
-        "{script} failed:\n{}{}",
-        text(&out.stdout),
-        text(&out.stderr)
-    );
-    serde_json::from_str(text(&out.stdout).trim()).unwrap()
-}
 
 fn manifest(ws: &Workspace, run_dir: &str) -> Value {
     let path = ws.path().join(run_dir).join("pack/manifest.json");
@@ -126,7 +110,7 @@ fn token_ids_equal_python_tokenizers_and_the_tag_is_one_token() {
         text(&out.stdout)
     );
     let tokenizer_json = ws.path().join("tokenizer.json");
-    let report = python(
+    let report = python_oracle(
         "check_tokens.py",
         &[
             ws.path().join("run").to_str().unwrap(),
@@ -236,7 +220,7 @@ fn pack_is_exact_and_the_same_for_ranks_batch_sizes_and_buckets() {
         hex::encode(Sha256::digest(std::fs::read(&exported).unwrap()))
     );
     // Python's `tokenizers` gives the same ids on every one of these real mails and prompts.
-    let report = python(
+    let report = python_oracle(
         "check_tokens.py",
         &[ws.path().join("one").to_str().unwrap(), exported.to_str().unwrap(), TAG],
     );
@@ -327,7 +311,7 @@ fn megatron_export_reads_back_with_numpy() {
         prefix.to_str().unwrap(),
     ]);
     assert!(out.status.success(), "{}", text(&out.stderr));
-    let report = python(
+    let report = python_oracle(
         "check_megatron.py",
         &[
             prefix.to_str().unwrap(),

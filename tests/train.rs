@@ -116,13 +116,10 @@ fn logits_match_an_independent_llama_forward() {
         serde_json::json!({"rows": rows, "seq_len": seq_len, "tokens": tokens, "logits": logits}).to_string(),
     )
     .unwrap();
-    let out = std::process::Command::new(repo().join(".venv/bin/python"))
-        .arg(repo().join("tests/python/check_llama_parity.py"))
-        .args([dir.to_str().unwrap(), case.to_str().unwrap()])
-        .output()
-        .expect("run the Python oracle (make setup makes .venv)");
-    assert!(out.status.success(), "{}{}", text(&out.stdout), text(&out.stderr));
-    let report: serde_json::Value = serde_json::from_str(text(&out.stdout).trim()).unwrap();
+    let report = python_oracle(
+        "check_llama_parity.py",
+        &[dir.to_str().unwrap(), case.to_str().unwrap()],
+    );
     assert!(report["numpy_max_abs_diff"].as_f64().unwrap() < 1e-4, "{report}");
 }
 

@@ -119,46 +119,76 @@ pub enum Command {
     },
 }
 
+/// The flags of `safepipe classifier train`.
+#[derive(Debug, clap::Args)]
+pub struct TrainFlags {
+    /// The encoder's manifest (e.g. models/minilm-l6/encoder.toml from `make setup`).
+    #[arg(long)]
+    encoder: PathBuf,
+    /// Parquet with a text column and an integer score column (0..labels-1).
+    #[arg(long)]
+    data: PathBuf,
+    /// The directory to write.
+    #[arg(long)]
+    out: PathBuf,
+    /// The classifier's name (scores.model).
+    #[arg(long, default_value = "safety-head")]
+    name: String,
+    #[arg(long, default_value = "text")]
+    text_column: String,
+    #[arg(long, default_value = "score")]
+    score_column: String,
+    /// A column with `train` / `test`; when absent, --test-fraction of texts are held out.
+    #[arg(long, default_value = "split")]
+    split_column: String,
+    #[arg(long, default_value_t = 0.2)]
+    test_fraction: f64,
+    /// At most this many examples per label in each split (0 = all), for quick runs.
+    #[arg(long, default_value_t = 0)]
+    limit: usize,
+    /// Loss weight of examples with score > 0 (the paper upweights them).
+    #[arg(long, default_value_t = HeadTraining::default().upweight)]
+    upweight: f32,
+    #[arg(long, default_value_t = HeadTraining::default().epochs)]
+    epochs: usize,
+    #[arg(long, default_value_t = HeadTraining::default().lr)]
+    lr: f32,
+    /// Embed with the int8 encoder.
+    #[arg(long)]
+    int8: bool,
+}
+
+impl TrainFlags {
+    fn into_args(self) -> classifier::TrainArgs {
+        classifier::TrainArgs {
+            encoder: self.encoder,
+            data: self.data,
+            out: self.out,
+            name: self.name,
+            text_column: self.text_column,
+            score_column: self.score_column,
+            split_column: self.split_column,
+            test_fraction: self.test_fraction,
+            limit: self.limit,
+            training: HeadTraining {
+                upweight: self.upweight,
+                epochs: self.epochs,
+                lr: self.lr,
+                ..Default::default()
+            },
+            options: ClassifierOptions {
+                precision: precision(self.int8),
+                ..Default::default()
+            },
+        }
+    }
+}
+
 #[derive(Debug, Subcommand)]
 pub enum ClassifierCommand {
     /// Fit a linear head on frozen encoder embeddings of a labelled Parquet table and write a
     /// classifier directory (classifier.toml, head.safetensors, metrics.json).
-    Train {
-        /// The encoder's manifest (e.g. models/minilm-l6/encoder.toml from `make setup`).
-        #[arg(long)]
-        encoder: PathBuf,
-        /// Parquet with a text column and an integer score column (0..labels-1).
-        #[arg(long)]
-        data: PathBuf,
-        /// The directory to write.
-        #[arg(long)]
-        out: PathBuf,
-        /// The classifier's name (scores.model).
-        #[arg(long, default_value = "safety-head")]
-        name: String,
-        #[arg(long, default_value = "text")]
-        text_column: String,
-        #[arg(long, default_value = "score")]
-        score_column: String,
-        /// A column with `train` / `test`; when absent, --test-fraction of texts are held out.
-        #[arg(long, default_value = "split")]
-        split_column: String,
-        #[arg(long, default_value_t = 0.2)]
-        test_fraction: f64,
-        /// At most this many examples per label in each split (0 = all), for quick runs.
-        #[arg(long, default_value_t = 0)]
-        limit: usize,
-        /// Loss weight of examples with score > 0 (the paper upweights them).
-        #[arg(long, default_value_t = HeadTraining::default().upweight)]
-        upweight: f32,
-        #[arg(long, default_value_t = HeadTraining::default().epochs)]
-        epochs: usize,
-        #[arg(long, default_value_t = HeadTraining::default().lr)]
-        lr: f32,
-        /// Embed with the int8 encoder.
-        #[arg(long)]
-        int8: bool,
-    },
+    Train(TrainFlags),
     /// Score texts with a classifier manifest: one JSON object per text.
     Score {
         manifest: PathBuf,
@@ -337,42 +367,8 @@ pub async fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::Classifier { command } => match command {
-            ClassifierCommand::Train {
-                encoder,
-                data,
-                out,
-                name,
-                text_column,
-                score_column,
-                split_column,
-                test_fraction,
-                limit,
-                upweight,
-                epochs,
-                lr,
-                int8,
-            } => {
-                let args = classifier::TrainArgs {
-                    encoder,
-                    data,
-                    out,
-                    name,
-                    text_column,
-                    score_column,
-                    split_column,
-                    test_fraction,
-                    limit,
-                    training: HeadTraining {
-                        upweight,
-                        epochs,
-                        lr,
-                        ..Default::default()
-                    },
-                    options: ClassifierOptions {
-                        precision: precision(int8),
-                        ..Default::default()
-                    },
-                };
+            ClassifierCommand::Train(flags) => {
+                let args = flags.into_args();
                 let report = tokio::task::spawn_blocking(move || classifier::train(&args))
                     .await
                     .map_err(|e| Error::Internal(e.to_string()))??;

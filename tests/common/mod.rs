@@ -94,6 +94,23 @@ impl Workspace {
     }
 }
 
+/// Runs `tests/python/SCRIPT ARGS..` with the project's `.venv` Python, asserting success; returns
+/// the one JSON report it prints on stdout.
+pub fn python_oracle<S: AsRef<std::ffi::OsStr>>(script: &str, args: &[S]) -> serde_json::Value {
+    let out = Command::new(repo().join(".venv/bin/python"))
+        .arg(repo().join("tests/python").join(script))
+        .args(args)
+        .output()
+        .expect("run the Python oracle (make setup makes .venv)");
+    assert!(
+        out.status.success(),
+        "{script} failed:\n{}{}",
+        text(&out.stdout),
+        text(&out.stderr)
+    );
+    serde_json::from_str(text(&out.stdout).trim()).unwrap()
+}
+
 pub fn safepipe(args: &[&str]) -> Output {
     Command::new(bin())
         .args(args)

@@ -221,7 +221,10 @@ mod tests {
         ))
         .unwrap_err();
         assert!(err.to_string().contains("has no [head]"), "{err}");
-        let err = write(&base.replace("m.onnx", "missing.onnx")).unwrap_err();
+        let err =
+            write(&format!("{base}output = \"logits\"\noutput_kind = \"logits\"\n").replace("m.onnx", "missing.onnx"))
+                .unwrap_err();
         assert!(err.to_string().contains("missing field") || err.to_string().contains("does not exist"));
+        assert!(err.to_string().contains("missing.onnx does not exist"), "{err}");
     }
 }

@@ -15,7 +15,8 @@
 //!   models quantise activations with one scale per batch, so their results depend on the batch
 //!   settings, which are then part of the fingerprint;
 //! - a chunk with non-finite logits is an error, never a "safe" verdict;
-//! - [`Classifier::fingerprint`] names the exact model (manifest, ONNX file, head, precision).
+//! - [`model_identity`] names the exact model (manifest, ONNX file, head, precision): the score
+//!   stage's fingerprint.
 
 mod head;
 mod manifest;
@@ -151,7 +152,6 @@ pub struct Classifier {
     pad_id: u32,
     session: Mutex<Session>,
     head: Option<LinearHead>,
-    fingerprint: String,
     library: PathBuf,
 }
 
@@ -160,7 +160,6 @@ impl std::fmt::Debug for Classifier {
         f.debug_struct("Classifier")
             .field("name", &self.manifest.name)
             .field("precision", &self.options.precision)
-            .field("fingerprint", &self.fingerprint)
             .finish()
     }
 }
@@ -254,7 +253,6 @@ impl Classifier {
                 manifest.output
             )));
         }
-        let fingerprint = identity(path, &manifest, options)?;
         Ok(Classifier {
             manifest,
             options: options.clone(),
@@ -264,7 +262,6 @@ impl Classifier {
             pad_id,
             session: Mutex::new(session),
             head,
-            fingerprint,
             library,
         })
     }
@@ -273,18 +270,9 @@ impl Classifier {
         &self.manifest
     }
 
-    pub fn options(&self) -> &RunOptions {
-        &self.options
-    }
-
     /// `name@precision`, written to `scores.model`.
     pub fn model_id(&self) -> String {
         format!("{}@{}", self.manifest.name, self.options.precision.as_str())
-    }
-
-    /// SHA-256 over the manifest, the ONNX file, the head and every option that changes results.
-    pub fn fingerprint(&self) -> &str {
-        &self.fingerprint
     }
 
     /// The ONNX Runtime library in use.
@@ -333,21 +321,18 @@ impl Classifier {
     /// Scores prepared documents: batches by token budget over length-sorted chunks, softmax per
     /// chunk, maximum per document.
     pub fn score_prepared(&self, prepared: &Prepared) -> Result<Vec<DocumentScore>> {
-        let lengths: Vec<usize> = prepared.chunks.iter().map(|(_, c)| c.len()).collect();
-        let mut chunk_probs: Vec<Vec<f32>> = vec![Vec::new(); prepared.chunks.len()];
-        for batch in plan_batches(&lengths, self.options.batch_tokens, self.options.max_batch) {
-            let rows: Vec<&[u32]> = batch.iter().map(|&i| prepared.chunks[i].1.as_slice()).collect();
-            let logits = self.logits(&rows)?;
-            for (&i, l) in batch.iter().zip(logits) {
-                if l.iter().any(|x| !x.is_finite()) {
-                    // A safety filter must not read a broken model as "safe".
-                    return Err(ClassifierError::Runtime(format!(
-                        "the model returned non-finite logits {l:?} for a chunk of {} tokens",
-                        rows.iter().map(|r| r.len()).max().unwrap_or(0)
-                    )));
-                }
-                chunk_probs[i] = softmax(&l);
+        let rows: Vec<&[u32]> = prepared.chunks.iter().map(|(_, c)| c.as_slice()).collect();
+        let logits = self.batched(&rows, |batch| self.logits(batch))?;
+        let mut chunk_probs = Vec::with_capacity(logits.len());
+        for (l, row) in logits.iter().zip(&rows) {
+            if l.iter().any(|x| !x.is_finite()) {
+                // A safety filter must not read a broken model as "safe".
+                return Err(ClassifierError::Runtime(format!(
+                    "the model returned non-finite logits {l:?} for a chunk of {} tokens",
+                    row.len()
+                )));
             }
+            chunk_probs.push(softmax(l));
         }
         let mut worst: Vec<Option<(u8, f32, Vec<f32>)>> = vec![None; prepared.documents()];
         let mut counts = vec![0u32; prepared.documents()];
@@ -397,16 +382,12 @@ impl Classifier {
         for (i, (doc, _)) in prepared.chunks.iter().enumerate() {
             first[*doc].get_or_insert(i);
         }
-        let picked: Vec<usize> = first.iter().flatten().copied().collect();
-        let lengths: Vec<usize> = picked.iter().map(|&i| prepared.chunks[i].1.len()).collect();
-        let mut embeddings: Vec<Vec<f32>> = vec![Vec::new(); picked.len()];
-        for batch in plan_batches(&lengths, self.options.batch_tokens, self.options.max_batch) {
-            let rows: Vec<&[u32]> = batch.iter().map(|&j| prepared.chunks[picked[j]].1.as_slice()).collect();
-            for (&j, e) in batch.iter().zip(self.embed(&rows)?) {
-                embeddings[j] = e;
-            }
-        }
-        let mut embeddings = embeddings.into_iter();
+        let rows: Vec<&[u32]> = first
+            .iter()
+            .flatten()
+            .map(|&i| prepared.chunks[i].1.as_slice())
+            .collect();
+        let mut embeddings = self.batched(&rows, |batch| self.embed(batch))?.into_iter();
         Ok(first
             .iter()
             .map(|f| f.map(|_| embeddings.next().expect("one per picked chunk")))
@@ -423,19 +404,30 @@ impl Classifier {
         normalize: bool,
     ) -> Result<Vec<Option<Vec<f32>>>> {
         let prepared = self.prepare(texts)?;
-        let lengths: Vec<usize> = prepared.chunks.iter().map(|(_, c)| c.len()).collect();
+        let rows: Vec<&[u32]> = prepared.chunks.iter().map(|(_, c)| c.as_slice()).collect();
+        let embeddings = self.batched(&rows, |batch| self.embed(batch))?;
         let mut worst: Vec<Option<(u8, f32, Vec<f32>)>> = vec![None; texts.len()];
-        for batch in plan_batches(&lengths, self.options.batch_tokens, self.options.max_batch) {
-            let rows: Vec<&[u32]> = batch.iter().map(|&i| prepared.chunks[i].1.as_slice()).collect();
-            for (&i, e) in batch.iter().zip(self.embed(&rows)?) {
-                let (score, expected) = self.judge(&softmax(&head.apply(&e, normalize)));
-                let doc = prepared.chunks[i].0;
-                if is_worse((score, expected), worst[doc].as_ref().map(|(s, x, _)| (*s, *x))) {
-                    worst[doc] = Some((score, expected, e));
-                }
+        for ((doc, _), e) in prepared.chunks.iter().zip(embeddings) {
+            let (score, expected) = self.judge(&softmax(&head.apply(&e, normalize)));
+            if is_worse((score, expected), worst[*doc].as_ref().map(|(s, x, _)| (*s, *x))) {
+                worst[*doc] = Some((score, expected, e));
             }
         }
         Ok(worst.into_iter().map(|w| w.map(|(_, _, e)| e)).collect())
+    }
+
+    /// `run` over `rows` in batches planned by [`plan_batches`] (length-sorted, token budget);
+    /// one output per row, in row order.
+    fn batched(&self, rows: &[&[u32]], run: impl Fn(&[&[u32]]) -> Result<Vec<Vec<f32>>>) -> Result<Vec<Vec<f32>>> {
+        let lengths: Vec<usize> = rows.iter().map(|r| r.len()).collect();
+        let mut out = vec![Vec::new(); rows.len()];
+        for batch in plan_batches(&lengths, self.options.batch_tokens, self.options.max_batch) {
+            let picked: Vec<&[u32]> = batch.iter().map(|&i| rows[i]).collect();
+            for (&i, v) in batch.iter().zip(run(&picked)?) {
+                out[i] = v;
+            }
+        }
+        Ok(out)
     }
 
     /// Scores `texts` (prepare + score).
