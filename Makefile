@@ -8,14 +8,20 @@ PY := $(VENV)/bin/python
 # PyTorch + transformers for the score benchmark's baselines only (several GB: kept out of .venv).
 TORCH_VENV := .venv-torch
 TORCH_PY := $(TORCH_VENV)/bin/python
+# llama.cpp's Python bindings + OpenAI-compatible server (built from source, ~9 min on 2 cores; the
+# wheel is cached in .cache/wheels) for `make test-server` and the generation benchmark.
+LLAMA_VENV := .venv-llama
+LLAMA_PY := $(LLAMA_VENV)/bin/python
+LLAMA_CPP := llama-cpp-python==0.3.36
 
-.PHONY: setup build demo test test-slow lint fmt bench classifier clean help
+.PHONY: setup build demo test test-slow test-server lint fmt bench classifier clean help
 
 help:
 	@echo "make setup   install everything a fresh machine needs (Python venv, sample corpus, SmolLM2 model, crates)"
 	@echo "make demo    run the pipeline on the bundled sample corpus (configs/demo.toml), export, train a tiny model"
 	@echo "make test    the test suite (needs make setup first)"
 	@echo "make test-slow  slow end-to-end tests (the demo config scoring the whole sample)"
+	@echo "make test-server  the HTTP backend against llama.cpp's server (builds llama-cpp-python once, ~9 min)"
 	@echo "make lint    rustfmt check + clippy -D warnings"
 	@echo "make bench   ingest, tokenize and score benchmarks -> docs/BENCHMARKS.md (score: downloads PyTorch into .venv-torch)"
 	@echo "make classifier  retrain the demo classifier's head (classifiers/minilm-l6-safety) on data/labels"
@@ -55,7 +61,19 @@ test:
 # Slow end-to-end tests (the demo config scoring the whole sample corpus): minutes on 2 cores.
 test-slow:
 	@test -d data/sample || { echo "test-slow: no sample corpus; run 'make setup' first" >&2; exit 1; }
-	$(CARGO) test --locked --workspace -- --ignored
+	$(CARGO) test --locked --workspace -- --ignored --skip llama_cpp_server
+
+# llama-cpp-python[server] from source into .venv-llama (the built wheel is cached), then the
+# test that runs `safepipe generate` and the synthesis stages against its server on 127.0.0.1.
+$(LLAMA_PY):
+	python3 -m venv $(LLAMA_VENV)
+	ls .cache/wheels/llama_cpp_python-0.3.36-*.whl >/dev/null 2>&1 || \
+		CMAKE_ARGS="-DGGML_NATIVE=OFF" $(LLAMA_VENV)/bin/pip wheel --quiet --disable-pip-version-check --no-deps "$(LLAMA_CPP)" -w .cache/wheels
+	$(LLAMA_VENV)/bin/pip install --quiet --disable-pip-version-check --find-links .cache/wheels "llama-cpp-python[server]==0.3.36"
+
+test-server: $(LLAMA_PY)
+	@test -d models/smollm2 || { echo "test-server: no model; run 'make setup' first" >&2; exit 1; }
+	$(CARGO) test --locked --workspace --test llm_server -- --ignored
 
 lint:
 	$(CARGO) fmt --all --check
@@ -71,6 +89,8 @@ bench: build
 	test -x $(TORCH_PY) || python3 -m venv $(TORCH_VENV)
 	$(TORCH_PY) -m pip install --quiet --disable-pip-version-check -r requirements-torch.txt
 	$(PY) scripts/bench_score.py --bin $(BIN) --out docs/BENCHMARKS.md --torch-python $(TORCH_PY)
+	$(MAKE) $(LLAMA_PY)
+	$(PY) scripts/bench_generate.py --bin $(BIN) --out docs/BENCHMARKS.md --llama-python $(LLAMA_PY)
 
 # The demo classifier's head: embeddings of data/labels/safety.parquet (make setup builds it) by
 # the MiniLM encoder, a 6-way linear head, held-out metrics in metrics.json (~7 min on 2 cores).

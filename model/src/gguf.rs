@@ -1,7 +1,8 @@
-//! A reader for the metadata of GGUF files (the llama.cpp model format, versions 2 and 3).
+//! A reader for GGUF files (the llama.cpp model format, versions 2 and 3).
 //!
-//! Only the header and the key/value metadata are read, never the tensor data, so reading the
-//! tokenizer of a 100 MB model touches a few megabytes. Layout (little-endian): magic `GGUF`,
+//! [`Metadata::read`] reads the header, the key/value metadata and the tensor directory, never the
+//! tensor data, so reading the tokenizer of a 100 MB model touches a few megabytes; the data of a
+//! tensor lies at `data_offset + TensorInfo::offset`. Layout (little-endian): magic `GGUF`,
 //! `u32` version, `u64` tensor count, `u64` metadata count, then per entry a string key, a `u32`
 //! value type and the value. Strings are a `u64` byte length and UTF-8 bytes; arrays are a `u32`
 //! element type, a `u64` length and the elements.
@@ -59,6 +60,28 @@ pub struct Metadata {
     pub version: u32,
     pub tensor_count: u64,
     pub values: BTreeMap<String, Value>,
+    /// The tensor directory, in file order.
+    pub tensors: Vec<TensorInfo>,
+    /// Where the tensor data starts (aligned to `general.alignment`, 32 by default).
+    pub data_offset: u64,
+}
+
+/// One entry of the tensor directory.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TensorInfo {
+    pub name: String,
+    /// Dimensions, innermost (contiguous) first, as ggml orders them.
+    pub dims: Vec<u64>,
+    /// The ggml type id (0 F32, 1 F16, 2 Q4_0, 3 Q4_1, 8 Q8_0, ...).
+    pub kind: u32,
+    /// Offset of the data from [`Metadata::data_offset`].
+    pub offset: u64,
+}
+
+impl TensorInfo {
+    pub fn elements(&self) -> u64 {
+        self.dims.iter().product()
+    }
 }
 
 impl Metadata {
@@ -76,6 +99,7 @@ impl Metadata {
         let mut reader = Reader {
             inner: BufReader::with_capacity(1 << 20, file),
             path: name,
+            position: 0,
         };
         let mut magic = [0u8; 4];
         reader.bytes(&mut magic)?;
@@ -95,10 +119,34 @@ impl Metadata {
             let value = reader.value(kind, 0)?;
             values.insert(key, value);
         }
+        if tensor_count > MAX_LEN {
+            return Err(reader.format(format!("{tensor_count} tensors is not plausible")));
+        }
+        let mut tensors = Vec::with_capacity(tensor_count as usize);
+        for _ in 0..tensor_count {
+            let name = reader.string()?;
+            let n_dims = reader.u32()?;
+            if n_dims > 8 {
+                return Err(reader.format(format!("tensor {name} has {n_dims} dimensions")));
+            }
+            let dims = (0..n_dims).map(|_| reader.u64()).collect::<Result<Vec<u64>, _>>()?;
+            let kind = reader.u32()?;
+            let offset = reader.u64()?;
+            tensors.push(TensorInfo {
+                name,
+                dims,
+                kind,
+                offset,
+            });
+        }
+        let alignment = values.get("general.alignment").and_then(Value::as_u64).unwrap_or(32).max(1);
+        let data_offset = reader.position.div_ceil(alignment) * alignment;
         Ok(Metadata {
             version,
             tensor_count,
             values,
+            tensors,
+            data_offset,
         })
     }
 }
@@ -106,6 +154,8 @@ impl Metadata {
 struct Reader<R> {
     inner: R,
     path: String,
+    /// Bytes read so far.
+    position: u64,
 }
 
 /// Longest string or array accepted: guards against reading garbage as a huge length.
@@ -120,6 +170,7 @@ impl<R: Read> Reader<R> {
     }
 
     fn bytes(&mut self, buf: &mut [u8]) -> Result<(), GgufError> {
+        self.position += buf.len() as u64;
         self.inner.read_exact(buf).map_err(|source| {
             if source.kind() == std::io::ErrorKind::UnexpectedEof {
                 self.format("the file ends inside the metadata".into())

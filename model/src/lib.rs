@@ -5,13 +5,16 @@
 //! - [`llama`]: the SmolLM2 model family with its CPU reference backend (forward + backward);
 //! - [`train`]: AdamW, schedules, data-parallel collectives, checkpoints;
 //! - [`classifier`]: the safety classifier (ONNX through `ort`), chunked max scoring, and the
-//!   training of its linear head.
+//!   training of its linear head;
+//! - [`llm`]: text generation for synthesis: the in-process GGUF engine, the OpenAI-compatible
+//!   HTTP client, the request cache.
 //!
 //! The CUDA backend comes with its issue (docs/ROADMAP.md).
 
 pub mod classifier;
 pub mod gguf;
 pub mod llama;
+pub mod llm;
 pub mod rng;
 pub mod tokenizer;
 pub mod train;

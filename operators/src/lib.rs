@@ -3,9 +3,11 @@
 //! ```text
 //! ingest  raw Parquet / JSON Lines slices  -> documents + quarantine
 //! score   documents                        -> scores   (the ONNX safety classifier, max over chunks)
-//! route   documents (+ scores)             -> routes   (SQL predicates from the config)
+//! annotate documents (+ scores)            -> llm_scores (the LLM rubric; ensemble = max with the classifier)
+//! route   documents (+ scores, llm_scores) -> routes   (SQL predicates from the config)
+//! synthesize documents routed rephrase/refuse -> synthetic (SafeWeb, RefuseWeb, Moral Education)
 //! tag     documents with routes.also_tag   -> tagged   (Algorithm 1: the harmfulness tag between words)
-//! tokenize kept documents + tagged texts   -> tokens   (ids + EOS, the tag one special token)
+//! tokenize kept documents + tagged + kept synthetic -> tokens   (ids + EOS, the tag one special token)
 //! pack    every unit's tokens (global)     -> shards   (mixture, seeded shuffle, seq_len + 1 rows)
 //! ```
 //!
@@ -23,6 +25,7 @@ pub mod parquet_io;
 pub mod route;
 pub mod schema;
 pub mod score;
+pub mod synthesize;
 pub mod tag;
 pub mod tokenize;
 

@@ -72,10 +72,16 @@ pub struct RouteRules {
     /// The score stage runs: predicates may use the `scores` columns.
     #[serde(default)]
     pub with_scores: bool,
+    /// The annotate stage runs: predicates may use `llm_score` and `ensemble`.
+    #[serde(default)]
+    pub with_llm_scores: bool,
 }
 
 /// The columns of `scores` that route predicates can use.
 pub const SCORE_COLUMNS: &str = "score, probs, expected, chunks";
+
+/// The columns of `llm_scores` that route predicates can use.
+pub const LLM_SCORE_COLUMNS: &str = "llm_score, ensemble";
 
 /// The name under which drops by the default route are counted.
 pub const DEFAULT_RULE: &str = "default";
@@ -86,13 +92,25 @@ impl RouteRules {
         // With scores, documents and scores are matched by position and id; the ORDER BY is at
         // the top level (DataFusion drops one inside a derived table), so routes keep document
         // order. The route adapter checks that every document has its score row.
-        let (source, order) = if self.with_scores {
+        let (source, order) = if self.with_scores || self.with_llm_scores {
+            let mut columns = String::from("d.*");
+            let mut joins = String::new();
+            if self.with_scores {
+                columns.push_str(&format!(", {SCORE_COLUMNS}"));
+                joins.push_str(&format!(
+                    " LEFT JOIN (SELECT id AS score_id__, {SCORE_COLUMNS}, row_number() OVER () AS score_n__ FROM scores) s \
+                     ON d.doc_n__ = s.score_n__ AND d.id = s.score_id__"
+                ));
+            }
+            if self.with_llm_scores {
+                columns.push_str(&format!(", {LLM_SCORE_COLUMNS}"));
+                joins.push_str(&format!(
+                    " LEFT JOIN (SELECT id AS llm_id__, {LLM_SCORE_COLUMNS}, row_number() OVER () AS llm_n__ FROM llm_scores) l \
+                     ON d.doc_n__ = l.llm_n__ AND d.id = l.llm_id__"
+                ));
+            }
             (
-                format!(
-                    "(SELECT d.*, {SCORE_COLUMNS} FROM (SELECT *, row_number() OVER () AS doc_n__ FROM documents) d \
-                     LEFT JOIN (SELECT id AS score_id__, {SCORE_COLUMNS}, row_number() OVER () AS score_n__ FROM scores) s \
-                     ON d.doc_n__ = s.score_n__ AND d.id = s.score_id__) documents"
-                ),
+                format!("(SELECT {columns} FROM (SELECT *, row_number() OVER () AS doc_n__ FROM documents) d{joins}) documents"),
                 " ORDER BY doc_n__",
             )
         } else {
@@ -150,6 +168,8 @@ impl RouteRules {
         ctx.register_table("documents", Arc::new(empty))?;
         let scores = MemTable::try_new(schema::SCORES.clone(), vec![vec![]])?;
         ctx.register_table("scores", Arc::new(scores))?;
+        let llm_scores = MemTable::try_new(schema::LLM_SCORES.clone(), vec![vec![]])?;
+        ctx.register_table("llm_scores", Arc::new(llm_scores))?;
         let df = ctx.sql(&self.query()).await?;
         df.create_physical_plan().await?;
         Ok(())
@@ -230,6 +250,7 @@ mod tests {
             ],
             default: Route::Keep,
             with_scores: false,
+            with_llm_scores: false,
         };
         rules.validate().await.unwrap();
         let ctx = SessionContext::new();
@@ -267,6 +288,7 @@ mod tests {
             }],
             default: Route::Keep,
             with_scores: false,
+            with_llm_scores: false,
         };
         let err = rules.validate().await.unwrap_err();
         assert!(err.contains("route.rules[0]") && err.contains("oops"), "{err}");

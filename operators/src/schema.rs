@@ -34,6 +34,44 @@ pub static DOCUMENTS: LazyLock<SchemaRef> = LazyLock::new(|| {
     ]))
 });
 
+/// `synthetic`: one row per generation task of the synthesize stage (SafeWeb rephrasings,
+/// RefuseWeb dialogues, Moral Education articles), kept or not (`keep`, `gates`), and failed
+/// requests (`text` null, `finish_reason` = `error`, `error` says why).
+pub static SYNTHETIC: LazyLock<SchemaRef> = LazyLock::new(|| {
+    Arc::new(Schema::new(vec![
+        Field::new("id", DataType::Utf8, false),
+        Field::new("parent_id", DataType::Utf8, false),
+        Field::new("source", DataType::Utf8, false),
+        Field::new("kind", DataType::Utf8, false),
+        Field::new("style", DataType::Utf8, false),
+        Field::new("text", DataType::Utf8, true),
+        Field::new("model", DataType::Utf8, false),
+        Field::new("template", DataType::Utf8, false),
+        Field::new("finish_reason", DataType::Utf8, false),
+        Field::new("prompt_tokens", DataType::UInt32, false),
+        Field::new("completion_tokens", DataType::UInt32, false),
+        Field::new("gates", DataType::Utf8, false),
+        Field::new("keep", DataType::Boolean, false),
+        Field::new("error", DataType::Utf8, true),
+    ]))
+});
+
+/// `llm_scores`: the annotate stage's rubric score per document, in document order, and the
+/// ensemble max(classifier, LLM).
+pub static LLM_SCORES: LazyLock<SchemaRef> = LazyLock::new(|| {
+    Arc::new(Schema::new(vec![
+        Field::new("id", DataType::Utf8, false),
+        Field::new("classifier_score", DataType::UInt8, true),
+        Field::new("llm_score", DataType::UInt8, true),
+        Field::new("ensemble", DataType::UInt8, true),
+        Field::new("status", DataType::Utf8, false),
+        Field::new("reason", DataType::Utf8, true),
+        Field::new("answer", DataType::Utf8, true),
+        Field::new("model", DataType::Utf8, false),
+        Field::new("template", DataType::Utf8, false),
+    ]))
+});
+
 /// `quarantine`: one row per record (or per unreadable file / row group) that could not be used.
 pub static QUARANTINE: LazyLock<SchemaRef> = LazyLock::new(|| {
     Arc::new(Schema::new(vec![

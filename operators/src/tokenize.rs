@@ -1,8 +1,8 @@
 //! **tokenize**: the texts that go to training -> `tokens` (ids + EOS per document).
 //!
-//! What goes to training from one unit: documents routed `keep` (kind `raw`) and the `tagged`
-//! texts (kind `tagged`); documents routed `rephrase`/`refuse` reach training through the
-//! synthesis stages, `drop` never does. Encoding runs on rayon's pool, a record batch at a time,
+//! What goes to training from one unit: documents routed `keep` (kind `raw`), the `tagged`
+//! texts (kind `tagged`) and the kept `synthetic` rows (kinds `safeweb`, `refuseweb`, `moral`);
+//! documents routed `rephrase`/`refuse` reach training only through those, `drop` never does. Encoding runs on rayon's pool, a record batch at a time,
 //! through [`TextTokenizer`] (Hugging Face `tokenizers`), so ids equal those of Python's
 //! `tokenizers` on the same `tokenizer.json`.
 
@@ -16,15 +16,26 @@ use safepipe_model::TextTokenizer;
 use std::sync::Arc;
 
 /// The query over one unit's tables that lists what to tokenize, in a fixed order (kept
-/// documents in input order, then tagged texts in input order).
-pub const SELECT_FOR_TRAINING: &str = "WITH d AS (SELECT id, text, source, row_number() OVER () AS n FROM documents), \
-     r AS (SELECT id, route, row_number() OVER () AS n FROM routes), \
-     t AS (SELECT id, text, source, row_number() OVER () AS n FROM tagged) \
-     SELECT id, source, kind, text FROM ( \
-       SELECT d.id, d.source, 'raw' AS kind, d.text, 0 AS part, d.n FROM d JOIN r ON d.n = r.n AND d.id = r.id \
-         WHERE r.route = 'keep' \
-       UNION ALL SELECT id, source, 'tagged' AS kind, text, 1 AS part, n FROM t) \
-     ORDER BY part, n";
+/// documents in input order, then tagged texts in input order, then kept synthetic rows in
+/// their table's order when `with_synthetic`).
+pub fn select_for_training(with_synthetic: bool) -> String {
+    let synthetic = if with_synthetic {
+        " UNION ALL SELECT id, source, kind, text, 2 AS part, n FROM \
+           (SELECT id, source, kind, text, keep, row_number() OVER () AS n FROM synthetic) s WHERE keep AND text IS NOT NULL"
+    } else {
+        ""
+    };
+    format!(
+        "WITH d AS (SELECT id, text, source, row_number() OVER () AS n FROM documents), \
+         r AS (SELECT id, route, row_number() OVER () AS n FROM routes), \
+         t AS (SELECT id, text, source, row_number() OVER () AS n FROM tagged) \
+         SELECT id, source, kind, text FROM ( \
+           SELECT d.id, d.source, 'raw' AS kind, d.text, 0 AS part, d.n FROM d JOIN r ON d.n = r.n AND d.id = r.id \
+             WHERE r.route = 'keep' \
+           UNION ALL SELECT id, source, 'tagged' AS kind, text, 1 AS part, n FROM t{synthetic}) \
+         ORDER BY part, n"
+    )
+}
 
 /// Texts encoded per call: enough to keep every core busy, small enough that the per-token
 /// overhead of `tokenizers`' encodings stays at a few MB.

@@ -112,6 +112,9 @@ pub enum Command {
         #[command(subcommand)]
         command: ExportCommand,
     },
+    /// Generate completions for prompts with the in-process engine or an OpenAI-compatible
+    /// server (docs/synthesis.md): one JSON object per prompt, tokens/s on stderr.
+    Generate(crate::llm::GenerateFlags),
     /// Train a safety classifier's head, or score texts with one (docs/classifier.md).
     Classifier {
         #[command(subcommand)]
@@ -387,6 +390,12 @@ pub async fn run(cli: Cli) -> Result<()> {
                     .map_err(|e| Error::Internal(e.to_string()))?
             }
         },
+        Command::Generate(flags) => {
+            let prompts = classifier::expand_stdin(flags.prompts.clone())?;
+            tokio::task::spawn_blocking(move || crate::llm::generate(flags, prompts))
+                .await
+                .map_err(|e| Error::Internal(e.to_string()))?
+        }
         Command::Export { command } => match command {
             ExportCommand::Megatron { config, out } => {
                 let config = Config::load(&config).await?;

@@ -2,6 +2,8 @@
 //! docs/config.md documents every key; errors name the key and the fix.
 
 use crate::error::{Error, Result};
+use crate::llm::{AnnotateConfig, LlmConfig, SharedGenerator, SynthesizeConfig};
+use safepipe_operators::synthesize::{AnnotateSettings, SynthesisSettings};
 use safepipe_model::classifier::{Device, Precision, RunOptions};
 use safepipe_model::{TextTokenizer, TokenizerOptions};
 use safepipe_operators::ingest::IngestOptions;
@@ -32,6 +34,9 @@ struct RawConfig {
     tokenize: Option<TokenizeConfig>,
     pack: Option<PackConfig>,
     train: Option<TrainConfig>,
+    llm: Option<LlmConfig>,
+    synthesize: Option<SynthesizeConfig>,
+    annotate: Option<AnnotateConfig>,
 }
 
 /// One named input: files in one format and schema. The name becomes `documents.source`.
@@ -404,6 +409,10 @@ pub struct Config {
     pub pack: Option<PackConfig>,
     /// Paths resolved; the model preset and the schedule checked.
     pub train: Option<TrainConfig>,
+    /// The generation backend of `synthesize` and `annotate` (present when either runs).
+    pub llm: Option<Arc<SharedGenerator>>,
+    pub synthesize: Option<SynthesisSettings>,
+    pub annotate: Option<AnnotateSettings>,
 }
 
 impl Config {
@@ -490,10 +499,29 @@ impl Config {
             None => None,
             Some(s) => Some(validate_score(s, &dir).map_err(fail)?),
         };
+        let run_dir = resolve(&dir, &raw.run_dir);
+        let llm = match (&raw.llm, raw.synthesize.is_some() || raw.annotate.is_some()) {
+            (None, true) => {
+                return Err(fail(
+                    "[synthesize] and [annotate] need an [llm] section (backend = \"in-process\" with a GGUF model, or \"openai\" with base_url)".into(),
+                ));
+            }
+            (Some(l), true) => Some(Arc::new(SharedGenerator::new(l.clone(), &dir, &run_dir).map_err(fail)?)),
+            (_, false) => None,
+        };
+        let synthesize = match &raw.synthesize {
+            None => None,
+            Some(s) => Some(s.settings(&dir).map_err(fail)?),
+        };
+        let annotate = match &raw.annotate {
+            None => None,
+            Some(a) => Some(a.settings(&dir).map_err(fail)?),
+        };
         let route = RouteRules {
             rules: raw.route.rules,
             default: raw.route.default,
             with_scores: score.is_some(),
+            with_llm_scores: annotate.is_some(),
         };
         route.validate().await.map_err(fail)?;
         let tagger = Tagger::new(raw.tag.tag, raw.tag.probability, raw.tag.seed).map_err(fail)?;
@@ -533,7 +561,7 @@ impl Config {
         };
         Ok(Config {
             path: path.to_path_buf(),
-            run_dir: resolve(&dir, &raw.run_dir),
+            run_dir,
             inputs,
             plan: raw.plan,
             ingest: raw.ingest,
@@ -544,6 +572,9 @@ impl Config {
             tokenize,
             pack: raw.pack,
             train,
+            llm,
+            synthesize,
+            annotate,
         })
     }
 

@@ -22,6 +22,7 @@ pub mod config;
 pub mod error;
 pub mod export;
 pub mod gc;
+pub mod llm;
 pub mod pack;
 pub mod plan;
 pub mod progress;

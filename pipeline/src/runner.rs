@@ -149,9 +149,12 @@ pub async fn run(config: Arc<Config>, options: RunOptions, reporter: Arc<dyn Rep
                 continue;
             }
             let previous = existing.get(&unit.id);
+            let redone_above = |r: &CompletionRecord| upstream_records.values().any(|u| later(&u.finished_at, &r.started_at));
             let reason = match previous {
                 _ if forced.contains(&stage.name()) => "forced",
                 None => "new",
+                Some(r) if r.fingerprint == fingerprint.stage && stage.incomplete(r) => "retry failed requests",
+                Some(r) if r.fingerprint == fingerprint.stage && redone_above(r) => "upstream redone",
                 Some(r) if r.fingerprint == fingerprint.stage => {
                     summary.skipped += 1;
                     continue;
@@ -289,6 +292,14 @@ async fn run_pack(
                 ..Default::default()
             }))
         }
+    }
+}
+
+/// `a` is a later instant than `b` (both RFC 3339; unparseable counts as not later).
+fn later(a: &str, b: &str) -> bool {
+    match (chrono::DateTime::parse_from_rfc3339(a), chrono::DateTime::parse_from_rfc3339(b)) {
+        (Ok(a), Ok(b)) => a > b,
+        _ => false,
     }
 }
 

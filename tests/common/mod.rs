@@ -2,6 +2,8 @@
 //! temporary run directory, with the sample corpus that `make setup` fetched.
 #![allow(dead_code)]
 
+pub mod fake_llm;
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 

@@ -689,7 +689,7 @@ pub fn model_identity(path: &Path, options: &RunOptions) -> Result<String> {
 /// SHA-256 of a (large) file, cached in `FILE.sha256` next to it as `size mtime-ns digest`: a
 /// config load does not rehash a gigabyte model unless the file changed. A cache that cannot be
 /// written (read-only model directory) only costs the rehash.
-fn file_digest(path: &Path) -> Result<String> {
+pub fn file_digest(path: &Path) -> Result<String> {
     let io = |e: std::io::Error| ClassifierError::Io {
         path: path.display().to_string(),
         detail: e.to_string(),

@@ -16,6 +16,7 @@
 mod ingest;
 mod route;
 mod score;
+mod synthesize;
 mod tag;
 mod tokenize;
 
@@ -35,6 +36,7 @@ use std::sync::Arc;
 pub use ingest::IngestStage;
 pub use route::RouteStage;
 pub use score::ScoreStage;
+pub use synthesize::{AnnotateStage, SynthesizeStage};
 pub use tag::TagStage;
 pub use tokenize::TokenizeStage;
 
@@ -67,6 +69,12 @@ pub trait Stage: Send + Sync {
     fn settings(&self) -> serde_json::Value;
     /// Runs one unit. Lazy: nothing happens before the first poll.
     fn run(&self, input: UnitInput) -> BoxStream<'static, Result<StageBatch>>;
+    /// A committed unit that the next run should redo although its fingerprint is current
+    /// (the synthesis stages: units with failed requests, retried at the cost of those alone
+    /// thanks to the request cache). Stages downstream of a redone unit rerun it too.
+    fn incomplete(&self, _record: &CompletionRecord) -> bool {
+        false
+    }
 }
 
 /// A DataFusion session holding, for this unit, the committed upstream tables `wanted` as
@@ -103,17 +111,23 @@ pub async fn unit_session(
 /// Bump when a stage's code changes its output for the same settings.
 pub const CODE_VERSION: &str = "1";
 
-/// The pipeline's per-unit stages in dependency order (`score` when the config has a `[score]`
-/// section, `tokenize` when it has `[tokenize]`). The global `pack` stage runs after them (see `crate::pack`).
+/// The pipeline's per-unit stages in dependency order (`score`, `annotate`, `synthesize` and
+/// `tokenize` when the config has their sections). The global `pack` stage runs after them (see `crate::pack`).
 pub fn pipeline(config: &Arc<Config>) -> Vec<Arc<dyn Stage>> {
     let mut stages: Vec<Arc<dyn Stage>> = vec![Arc::new(IngestStage::new(config.clone()))];
     if let Some(settings) = &config.score {
         stages.push(Arc::new(ScoreStage::new(settings.clone())));
     }
+    if let (Some(llm), Some(settings)) = (&config.llm, &config.annotate) {
+        stages.push(Arc::new(AnnotateStage::new(llm.clone(), settings.clone(), config.score.is_some())));
+    }
     stages.push(Arc::new(RouteStage::new(config.clone())));
+    if let (Some(llm), Some(settings)) = (&config.llm, &config.synthesize) {
+        stages.push(Arc::new(SynthesizeStage::new(llm.clone(), settings.clone())));
+    }
     stages.push(Arc::new(TagStage::new(config.clone())));
     if let Some(settings) = &config.tokenize {
-        stages.push(Arc::new(TokenizeStage::new(settings.clone())));
+        stages.push(Arc::new(TokenizeStage::new(settings.clone(), config.synthesize.is_some())));
     }
     stages
 }

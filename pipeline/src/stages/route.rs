@@ -26,10 +26,11 @@ impl Stage for RouteStage {
     }
 
     fn upstream(&self) -> &'static [&'static str] {
-        if self.config.route.with_scores {
-            &["ingest", "score"]
-        } else {
-            &["ingest"]
+        match (self.config.route.with_scores, self.config.route.with_llm_scores) {
+            (false, false) => &["ingest"],
+            (true, false) => &["ingest", "score"],
+            (false, true) => &["ingest", "annotate"],
+            (true, true) => &["ingest", "score", "annotate"],
         }
     }
 
@@ -51,8 +52,12 @@ impl Stage for RouteStage {
             if rules.with_scores {
                 wanted.push(("score", "scores", schema::SCORES.clone()));
             }
+            if rules.with_llm_scores {
+                wanted.push(("annotate", "llm_scores", schema::LLM_SCORES.clone()));
+            }
             let ctx = unit_session(&input, &wanted).await?;
-            if rules.with_scores {
+            let side_tables = [(rules.with_scores, "scores", "score"), (rules.with_llm_scores, "llm_scores", "annotate")];
+            for (_, table, stage) in side_tables.iter().filter(|t| t.0) {
                 // Every document must have its score: a missing one would fall to the default
                 // route, i.e. be kept unjudged.
                 let count = |table: &str| {
@@ -68,10 +73,10 @@ impl Stage for RouteStage {
                         )
                     }
                 };
-                let (documents, scores) = (count("documents").await?, count("scores").await?);
+                let (documents, scores) = (count("documents").await?, count(table).await?);
                 if documents != scores {
                     return Err(Error::Execution(format!(
-                        "unit {}: {documents} documents but {scores} scores; rerun with --force score",
+                        "unit {}: {documents} documents but {scores} rows in {table}; rerun with --force {stage}",
                         input.unit.id
                     )));
                 }

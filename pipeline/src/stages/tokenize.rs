@@ -4,16 +4,21 @@ use super::{OutputTable, Stage, StageBatch, UnitInput, unit_session};
 use crate::config::TokenizeSettings;
 use crate::error::{Error, Result};
 use futures::stream::{BoxStream, StreamExt, TryStreamExt};
-use safepipe_operators::tokenize::{SELECT_FOR_TRAINING, tokenize_batch};
+use safepipe_operators::tokenize::{select_for_training, tokenize_batch};
 use safepipe_operators::{UnitCounts, schema};
 
 pub struct TokenizeStage {
     settings: TokenizeSettings,
+    /// The synthesize stage runs: its kept rows are tokenized too.
+    with_synthetic: bool,
 }
 
 impl TokenizeStage {
-    pub fn new(settings: TokenizeSettings) -> Self {
-        TokenizeStage { settings }
+    pub fn new(settings: TokenizeSettings, with_synthetic: bool) -> Self {
+        TokenizeStage {
+            settings,
+            with_synthetic,
+        }
     }
 }
 
@@ -23,7 +28,11 @@ impl Stage for TokenizeStage {
     }
 
     fn upstream(&self) -> &'static [&'static str] {
-        &["ingest", "route", "tag"]
+        if self.with_synthetic {
+            &["ingest", "route", "tag", "synthesize"]
+        } else {
+            &["ingest", "route", "tag"]
+        }
     }
 
     fn outputs(&self) -> Vec<OutputTable> {
@@ -42,14 +51,18 @@ impl Stage for TokenizeStage {
 
     fn run(&self, input: UnitInput) -> BoxStream<'static, Result<StageBatch>> {
         let tokenizer = self.settings.tokenizer.clone();
+        let with_synthetic = self.with_synthetic;
         futures::stream::once(async move {
-            let wanted = [
+            let mut wanted = vec![
                 ("ingest", "documents", schema::DOCUMENTS.clone()),
                 ("route", "routes", schema::ROUTES.clone()),
                 ("tag", "tagged", schema::TAGGED.clone()),
             ];
+            if with_synthetic {
+                wanted.push(("synthesize", "synthetic", schema::SYNTHETIC.clone()));
+            }
             let ctx = unit_session(&input, &wanted).await?;
-            let rows = ctx.sql(SELECT_FOR_TRAINING).await?.execute_stream().await?;
+            let rows = ctx.sql(&select_for_training(with_synthetic)).await?.execute_stream().await?;
             let batches = rows.and_then(move |batch| {
                 let tokenizer = tokenizer.clone();
                 async move {

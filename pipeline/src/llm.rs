@@ -1,0 +1,520 @@
+//! `[llm]`, `[synthesize]`, `[annotate]`: the text-generation backend the synthesis stages share
+//! and their settings; and `safepipe generate` (prompts in, completions out, over the same
+//! backends) for trying a model or a server.
+
+use crate::error::{Error, Result};
+use safepipe_model::llm::http::{Api, HttpConfig, OpenAiClient};
+use safepipe_model::llm::{
+    ChatRequest, ChatTemplate, GenerationStats, Generator, InProcess, LlamaEngine, Message, SamplingParams,
+};
+use safepipe_operators::synthesize::gates::GateSettings;
+use safepipe_operators::synthesize::template::REPHRASE_STYLES;
+use safepipe_operators::synthesize::{AnnotateSettings, KindParams, SynthesisSettings, Template};
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Backend {
+    /// Our engine on a GGUF file, in this process (no server needed).
+    #[default]
+    InProcess,
+    /// An OpenAI-compatible server.
+    Openai,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ApiKind {
+    #[default]
+    Chat,
+    Completions,
+}
+
+/// `[llm]` as written in the config (docs/config.md).
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct LlmConfig {
+    #[serde(default)]
+    pub backend: Backend,
+    /// in-process: the GGUF file; openai: the served model's name.
+    pub model: String,
+    /// in-process: sequences decoded together.
+    #[serde(default = "default_max_batch")]
+    pub max_batch: usize,
+    /// openai: the server's base URL up to the version, e.g. `http://127.0.0.1:8080/v1`.
+    #[serde(default)]
+    pub base_url: Option<String>,
+    /// openai: the environment variable holding the API key (the key itself never goes in a file).
+    #[serde(default = "default_key_env")]
+    pub api_key_env: String,
+    #[serde(default)]
+    pub api: ApiKind,
+    /// openai + completions: a GGUF whose chat template renders the prompts.
+    #[serde(default)]
+    pub chat_template: Option<String>,
+    #[serde(default = "default_timeout")]
+    pub timeout_s: f64,
+    #[serde(default = "default_in_flight")]
+    pub max_in_flight: usize,
+    #[serde(default = "default_retries")]
+    pub max_retries: u32,
+    #[serde(default = "default_backoff_base")]
+    pub backoff_base_s: f64,
+    #[serde(default = "default_backoff_max")]
+    pub backoff_max_s: f64,
+    #[serde(default = "default_breaker_threshold")]
+    pub breaker_threshold: u32,
+    #[serde(default = "default_breaker_cooldown")]
+    pub breaker_cooldown_s: f64,
+    /// Where finished generations are recorded (default: `RUN_DIR/cache/llm`; must be a local
+    /// or shared file system path).
+    #[serde(default)]
+    pub cache_dir: Option<String>,
+}
+
+fn default_max_batch() -> usize {
+    8
+}
+fn default_key_env() -> String {
+    "OPENAI_API_KEY".into()
+}
+fn default_timeout() -> f64 {
+    120.0
+}
+fn default_in_flight() -> usize {
+    256
+}
+fn default_retries() -> u32 {
+    5
+}
+fn default_backoff_base() -> f64 {
+    0.5
+}
+fn default_backoff_max() -> f64 {
+    60.0
+}
+fn default_breaker_threshold() -> u32 {
+    8
+}
+fn default_breaker_cooldown() -> f64 {
+    5.0
+}
+
+impl LlmConfig {
+    /// A config with defaults for `backend` and `model`.
+    pub fn new(backend: Backend, model: &str) -> LlmConfig {
+        let mut c: LlmConfig = toml::from_str(&format!("model = {model:?}")).expect("defaults");
+        c.backend = backend;
+        c
+    }
+
+    /// Checks the keys and resolves paths against the config's directory.
+    pub fn validate(mut self, dir: &Path) -> std::result::Result<LlmConfig, String> {
+        let resolve = |p: &str| dir.join(p).to_string_lossy().into_owned();
+        match self.backend {
+            Backend::InProcess => {
+                self.model = resolve(&self.model);
+                if !Path::new(&self.model).is_file() {
+                    return Err(format!(
+                        "llm.model = {}: no such GGUF file (make setup fetches SmolLM2 into models/)",
+                        self.model
+                    ));
+                }
+                if self.max_batch == 0 {
+                    return Err("llm.max_batch must be at least 1".into());
+                }
+            }
+            Backend::Openai => {
+                let url = self.base_url.as_deref().unwrap_or("");
+                if !(url.starts_with("http://") || url.starts_with("https://")) {
+                    return Err(format!(
+                        "llm.base_url = {url:?}: the openai backend needs the server's URL, e.g. \"http://127.0.0.1:8080/v1\""
+                    ));
+                }
+                if self.api == ApiKind::Completions {
+                    let t = self.chat_template.as_deref().ok_or(
+                        "llm.api = \"completions\" needs llm.chat_template (a GGUF whose template renders the prompts)",
+                    )?;
+                    self.chat_template = Some(resolve(t));
+                }
+            }
+        }
+        for (key, v) in [
+            ("timeout_s", self.timeout_s),
+            ("backoff_base_s", self.backoff_base_s),
+            ("backoff_max_s", self.backoff_max_s),
+            ("breaker_cooldown_s", self.breaker_cooldown_s),
+        ] {
+            if !(v.is_finite() && v >= 0.0) {
+                return Err(format!("llm.{key} = {v}: must be a non-negative number of seconds"));
+            }
+        }
+        if self.max_in_flight == 0 {
+            return Err("llm.max_in_flight must be at least 1".into());
+        }
+        Ok(self)
+    }
+
+    /// A short identity for fingerprints: what changes generated text (not timeouts or retries).
+    pub fn identity(&self) -> String {
+        match self.backend {
+            Backend::InProcess => format!("in-process:{}", Path::new(&self.model).display()),
+            Backend::Openai => format!("openai:{}@{}", self.model, self.base_url.as_deref().unwrap_or("")),
+        }
+    }
+
+    /// Loads the model or connects the client.
+    pub fn build(&self) -> Result<Arc<dyn Generator>> {
+        let secs = Duration::from_secs_f64;
+        match self.backend {
+            Backend::InProcess => {
+                let engine =
+                    LlamaEngine::load(Path::new(&self.model)).map_err(|e| Error::Config(format!("llm.model: {e}")))?;
+                Ok(Arc::new(InProcess::new(engine, self.max_batch)))
+            }
+            Backend::Openai => {
+                let template = match &self.chat_template {
+                    Some(path) => {
+                        let meta = safepipe_model::gguf::Metadata::read(Path::new(path))
+                            .map_err(|e| Error::Config(format!("llm.chat_template: {e}")))?;
+                        Some(ChatTemplate::from_gguf(&meta).map_err(|e| Error::Config(format!("llm.chat_template: {e}")))?)
+                    }
+                    None => None,
+                };
+                let config = HttpConfig {
+                    api_key: std::env::var(&self.api_key_env).ok().filter(|k| !k.is_empty()),
+                    api: match self.api {
+                        ApiKind::Chat => Api::Chat,
+                        ApiKind::Completions => Api::Completions,
+                    },
+                    template,
+                    timeout: secs(self.timeout_s),
+                    max_in_flight: self.max_in_flight,
+                    max_retries: self.max_retries,
+                    backoff_base: secs(self.backoff_base_s),
+                    backoff_max: secs(self.backoff_max_s),
+                    breaker_threshold: self.breaker_threshold.max(1),
+                    breaker_cooldown: secs(self.breaker_cooldown_s),
+                    ..HttpConfig::new(self.base_url.as_deref().unwrap_or(""), &self.model)
+                };
+                Ok(Arc::new(OpenAiClient::new(config).map_err(Error::Config)?))
+            }
+        }
+    }
+}
+
+/// A progress line's numbers: tokens/s, in flight, retries, failures (and cache hits, added by
+/// the caller).
+pub fn progress_message(stats: &GenerationStats, started: Instant, cache_hits: u64) -> String {
+    let tokens = GenerationStats::get(&stats.completion_tokens);
+    format!(
+        "{:.0} tok/s, {} in flight, {} retries, {} failed, {} cached",
+        tokens as f64 / started.elapsed().as_secs_f64().max(1e-9),
+        GenerationStats::get(&stats.in_flight),
+        GenerationStats::get(&stats.retries),
+        GenerationStats::get(&stats.failures),
+        cache_hits
+    )
+}
+
+/// `safepipe generate`'s options.
+#[derive(Debug, clap::Args)]
+pub struct GenerateFlags {
+    /// A GGUF file (in-process engine), or the served model's name with --server.
+    #[arg(long)]
+    model: String,
+    /// An OpenAI-compatible server's base URL (e.g. http://127.0.0.1:8080/v1); default: run
+    /// the GGUF in this process.
+    #[arg(long)]
+    server: Option<String>,
+    /// Sequences decoded together (in-process) or requests in flight (server).
+    #[arg(long, default_value_t = 8)]
+    batch: usize,
+    #[arg(long, default_value_t = 128)]
+    max_tokens: usize,
+    #[arg(long, default_value_t = 0.0)]
+    temperature: f32,
+    #[arg(long, default_value_t = 1.0)]
+    top_p: f32,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    #[arg(long)]
+    system: Option<String>,
+    /// Prompts (user messages); `-` reads one JSON string per line from stdin.
+    #[arg(required = true)]
+    pub prompts: Vec<String>,
+}
+
+/// Runs `safepipe generate`: one JSON object per prompt on stdout (in prompt order), a summary
+/// with tokens/s on stderr.
+pub fn generate(flags: GenerateFlags, prompts: Vec<String>) -> Result<()> {
+    let mut config = match &flags.server {
+        Some(url) => LlmConfig {
+            base_url: Some(url.clone()),
+            max_in_flight: flags.batch.max(1),
+            ..LlmConfig::new(Backend::Openai, &flags.model)
+        },
+        None => LlmConfig {
+            max_batch: flags.batch.max(1),
+            ..LlmConfig::new(Backend::InProcess, &flags.model)
+        },
+    };
+    config = config.validate(&PathBuf::from(".")).map_err(Error::Config)?;
+    let generator = config.build()?;
+    let requests: Vec<ChatRequest> = prompts
+        .iter()
+        .map(|p| {
+            let mut messages = Vec::new();
+            if let Some(system) = &flags.system {
+                messages.push(Message::new("system", system.clone()));
+            }
+            messages.push(Message::new("user", p.clone()));
+            ChatRequest {
+                messages,
+                prefill: String::new(),
+                params: SamplingParams {
+                    max_tokens: flags.max_tokens,
+                    temperature: flags.temperature,
+                    top_p: flags.top_p,
+                    stop: Vec::new(),
+                    seed: flags.seed,
+                },
+            }
+        })
+        .collect();
+    let results = Mutex::new(vec![None; requests.len()]);
+    let started = Instant::now();
+    generator.generate(&requests, &|i, r| {
+        results.lock().expect("results")[i] = Some(r);
+    });
+    let seconds = started.elapsed().as_secs_f64();
+    let mut tokens = 0u64;
+    let mut failed = 0;
+    for (i, r) in results.into_inner().expect("results").into_iter().enumerate() {
+        let line = match r.expect("every request reports") {
+            Ok(g) => {
+                tokens += u64::from(g.completion_tokens);
+                serde_json::json!({"prompt": i, "text": g.text, "finish_reason": g.finish_reason.as_str(),
+                    "prompt_tokens": g.prompt_tokens, "completion_tokens": g.completion_tokens})
+            }
+            Err(e) => {
+                failed += 1;
+                serde_json::json!({"prompt": i, "error": e.to_string()})
+            }
+        };
+        println!("{line}");
+    }
+    eprintln!(
+        "generate: {} prompts, {tokens} tokens in {seconds:.2}s = {:.1} tokens/s ({} failed; model {})",
+        requests.len(),
+        tokens as f64 / seconds.max(1e-9),
+        failed,
+        generator.model_id()
+    );
+    if failed > 0 {
+        return Err(Error::Execution(format!("{failed} of {} prompts failed", requests.len())));
+    }
+    Ok(())
+}
+
+/// `[synthesize]` as written in the config (docs/config.md).
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct SynthesizeConfig {
+    #[serde(default)]
+    pub seed: u64,
+    /// Share of the routed documents synthesized (seeded by id): 1.0 = all.
+    #[serde(default = "one")]
+    pub sample: f64,
+    #[serde(default = "default_input_chars")]
+    pub max_input_chars: usize,
+    /// Rephrasing style templates (TOML files); empty = the seven built-in styles.
+    #[serde(default)]
+    pub rephrase_templates: Vec<String>,
+    #[serde(default)]
+    pub refuse_template: Option<String>,
+    #[serde(default)]
+    pub moral_template: Option<String>,
+    /// Names and roles that replace "User" / "Assistant" in dialogues (at least two).
+    #[serde(default = "default_speakers")]
+    pub speakers: Vec<String>,
+    #[serde(default)]
+    pub rephrase: KindParams,
+    #[serde(default)]
+    pub refuse: KindParams,
+    #[serde(default)]
+    pub moral: KindParams,
+    #[serde(default)]
+    pub gates: GateSettings,
+}
+
+/// `[annotate]` as written in the config.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct AnnotateConfig {
+    #[serde(default)]
+    pub seed: u64,
+    /// Share of documents rated by the LLM (seeded by id); the rest keep the classifier score.
+    #[serde(default = "one")]
+    pub sample: f64,
+    #[serde(default = "default_input_chars")]
+    pub max_input_chars: usize,
+    #[serde(default)]
+    pub template: Option<String>,
+    #[serde(default = "default_annotate_tokens")]
+    pub max_tokens: usize,
+}
+
+fn one() -> f64 {
+    1.0
+}
+fn default_input_chars() -> usize {
+    4000
+}
+fn default_annotate_tokens() -> usize {
+    48
+}
+fn default_speakers() -> Vec<String> {
+    [
+        "Maya", "Tom", "Priya", "Mateo", "Aisha", "Chen", "Olivia", "Kwame", "Student", "Teacher", "Nurse", "Parent",
+        "Librarian", "Coach",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect()
+}
+
+fn load_template(path: Option<&str>, builtin: &str, placeholder: &str, dir: &Path) -> std::result::Result<Template, String> {
+    match path {
+        None => Template::builtin(builtin, placeholder),
+        Some(p) => {
+            let path = dir.join(p);
+            let text = std::fs::read_to_string(&path).map_err(|e| format!("template {}: {e}", path.display()))?;
+            Template::parse(&path.display().to_string(), &text, placeholder)
+        }
+    }
+}
+
+fn check_share(key: &str, v: f64) -> std::result::Result<(), String> {
+    if v > 0.0 && v <= 1.0 {
+        Ok(())
+    } else {
+        Err(format!("{key} = {v}: must be in (0, 1]"))
+    }
+}
+
+impl SynthesizeConfig {
+    pub fn settings(&self, dir: &Path) -> std::result::Result<SynthesisSettings, String> {
+        check_share("synthesize.sample", self.sample)?;
+        let rephrase = if self.rephrase_templates.is_empty() {
+            REPHRASE_STYLES
+                .iter()
+                .map(|n| Template::builtin(n, "{document}"))
+                .collect::<std::result::Result<Vec<_>, _>>()?
+        } else {
+            self.rephrase_templates
+                .iter()
+                .map(|p| load_template(Some(p), "", "{document}", dir))
+                .collect::<std::result::Result<Vec<_>, _>>()?
+        };
+        if self.speakers.len() < 2 {
+            return Err("synthesize.speakers needs at least two names or roles".into());
+        }
+        self.gates.validate().map_err(|e| format!("synthesize.gates.drop: {e}"))?;
+        Ok(SynthesisSettings {
+            seed: self.seed,
+            sample: self.sample,
+            max_input_chars: self.max_input_chars.max(1),
+            rephrase,
+            rephrase_params: self.rephrase.clone(),
+            refuse: load_template(self.refuse_template.as_deref(), "refuse", "{document}", dir)?,
+            refuse_params: self.refuse.clone(),
+            moral: load_template(self.moral_template.as_deref(), "moral", "{dialogue}", dir)?,
+            moral_params: self.moral.clone(),
+            speakers: self.speakers.clone(),
+            gates: self.gates.clone(),
+        })
+    }
+}
+
+impl AnnotateConfig {
+    pub fn settings(&self, dir: &Path) -> std::result::Result<AnnotateSettings, String> {
+        check_share("annotate.sample", self.sample)?;
+        Ok(AnnotateSettings {
+            seed: self.seed,
+            sample: self.sample,
+            max_input_chars: self.max_input_chars.max(1),
+            template: load_template(self.template.as_deref(), "annotate", "{document}", dir)?,
+            params: KindParams {
+                max_tokens: self.max_tokens.max(1),
+                temperature: 0.0,
+                top_p: 1.0,
+            },
+        })
+    }
+}
+
+/// The backend shared by the synthesis stages: configured once, loaded on first use.
+pub struct SharedGenerator {
+    config: LlmConfig,
+    /// Where the request cache lives (a local or shared file system directory).
+    pub cache_dir: PathBuf,
+    /// What identifies the backend's model in fingerprints (the GGUF's digest in-process).
+    pub identity: String,
+    slot: Mutex<Option<Arc<dyn Generator>>>,
+}
+
+impl std::fmt::Debug for SharedGenerator {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SharedGenerator")
+            .field("config", &self.config)
+            .field("cache_dir", &self.cache_dir)
+            .finish()
+    }
+}
+
+impl SharedGenerator {
+    /// Validates `[llm]` and resolves the cache directory (`run_dir` must be local unless
+    /// `llm.cache_dir` is set).
+    pub fn new(config: LlmConfig, dir: &Path, run_dir: &str) -> std::result::Result<SharedGenerator, String> {
+        let config = config.validate(dir)?;
+        let cache_dir = match &config.cache_dir {
+            Some(c) => dir.join(c),
+            None if !run_dir.contains("://") || run_dir.starts_with("file://") => {
+                PathBuf::from(run_dir.trim_start_matches("file://")).join("cache").join("llm")
+            }
+            None => {
+                return Err(format!(
+                    "run_dir {run_dir} is not a local path: set llm.cache_dir to a local or shared directory for the request cache"
+                ));
+            }
+        };
+        let identity = match config.backend {
+            Backend::InProcess => {
+                let digest = safepipe_model::classifier::file_digest(Path::new(&config.model)).map_err(|e| e.to_string())?;
+                format!("in-process:{}", &digest[..16])
+            }
+            Backend::Openai => config.identity(),
+        };
+        Ok(SharedGenerator {
+            config,
+            cache_dir,
+            identity,
+            slot: Mutex::new(None),
+        })
+    }
+
+    /// The backend, loaded (or connected) on first use. Blocking.
+    pub fn get(&self) -> Result<Arc<dyn Generator>> {
+        let mut slot = self.slot.lock().expect("generator slot");
+        if let Some(g) = slot.as_ref() {
+            return Ok(g.clone());
+        }
+        let g = self.config.build()?;
+        *slot = Some(g.clone());
+        Ok(g)
+    }
+}

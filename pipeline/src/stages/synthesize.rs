@@ -1,0 +1,244 @@
+//! Adapters of the synthesis operators: `annotate` (documents + scores -> `llm_scores`) and
+//! `synthesize` (documents routed rephrase / refuse -> `synthetic`), over the shared `[llm]`
+//! backend and the request cache (one cache scope per stage and unit).
+//!
+//! Both run the backend on a blocking thread, show a progress bar (tokens/s, requests in flight,
+//! retries, failures, cache hits) and report failed requests as `dropped["failed"]`; a unit with
+//! failed requests is redone by the next run (see [`Stage::incomplete`]), which costs only the
+//! failed requests.
+
+use super::{OutputTable, Stage, StageBatch, UnitInput, unit_session};
+use crate::error::{Error, Result};
+use crate::llm::{SharedGenerator, progress_message};
+use crate::records::CompletionRecord;
+use arrow::array::{Array, AsArray, RecordBatch};
+use arrow::compute::cast;
+use arrow::datatypes::DataType;
+use futures::stream::{BoxStream, StreamExt, TryStreamExt};
+use safepipe_model::llm::cache::RequestCache;
+use safepipe_operators::synthesize::{AnnotateSettings, Routed, SynthesisSettings, annotate, synthesize};
+use safepipe_operators::{UnitCounts, schema};
+use std::sync::Arc;
+use std::time::Instant;
+use tracing::info;
+
+fn failed(record: &CompletionRecord) -> bool {
+    record.counts.dropped.get("failed").is_some_and(|&n| n > 0)
+}
+
+/// String columns of the query result, concatenated.
+fn strings(batches: &[RecordBatch], column: usize) -> Result<Vec<Option<String>>> {
+    let mut out = Vec::new();
+    for b in batches {
+        let c = cast(b.column(column), &DataType::Utf8)?;
+        let c = c.as_string::<i32>();
+        out.extend((0..c.len()).map(|i| c.is_valid(i).then(|| c.value(i).to_string())));
+    }
+    Ok(out)
+}
+
+/// Runs `work` with a progress bar and logs the unit's generation figures.
+fn with_progress<T>(
+    llm: &SharedGenerator,
+    stage: &str,
+    unit: u32,
+    work: impl FnOnce(&dyn safepipe_model::llm::Generator, &RequestCache, &(dyn Fn(u64, u64) + Sync)) -> Result<T>,
+) -> Result<T> {
+    let generator = llm.get()?;
+    let scope = format!("{stage}-unit-{unit:06}");
+    let cache = RequestCache::open(&llm.cache_dir, &scope)
+        .map_err(|e| Error::Config(format!("request cache {}: {e}", llm.cache_dir.display())))?;
+    let bar = crate::progress::step_bar(0, &format!("{stage} unit {unit}"));
+    let started = Instant::now();
+    let stats = generator.stats();
+    let tokens_before = safepipe_model::llm::GenerationStats::get(&stats.completion_tokens);
+    let progress = |done: u64, total: u64| {
+        bar.set_length(total);
+        bar.set_position(done);
+        bar.set_message(progress_message(stats, started, cache.hits()));
+    };
+    let out = work(generator.as_ref(), &cache, &progress);
+    bar.finish_and_clear();
+    let tokens = safepipe_model::llm::GenerationStats::get(&stats.completion_tokens) - tokens_before;
+    info!(
+        stage,
+        unit,
+        generated_tokens = tokens,
+        tokens_per_second = (tokens as f64 / started.elapsed().as_secs_f64().max(1e-9)) as u64,
+        cache_hits = cache.hits(),
+        torn_cache_lines = cache.skipped_lines,
+        retries = safepipe_model::llm::GenerationStats::get(&stats.retries),
+        "generation done"
+    );
+    out
+}
+
+fn one_batch(table: &'static str, batch: RecordBatch, counts: UnitCounts) -> BoxStream<'static, Result<StageBatch>> {
+    futures::stream::iter([Ok(StageBatch {
+        tables: vec![(table, batch)],
+        counts,
+    })])
+    .boxed()
+}
+
+pub struct SynthesizeStage {
+    llm: Arc<SharedGenerator>,
+    settings: SynthesisSettings,
+}
+
+impl SynthesizeStage {
+    pub fn new(llm: Arc<SharedGenerator>, settings: SynthesisSettings) -> Self {
+        SynthesizeStage { llm, settings }
+    }
+}
+
+/// The routed documents of a unit, in input order.
+const SELECT_ROUTED: &str = "WITH d AS (SELECT id, source, text, row_number() OVER () AS n FROM documents), \
+     r AS (SELECT id, route, row_number() OVER () AS n FROM routes) \
+     SELECT d.id, d.source, d.text, r.route FROM d JOIN r ON d.n = r.n AND d.id = r.id \
+     WHERE r.route IN ('rephrase', 'refuse') ORDER BY d.n";
+
+impl Stage for SynthesizeStage {
+    fn name(&self) -> &'static str {
+        "synthesize"
+    }
+
+    fn upstream(&self) -> &'static [&'static str] {
+        &["ingest", "route"]
+    }
+
+    fn outputs(&self) -> Vec<OutputTable> {
+        vec![OutputTable {
+            name: "synthetic",
+            schema: schema::SYNTHETIC.clone(),
+        }]
+    }
+
+    /// The model's identity (not timeouts or retries), the templates and every setting.
+    fn settings(&self) -> serde_json::Value {
+        serde_json::json!({ "model": self.llm.identity, "settings": self.settings })
+    }
+
+    fn incomplete(&self, record: &CompletionRecord) -> bool {
+        failed(record)
+    }
+
+    fn run(&self, input: UnitInput) -> BoxStream<'static, Result<StageBatch>> {
+        let (llm, settings) = (self.llm.clone(), self.settings.clone());
+        futures::stream::once(async move {
+            let wanted = [
+                ("ingest", "documents", schema::DOCUMENTS.clone()),
+                ("route", "routes", schema::ROUTES.clone()),
+            ];
+            let ctx = unit_session(&input, &wanted).await?;
+            let batches = ctx.sql(SELECT_ROUTED).await?.collect().await?;
+            let (ids, sources, texts, routes) =
+                (strings(&batches, 0)?, strings(&batches, 1)?, strings(&batches, 2)?, strings(&batches, 3)?);
+            let documents: Vec<Routed> = ids
+                .into_iter()
+                .zip(sources)
+                .zip(texts)
+                .zip(routes)
+                .map(|(((id, source), text), route)| Routed {
+                    id: id.unwrap_or_default(),
+                    source: source.unwrap_or_default(),
+                    text: text.unwrap_or_default(),
+                    route: route.unwrap_or_default(),
+                })
+                .collect();
+            let unit = input.unit.id;
+            let out = tokio::task::spawn_blocking(move || {
+                with_progress(&llm, "synthesize", unit, |g, cache, progress| {
+                    Ok(synthesize(g, cache, &settings, &documents, progress)?)
+                })
+            })
+            .await
+            .map_err(|e| Error::Internal(format!("synthesize task: {e}")))??;
+            Ok::<_, Error>(one_batch("synthetic", out.batch, out.counts))
+        })
+        .try_flatten()
+        .boxed()
+    }
+}
+
+pub struct AnnotateStage {
+    llm: Arc<SharedGenerator>,
+    settings: AnnotateSettings,
+    with_scores: bool,
+}
+
+impl AnnotateStage {
+    pub fn new(llm: Arc<SharedGenerator>, settings: AnnotateSettings, with_scores: bool) -> Self {
+        AnnotateStage {
+            llm,
+            settings,
+            with_scores,
+        }
+    }
+}
+
+impl Stage for AnnotateStage {
+    fn name(&self) -> &'static str {
+        "annotate"
+    }
+
+    fn upstream(&self) -> &'static [&'static str] {
+        if self.with_scores { &["ingest", "score"] } else { &["ingest"] }
+    }
+
+    fn outputs(&self) -> Vec<OutputTable> {
+        vec![OutputTable {
+            name: "llm_scores",
+            schema: schema::LLM_SCORES.clone(),
+        }]
+    }
+
+    fn settings(&self) -> serde_json::Value {
+        serde_json::json!({ "model": self.llm.identity, "settings": self.settings })
+    }
+
+    fn incomplete(&self, record: &CompletionRecord) -> bool {
+        failed(record)
+    }
+
+    fn run(&self, input: UnitInput) -> BoxStream<'static, Result<StageBatch>> {
+        let (llm, settings, with_scores) = (self.llm.clone(), self.settings.clone(), self.with_scores);
+        futures::stream::once(async move {
+            let mut wanted = vec![("ingest", "documents", schema::DOCUMENTS.clone())];
+            let query = if with_scores {
+                wanted.push(("score", "scores", schema::SCORES.clone()));
+                "WITH d AS (SELECT id, text, row_number() OVER () AS n FROM documents), \
+                 s AS (SELECT id, score, row_number() OVER () AS n FROM scores) \
+                 SELECT d.id, d.text, CAST(s.score AS VARCHAR) FROM d LEFT JOIN s ON d.n = s.n AND d.id = s.id ORDER BY d.n"
+            } else {
+                "SELECT id, text, CAST(NULL AS VARCHAR) FROM documents"
+            };
+            let ctx = unit_session(&input, &wanted).await?;
+            let batches = ctx.sql(query).await?.collect().await?;
+            let (ids, texts, scores) = (strings(&batches, 0)?, strings(&batches, 1)?, strings(&batches, 2)?);
+            let documents: Vec<(String, String, Option<u8>)> = ids
+                .into_iter()
+                .zip(texts)
+                .zip(scores)
+                .map(|((id, text), score)| {
+                    (
+                        id.unwrap_or_default(),
+                        text.unwrap_or_default(),
+                        score.and_then(|s| s.parse().ok()),
+                    )
+                })
+                .collect();
+            let unit = input.unit.id;
+            let out = tokio::task::spawn_blocking(move || {
+                with_progress(&llm, "annotate", unit, |g, cache, progress| {
+                    Ok(annotate(g, cache, &settings, &documents, progress)?)
+                })
+            })
+            .await
+            .map_err(|e| Error::Internal(format!("annotate task: {e}")))??;
+            Ok::<_, Error>(one_batch("llm_scores", out.batch, out.counts))
+        })
+        .try_flatten()
+        .boxed()
+    }
+}
