@@ -159,6 +159,19 @@ enum Row<'a> {
 #[inline]
 fn column_dot(w: &Row<'_>, x: &QActivations, out: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
+    if *HAS_AVX512 && w.blocks() % 2 == 0 {
+        #[allow(unsafe_code)]
+        // SAFETY: the kernels need AVX-512 F/BW, AVX2 and FMA, which the running CPU has
+        // (checked once at run time).
+        unsafe {
+            match *w {
+                Row::Q4_1(d, m, q) => avx512::column_dot(d, Some(m), q, x, out),
+                Row::Q8_0(d, q) => avx512::column_dot(d, None, q, x, out),
+            }
+        };
+        return;
+    }
+    #[cfg(target_arch = "x86_64")]
     if *HAS_AVX2 {
         #[allow(unsafe_code)]
         // SAFETY: the kernels need AVX2 and FMA, which the running CPU has (checked once at run
@@ -178,6 +191,137 @@ fn column_dot(w: &Row<'_>, x: &QActivations, out: &mut [f32]) {
 static HAS_AVX2: std::sync::LazyLock<bool> = std::sync::LazyLock::new(|| {
     std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
 });
+
+#[cfg(target_arch = "x86_64")]
+static HAS_AVX512: std::sync::LazyLock<bool> = std::sync::LazyLock::new(|| {
+    *HAS_AVX2
+        && std::arch::is_x86_feature_detected!("avx512f")
+        && std::arch::is_x86_feature_detected!("avx512bw")
+        && std::env::var_os("SAFEPIPE_NO_AVX512").is_none()
+});
+
+impl Row<'_> {
+    fn blocks(&self) -> usize {
+        match self {
+            Row::Q4_1(d, _, _) | Row::Q8_0(d, _) => d.len(),
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[allow(unsafe_code)]
+mod avx512 {
+    //! The AVX2 kernels' arithmetic two blocks at a time in 512-bit registers: a pair of weight
+    //! blocks as 64 unsigned bytes, `vpmaddubsw` + `vpmaddwd` into 16 `i32` lanes (8 per block),
+    //! converted and scaled by a vector holding each block's scale in its 8 lanes. Rows with an
+    //! odd block count use the AVX2 kernels.
+    use super::QActivations;
+    use std::arch::x86_64::*;
+
+    /// A block kind read two blocks at a time.
+    pub trait Pair {
+        const SIGNED: bool;
+        /// Blocks `i` and `i + 1` of `q` as 64 bytes, in value order.
+        fn load_pair(q: &[Self], i: usize) -> __m512i
+        where
+            Self: Sized;
+    }
+
+    impl Pair for [u8; 16] {
+        const SIGNED: bool = false;
+        #[inline(always)]
+        fn load_pair(q: &[Self], i: usize) -> __m512i {
+            let pair = &q[i..i + 2];
+            // SAFETY: two adjacent 16-byte blocks are 32 readable bytes; AVX-512 F/BW as the
+            // callers (`target_feature` functions) enable.
+            unsafe {
+                let packed = _mm256_loadu_si256(pair.as_ptr().cast::<__m256i>());
+                let mask = _mm256_set1_epi8(15);
+                let lo = _mm256_and_si256(packed, mask);
+                let hi = _mm256_and_si256(_mm256_srli_epi16(packed, 4), mask);
+                // [lo0, lo1, hi0, hi1] (128-bit lanes) -> [lo0, hi0, lo1, hi1].
+                let v = _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1);
+                _mm512_shuffle_i64x2(v, v, 0b11_01_10_00)
+            }
+        }
+    }
+
+    impl Pair for [i8; 32] {
+        const SIGNED: bool = true;
+        #[inline(always)]
+        fn load_pair(q: &[Self], i: usize) -> __m512i {
+            let pair = &q[i..i + 2];
+            // SAFETY: two adjacent 32-byte blocks are 64 readable bytes.
+            unsafe { _mm512_loadu_si512(pair.as_ptr().cast::<__m512i>()) }
+        }
+    }
+
+    #[inline(always)]
+    fn pair_sums<B: Pair>(w: __m512i, a: &[[i8; 32]], i: usize) -> __m512 {
+        let pair = &a[i..i + 2];
+        // SAFETY: 64 readable bytes; AVX-512 F/BW as above.
+        unsafe {
+            let a = _mm512_loadu_si512(pair.as_ptr().cast::<__m512i>());
+            let products = if B::SIGNED {
+                // |w| x (a with w's sign): negate a where w < 0.
+                let negative = _mm512_movepi8_mask(w);
+                let a = _mm512_mask_sub_epi8(a, negative, _mm512_setzero_si512(), a);
+                _mm512_maddubs_epi16(_mm512_abs_epi8(w), a)
+            } else {
+                _mm512_maddubs_epi16(w, a)
+            };
+            _mm512_cvtepi32_ps(_mm512_madd_epi16(products, _mm512_set1_epi16(1)))
+        }
+    }
+
+    /// `[v[i] x 8, v[i + 1] x 8]`.
+    #[inline(always)]
+    fn spread(v: &[f32], i: usize) -> __m512 {
+        // SAFETY: AVX-512 F as above.
+        unsafe {
+            let idx = _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0);
+            _mm512_permutexvar_ps(idx, _mm512_castps128_ps512(_mm_set_ps(0.0, 0.0, v[i + 1], v[i])))
+        }
+    }
+
+    #[target_feature(enable = "avx512f,avx512bw,avx2,fma")]
+    pub fn column_dot<B: Pair>(d: &[f32], m: Option<&[f32]>, q: &[B], x: &QActivations, out: &mut [f32]) {
+        let n = q.len().min(d.len());
+        let mut r = 0;
+        while r + 4 <= x.rows {
+            let start: [usize; 4] = std::array::from_fn(|k| (r + k) * n);
+            let xq: [&[[i8; 32]]; 4] = std::array::from_fn(|k| &x.qs[start[k]..start[k] + n]);
+            let xd: [&[f32]; 4] = std::array::from_fn(|k| &x.d[start[k]..start[k] + n]);
+            let mut acc = [_mm512_setzero_ps(); 4];
+            let mut i = 0;
+            while i + 2 <= n {
+                let w = B::load_pair(q, i);
+                let dw = spread(d, i);
+                for k in 0..4 {
+                    let scale = _mm512_mul_ps(dw, spread(xd[k], i));
+                    acc[k] = _mm512_fmadd_ps(scale, pair_sums::<B>(w, xq[k], i), acc[k]);
+                }
+                i += 2;
+            }
+            for k in 0..4 {
+                out[r + k] = _mm512_reduce_add_ps(acc[k]) + super::min_share(m, &x.s[start[k]..start[k] + n]);
+            }
+            r += 4;
+        }
+        while r < x.rows {
+            let (xq, xd) = (&x.qs[r * n..(r + 1) * n], &x.d[r * n..(r + 1) * n]);
+            let mut acc = _mm512_setzero_ps();
+            let mut i = 0;
+            while i + 2 <= n {
+                let scale = _mm512_mul_ps(spread(d, i), spread(xd, i));
+                acc = _mm512_fmadd_ps(scale, pair_sums::<B>(B::load_pair(q, i), xq, i), acc);
+                i += 2;
+            }
+            out[r] = _mm512_reduce_add_ps(acc) + super::min_share(m, &x.s[r * n..(r + 1) * n]);
+            r += 1;
+        }
+    }
+}
 
 /// The minimum's share of Q4_1 rows: `sum_i m[i] * s[i]` (s = the block's scaled sum of x).
 #[inline(always)]

@@ -58,7 +58,7 @@ impl GateSettings {
         if self.repetitive(text) {
             failed.push("repetitive");
         }
-        if !format_ok || text.contains("<|im_") || text.contains("<|endoftext|>") {
+        if !format_ok || text.contains("<|im_") || text.contains("<|endoftext|>") || echoes_prompt(text) {
             failed.push("format");
         }
         if self.min_ascii_letters > 0.0 {
@@ -97,6 +97,15 @@ impl GateSettings {
     }
 }
 
+/// The output repeats our templates' scaffolding (the `<<<` / `>>>` fences around the input, or
+/// the `Source text:` label) instead of writing new text.
+fn echoes_prompt(text: &str) -> bool {
+    text.lines().any(|l| {
+        let l = l.trim();
+        l == "<<<" || l == ">>>" || l.starts_with("<<<<") || l.starts_with("Source text:")
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -114,6 +123,9 @@ mod tests {
         assert!(g.check(&format!("{good}\n{lines}"), false, true).contains(&"repetitive"));
         assert_eq!(g.check(good, false, false), ["format"]);
         assert!(g.check(&format!("{good}<|im_end|>"), false, true).contains(&"format"));
+        assert!(g.check(&format!("<<<<\n{good}\n>>>>"), false, true).contains(&"format"));
+        assert!(g.check(&format!("{good}\n\nSource text:\n{good}"), false, true).contains(&"format"));
+        assert!(g.check(&format!("> quoted mail line\n>> older\n{good}"), false, true).is_empty());
         assert_eq!(g.check("Фотосинтез позволяет растениям превращать свет в сахар и кислород.", false, true), ["language"]);
         assert_eq!(g.dropped_by(&["truncated", "format"]), Some("truncated"));
         let keep_truncated = GateSettings {

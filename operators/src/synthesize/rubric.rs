@@ -43,8 +43,11 @@ fn json_object(text: &str) -> Option<(u8, Option<String>)> {
                     depth -= 1;
                     if depth == 0 {
                         let value: serde_json::Value = serde_json::from_str(&text[from..=from + i]).ok()?;
+                        // Integers, integer-valued numbers (`2.0`) and digit strings; never rounding.
                         let score = match &value["score"] {
-                            serde_json::Value::Number(n) => n.as_u64(),
+                            serde_json::Value::Number(n) => n.as_u64().or_else(|| {
+                                n.as_f64().filter(|f| f.fract() == 0.0 && *f >= 0.0).map(|f| f as u64)
+                            }),
                             serde_json::Value::String(s) => s.trim().parse().ok(),
                             _ => None,
                         }?;
@@ -82,5 +85,6 @@ mod tests {
         assert!(parse(PREFILL, "12}").is_err());
         assert!(parse(PREFILL, "I cannot rate this.").is_err());
         assert!(parse(PREFILL, "2.5}").is_err());
+        assert_eq!(parse(PREFILL, "0.0, \"reason\": \"none\"}").unwrap().0, 0);
     }
 }
