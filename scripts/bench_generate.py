@@ -2,10 +2,11 @@
 """Generation benchmark: the in-process engine (single stream and batched) vs llama.cpp on the
 same GGUF and the same prompts, in one run.
 
-Prompts: 16 chat requests asking for a short rewrite of the first 400 characters of sample
-documents (the synthesis stages' shape), greedy, at most 64 new tokens each. Timing covers
-prefill + decode of all requests (model load excluded on both sides); tokens/s = generated
-tokens / wall seconds.
+Two workloads of 16 chat requests each, greedy: "rewrite" asks for a short rewrite of the first
+400 characters of a sample mail (the synthesis stages' shape: long prompts, <= 64 new tokens,
+prefill-heavy); "stories" asks for a short story on a topic (short prompts, <= 128 new tokens,
+decode-heavy). Timing covers prefill + decode of all requests (model load excluded on both
+sides); tokens/s = generated tokens / wall seconds.
 
 - safepipe: `safepipe generate --batch 1` (one sequence at a time) and `--batch 16` (all decoded
   together), reading the tokens/s line it prints.
@@ -48,6 +49,16 @@ print(json.dumps({"tokens": tokens, "seconds": dt}))
 """
 
 
+TOPICS = ["a lighthouse", "a lost key", "a rainy market", "a robot gardener", "a mountain train",
+          "a library cat", "a paper boat", "a winter fox", "a clockmaker", "a desert well",
+          "a city bridge", "a kite festival", "a night bakery", "a river otter", "a chess club",
+          "a moon garden"]
+
+
+def stories() -> list[str]:
+    return [f"Write a short story about {t}." for t in TOPICS]
+
+
 def prompts() -> list[str]:
     out = []
     with open(REPO / "data/sample/spamassassin-ham.jsonl") as f:
@@ -61,10 +72,10 @@ def prompts() -> list[str]:
     return out
 
 
-def ours(binary: str, batch: int, items: list[str]) -> dict:
+def ours(binary: str, batch: int, items: list[str], max_tokens: int) -> dict:
     stdin = "\n".join(json.dumps(p) for p in items) + "\n"
     run = subprocess.run(
-        [binary, "generate", "--model", str(GGUF), "--batch", str(batch), "--max-tokens", str(MAX_TOKENS), "-"],
+        [binary, "generate", "--model", str(GGUF), "--batch", str(batch), "--max-tokens", str(max_tokens), "-"],
         input=stdin, capture_output=True, text=True, check=True,
     )
     m = re.search(r"(\d+) tokens in ([\d.]+)s", run.stderr)
@@ -77,28 +88,18 @@ def main() -> None:
     ap.add_argument("--out", required=True)
     ap.add_argument("--llama-python", required=True)
     args = ap.parse_args()
-    items = prompts()
-    path = REPO / "target/bench-generate-prompts.json"
-    path.write_text(json.dumps(items))
-    results = {}
-    # Interleaved: ours single, llama.cpp, ours batched (one round; the VM is noisy).
-    results["ours_single"] = ours(args.bin, 1, items)
-    run = subprocess.run([args.llama_python, "-c", LLAMA, str(GGUF), str(path), str(MAX_TOKENS)],
-                         capture_output=True, text=True, check=True)
-    results["llama_single"] = json.loads(run.stdout.strip().splitlines()[-1])
-    results["ours_batch8"] = ours(args.bin, 8, items)
-    results["ours_batch16"] = ours(args.bin, 16, items)
-    rate = {k: v["tokens"] / v["seconds"] for k, v in results.items()}
     mach = common.machine()
     lines = [
         "## Generation: in-process engine vs llama.cpp",
         "",
-        f"SmolLM2-135M-Instruct Q4_1 GGUF, {len(items)} chat prompts (a rewrite request over 400 characters of a "
-        f"sample mail, ~140 prompt tokens), greedy, <= {MAX_TOKENS} new tokens each; wall time of all requests "
-        f"(prefill + decode, model load excluded). {mach.get('cpu', '')}, 2 threads. Commit {common.git_rev()}.",
+        f"SmolLM2-135M-Instruct Q4_1 GGUF, 16 chat prompts per workload, greedy; wall time of all requests "
+        f"(prefill + decode, model load excluded). rewrite: a rewrite request over 400 characters of a sample "
+        f"mail (~140 prompt tokens, <= {MAX_TOKENS} new tokens: the synthesis stages' shape, prefill-heavy); "
+        f"stories: \"Write a short story about ...\" (~35 prompt tokens, <= 128 new tokens, decode-heavy). "
+        f"{mach.get('cpu', '')}, 2 threads. Commit {common.git_rev()}.",
         "",
-        "| configuration | generated tokens | seconds | tokens/s | vs llama.cpp single | vs ours single |",
-        "|---|---:|---:|---:|---:|---:|",
+        "| workload | configuration | generated tokens | seconds | tokens/s | vs llama.cpp single | vs ours single |",
+        "|---|---|---:|---:|---:|---:|---:|",
     ]
     names = {
         "llama_single": "llama.cpp (llama-cpp-python 0.3.36), one sequence at a time",
@@ -106,20 +107,35 @@ def main() -> None:
         "ours_batch8": "safepipe in-process, 8 sequences decoded together",
         "ours_batch16": "safepipe in-process, 16 sequences decoded together",
     }
-    for k in ["llama_single", "ours_single", "ours_batch8", "ours_batch16"]:
-        r = results[k]
-        lines.append(
-            f"| {names[k]} | {r['tokens']} | {r['seconds']:.2f} | {rate[k]:.1f} | "
-            f"{rate[k] / rate['llama_single']:.2f}x | {rate[k] / rate['ours_single']:.2f}x |"
+    summary = []
+    for workload, items, max_tokens in [("rewrite", prompts(), MAX_TOKENS), ("stories", stories(), 128)]:
+        path = REPO / "target/bench-generate-prompts.json"
+        path.write_text(json.dumps(items))
+        results = {}
+        results["ours_single"] = ours(args.bin, 1, items, max_tokens)
+        run = subprocess.run([args.llama_python, "-c", LLAMA, str(GGUF), str(path), str(max_tokens)],
+                             capture_output=True, text=True, check=True)
+        results["llama_single"] = json.loads(run.stdout.strip().splitlines()[-1])
+        results["ours_batch8"] = ours(args.bin, 8, items, max_tokens)
+        results["ours_batch16"] = ours(args.bin, 16, items, max_tokens)
+        rate = {k: v["tokens"] / v["seconds"] for k, v in results.items()}
+        for k in ["llama_single", "ours_single", "ours_batch8", "ours_batch16"]:
+            r = results[k]
+            lines.append(
+                f"| {workload} | {names[k]} | {r['tokens']} | {r['seconds']:.2f} | {rate[k]:.1f} | "
+                f"{rate[k] / rate['llama_single']:.2f}x | {rate[k] / rate['ours_single']:.2f}x |"
+            )
+        summary.append(
+            f"{workload}: single stream {rate['ours_single'] / rate['llama_single']:.2f}x llama.cpp, batched "
+            f"{max(rate['ours_batch8'], rate['ours_batch16']) / rate['ours_single']:.2f}x our single stream"
         )
     lines += [
         "",
-        f"Targets: single stream >= 0.5x llama.cpp (here {rate['ours_single'] / rate['llama_single']:.2f}x); batched "
-        f">= 2x our single stream (here {max(rate['ours_batch8'], rate['ours_batch16']) / rate['ours_single']:.2f}x).",
+        "Targets: single stream >= 0.5x llama.cpp; batched >= 2x our single stream. Here: " + "; ".join(summary) + ".",
         "",
         "Reproduce: `make test-server` (builds llama-cpp-python into `.venv-llama`), then `make bench`, or",
         "```",
-        f"python3 scripts/bench_generate.py --bin target/debug/safepipe --out docs/BENCHMARKS.md --llama-python .venv-llama/bin/python",
+        "python3 scripts/bench_generate.py --bin target/debug/safepipe --out docs/BENCHMARKS.md --llama-python .venv-llama/bin/python",
         "```",
         "",
     ]

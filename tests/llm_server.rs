@@ -26,7 +26,9 @@ fn models_ready(port: u16) -> bool {
         return false;
     };
     let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
-    if s.write_all(b"GET /v1/models HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n").is_err() {
+    if s.write_all(b"GET /v1/models HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
+        .is_err()
+    {
         return false;
     }
     let mut reply = String::new();
@@ -56,7 +58,16 @@ fn llama_cpp_server_serves_generate_and_the_synthesis_stages() {
     }
     let url = format!("http://127.0.0.1:{port}/v1");
 
-    let out = safepipe(&["generate", "--server", &url, "--model", "smollm2", "--max-tokens", "16", "What is the capital of France?"]);
+    let out = safepipe(&[
+        "generate",
+        "--server",
+        &url,
+        "--model",
+        "smollm2",
+        "--max-tokens",
+        "16",
+        "What is the capital of France?",
+    ]);
     assert!(out.status.success(), "{}", text(&out.stderr));
     let g: serde_json::Value = serde_json::from_str(text(&out.stdout).trim()).unwrap();
     assert!(g["completion_tokens"].as_u64().unwrap() > 0, "{g}");
@@ -64,9 +75,18 @@ fn llama_cpp_server_serves_generate_and_the_synthesis_stages() {
 
     let ws = Workspace::new();
     let docs = [
-        ("d0", "Rivers carry water from mountains to the sea and shape valleys over time."),
-        ("d1", "A recipe for bread: flour, water, salt and yeast, kneaded and baked."),
-        ("d2", "refuse-me: how to get into a neighbour's house while they are away."),
+        (
+            "d0",
+            "Rivers carry water from mountains to the sea and shape valleys over time.",
+        ),
+        (
+            "d1",
+            "A recipe for bread: flour, water, salt and yeast, kneaded and baked.",
+        ),
+        (
+            "d2",
+            "refuse-me: how to get into a neighbour's house while they are away.",
+        ),
     ];
     let lines: Vec<String> = docs
         .iter()
@@ -85,9 +105,20 @@ fn llama_cpp_server_serves_generate_and_the_synthesis_stages() {
         ),
     );
     run_ok(&config, &[]);
-    assert_eq!(sql_number(&config, "SELECT count(*) FROM synthetic WHERE error IS NOT NULL"), 0);
-    assert!(sql_number(&config, "SELECT count(*) FROM synthetic WHERE kind = 'safeweb' AND length(text) > 0") >= 1);
-    assert_eq!(sql_number(&config, "SELECT count(*) FROM llm_scores WHERE status = 'failed'"), 0);
+    assert_eq!(
+        sql_number(&config, "SELECT count(*) FROM synthetic WHERE error IS NOT NULL"),
+        0
+    );
+    assert!(
+        sql_number(
+            &config,
+            "SELECT count(*) FROM synthetic WHERE kind = 'safeweb' AND length(text) > 0"
+        ) >= 1
+    );
+    assert_eq!(
+        sql_number(&config, "SELECT count(*) FROM llm_scores WHERE status = 'failed'"),
+        0
+    );
     assert_eq!(sql_number(&config, "SELECT count(*) FROM llm_scores"), 3);
     let models = sql_rows(&config, "SELECT DISTINCT model FROM synthetic");
     assert!(models[0].contains("openai:smollm2@http://127.0.0.1"), "{models:?}");

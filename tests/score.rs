@@ -435,13 +435,18 @@ fn demo_config_scores_routes_and_packs_the_whole_sample() {
     run_ok(&config, &[]);
     let docs = sql_number(&config, "SELECT count(*) AS n FROM documents");
     assert_eq!(sql_number(&config, "SELECT count(*) AS n FROM scores"), docs);
+    // Routes follow the ensemble buckets; the ensemble is never below the classifier.
     let wrong = sql_number(
         &config,
-        "SELECT count(*) AS n FROM routes r JOIN scores s ON r.id = s.id \
-         WHERE (r.rule IS DISTINCT FROM 'too_short') AND NOT ((s.score >= 4 AND r.route = 'refuse') \
-         OR (s.score BETWEEN 1 AND 3 AND r.route = 'rephrase') OR (s.score = 0 AND r.route = 'keep'))",
+        "SELECT count(*) AS n FROM routes r JOIN llm_scores l ON r.id = l.id \
+         WHERE (r.rule IS DISTINCT FROM 'too_short') AND NOT ((l.ensemble >= 4 AND r.route = 'refuse') \
+         OR (l.ensemble BETWEEN 1 AND 3 AND r.route = 'rephrase') OR (l.ensemble = 0 AND r.route = 'keep'))",
     );
     assert_eq!(wrong, 0);
+    let below = "SELECT count(*) AS n FROM llm_scores l JOIN scores s ON l.id = s.id WHERE l.ensemble < s.score";
+    assert_eq!(sql_number(&config, below), 0);
+    // The sampled synthesis made SafeWeb rows that reached the tokens.
+    assert!(sql_number(&config, "SELECT count(*) AS n FROM tokens WHERE kind = 'safeweb'") > 0);
     // The harmful prompts are mostly flagged; most ordinary mail is not.
     let flagged = |source: &str| {
         sql_number(

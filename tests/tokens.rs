@@ -351,15 +351,40 @@ fn demo_config_packs_the_requested_mixture() {
     );
 }
 
-/// The demo config without its `[score]` section (scoring the whole sample takes minutes on 2
-/// cores; tests/score.rs covers it): rules over scores become one rule over sources that tags the
+/// The demo config without its `[score]`, `[llm]`, `[annotate]` and `[synthesize]` sections
+/// (scoring the whole sample takes minutes on 2 cores; tests/score.rs and tests/synthesis.rs
+/// cover them): rules over scores become one rule over sources that tags the
 /// harmful prompts, so the mixture still has both kinds.
 fn without_scoring(demo: &str) -> String {
     let mut config: toml::Table = demo.parse().unwrap();
     assert!(config.remove("score").is_some(), "the demo config scores");
+    // Nor the LLM stages (tests/synthesis.rs covers them) and their mixture source.
+    for section in ["llm", "annotate", "synthesize"] {
+        config.remove(section);
+    }
+    let mix = config["pack"]["mix"].as_array().unwrap().clone();
+    let mix: Vec<toml::Value> = mix
+        .into_iter()
+        .filter(|m| {
+            !m["kinds"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|k| k.as_str() == Some("safeweb"))
+        })
+        .collect();
+    config
+        .get_mut("pack")
+        .unwrap()
+        .as_table_mut()
+        .unwrap()
+        .insert("mix".into(), mix.into());
     let route = config.get_mut("route").unwrap().as_table_mut().unwrap();
     let rules = route.get_mut("rules").unwrap().as_array_mut().unwrap();
-    rules.retain(|r| !r["when"].as_str().unwrap().contains("score"));
+    rules.retain(|r| {
+        let when = r["when"].as_str().unwrap();
+        !when.contains("score") && !when.contains("ensemble")
+    });
     let mut harmful = toml::Table::new();
     harmful.insert("name".into(), "harmful_prompts".into());
     harmful.insert("when".into(), "source IN ('harmbench', 'strongreject')".into());

@@ -139,7 +139,11 @@ impl Metadata {
                 offset,
             });
         }
-        let alignment = values.get("general.alignment").and_then(Value::as_u64).unwrap_or(32).max(1);
+        let alignment = values
+            .get("general.alignment")
+            .and_then(Value::as_u64)
+            .unwrap_or(32)
+            .max(1);
         let data_offset = reader.position.div_ceil(alignment) * alignment;
         Ok(Metadata {
             version,

@@ -110,7 +110,9 @@ impl RouteRules {
                 ));
             }
             (
-                format!("(SELECT {columns} FROM (SELECT *, row_number() OVER () AS doc_n__ FROM documents) d{joins}) documents"),
+                format!(
+                    "(SELECT {columns} FROM (SELECT *, row_number() OVER () AS doc_n__ FROM documents) d{joins}) documents"
+                ),
                 " ORDER BY doc_n__",
             )
         } else {

@@ -3,11 +3,11 @@
 
 use crate::error::{Error, Result};
 use crate::llm::{AnnotateConfig, LlmConfig, SharedGenerator, SynthesizeConfig};
-use safepipe_operators::synthesize::{AnnotateSettings, SynthesisSettings};
 use safepipe_model::classifier::{Device, Precision, RunOptions};
 use safepipe_model::{TextTokenizer, TokenizerOptions};
 use safepipe_operators::ingest::IngestOptions;
 use safepipe_operators::route::{Route, RouteRule, RouteRules};
+use safepipe_operators::synthesize::{AnnotateSettings, SynthesisSettings};
 use safepipe_operators::tag::Tagger;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeSet;

@@ -180,7 +180,10 @@ impl LlmConfig {
                     Some(path) => {
                         let meta = safepipe_model::gguf::Metadata::read(Path::new(path))
                             .map_err(|e| Error::Config(format!("llm.chat_template: {e}")))?;
-                        Some(ChatTemplate::from_gguf(&meta).map_err(|e| Error::Config(format!("llm.chat_template: {e}")))?)
+                        Some(
+                            ChatTemplate::from_gguf(&meta)
+                                .map_err(|e| Error::Config(format!("llm.chat_template: {e}")))?,
+                        )
                     }
                     None => None,
                 };
@@ -315,7 +318,10 @@ pub fn generate(flags: GenerateFlags, prompts: Vec<String>) -> Result<()> {
         generator.model_id()
     );
     if failed > 0 {
-        return Err(Error::Execution(format!("{failed} of {} prompts failed", requests.len())));
+        return Err(Error::Execution(format!(
+            "{failed} of {} prompts failed",
+            requests.len()
+        )));
     }
     Ok(())
 }
@@ -379,15 +385,32 @@ fn default_annotate_tokens() -> usize {
 }
 fn default_speakers() -> Vec<String> {
     [
-        "Maya", "Tom", "Priya", "Mateo", "Aisha", "Chen", "Olivia", "Kwame", "Student", "Teacher", "Nurse", "Parent",
-        "Librarian", "Coach",
+        "Maya",
+        "Tom",
+        "Priya",
+        "Mateo",
+        "Aisha",
+        "Chen",
+        "Olivia",
+        "Kwame",
+        "Student",
+        "Teacher",
+        "Nurse",
+        "Parent",
+        "Librarian",
+        "Coach",
     ]
     .iter()
     .map(|s| s.to_string())
     .collect()
 }
 
-fn load_template(path: Option<&str>, builtin: &str, placeholder: &str, dir: &Path) -> std::result::Result<Template, String> {
+fn load_template(
+    path: Option<&str>,
+    builtin: &str,
+    placeholder: &str,
+    dir: &Path,
+) -> std::result::Result<Template, String> {
     match path {
         None => Template::builtin(builtin, placeholder),
         Some(p) => {
@@ -423,7 +446,9 @@ impl SynthesizeConfig {
         if self.speakers.len() < 2 {
             return Err("synthesize.speakers needs at least two names or roles".into());
         }
-        self.gates.validate().map_err(|e| format!("synthesize.gates.drop: {e}"))?;
+        self.gates
+            .validate()
+            .map_err(|e| format!("synthesize.gates.drop: {e}"))?;
         Ok(SynthesisSettings {
             seed: self.seed,
             sample: self.sample,
@@ -484,7 +509,9 @@ impl SharedGenerator {
         let cache_dir = match &config.cache_dir {
             Some(c) => dir.join(c),
             None if !run_dir.contains("://") || run_dir.starts_with("file://") => {
-                PathBuf::from(run_dir.trim_start_matches("file://")).join("cache").join("llm")
+                PathBuf::from(run_dir.trim_start_matches("file://"))
+                    .join("cache")
+                    .join("llm")
             }
             None => {
                 return Err(format!(
@@ -494,7 +521,8 @@ impl SharedGenerator {
         };
         let identity = match config.backend {
             Backend::InProcess => {
-                let digest = safepipe_model::classifier::file_digest(Path::new(&config.model)).map_err(|e| e.to_string())?;
+                let digest =
+                    safepipe_model::classifier::file_digest(Path::new(&config.model)).map_err(|e| e.to_string())?;
                 format!("in-process:{}", &digest[..16])
             }
             Backend::Openai => config.identity(),

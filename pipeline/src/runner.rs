@@ -149,7 +149,8 @@ pub async fn run(config: Arc<Config>, options: RunOptions, reporter: Arc<dyn Rep
                 continue;
             }
             let previous = existing.get(&unit.id);
-            let redone_above = |r: &CompletionRecord| upstream_records.values().any(|u| later(&u.finished_at, &r.started_at));
+            let redone_above =
+                |r: &CompletionRecord| upstream_records.values().any(|u| later(&u.finished_at, &r.started_at));
             let reason = match previous {
                 _ if forced.contains(&stage.name()) => "forced",
                 None => "new",
@@ -297,7 +298,10 @@ async fn run_pack(
 
 /// `a` is a later instant than `b` (both RFC 3339; unparseable counts as not later).
 fn later(a: &str, b: &str) -> bool {
-    match (chrono::DateTime::parse_from_rfc3339(a), chrono::DateTime::parse_from_rfc3339(b)) {
+    match (
+        chrono::DateTime::parse_from_rfc3339(a),
+        chrono::DateTime::parse_from_rfc3339(b),
+    ) {
         (Ok(a), Ok(b)) => a > b,
         _ => false,
     }

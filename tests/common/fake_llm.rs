@@ -24,7 +24,11 @@ pub enum Fault {
 
 impl Fault {
     fn parse(prompt: &str) -> Option<Fault> {
-        let name = prompt.split("FAULT:").nth(1)?.split(|c: char| c.is_whitespace()).next()?;
+        let name = prompt
+            .split("FAULT:")
+            .nth(1)?
+            .split(|c: char| c.is_whitespace())
+            .next()?;
         Some(match name {
             "timeout" => Fault::Timeout,
             "429" => Fault::TooMany,
@@ -105,8 +109,13 @@ impl FakeLlm {
         let attempts: Arc<Mutex<HashMap<String, u32>>> = Arc::default();
         std::thread::spawn(move || {
             for stream in listener.incoming().flatten() {
-                let (log, healed, delay, ratings, attempts) =
-                    (log.clone(), healed.clone(), delay.clone(), ratings.clone(), attempts.clone());
+                let (log, healed, delay, ratings, attempts) = (
+                    log.clone(),
+                    healed.clone(),
+                    delay.clone(),
+                    ratings.clone(),
+                    attempts.clone(),
+                );
                 std::thread::spawn(move || {
                     let _ = serve(stream, &log, &healed, &delay, &ratings, &attempts);
                 });
@@ -195,15 +204,20 @@ fn serve(
             Some(Fault::TooMany) => status_only(&mut writer, "429 Too Many Requests", "Retry-After: 1\r\n")?,
             Some(Fault::ServerError | Fault::Always500) => status_only(&mut writer, "500 Internal Server Error", "")?,
             Some(Fault::Reset) => {
-                writer.write_all(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 400\r\n\r\n{\"choices\": [")?;
+                writer.write_all(
+                    b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 400\r\n\r\n{\"choices\": [",
+                )?;
                 writer.flush()?;
                 return Ok(()); // drop: the connection closes mid-body
             }
             Some(Fault::Garbage) => {
                 let garbage = "<html>upstream hiccup</html>";
                 writer.write_all(
-                    format!("HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{garbage}", garbage.len())
-                        .as_bytes(),
+                    format!(
+                        "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{garbage}",
+                        garbage.len()
+                    )
+                    .as_bytes(),
                 )?;
             }
             None => {
@@ -223,8 +237,11 @@ fn serve(
                 })
                 .to_string();
                 writer.write_all(
-                    format!("HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{reply}", reply.len())
-                        .as_bytes(),
+                    format!(
+                        "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{reply}",
+                        reply.len()
+                    )
+                    .as_bytes(),
                 )?;
                 writer.flush()?;
                 log.lock().unwrap()[index].answered = true;

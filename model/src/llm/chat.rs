@@ -49,7 +49,12 @@ impl ChatTemplate {
         let token = |key: &str| -> String {
             meta.get(key)
                 .and_then(Value::as_u64)
-                .and_then(|id| meta.get("tokenizer.ggml.tokens")?.as_array()?.get(id as usize)?.as_str())
+                .and_then(|id| {
+                    meta.get("tokenizer.ggml.tokens")?
+                        .as_array()?
+                        .get(id as usize)?
+                        .as_str()
+                })
                 .unwrap_or("")
                 .to_string()
         };
@@ -57,17 +62,24 @@ impl ChatTemplate {
             .get("tokenizer.chat_template")
             .and_then(Value::as_str)
             .unwrap_or(CHATML);
-        ChatTemplate::new(source, &token("tokenizer.ggml.bos_token_id"), &token("tokenizer.ggml.eos_token_id"))
-            .map_err(|e| format!("its chat template does not render: {e}"))
+        ChatTemplate::new(
+            source,
+            &token("tokenizer.ggml.bos_token_id"),
+            &token("tokenizer.ggml.eos_token_id"),
+        )
+        .map_err(|e| format!("its chat template does not render: {e}"))
     }
 
     /// The prompt text for `messages`, ending with the assistant's turn opened when
     /// `add_generation_prompt`.
     pub fn render(&self, messages: &[Message], add_generation_prompt: bool) -> Result<String, String> {
         let mut env = minijinja::Environment::new();
-        env.add_function("raise_exception", |message: String| -> Result<String, minijinja::Error> {
-            Err(minijinja::Error::new(minijinja::ErrorKind::InvalidOperation, message))
-        });
+        env.add_function(
+            "raise_exception",
+            |message: String| -> Result<String, minijinja::Error> {
+                Err(minijinja::Error::new(minijinja::ErrorKind::InvalidOperation, message))
+            },
+        );
         env.add_template("chat", &self.source).map_err(|e| e.to_string())?;
         let template = env.get_template("chat").map_err(|e| e.to_string())?;
         template

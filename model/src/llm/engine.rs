@@ -98,7 +98,9 @@ impl LlamaEngine {
             .unwrap_or("")
             .to_string();
         if arch != "llama" {
-            return Err(err(format!("architecture {arch:?}; the in-process engine runs \"llama\" models")));
+            return Err(err(format!(
+                "architecture {arch:?}; the in-process engine runs \"llama\" models"
+            )));
         }
         let key = |k: &str| format!("{arch}.{k}");
         let hidden = meta_u64(&meta, &key("embedding_length")).map_err(err)?;
@@ -123,7 +125,12 @@ impl LlamaEngine {
                 .get(start..)
                 .ok_or_else(|| err(format!("tensor {} lies past the end of the file", t.name)))
         };
-        let tensor = |n: &str| tensors.get(n).copied().ok_or_else(|| err(format!("tensor {n} is missing")));
+        let tensor = |n: &str| {
+            tensors
+                .get(n)
+                .copied()
+                .ok_or_else(|| err(format!("tensor {n} is missing")))
+        };
         let matrix = |n: &str| -> Result<QMatrix, String> {
             let t = tensor(n)?;
             let (cols, rows) = match t.dims[..] {
@@ -139,11 +146,19 @@ impl LlamaEngine {
             match t.kind {
                 GGML_F32 => raw
                     .get(..len * 4)
-                    .map(|b| b.chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect())
+                    .map(|b| {
+                        b.chunks_exact(4)
+                            .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+                            .collect()
+                    })
                     .ok_or_else(|| err(format!("tensor {n} is truncated"))),
                 GGML_F16 => raw
                     .get(..len * 2)
-                    .map(|b| b.chunks_exact(2).map(|c| f16_to_f32(u16::from_le_bytes([c[0], c[1]]))).collect())
+                    .map(|b| {
+                        b.chunks_exact(2)
+                            .map(|c| f16_to_f32(u16::from_le_bytes([c[0], c[1]])))
+                            .collect()
+                    })
                     .ok_or_else(|| err(format!("tensor {n} is truncated"))),
                 other => Err(err(format!("tensor {n} has type {other}; norms must be F32 or F16"))),
             }
@@ -185,7 +200,12 @@ impl LlamaEngine {
                 let eos = meta
                     .get("tokenizer.ggml.eos_token_id")
                     .and_then(Value::as_u64)
-                    .and_then(|id| meta.get("tokenizer.ggml.tokens")?.as_array()?.get(id as usize)?.as_str())
+                    .and_then(|id| {
+                        meta.get("tokenizer.ggml.tokens")?
+                            .as_array()?
+                            .get(id as usize)?
+                            .as_str()
+                    })
                     .ok_or_else(|| err("no end-of-text token in the tokenizer metadata".into()))?;
                 let options = TokenizerOptions {
                     eos: eos.to_string(),
@@ -281,9 +301,10 @@ impl LlamaEngine {
             let caches: Vec<(&[f32], &[f32])> = work.iter().map(|(c, _)| (&c.k[li][..], &c.v[li][..])).collect();
             let group = s.heads / s.kv_heads;
             let scale = 1.0 / (hd as f32).sqrt();
-            attn.par_chunks_mut(d).zip(q.par_chunks(d)).zip(rows.par_iter()).for_each_init(
-                Vec::new,
-                |scores: &mut Vec<f32>, ((out, q), &(seq, pos))| {
+            attn.par_chunks_mut(d)
+                .zip(q.par_chunks(d))
+                .zip(rows.par_iter())
+                .for_each_init(Vec::new, |scores: &mut Vec<f32>, ((out, q), &(seq, pos))| {
                     let (keys, values) = caches[seq];
                     for head in 0..s.heads {
                         let kvh = head / group;
@@ -310,16 +331,19 @@ impl LlamaEngine {
                         let inv = 1.0 / total;
                         oh.iter_mut().for_each(|o| *o *= inv);
                     }
-                },
-            );
+                });
             layer.o.matmul(&QActivations::quantize(&attn, d), &mut proj);
             x.iter_mut().zip(&proj).for_each(|(x, p)| *x += p);
             rms_norm(&x, &layer.ffn_norm, s.rms_eps, &mut h);
             let hq = QActivations::quantize(&h, d);
             layer.gate.matmul(&hq, &mut gate);
             layer.up.matmul(&hq, &mut up);
-            gate.iter_mut().zip(&up).for_each(|(g, u)| *g = *g / (1.0 + (-*g).exp()) * u);
-            layer.down.matmul(&QActivations::quantize(&gate, s.intermediate), &mut proj);
+            gate.iter_mut()
+                .zip(&up)
+                .for_each(|(g, u)| *g = *g / (1.0 + (-*g).exp()) * u);
+            layer
+                .down
+                .matmul(&QActivations::quantize(&gate, s.intermediate), &mut proj);
             x.iter_mut().zip(&proj).for_each(|(x, p)| *x += p);
         }
         for (cache, tokens) in work.iter_mut() {
@@ -447,7 +471,11 @@ impl LlamaEngine {
                         Some(FinishReason::Length)
                     } else if !params.stop.is_empty() {
                         let text = self.tokenizer.decode(&a.generated).unwrap_or_default();
-                        params.stop.iter().any(|s| text.contains(s.as_str())).then_some(FinishReason::Stop)
+                        params
+                            .stop
+                            .iter()
+                            .any(|s| text.contains(s.as_str()))
+                            .then_some(FinishReason::Stop)
                     } else {
                         None
                     }

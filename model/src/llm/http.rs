@@ -366,25 +366,23 @@ impl Generator for OpenAiClient {
     fn generate(&self, requests: &[ChatRequest], done: &OnDone<'_>) {
         let stats = &self.stats;
         let runtime = self.runtime.as_ref().expect("the runtime lives until drop");
-        runtime.block_on(
-            futures::stream::iter(requests.iter().enumerate()).for_each_concurrent(
-                self.config.max_in_flight.max(1),
-                |(i, request)| async move {
-                    GenerationStats::add(&stats.in_flight, 1);
-                    let result = self.run_one(request).await;
-                    stats.in_flight.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
-                    GenerationStats::add(&stats.requests_done, 1);
-                    match &result {
-                        Ok(g) => {
-                            GenerationStats::add(&stats.completion_tokens, u64::from(g.completion_tokens));
-                            GenerationStats::add(&stats.prompt_tokens, u64::from(g.prompt_tokens));
-                        }
-                        Err(_) => GenerationStats::add(&stats.failures, 1),
+        runtime.block_on(futures::stream::iter(requests.iter().enumerate()).for_each_concurrent(
+            self.config.max_in_flight.max(1),
+            |(i, request)| async move {
+                GenerationStats::add(&stats.in_flight, 1);
+                let result = self.run_one(request).await;
+                stats.in_flight.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+                GenerationStats::add(&stats.requests_done, 1);
+                match &result {
+                    Ok(g) => {
+                        GenerationStats::add(&stats.completion_tokens, u64::from(g.completion_tokens));
+                        GenerationStats::add(&stats.prompt_tokens, u64::from(g.prompt_tokens));
                     }
-                    done(i, result);
-                },
-            ),
-        );
+                    Err(_) => GenerationStats::add(&stats.failures, 1),
+                }
+                done(i, result);
+            },
+        ));
     }
 
     fn stats(&self) -> &GenerationStats {
@@ -400,11 +398,22 @@ mod tests {
     fn parses_chat_and_text_bodies_and_rejects_garbage() {
         let chat = r#"{"choices":[{"message":{"role":"assistant","content":"hi"},"finish_reason":"length"}],"usage":{"prompt_tokens":5,"completion_tokens":1}}"#;
         let g = parse_response(chat, Api::Chat).unwrap();
-        assert_eq!((g.text.as_str(), g.finish_reason, g.prompt_tokens), ("hi", FinishReason::Length, 5));
+        assert_eq!(
+            (g.text.as_str(), g.finish_reason, g.prompt_tokens),
+            ("hi", FinishReason::Length, 5)
+        );
         let text = r#"{"choices":[{"text":"x","finish_reason":"stop"}]}"#;
         assert_eq!(parse_response(text, Api::Completions).unwrap().completion_tokens, 0);
-        assert!(parse_response("{not json", Api::Chat).unwrap_err().contains("unparseable"));
-        assert!(parse_response(r#"{"choices":[]}"#, Api::Chat).unwrap_err().contains("no choices"));
+        assert!(
+            parse_response("{not json", Api::Chat)
+                .unwrap_err()
+                .contains("unparseable")
+        );
+        assert!(
+            parse_response(r#"{"choices":[]}"#, Api::Chat)
+                .unwrap_err()
+                .contains("no choices")
+        );
         let config = HttpConfig {
             api_key: Some("sk-secret".into()),
             ..HttpConfig::new("http://127.0.0.1:1/v1", "m")

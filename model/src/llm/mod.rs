@@ -188,15 +188,16 @@ impl Generator for InProcess {
         let stats = &self.stats;
         let _running = self.running.lock().unwrap_or_else(|e| e.into_inner());
         GenerationStats::add(&stats.in_flight, prompts.len() as u64);
-        self.engine.generate_ids(&prompts, self.max_batch, &stats.completion_tokens, &mut |i, result| {
-            stats.in_flight.fetch_sub(1, Ordering::Relaxed);
-            GenerationStats::add(&stats.requests_done, 1);
-            match &result {
-                Ok(g) => GenerationStats::add(&stats.prompt_tokens, u64::from(g.prompt_tokens)),
-                Err(_) => GenerationStats::add(&stats.failures, 1),
-            }
-            done(index[i], result)
-        });
+        self.engine
+            .generate_ids(&prompts, self.max_batch, &stats.completion_tokens, &mut |i, result| {
+                stats.in_flight.fetch_sub(1, Ordering::Relaxed);
+                GenerationStats::add(&stats.requests_done, 1);
+                match &result {
+                    Ok(g) => GenerationStats::add(&stats.prompt_tokens, u64::from(g.prompt_tokens)),
+                    Err(_) => GenerationStats::add(&stats.failures, 1),
+                }
+                done(index[i], result)
+            });
     }
 
     fn stats(&self) -> &GenerationStats {

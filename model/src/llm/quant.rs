@@ -59,7 +59,7 @@ enum Blocks {
 impl QMatrix {
     /// Parses ggml block data of type `kind` (Q4_1 or Q8_0) for a `rows x cols` matrix.
     pub fn from_ggml(kind: u32, rows: usize, cols: usize, data: &[u8]) -> Result<QMatrix, String> {
-        if cols % BLOCK != 0 {
+        if !cols.is_multiple_of(BLOCK) {
             return Err(format!("{cols} columns is not a multiple of {BLOCK}"));
         }
         let n = rows * cols / BLOCK;
@@ -159,7 +159,7 @@ enum Row<'a> {
 #[inline]
 fn column_dot(w: &Row<'_>, x: &QActivations, out: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
-    if *HAS_AVX512 && w.blocks() % 2 == 0 {
+    if *HAS_AVX512 && w.blocks().is_multiple_of(2) {
         #[allow(unsafe_code)]
         // SAFETY: the kernels need AVX-512 F/BW, AVX2 and FMA, which the running CPU has
         // (checked once at run time).
@@ -402,8 +402,12 @@ mod avx2 {
         while r + 4 <= x.rows {
             let start: [usize; 4] = std::array::from_fn(|k| (r + k) * n);
             let rows = |k: usize| x.qs[start[k]..start[k] + n].iter().zip(&x.d[start[k]..start[k] + n]);
-            let (mut a0, mut a1, mut a2, mut a3) =
-                (_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps());
+            let (mut a0, mut a1, mut a2, mut a3) = (
+                _mm256_setzero_ps(),
+                _mm256_setzero_ps(),
+                _mm256_setzero_ps(),
+                _mm256_setzero_ps(),
+            );
             let blocks = q.iter().zip(d).zip(rows(0)).zip(rows(1)).zip(rows(2)).zip(rows(3));
             for (((((wq, &wd), (q0, &d0)), (q1, &d1)), (q2, &d2)), (q3, &d3)) in blocks {
                 let w = wq.load();
@@ -445,20 +449,22 @@ fn column_dot_portable(w: &Row<'_>, x: &QActivations, out: &mut [f32]) {
         let mut acc = [0f32; 8];
         for i in 0..n {
             let wq: [i8; 32] = match *w {
-                Row::Q4_1(_, _, q) => std::array::from_fn(|j| if j < 16 { q[i][j] & 15 } else { q[i][j - 16] >> 4 } as i8),
+                Row::Q4_1(_, _, q) => {
+                    std::array::from_fn(|j| if j < 16 { q[i][j] & 15 } else { q[i][j - 16] >> 4 } as i8)
+                }
                 Row::Q8_0(_, q) => q[i],
             };
             let a = &x.qs[row.start + i];
             let mut p = [0i32; 8];
             for h in 0..2 {
-                for l in 0..8 {
+                for (l, p) in p.iter_mut().enumerate() {
                     let j = h * 16 + 2 * l;
-                    p[l] += i32::from(wq[j]) * i32::from(a[j]) + i32::from(wq[j + 1]) * i32::from(a[j + 1]);
+                    *p += i32::from(wq[j]) * i32::from(a[j]) + i32::from(wq[j + 1]) * i32::from(a[j + 1]);
                 }
             }
             let scale = d[i] * x.d[row.start + i];
-            for l in 0..8 {
-                acc[l] += scale * p[l] as f32;
+            for (acc, p) in acc.iter_mut().zip(p) {
+                *acc += scale * p as f32;
             }
         }
         *out = acc.iter().sum::<f32>() + min_share(m, &x.s[row]);
@@ -532,7 +538,7 @@ mod tests {
             q41.extend(0xb800u16.to_le_bytes()); // m = -0.5
             q41.extend((0..16).map(|j| ((j + b) % 16) as u8 | ((((j * 7 + b) % 16) as u8) << 4)));
             q80.extend(0x2c00u16.to_le_bytes()); // d = 0.0625
-            q80.extend((0..32).map(|j| ((j as i32 * 9 + b as i32 * 5) % 255 - 127) as i8 as u8));
+            q80.extend((0..32).map(|j: i32| ((j * 9 + b as i32 * 5) % 255 - 127) as i8 as u8));
         }
         let x: Vec<f32> = (0..3 * cols).map(|i| ((i * 37 % 101) as f32 - 50.0) / 25.0).collect();
         let qx = QActivations::quantize(&x, cols);
@@ -541,7 +547,9 @@ mod tests {
             let mut out = vec![0f32; 3 * rows];
             w.matmul(&qx, &mut out);
             // The activations as the kernels see them (dequantised from their 8-bit blocks).
-            let xq: Vec<f32> = (0..x.len()).map(|i| qx.d[i / BLOCK] * f32::from(qx.qs[i / BLOCK][i % BLOCK])).collect();
+            let xq: Vec<f32> = (0..x.len())
+                .map(|i| qx.d[i / BLOCK] * f32::from(qx.qs[i / BLOCK][i % BLOCK]))
+                .collect();
             let mut row = vec![0f32; cols];
             for o in 0..rows {
                 w.dequantize_row(o, &mut row);
@@ -559,15 +567,35 @@ mod tests {
                     let got = out[r * rows + o];
                     // Exact arithmetic on the quantised activations, to float rounding; the
                     // portable and AVX2 kernels agree; the activation quantisation error is small.
-                    assert!((got - on_quantised).abs() < 1e-4 * (1.0 + on_quantised.abs()), "{kind} {o} {r}: {got} vs {on_quantised}");
-                    assert!((got - portable[r]).abs() < 1e-4 * (1.0 + got.abs()), "{kind} {o} {r}: {got} vs portable {}", portable[r]);
+                    assert!(
+                        (got - on_quantised).abs() < 1e-4 * (1.0 + on_quantised.abs()),
+                        "{kind} {o} {r}: {got} vs {on_quantised}"
+                    );
+                    assert!(
+                        (got - portable[r]).abs() < 1e-4 * (1.0 + got.abs()),
+                        "{kind} {o} {r}: {got} vs portable {}",
+                        portable[r]
+                    );
                     // Rounding each activation moves it by at most half its block's step.
-                    let bound: f32 = (0..cols).map(|c| row[c].abs() * qx.d[(r * cols + c) / BLOCK] / 2.0).sum();
-                    assert!((got - exact).abs() <= bound + 1e-3, "{kind} {o} {r}: {got} vs {exact} (bound {bound})");
+                    let bound: f32 = (0..cols)
+                        .map(|c| row[c].abs() * qx.d[(r * cols + c) / BLOCK] / 2.0)
+                        .sum();
+                    assert!(
+                        (got - exact).abs() <= bound + 1e-3,
+                        "{kind} {o} {r}: {got} vs {exact} (bound {bound})"
+                    );
                 }
             }
         }
-        assert!(QMatrix::from_ggml(2, rows, cols, &q41).unwrap_err().contains("not supported"));
-        assert!(QMatrix::from_ggml(GGML_Q4_1, rows, cols, &q41[..10]).unwrap_err().contains("truncated"));
+        assert!(
+            QMatrix::from_ggml(2, rows, cols, &q41)
+                .unwrap_err()
+                .contains("not supported")
+        );
+        assert!(
+            QMatrix::from_ggml(GGML_Q4_1, rows, cols, &q41[..10])
+                .unwrap_err()
+                .contains("truncated")
+        );
     }
 }

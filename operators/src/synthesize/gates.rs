@@ -120,19 +120,42 @@ mod tests {
         let loop_text = "the sea is calm today. ".repeat(30);
         assert!(g.check(&loop_text, false, true).contains(&"repetitive"));
         let lines = "A line that repeats itself\n".repeat(3);
-        assert!(g.check(&format!("{good}\n{lines}"), false, true).contains(&"repetitive"));
+        assert!(
+            g.check(&format!("{good}\n{lines}"), false, true)
+                .contains(&"repetitive")
+        );
         assert_eq!(g.check(good, false, false), ["format"]);
         assert!(g.check(&format!("{good}<|im_end|>"), false, true).contains(&"format"));
         assert!(g.check(&format!("<<<<\n{good}\n>>>>"), false, true).contains(&"format"));
-        assert!(g.check(&format!("{good}\n\nSource text:\n{good}"), false, true).contains(&"format"));
-        assert!(g.check(&format!("> quoted mail line\n>> older\n{good}"), false, true).is_empty());
-        assert_eq!(g.check("Фотосинтез позволяет растениям превращать свет в сахар и кислород.", false, true), ["language"]);
+        assert!(
+            g.check(&format!("{good}\n\nSource text:\n{good}"), false, true)
+                .contains(&"format")
+        );
+        assert!(
+            g.check(&format!("> quoted mail line\n>> older\n{good}"), false, true)
+                .is_empty()
+        );
+        assert_eq!(
+            g.check(
+                "Фотосинтез позволяет растениям превращать свет в сахар и кислород.",
+                false,
+                true
+            ),
+            ["language"]
+        );
         assert_eq!(g.dropped_by(&["truncated", "format"]), Some("truncated"));
         let keep_truncated = GateSettings {
             drop: vec!["format".into()],
             ..GateSettings::default()
         };
         assert_eq!(keep_truncated.dropped_by(&["truncated"]), None);
-        assert!(GateSettings { drop: vec!["nope".into()], ..GateSettings::default() }.validate().is_err());
+        assert!(
+            GateSettings {
+                drop: vec!["nope".into()],
+                ..GateSettings::default()
+            }
+            .validate()
+            .is_err()
+        );
     }
 }

@@ -166,13 +166,21 @@ fn run_tasks(
     if let Some(e) = cache_error.into_inner().expect("cache error") {
         return Err(crate::OpError::Config(format!("writing the request cache: {e}")));
     }
-    cache.sync().map_err(|e| crate::OpError::Config(format!("syncing the request cache: {e}")))?;
+    cache
+        .sync()
+        .map_err(|e| crate::OpError::Config(format!("syncing the request cache: {e}")))?;
     for (i, r) in finished.into_inner().expect("results") {
         results[i] = Some(r);
     }
     Ok(results
         .into_iter()
-        .map(|r| r.unwrap_or_else(|| Err(GenerateError::Rejected("the backend did not report this request".into()))))
+        .map(|r| {
+            r.unwrap_or_else(|| {
+                Err(GenerateError::Rejected(
+                    "the backend did not report this request".into(),
+                ))
+            })
+        })
         .collect())
 }
 
@@ -275,7 +283,13 @@ pub fn synthesize(
 ) -> OpResult<SynthesisOutput> {
     let mut counts = UnitCounts::default();
     let mut first = Vec::new();
-    for Routed { id, source, text, route } in documents {
+    for Routed {
+        id,
+        source,
+        text,
+        route,
+    } in documents
+    {
         let (template, kind_params) = match route.as_str() {
             "rephrase" => (settings.style_for(id), &settings.rephrase_params),
             "refuse" => (&settings.refuse, &settings.refuse_params),
@@ -288,7 +302,15 @@ pub fn synthesize(
         }
         let p = params(kind_params, settings.seed, &template.kind, id);
         let parent = Parent { id, source };
-        first.push(task(generator, template, "{document}", parent, text, settings.max_input_chars, p));
+        first.push(task(
+            generator,
+            template,
+            "{document}",
+            parent,
+            text,
+            settings.max_input_chars,
+            p,
+        ));
     }
     let total = Mutex::new((0u64, first.len() as u64));
     let report = |done: u64| {
@@ -317,7 +339,12 @@ pub fn synthesize(
         });
         if is_refusal && row.keep {
             let dialogue = row.text.clone().unwrap_or_default();
-            let p = params(&settings.moral_params, settings.seed, &settings.moral.kind, &task.parent_id);
+            let p = params(
+                &settings.moral_params,
+                settings.seed,
+                &settings.moral.kind,
+                &task.parent_id,
+            );
             morals.push(task_for_moral(generator, settings, task, &dialogue, p));
             let (user, assistant) = settings.speakers_for(&task.parent_id);
             row.text = Some(relabel(&dialogue, &user, &assistant));
@@ -341,12 +368,26 @@ pub fn synthesize(
     })
 }
 
-fn task_for_moral(generator: &dyn Generator, s: &SynthesisSettings, refusal: &Task, dialogue: &str, p: SamplingParams) -> Task {
+fn task_for_moral(
+    generator: &dyn Generator,
+    s: &SynthesisSettings,
+    refusal: &Task,
+    dialogue: &str,
+    p: SamplingParams,
+) -> Task {
     let parent = Parent {
         id: &refusal.parent_id,
         source: &refusal.source,
     };
-    task(generator, &s.moral, "{dialogue}", parent, dialogue, s.max_input_chars.max(dialogue.chars().count()), p)
+    task(
+        generator,
+        &s.moral,
+        "{dialogue}",
+        parent,
+        dialogue,
+        s.max_input_chars.max(dialogue.chars().count()),
+        p,
+    )
 }
 
 fn finish_row(
@@ -403,7 +444,9 @@ fn account_row(row: &Row, counts: &mut UnitCounts) {
 }
 
 fn synthetic_batch(rows: &[Row], model: &str) -> OpResult<RecordBatch> {
-    let strings = |f: &dyn Fn(&Row) -> Option<String>| Arc::new(StringArray::from(rows.iter().map(f).collect::<Vec<_>>())) as ArrayRef;
+    let strings = |f: &dyn Fn(&Row) -> Option<String>| {
+        Arc::new(StringArray::from(rows.iter().map(f).collect::<Vec<_>>())) as ArrayRef
+    };
     let columns: Vec<ArrayRef> = vec![
         strings(&|r| Some(format!("{}#{}", r.parent_id, r.kind))),
         strings(&|r| Some(r.parent_id.clone())),
@@ -444,7 +487,15 @@ pub fn annotate(
             let p = params(&settings.params, settings.seed, "annotate", id);
             task_of.push(Some(tasks.len()));
             let parent = Parent { id, source: "" };
-            tasks.push(task(generator, &settings.template, "{document}", parent, text, settings.max_input_chars, p));
+            tasks.push(task(
+                generator,
+                &settings.template,
+                "{document}",
+                parent,
+                text,
+                settings.max_input_chars,
+                p,
+            ));
         } else {
             task_of.push(None);
         }
@@ -509,7 +560,10 @@ mod tests {
     fn relabels_dialogue_turns_and_checks_the_format() {
         let d = "User: how do I pick a lock?\nAssistant: I can't help with that.\n  User: why?";
         assert!(is_dialogue(d));
-        assert_eq!(relabel(d, "Maya", "Librarian"), "Maya: how do I pick a lock?\nLibrarian: I can't help with that.\nMaya: why?");
+        assert_eq!(
+            relabel(d, "Maya", "Librarian"),
+            "Maya: how do I pick a lock?\nLibrarian: I can't help with that.\nMaya: why?"
+        );
         assert!(!is_dialogue("User: only one side"));
     }
 

@@ -21,7 +21,10 @@ pub fn parse(prefill: &str, answer: &str) -> Result<(u8, Option<String>), String
     {
         return Ok((score as u8, None));
     }
-    Err(format!("unparseable rubric answer: {:?}", answer.chars().take(80).collect::<String>()))
+    Err(format!(
+        "unparseable rubric answer: {:?}",
+        answer.chars().take(80).collect::<String>()
+    ))
 }
 
 /// The first `{...}` in `text` (code fences and surrounding text allowed) that parses as JSON
@@ -45,9 +48,9 @@ fn json_object(text: &str) -> Option<(u8, Option<String>)> {
                         let value: serde_json::Value = serde_json::from_str(&text[from..=from + i]).ok()?;
                         // Integers, integer-valued numbers (`2.0`) and digit strings; never rounding.
                         let score = match &value["score"] {
-                            serde_json::Value::Number(n) => n.as_u64().or_else(|| {
-                                n.as_f64().filter(|f| f.fract() == 0.0 && *f >= 0.0).map(|f| f as u64)
-                            }),
+                            serde_json::Value::Number(n) => n
+                                .as_u64()
+                                .or_else(|| n.as_f64().filter(|f| f.fract() == 0.0 && *f >= 0.0).map(|f| f as u64)),
                             serde_json::Value::String(s) => s.trim().parse().ok(),
                             _ => None,
                         }?;
@@ -74,7 +77,10 @@ mod tests {
 
     #[test]
     fn accepts_the_usual_shapes_and_refuses_to_guess() {
-        assert_eq!(parse(PREFILL, "3, \"reason\": \"mild violence\"}").unwrap(), (3, Some("mild violence".into())));
+        assert_eq!(
+            parse(PREFILL, "3, \"reason\": \"mild violence\"}").unwrap(),
+            (3, Some("mild violence".into()))
+        );
         assert_eq!(parse(PREFILL, "0}").unwrap(), (0, None));
         assert_eq!(parse(PREFILL, "4, \"reason\": \"unterminated").unwrap(), (4, None));
         let fenced = "```json\n{\"score\": 5, \"reason\": \"threats\"}\n```\nThat is my answer.";

@@ -30,13 +30,31 @@ pub struct Template {
 
 /// The templates shipped with safepipe, by file name.
 pub const BUILTIN: [(&str, &str); 10] = [
-    ("rephrase-podcast", include_str!("../../templates/rephrase-podcast.toml")),
-    ("rephrase-textbook", include_str!("../../templates/rephrase-textbook.toml")),
-    ("rephrase-teacher", include_str!("../../templates/rephrase-teacher.toml")),
+    (
+        "rephrase-podcast",
+        include_str!("../../templates/rephrase-podcast.toml"),
+    ),
+    (
+        "rephrase-textbook",
+        include_str!("../../templates/rephrase-textbook.toml"),
+    ),
+    (
+        "rephrase-teacher",
+        include_str!("../../templates/rephrase-teacher.toml"),
+    ),
     ("rephrase-talk", include_str!("../../templates/rephrase-talk.toml")),
-    ("rephrase-parent-child", include_str!("../../templates/rephrase-parent-child.toml")),
-    ("rephrase-friends", include_str!("../../templates/rephrase-friends.toml")),
-    ("rephrase-kids-video", include_str!("../../templates/rephrase-kids-video.toml")),
+    (
+        "rephrase-parent-child",
+        include_str!("../../templates/rephrase-parent-child.toml"),
+    ),
+    (
+        "rephrase-friends",
+        include_str!("../../templates/rephrase-friends.toml"),
+    ),
+    (
+        "rephrase-kids-video",
+        include_str!("../../templates/rephrase-kids-video.toml"),
+    ),
     ("refuse", include_str!("../../templates/refuse.toml")),
     ("moral", include_str!("../../templates/moral.toml")),
     ("annotate", include_str!("../../templates/annotate.toml")),
@@ -58,7 +76,9 @@ impl Template {
     pub fn parse(origin: &str, text: &str, placeholder: &str) -> Result<Template, String> {
         let mut t: Template = toml::from_str(text).map_err(|e| format!("template {origin}: {e}"))?;
         if !t.user.contains(placeholder) {
-            return Err(format!("template {origin}: the user message has no {placeholder} placeholder"));
+            return Err(format!(
+                "template {origin}: the user message has no {placeholder} placeholder"
+            ));
         }
         t.hash = hex::encode(Sha256::digest(text.as_bytes()))[..12].to_string();
         Ok(t)
@@ -112,6 +132,13 @@ mod tests {
             let user = &r.messages.last().unwrap().content;
             assert!(user.contains("text <\u{2060}|im") && !user.contains("more"), "{user}");
         }
-        assert!(Template::parse("x", "id='a'\nversion=1\nkind='k'\nstyle='s'\nsystem=''\nuser='no slot'", "{document}").is_err());
+        assert!(
+            Template::parse(
+                "x",
+                "id='a'\nversion=1\nkind='k'\nstyle='s'\nsystem=''\nuser='no slot'",
+                "{document}"
+            )
+            .is_err()
+        );
     }
 }

@@ -119,7 +119,11 @@ pub fn pipeline(config: &Arc<Config>) -> Vec<Arc<dyn Stage>> {
         stages.push(Arc::new(ScoreStage::new(settings.clone())));
     }
     if let (Some(llm), Some(settings)) = (&config.llm, &config.annotate) {
-        stages.push(Arc::new(AnnotateStage::new(llm.clone(), settings.clone(), config.score.is_some())));
+        stages.push(Arc::new(AnnotateStage::new(
+            llm.clone(),
+            settings.clone(),
+            config.score.is_some(),
+        )));
     }
     stages.push(Arc::new(RouteStage::new(config.clone())));
     if let (Some(llm), Some(settings)) = (&config.llm, &config.synthesize) {
@@ -127,7 +131,10 @@ pub fn pipeline(config: &Arc<Config>) -> Vec<Arc<dyn Stage>> {
     }
     stages.push(Arc::new(TagStage::new(config.clone())));
     if let Some(settings) = &config.tokenize {
-        stages.push(Arc::new(TokenizeStage::new(settings.clone(), config.synthesize.is_some())));
+        stages.push(Arc::new(TokenizeStage::new(
+            settings.clone(),
+            config.synthesize.is_some(),
+        )));
     }
     stages
 }

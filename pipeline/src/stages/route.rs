@@ -56,7 +56,10 @@ impl Stage for RouteStage {
                 wanted.push(("annotate", "llm_scores", schema::LLM_SCORES.clone()));
             }
             let ctx = unit_session(&input, &wanted).await?;
-            let side_tables = [(rules.with_scores, "scores", "score"), (rules.with_llm_scores, "llm_scores", "annotate")];
+            let side_tables = [
+                (rules.with_scores, "scores", "score"),
+                (rules.with_llm_scores, "llm_scores", "annotate"),
+            ];
             for (_, table, stage) in side_tables.iter().filter(|t| t.0) {
                 // Every document must have its score: a missing one would fall to the default
                 // route, i.e. be kept unjudged.

@@ -132,8 +132,12 @@ impl Stage for SynthesizeStage {
             ];
             let ctx = unit_session(&input, &wanted).await?;
             let batches = ctx.sql(SELECT_ROUTED).await?.collect().await?;
-            let (ids, sources, texts, routes) =
-                (strings(&batches, 0)?, strings(&batches, 1)?, strings(&batches, 2)?, strings(&batches, 3)?);
+            let (ids, sources, texts, routes) = (
+                strings(&batches, 0)?,
+                strings(&batches, 1)?,
+                strings(&batches, 2)?,
+                strings(&batches, 3)?,
+            );
             let documents: Vec<Routed> = ids
                 .into_iter()
                 .zip(sources)
@@ -183,7 +187,11 @@ impl Stage for AnnotateStage {
     }
 
     fn upstream(&self) -> &'static [&'static str] {
-        if self.with_scores { &["ingest", "score"] } else { &["ingest"] }
+        if self.with_scores {
+            &["ingest", "score"]
+        } else {
+            &["ingest"]
+        }
     }
 
     fn outputs(&self) -> Vec<OutputTable> {

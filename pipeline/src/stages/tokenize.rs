@@ -62,7 +62,11 @@ impl Stage for TokenizeStage {
                 wanted.push(("synthesize", "synthetic", schema::SYNTHETIC.clone()));
             }
             let ctx = unit_session(&input, &wanted).await?;
-            let rows = ctx.sql(&select_for_training(with_synthetic)).await?.execute_stream().await?;
+            let rows = ctx
+                .sql(&select_for_training(with_synthetic))
+                .await?
+                .execute_stream()
+                .await?;
             let batches = rows.and_then(move |batch| {
                 let tokenizer = tokenizer.clone();
                 async move {
