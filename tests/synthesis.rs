@@ -365,3 +365,39 @@ fn in_process_engine_batching_changes_nothing_and_the_pipeline_caches_generation
         "{line}"
     );
 }
+
+#[test]
+fn a_dead_server_trips_the_circuit_breaker_and_every_document_is_recorded_failed() {
+    let ws = Workspace::new();
+    // A port nobody listens on: every attempt is refused.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let docs: Vec<(String, String)> = (0..3)
+        .map(|i| (format!("d{i}"), format!("DOC-{i} about bees.")))
+        .collect();
+    let input = corpus(&ws, "docs.jsonl", &docs);
+    let llm = format!(
+        "[llm]\nbackend = \"openai\"\nmodel = \"m\"\nbase_url = \"http://127.0.0.1:{port}/v1\"\ntimeout_s = 1.0\n\
+         max_retries = 3\nbackoff_base_s = 0.01\nbackoff_max_s = 0.02\nbreaker_threshold = 2\nbreaker_cooldown_s = 0.5\n"
+    );
+    let config = ws.config("config.toml", &synthesis_config(&input, &llm));
+    let started = Instant::now();
+    let stderr = run_ok(&config, &[]);
+    assert!(
+        stderr.contains("the server keeps failing; pausing requests"),
+        "{stderr}"
+    );
+    // 3 documents x 4 attempts with backoffs of 10-20 ms would take well under the cooldown.
+    assert!(started.elapsed() >= Duration::from_millis(500));
+    assert_eq!(
+        sql_number(
+            &config,
+            "SELECT count(*) FROM synthetic WHERE error LIKE '%could not connect%'"
+        ),
+        3
+    );
+    assert!(summary_line(&stderr, "synthesize").contains("dropped 3"));
+}
