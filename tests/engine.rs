@@ -245,12 +245,7 @@ fn kill_9_at_random_instants_then_rerun_gives_the_same_rows() {
     let mut kills = 0;
     for k in 0..12 {
         let target = total * k / 13;
-        let mut child = Command::new(bin())
-            .args(["run", config.to_str().unwrap()])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
+        let mut child = spawn_run(&config);
         while committed_records(&run_dir) < target && child.try_wait().unwrap().is_none() {
             std::thread::sleep(std::time::Duration::from_micros(500));
         }

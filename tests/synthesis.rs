@@ -9,7 +9,6 @@ use common::fake_llm::FakeLlm;
 use common::*;
 use std::collections::BTreeSet;
 use std::path::Path;
-use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 /// A JSONL corpus of `(id, text)` rows.
@@ -155,12 +154,7 @@ fn a_killed_run_resumes_without_resending_finished_requests() {
     let llm = fake_llm_section(&server, "max_in_flight = 1").replace("max_in_flight = 4\n", "");
     let config = ws.config("config.toml", &synthesis_config(&input, &llm));
 
-    let mut child = Command::new(bin())
-        .args(["run", config.to_str().unwrap()])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut child = spawn_run(&config);
     let deadline = Instant::now() + Duration::from_secs(60);
     while server.seen().iter().filter(|s| s.answered).count() < 5 {
         assert!(Instant::now() < deadline, "the run made no progress");
@@ -279,15 +273,8 @@ fn injected_instructions_change_neither_routes_nor_templates() {
 }
 
 fn generate(batch: &str, prompts: &[&str]) -> Vec<serde_json::Value> {
-    let mut args = vec![
-        "generate",
-        "--model",
-        &gguf_path_static(),
-        "--max-tokens",
-        "24",
-        "--batch",
-        batch,
-    ];
+    let model = gguf();
+    let mut args = vec!["generate", "--model", &model, "--max-tokens", "24", "--batch", batch];
     args.extend_from_slice(prompts);
     let out = safepipe(&args);
     assert!(out.status.success(), "{}", text(&out.stderr));
@@ -295,10 +282,6 @@ fn generate(batch: &str, prompts: &[&str]) -> Vec<serde_json::Value> {
         .lines()
         .map(|l| serde_json::from_str(l).unwrap())
         .collect()
-}
-
-fn gguf_path_static() -> &'static str {
-    Box::leak(gguf().into_boxed_str())
 }
 
 #[test]

@@ -89,6 +89,16 @@ impl Metadata {
         self.values.get(key)
     }
 
+    /// The vocabulary entry whose id the metadata key `key` holds (e.g.
+    /// `tokenizer.ggml.eos_token_id` -> `"<|im_end|>"`).
+    pub fn token(&self, key: &str) -> Option<&str> {
+        let id = self.get(key)?.as_u64()?;
+        self.get("tokenizer.ggml.tokens")?
+            .as_array()?
+            .get(id as usize)?
+            .as_str()
+    }
+
     /// Reads the header and metadata of the GGUF file at `path`.
     pub fn read(path: &Path) -> Result<Metadata, GgufError> {
         let name = path.display().to_string();

@@ -158,11 +158,20 @@ impl LlmConfig {
         Ok(self)
     }
 
-    /// A short identity for fingerprints: what changes generated text (not timeouts or retries).
-    pub fn identity(&self) -> String {
+    /// The model's identity for fingerprints: what changes generated text (the GGUF's content,
+    /// or the served model and URL), never timeouts, retries or batch sizes.
+    pub fn identity(&self) -> std::result::Result<String, String> {
         match self.backend {
-            Backend::InProcess => format!("in-process:{}", Path::new(&self.model).display()),
-            Backend::Openai => format!("openai:{}@{}", self.model, self.base_url.as_deref().unwrap_or("")),
+            Backend::InProcess => {
+                let digest =
+                    safepipe_model::classifier::file_digest(Path::new(&self.model)).map_err(|e| e.to_string())?;
+                Ok(format!("in-process:{}", &digest[..16]))
+            }
+            Backend::Openai => Ok(format!(
+                "openai:{}@{}",
+                self.model,
+                self.base_url.as_deref().unwrap_or("")
+            )),
         }
     }
 
@@ -519,14 +528,7 @@ impl SharedGenerator {
                 ));
             }
         };
-        let identity = match config.backend {
-            Backend::InProcess => {
-                let digest =
-                    safepipe_model::classifier::file_digest(Path::new(&config.model)).map_err(|e| e.to_string())?;
-                format!("in-process:{}", &digest[..16])
-            }
-            Backend::Openai => config.identity(),
-        };
+        let identity = config.identity()?;
         Ok(SharedGenerator {
             config,
             cache_dir,

@@ -125,6 +125,16 @@ pub fn text(bytes: &[u8]) -> String {
     String::from_utf8_lossy(bytes).into_owned()
 }
 
+/// Starts `safepipe run CONFIG` in the background with its output discarded (to kill it).
+pub fn spawn_run(config: &Path) -> std::process::Child {
+    Command::new(bin())
+        .args(["run", config.to_str().unwrap()])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("start safepipe run")
+}
+
 /// Runs `safepipe run CONFIG EXTRA..`, asserting success; returns stderr.
 pub fn run_ok(config: &Path, extra: &[&str]) -> String {
     let mut args = vec!["run", config.to_str().unwrap()];

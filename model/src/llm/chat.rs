@@ -46,18 +46,7 @@ impl ChatTemplate {
 
     /// The template of a GGUF file (ChatML when it has none).
     pub fn from_gguf(meta: &Metadata) -> Result<ChatTemplate, String> {
-        let token = |key: &str| -> String {
-            meta.get(key)
-                .and_then(Value::as_u64)
-                .and_then(|id| {
-                    meta.get("tokenizer.ggml.tokens")?
-                        .as_array()?
-                        .get(id as usize)?
-                        .as_str()
-                })
-                .unwrap_or("")
-                .to_string()
-        };
+        let token = |key: &str| meta.token(key).unwrap_or("").to_string();
         let source = meta
             .get("tokenizer.chat_template")
             .and_then(Value::as_str)

@@ -198,14 +198,7 @@ impl LlamaEngine {
             // Models without <|endoftext|>: end documents with the GGUF's own EOS token.
             Err(_) => {
                 let eos = meta
-                    .get("tokenizer.ggml.eos_token_id")
-                    .and_then(Value::as_u64)
-                    .and_then(|id| {
-                        meta.get("tokenizer.ggml.tokens")?
-                            .as_array()?
-                            .get(id as usize)?
-                            .as_str()
-                    })
+                    .token("tokenizer.ggml.eos_token_id")
                     .ok_or_else(|| err("no end-of-text token in the tokenizer metadata".into()))?;
                 let options = TokenizerOptions {
                     eos: eos.to_string(),
@@ -271,6 +264,8 @@ impl LlamaEngine {
             rows.extend((0..tokens.len()).map(|t| (i, cache.len + t)));
         }
         let n = rows.len();
+        // The rotation of each row's position, once per step (every layer uses the same).
+        let rotations: Vec<Vec<(f32, f32)>> = rows.iter().map(|&(_, pos)| rotation(pos, hd, s.rope_base)).collect();
         let mut x = vec![0f32; n * d];
         let ids = work.iter().flat_map(|(_, t)| t.iter().copied());
         for (row, id) in x.chunks_exact_mut(d).zip(ids) {
@@ -287,9 +282,9 @@ impl LlamaEngine {
             layer.q.matmul(&hq, &mut q);
             layer.k.matmul(&hq, &mut k);
             layer.v.matmul(&hq, &mut v);
-            for (r, &(_, pos)) in rows.iter().enumerate() {
-                rope(&mut q[r * d..(r + 1) * d], hd, pos, s.rope_base);
-                rope(&mut k[r * kv_dim..(r + 1) * kv_dim], hd, pos, s.rope_base);
+            for (r, turn) in rotations.iter().enumerate() {
+                rope(&mut q[r * d..(r + 1) * d], turn);
+                rope(&mut k[r * kv_dim..(r + 1) * kv_dim], turn);
             }
             let mut offset = 0;
             for (cache, tokens) in work.iter_mut() {
@@ -536,15 +531,20 @@ fn rms_norm(x: &[f32], weight: &[f32], eps: f32, out: &mut [f32]) {
     }
 }
 
-/// Rotates adjacent pairs of each `head_dim` slice of `x` for position `pos`.
-fn rope(x: &mut [f32], head_dim: usize, pos: usize, base: f32) {
-    for head in x.chunks_exact_mut(head_dim) {
-        for i in 0..head_dim / 2 {
-            let theta = pos as f32 * base.powf(-2.0 * i as f32 / head_dim as f32);
-            let (sin, cos) = theta.sin_cos();
-            let (a, b) = (head[2 * i], head[2 * i + 1]);
-            head[2 * i] = a * cos - b * sin;
-            head[2 * i + 1] = a * sin + b * cos;
+/// `(sin, cos)` of each pair's angle at position `pos`: pair i turns by pos * base^(-2i / head_dim).
+fn rotation(pos: usize, head_dim: usize, base: f32) -> Vec<(f32, f32)> {
+    (0..head_dim / 2)
+        .map(|i| (pos as f32 * base.powf(-2.0 * i as f32 / head_dim as f32)).sin_cos())
+        .collect()
+}
+
+/// Rotates adjacent pairs of each head of `x` by `turn` (from [`rotation`]).
+fn rope(x: &mut [f32], turn: &[(f32, f32)]) {
+    for head in x.chunks_exact_mut(turn.len() * 2) {
+        for (pair, &(sin, cos)) in head.chunks_exact_mut(2).zip(turn) {
+            let (a, b) = (pair[0], pair[1]);
+            pair[0] = a * cos - b * sin;
+            pair[1] = a * sin + b * cos;
         }
     }
 }

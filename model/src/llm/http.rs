@@ -371,15 +371,7 @@ impl Generator for OpenAiClient {
             |(i, request)| async move {
                 GenerationStats::add(&stats.in_flight, 1);
                 let result = self.run_one(request).await;
-                stats.in_flight.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
-                GenerationStats::add(&stats.requests_done, 1);
-                match &result {
-                    Ok(g) => {
-                        GenerationStats::add(&stats.completion_tokens, u64::from(g.completion_tokens));
-                        GenerationStats::add(&stats.prompt_tokens, u64::from(g.prompt_tokens));
-                    }
-                    Err(_) => GenerationStats::add(&stats.failures, 1),
-                }
+                stats.finished(&result, true);
                 done(i, result);
             },
         ));

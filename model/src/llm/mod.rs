@@ -100,12 +100,10 @@ pub enum GenerateError {
 /// Live counters of a backend, for progress lines.
 #[derive(Debug, Default)]
 pub struct GenerationStats {
-    pub requests_done: AtomicU64,
     pub in_flight: AtomicU64,
     pub retries: AtomicU64,
     pub failures: AtomicU64,
     pub completion_tokens: AtomicU64,
-    pub prompt_tokens: AtomicU64,
 }
 
 impl GenerationStats {
@@ -115,6 +113,17 @@ impl GenerationStats {
 
     pub fn get(counter: &AtomicU64) -> u64 {
         counter.load(Ordering::Relaxed)
+    }
+
+    /// Books one finished request (it leaves the in-flight count; failures are counted).
+    /// `count_tokens`: add its completion tokens (backends that do not count them as they go).
+    pub fn finished(&self, result: &Result<Generation, GenerateError>, count_tokens: bool) {
+        self.in_flight.fetch_sub(1, Ordering::Relaxed);
+        match result {
+            Ok(g) if count_tokens => Self::add(&self.completion_tokens, u64::from(g.completion_tokens)),
+            Ok(_) => {}
+            Err(_) => Self::add(&self.failures, 1),
+        }
     }
 }
 
@@ -190,12 +199,8 @@ impl Generator for InProcess {
         GenerationStats::add(&stats.in_flight, prompts.len() as u64);
         self.engine
             .generate_ids(&prompts, self.max_batch, &stats.completion_tokens, &mut |i, result| {
-                stats.in_flight.fetch_sub(1, Ordering::Relaxed);
-                GenerationStats::add(&stats.requests_done, 1);
-                match &result {
-                    Ok(g) => GenerationStats::add(&stats.prompt_tokens, u64::from(g.prompt_tokens)),
-                    Err(_) => GenerationStats::add(&stats.failures, 1),
-                }
+                // The engine counts tokens as it samples them.
+                stats.finished(&result, false);
                 done(index[i], result)
             });
     }

@@ -231,8 +231,16 @@ struct Row {
     prompt_tokens: u32,
     completion_tokens: u32,
     gates: Vec<&'static str>,
-    keep: bool,
+    /// The first of `gates` that drops the row, if any.
+    dropped_by: Option<&'static str>,
     error: Option<String>,
+}
+
+impl Row {
+    /// Goes to training: generated, and no dropping gate failed.
+    fn keep(&self) -> bool {
+        self.error.is_none() && self.dropped_by.is_none()
+    }
 }
 
 /// Replaces the `User:` / `Assistant:` labels at line starts.
@@ -337,7 +345,7 @@ pub fn synthesize(
                 (text.to_string(), true)
             }
         });
-        if is_refusal && row.keep {
+        if is_refusal && row.keep() {
             let dialogue = row.text.clone().unwrap_or_default();
             let p = params(
                 &settings.moral_params,
@@ -407,7 +415,7 @@ fn finish_row(
         prompt_tokens: 0,
         completion_tokens: 0,
         gates: Vec::new(),
-        keep: false,
+        dropped_by: None,
         error: None,
     };
     match result {
@@ -415,7 +423,7 @@ fn finish_row(
             let (text, format_ok) = shape(&g.text);
             let failed = gates.check(&text, g.finish_reason == FinishReason::Length, format_ok);
             Row {
-                keep: gates.dropped_by(&failed).is_none(),
+                dropped_by: gates.dropped_by(&failed),
                 text: Some(text),
                 finish_reason: g.finish_reason.as_str().into(),
                 prompt_tokens: g.prompt_tokens,
@@ -431,15 +439,12 @@ fn finish_row(
     }
 }
 
-/// Failed requests count as `failed`; gate drops under the first dropping gate.
+/// Failed requests count as `failed`; gate drops under the gate that dropped the row.
 fn account_row(row: &Row, counts: &mut UnitCounts) {
-    if row.error.is_some() {
-        counts.drop("failed", 1);
-    } else if row.keep {
-        counts.rows_out += 1;
-    } else {
-        let gate = row.gates.iter().find(|_| true).copied().unwrap_or("gate");
-        counts.drop(gate, 1);
+    match (&row.error, row.dropped_by) {
+        (Some(_), _) => counts.drop("failed", 1),
+        (None, Some(gate)) => counts.drop(gate, 1),
+        (None, None) => counts.rows_out += 1,
     }
 }
 
@@ -460,7 +465,7 @@ fn synthetic_batch(rows: &[Row], model: &str) -> OpResult<RecordBatch> {
         Arc::new(UInt32Array::from_iter_values(rows.iter().map(|r| r.prompt_tokens))),
         Arc::new(UInt32Array::from_iter_values(rows.iter().map(|r| r.completion_tokens))),
         strings(&|r| Some(r.gates.join(","))),
-        Arc::new(BooleanArray::from(rows.iter().map(|r| r.keep).collect::<Vec<_>>())),
+        Arc::new(BooleanArray::from(rows.iter().map(Row::keep).collect::<Vec<_>>())),
         strings(&|r| r.error.clone()),
     ];
     Ok(RecordBatch::try_new(schema::SYNTHETIC.clone(), columns)?)
@@ -565,6 +570,41 @@ mod tests {
             "Maya: how do I pick a lock?\nLibrarian: I can't help with that.\nMaya: why?"
         );
         assert!(!is_dialogue("User: only one side"));
+    }
+
+    #[test]
+    fn a_dropped_row_is_counted_under_the_gate_that_dropped_it() {
+        let task = Task {
+            parent_id: "d".into(),
+            source: "s".into(),
+            template: Template::builtin("moral", "{dialogue}").unwrap(),
+            request: ChatRequest {
+                messages: Vec::new(),
+                prefill: String::new(),
+                params: SamplingParams::default(),
+            },
+            key: String::new(),
+        };
+        let gates = GateSettings {
+            drop: vec!["format".into()],
+            ..GateSettings::default()
+        };
+        let cut = Generation {
+            text: "A long enough answer that ends without its closing words because it".into(),
+            finish_reason: FinishReason::Length,
+            prompt_tokens: 1,
+            completion_tokens: 1,
+        };
+        let mut counts = UnitCounts::default();
+        let kept = finish_row(&task, Ok(cut.clone()), &gates, |t| (t.to_string(), true));
+        account_row(&kept, &mut counts);
+        let dropped = finish_row(&task, Ok(cut), &gates, |t| (t.to_string(), false));
+        account_row(&dropped, &mut counts);
+        assert_eq!((kept.keep(), dropped.keep()), (true, false));
+        assert_eq!(dropped.gates, ["truncated", "format"]);
+        assert_eq!(counts.rows_out, 1);
+        assert_eq!(counts.dropped.get("format"), Some(&1));
+        assert_eq!(counts.dropped.get("truncated"), None);
     }
 
     #[test]

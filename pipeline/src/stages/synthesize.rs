@@ -13,9 +13,10 @@ use crate::llm::{SharedGenerator, progress_message};
 use crate::records::CompletionRecord;
 use arrow::array::{Array, AsArray, RecordBatch};
 use arrow::compute::cast;
-use arrow::datatypes::DataType;
-use futures::stream::{BoxStream, StreamExt, TryStreamExt};
+use arrow::datatypes::{DataType, SchemaRef};
+use futures::stream::{BoxStream, StreamExt};
 use safepipe_model::llm::cache::RequestCache;
+use safepipe_model::llm::{GenerationStats, Generator};
 use safepipe_operators::synthesize::{AnnotateSettings, Routed, SynthesisSettings, annotate, synthesize};
 use safepipe_operators::{UnitCounts, schema};
 use std::sync::Arc;
@@ -37,12 +38,22 @@ fn strings(batches: &[RecordBatch], column: usize) -> Result<Vec<Option<String>>
     Ok(out)
 }
 
+/// A `uint8` column of the query result (nulls kept), concatenated.
+fn scores(batches: &[RecordBatch], column: usize) -> Result<Vec<Option<u8>>> {
+    let mut out = Vec::new();
+    for b in batches {
+        let c = cast(b.column(column), &DataType::UInt8)?;
+        out.extend(c.as_primitive::<arrow::datatypes::UInt8Type>().iter());
+    }
+    Ok(out)
+}
+
 /// Runs `work` with a progress bar and logs the unit's generation figures.
 fn with_progress<T>(
     llm: &SharedGenerator,
     stage: &str,
     unit: u32,
-    work: impl FnOnce(&dyn safepipe_model::llm::Generator, &RequestCache, &(dyn Fn(u64, u64) + Sync)) -> Result<T>,
+    work: impl FnOnce(&dyn Generator, &RequestCache, &(dyn Fn(u64, u64) + Sync)) -> Result<T>,
 ) -> Result<T> {
     let generator = llm.get()?;
     let scope = format!("{stage}-unit-{unit:06}");
@@ -51,7 +62,7 @@ fn with_progress<T>(
     let bar = crate::progress::step_bar(0, &format!("{stage} unit {unit}"));
     let started = Instant::now();
     let stats = generator.stats();
-    let tokens_before = safepipe_model::llm::GenerationStats::get(&stats.completion_tokens);
+    let tokens_before = GenerationStats::get(&stats.completion_tokens);
     let progress = |done: u64, total: u64| {
         bar.set_length(total);
         bar.set_position(done);
@@ -59,7 +70,7 @@ fn with_progress<T>(
     };
     let out = work(generator.as_ref(), &cache, &progress);
     bar.finish_and_clear();
-    let tokens = safepipe_model::llm::GenerationStats::get(&stats.completion_tokens) - tokens_before;
+    let tokens = GenerationStats::get(&stats.completion_tokens) - tokens_before;
     info!(
         stage,
         unit,
@@ -67,17 +78,46 @@ fn with_progress<T>(
         tokens_per_second = (tokens as f64 / started.elapsed().as_secs_f64().max(1e-9)) as u64,
         cache_hits = cache.hits(),
         torn_cache_lines = cache.skipped_lines,
-        retries = safepipe_model::llm::GenerationStats::get(&stats.retries),
+        retries = GenerationStats::get(&stats.retries),
         "generation done"
     );
     out
 }
 
-fn one_batch(table: &'static str, batch: RecordBatch, counts: UnitCounts) -> BoxStream<'static, Result<StageBatch>> {
-    futures::stream::iter([Ok(StageBatch {
-        tables: vec![(table, batch)],
-        counts,
-    })])
+/// Runs one unit of a generation stage: `query` over the unit's `wanted` tables, then `work`
+/// (rows, backend, the unit's cache scope, a progress callback -> the `table` batch + counts) off
+/// the async threads, with a progress bar.
+fn generation_unit(
+    input: UnitInput,
+    wanted: Vec<(&'static str, &'static str, SchemaRef)>,
+    query: &'static str,
+    llm: Arc<SharedGenerator>,
+    (stage, table): (&'static str, &'static str),
+    work: impl FnOnce(
+        &[RecordBatch],
+        &dyn Generator,
+        &RequestCache,
+        &(dyn Fn(u64, u64) + Sync),
+    ) -> Result<(RecordBatch, UnitCounts)>
+    + Send
+    + 'static,
+) -> BoxStream<'static, Result<StageBatch>> {
+    futures::stream::once(async move {
+        let ctx = unit_session(&input, &wanted).await?;
+        let batches = ctx.sql(query).await?.collect().await?;
+        let unit = input.unit.id;
+        let (batch, counts) = tokio::task::spawn_blocking(move || {
+            with_progress(&llm, stage, unit, |g, cache, progress| {
+                work(&batches, g, cache, progress)
+            })
+        })
+        .await
+        .map_err(|e| Error::Internal(format!("{stage} task: {e}")))??;
+        Ok::<_, Error>(StageBatch {
+            tables: vec![(table, batch)],
+            counts,
+        })
+    })
     .boxed()
 }
 
@@ -124,44 +164,37 @@ impl Stage for SynthesizeStage {
     }
 
     fn run(&self, input: UnitInput) -> BoxStream<'static, Result<StageBatch>> {
-        let (llm, settings) = (self.llm.clone(), self.settings.clone());
-        futures::stream::once(async move {
-            let wanted = [
-                ("ingest", "documents", schema::DOCUMENTS.clone()),
-                ("route", "routes", schema::ROUTES.clone()),
-            ];
-            let ctx = unit_session(&input, &wanted).await?;
-            let batches = ctx.sql(SELECT_ROUTED).await?.collect().await?;
-            let (ids, sources, texts, routes) = (
-                strings(&batches, 0)?,
-                strings(&batches, 1)?,
-                strings(&batches, 2)?,
-                strings(&batches, 3)?,
-            );
-            let documents: Vec<Routed> = ids
-                .into_iter()
-                .zip(sources)
-                .zip(texts)
-                .zip(routes)
-                .map(|(((id, source), text), route)| Routed {
-                    id: id.unwrap_or_default(),
-                    source: source.unwrap_or_default(),
-                    text: text.unwrap_or_default(),
-                    route: route.unwrap_or_default(),
-                })
-                .collect();
-            let unit = input.unit.id;
-            let out = tokio::task::spawn_blocking(move || {
-                with_progress(&llm, "synthesize", unit, |g, cache, progress| {
-                    Ok(synthesize(g, cache, &settings, &documents, progress)?)
-                })
-            })
-            .await
-            .map_err(|e| Error::Internal(format!("synthesize task: {e}")))??;
-            Ok::<_, Error>(one_batch("synthetic", out.batch, out.counts))
-        })
-        .try_flatten()
-        .boxed()
+        let settings = self.settings.clone();
+        let wanted = vec![
+            ("ingest", "documents", schema::DOCUMENTS.clone()),
+            ("route", "routes", schema::ROUTES.clone()),
+        ];
+        let output = ("synthesize", "synthetic");
+        generation_unit(
+            input,
+            wanted,
+            SELECT_ROUTED,
+            self.llm.clone(),
+            output,
+            move |batches, g, cache, progress| {
+                let (ids, sources) = (strings(batches, 0)?, strings(batches, 1)?);
+                let (texts, routes) = (strings(batches, 2)?, strings(batches, 3)?);
+                let documents: Vec<Routed> = ids
+                    .into_iter()
+                    .zip(sources)
+                    .zip(texts)
+                    .zip(routes)
+                    .map(|(((id, source), text), route)| Routed {
+                        id: id.unwrap_or_default(),
+                        source: source.unwrap_or_default(),
+                        text: text.unwrap_or_default(),
+                        route: route.unwrap_or_default(),
+                    })
+                    .collect();
+                let out = synthesize(g, cache, &settings, &documents, progress)?;
+                Ok((out.batch, out.counts))
+            },
+        )
     }
 }
 
@@ -210,43 +243,34 @@ impl Stage for AnnotateStage {
     }
 
     fn run(&self, input: UnitInput) -> BoxStream<'static, Result<StageBatch>> {
-        let (llm, settings, with_scores) = (self.llm.clone(), self.settings.clone(), self.with_scores);
-        futures::stream::once(async move {
-            let mut wanted = vec![("ingest", "documents", schema::DOCUMENTS.clone())];
-            let query = if with_scores {
-                wanted.push(("score", "scores", schema::SCORES.clone()));
-                "WITH d AS (SELECT id, text, row_number() OVER () AS n FROM documents), \
-                 s AS (SELECT id, score, row_number() OVER () AS n FROM scores) \
-                 SELECT d.id, d.text, CAST(s.score AS VARCHAR) FROM d LEFT JOIN s ON d.n = s.n AND d.id = s.id ORDER BY d.n"
-            } else {
-                "SELECT id, text, CAST(NULL AS VARCHAR) FROM documents"
-            };
-            let ctx = unit_session(&input, &wanted).await?;
-            let batches = ctx.sql(query).await?.collect().await?;
-            let (ids, texts, scores) = (strings(&batches, 0)?, strings(&batches, 1)?, strings(&batches, 2)?);
-            let documents: Vec<(String, String, Option<u8>)> = ids
-                .into_iter()
-                .zip(texts)
-                .zip(scores)
-                .map(|((id, text), score)| {
-                    (
-                        id.unwrap_or_default(),
-                        text.unwrap_or_default(),
-                        score.and_then(|s| s.parse().ok()),
-                    )
-                })
-                .collect();
-            let unit = input.unit.id;
-            let out = tokio::task::spawn_blocking(move || {
-                with_progress(&llm, "annotate", unit, |g, cache, progress| {
-                    Ok(annotate(g, cache, &settings, &documents, progress)?)
-                })
-            })
-            .await
-            .map_err(|e| Error::Internal(format!("annotate task: {e}")))??;
-            Ok::<_, Error>(one_batch("llm_scores", out.batch, out.counts))
-        })
-        .try_flatten()
-        .boxed()
+        let settings = self.settings.clone();
+        let mut wanted = vec![("ingest", "documents", schema::DOCUMENTS.clone())];
+        let query = if self.with_scores {
+            wanted.push(("score", "scores", schema::SCORES.clone()));
+            "WITH d AS (SELECT id, text, row_number() OVER () AS n FROM documents), \
+             s AS (SELECT id, score, row_number() OVER () AS n FROM scores) \
+             SELECT d.id, d.text, s.score FROM d LEFT JOIN s ON d.n = s.n AND d.id = s.id ORDER BY d.n"
+        } else {
+            "SELECT id, text, NULL AS score FROM documents"
+        };
+        let output = ("annotate", "llm_scores");
+        generation_unit(
+            input,
+            wanted,
+            query,
+            self.llm.clone(),
+            output,
+            move |batches, g, cache, progress| {
+                let (ids, texts) = (strings(batches, 0)?, strings(batches, 1)?);
+                let documents: Vec<(String, String, Option<u8>)> = ids
+                    .into_iter()
+                    .zip(texts)
+                    .zip(scores(batches, 2)?)
+                    .map(|((id, text), score)| (id.unwrap_or_default(), text.unwrap_or_default(), score))
+                    .collect();
+                let out = annotate(g, cache, &settings, &documents, progress)?;
+                Ok((out.batch, out.counts))
+            },
+        )
     }
 }
