@@ -10,9 +10,21 @@ use std::path::{Path, PathBuf};
 
 const TAG: &str = "<potentially unsafe content>";
 
+/// The committed manifest, with each shard's file (named relative to the run directory) made
+/// an absolute path.
 fn manifest(ws: &Workspace, run_dir: &str) -> Value {
-    let path = ws.path().join(run_dir).join("pack/manifest.json");
-    serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap()
+    let root = ws.path().join(run_dir);
+    let mut m: Value =
+        serde_json::from_str(&std::fs::read_to_string(root.join("pack/manifest.json")).unwrap()).unwrap();
+    for shard in m["shards"].as_array_mut().unwrap() {
+        let relative = shard["file"].as_str().unwrap();
+        assert!(
+            !relative.starts_with('/'),
+            "manifests name files relative to the run directory"
+        );
+        shard["file"] = Value::from(root.join(relative).display().to_string());
+    }
+    m
 }
 
 fn shard_hashes(manifest: &Value) -> Vec<String> {

@@ -1,5 +1,6 @@
 #!/bin/bash
-# Plan once, run an array of WORLD_SIZE ranks, wait for it, pack (one rank), print the status.
+# Plan once, run an array of WORLD_SIZE ranks, wait for it, pack (the array again: every rank
+# packs its part of the shards), print the status.
 #
 #   deploy/slurm/submit.sh CONFIG WORLD_SIZE [extra sbatch options...]
 #   deploy/slurm/submit.sh pipeline.toml 64 --partition=cpu --time=08:00:00
@@ -9,7 +10,8 @@
 #   PLAN_LAUNCHER="srun --ntasks=1 --cpus-per-task=2 --time=00:30:00"
 # Other knobs (environment): SAFEPIPE_BIN (binary or container launcher), LOG_DIR (default logs),
 # MAX_CONCURRENT (array throttle, "%N"), RUN_FLAGS (extra `safepipe run` flags, e.g. "--force score"),
-# SAFEPIPE_MAX_REQUEUES (auto-requeue of exit code 3, see the sbatch file), NO_WAIT=1 (submit only).
+# SAFEPIPE_MAX_REQUEUES (auto-requeue of exit code 3, see the sbatch file), NO_WAIT=1 (submit only),
+# PACK_RANKS (ranks of the pack step, default WORLD_SIZE; 1 packs in one process on this node).
 set -euo pipefail
 
 if (( $# < 2 )); then
@@ -43,10 +45,20 @@ sbatch "${WAIT[@]}" --array="$ARRAY" \
 rc=$?
 set -e
 
-# 3. Global stages (pack): one single-rank run after the array. Every committed unit is skipped;
-#    it only packs, and only if every unit is tokenized (a no-op for configs without [pack]).
+# 3. Global stages (pack): the array once more, now that every unit is tokenized. Every committed
+#    unit is skipped; each rank packs its part of the shards (byte-identical to one process), and
+#    the last to finish writes the manifest (a no-op for configs without [pack]).
+PACK_RANKS=${PACK_RANKS:-$WORLD_SIZE}
 if (( rc == 0 )) && [[ -z "${NO_WAIT:-}" ]]; then
-  "${LAUNCHER[@]}" "${SAFEPIPE[@]}" run "$CONFIG" --world-size 1 --rank 0 || rc=$?
+  if (( PACK_RANKS > 1 )); then
+    echo "submitting the pack array 0-$(( PACK_RANKS - 1 ))"
+    sbatch --wait --array="0-$(( PACK_RANKS - 1 ))" \
+      --output="${LOG_DIR}/%x_pack_%A_%a.out" --error="${LOG_DIR}/%x_pack_%A_%a.err" \
+      --export="ALL,SAFEPIPE_WORLD_SIZE=${PACK_RANKS}" \
+      "$@" "$HERE/pipeline-array.sbatch" "$CONFIG" || rc=$?
+  else
+    "${LAUNCHER[@]}" "${SAFEPIPE[@]}" run "$CONFIG" --world-size 1 --rank 0 || rc=$?
+  fi
 fi
 
 # 4. Status of the whole run (all ranks), whatever the array's outcome.

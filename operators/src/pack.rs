@@ -241,6 +241,15 @@ impl Packer {
         self.seq_continues.len()
     }
 
+    /// Starts in the middle of a document of `source` (a process packing a later share of the
+    /// rows): the next row is marked as continuing it, as it would be after the document's
+    /// earlier rows.
+    pub fn resume(&mut self, source: u16) {
+        if self.current.is_empty() {
+            self.current_segments = vec![(0, source)];
+        }
+    }
+
     /// Appends one document of source `source` (an index into the source names).
     pub fn push(&mut self, source: u16, mut tokens: &[u32]) {
         while !tokens.is_empty() {

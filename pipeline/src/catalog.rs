@@ -1,13 +1,16 @@
 //! The run's tables for SQL: every stage output table over exactly the files its completion
 //! records name (never a half-written or orphaned file), plus `stats` (one row per committed
-//! unit and stage, with its counts and timings).
+//! unit and stage, with its counts and timings). A committed file that is missing is an error
+//! naming it, never a silently smaller table; an unreadable record is reported and left out.
 
 use crate::config::Config;
-use crate::error::Result;
-use crate::plan::Plan;
-use crate::records::{self, CompletionRecord};
+use crate::engine::freshness;
+use crate::engine::plan::Plan;
+use crate::engine::records::CompletionRecord;
+use crate::engine::run_dir::{RunDir, StageFiles};
+use crate::error::{Error, Result};
+use crate::pack::ManifestState;
 use crate::stages;
-use crate::storage::Stores;
 use arrow::array::{ArrayRef, BooleanArray, Float64Array, RecordBatch, StringArray, UInt32Array, UInt64Array};
 use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
 use datafusion::datasource::MemTable;
@@ -15,6 +18,7 @@ use datafusion::datasource::file_format::parquet::ParquetFormat;
 use datafusion::datasource::listing::{ListingOptions, ListingTable, ListingTableConfig, ListingTableUrl};
 use datafusion::prelude::{SessionConfig, SessionContext};
 use std::sync::{Arc, LazyLock};
+use tracing::warn;
 
 /// `stats`: one row per committed (stage, unit).
 pub static STATS: LazyLock<SchemaRef> = LazyLock::new(|| {
@@ -32,51 +36,84 @@ pub static STATS: LazyLock<SchemaRef> = LazyLock::new(|| {
         Field::new("started_at", DataType::Utf8, false),
         Field::new("finished_at", DataType::Utf8, false),
         Field::new("fingerprint", DataType::Utf8, false),
-        // Whether the unit was made under the current config (false: a rerun will redo it).
+        // Whether the unit's result is current (false: a rerun will redo it).
         Field::new("current", DataType::Boolean, false),
     ]))
 });
 
 /// A read-only SQL session over the run directory of `config`.
 pub async fn session(config: &Config) -> Result<SessionContext> {
-    let stores = Stores::default();
-    let run_dir = stores.resolve(&config.run_dir)?;
+    let run_dir = RunDir::open(&config.run_dir)?;
     let ctx = SessionContext::new_with_config(SessionConfig::new().with_information_schema(true));
-    if run_dir.base.scheme() != "file" {
-        ctx.register_object_store(&run_dir.base, run_dir.store.clone());
+    if !run_dir.is_local() {
+        ctx.register_object_store(&run_dir.root().base, run_dir.root().store.clone());
     }
-    let plan = Plan::load(config, &run_dir).await?;
     let stages = stages::pipeline(&Arc::new(config.clone()));
-    let fingerprints = plan.as_ref().map(|p| stages::fingerprints(&stages, &p.fingerprint));
+    // With a plan, the freshness survey (the rule `run` uses) says which results are current.
+    let surveyed: Vec<(StageFiles, Option<freshness::Judged>)> = match Plan::load(config, &run_dir).await? {
+        Some(plan) => {
+            let fingerprints = stages::fingerprints(&stages, &plan.fingerprint);
+            let units: Vec<u32> = plan.units.iter().map(|u| u.id).collect();
+            freshness::survey(&run_dir, &stages, &fingerprints, &units, &[])
+                .await?
+                .into_iter()
+                .map(|(files, judged)| (files, Some(judged)))
+                .collect()
+        }
+        None => {
+            let mut out = Vec::new();
+            for stage in &stages {
+                out.push((run_dir.stage(stage.name()).await?, None));
+            }
+            out
+        }
+    };
     let mut all: Vec<(CompletionRecord, bool)> = Vec::new();
-    for (i, stage) in stages.iter().enumerate() {
-        let mut done: Vec<CompletionRecord> = records::load_done(&run_dir, stage.name())
-            .await?
-            .into_values()
-            .collect();
-        done.sort_by_key(|r| r.unit);
+    for (stage, (files, judged)) in stages.iter().zip(surveyed) {
+        if let Some(missing) = files.missing.first() {
+            return Err(Error::Execution(format!(
+                "{} committed file(s) of stage {} are missing, e.g. {missing} in {}; \
+                 `safepipe status` lists the damaged units and `safepipe run` redoes them",
+                files.missing.len(),
+                stage.name(),
+                run_dir.display()
+            )));
+        }
+        for (unit, problem) in &files.damaged {
+            warn!(stage = stage.name(), unit, %problem, "left out of the tables: damaged record");
+        }
+        let mut done: Vec<_> = files.done.into_values().collect();
+        done.sort_by_key(|c| c.record.unit);
         for table in stage.outputs() {
             let files: Vec<String> = done
                 .iter()
-                .filter_map(|r| r.outputs.get(table.name))
-                .map(|f| stores.resolve(&f.file).map(|l| l.url()))
+                .filter_map(|c| c.record.outputs.get(table.name))
+                .map(|f| run_dir.file(&f.file).map(|l| l.url()))
                 .collect::<Result<_>>()?;
             register(&ctx, table.name, table.schema, &files)?;
         }
-        let current = fingerprints.as_ref().map(|f| f[i].stage.clone());
-        all.extend(done.into_iter().map(|r| {
-            let is_current = current.as_deref() == Some(r.fingerprint.as_str());
-            (r, is_current)
+        all.extend(done.into_iter().map(|c| {
+            let current = judged
+                .as_ref()
+                .and_then(|j| j.current.get(&c.record.unit))
+                .is_some_and(|now| now.digest == c.digest);
+            (c.record, current)
         }));
     }
     // `shards`: the files the committed pack manifest names.
     let manifest = crate::pack::load_manifest(&run_dir).await?;
-    if config.pack.is_some() || manifest.is_some() {
-        let (files, wide) = match &manifest {
+    if let ManifestState::Damaged(problem) = &manifest {
+        return Err(Error::Execution(format!(
+            "the shards of {} cannot be read: {problem}; `safepipe run` repacks them",
+            run_dir.display()
+        )));
+    }
+    if config.pack.is_some() || manifest.manifest().is_some() {
+        let (files, wide) = match manifest.manifest() {
             Some(m) => (
                 m.shards
                     .iter()
-                    .map(|f| stores.resolve(&f.file).map(|l| l.url()))
+                    .map(|f| run_dir.file(&f.file).map(|l| l.url()))
                     .collect::<Result<Vec<_>>>()?,
                 m.id_type == "uint32",
             ),
@@ -96,7 +133,6 @@ pub async fn session(config: &Config) -> Result<SessionContext> {
     )?;
     Ok(ctx)
 }
-
 fn register(ctx: &SessionContext, name: &str, schema: SchemaRef, files: &[String]) -> Result<()> {
     if files.is_empty() {
         ctx.register_table(name, Arc::new(MemTable::try_new(schema, vec![vec![]])?))?;
@@ -137,7 +173,7 @@ fn stats_batch(records: &[(CompletionRecord, bool)]) -> Result<RecordBatch> {
         Arc::new(Float64Array::from_iter_values(records.iter().map(|(r, _)| r.seconds))),
         s(&|r| r.started_at.clone()),
         s(&|r| r.finished_at.clone()),
-        s(&|r| r.fingerprint.clone()),
+        s(&|r| r.stamp.fingerprint.clone()),
         Arc::new(BooleanArray::from(records.iter().map(|(_, c)| *c).collect::<Vec<_>>())),
     ];
     Ok(RecordBatch::try_new(STATS.clone(), columns)?)

@@ -1,13 +1,14 @@
 //! Command-line interface: flags parsed into typed options, then one function per command.
 
 use crate::config::Config;
+use crate::engine::plan::Plan;
+use crate::engine::ranks;
+use crate::engine::run_dir::RunDir;
+use crate::engine::runner::{self, RunOptions, StageSummary};
 use crate::error::{Error, Result};
-use crate::plan::Plan;
 use crate::progress::Bars;
-use crate::runner::{self, RunOptions, StageSummary};
 use crate::sql::{self, Format};
-use crate::storage::Stores;
-use crate::{classifier, export, gc, ranks, status};
+use crate::{classifier, export, gc, status};
 use clap::{Parser, Subcommand, ValueEnum};
 use safepipe_model::classifier::{HeadTraining, Precision, RunOptions as ClassifierOptions};
 use std::path::PathBuf;
@@ -63,7 +64,13 @@ pub enum Command {
         jobs: Option<usize>,
     },
     /// Split the inputs into work units and store the plan (once, before starting many ranks).
-    Plan { config: PathBuf },
+    Plan {
+        config: PathBuf,
+        /// Add units for input files that appeared since planning (e.g. a new dump), leaving
+        /// every existing unit and result as it is.
+        #[arg(long)]
+        extend: bool,
+    },
     /// Show per stage how many units are committed, stale, failed or pending, and last errors.
     Status {
         config: PathBuf,
@@ -258,13 +265,31 @@ pub async fn run(cli: Cli) -> Result<()> {
             if failed > 0 {
                 return Err(Error::UnitsFailed { failed });
             }
+            let busy: usize = summaries.iter().map(|s| s.busy).sum();
+            if busy > 0 {
+                return Err(Error::UnitsBusy { busy });
+            }
             Ok(())
         }
-        Command::Plan { config } => {
+        Command::Plan { config, extend } => {
             let config = Config::load(&config).await?;
-            let stores = Stores::default();
-            let run_dir = stores.resolve(&config.run_dir)?;
-            let (plan, created) = Plan::load_or_create(&config, &stores, &run_dir).await?;
+            let run_dir = RunDir::open(&config.run_dir)?;
+            let (mut plan, created) = Plan::load_or_create(&config, &run_dir).await?;
+            if extend && !created {
+                let before = plan.units.len();
+                let added = plan.extend(&config, &run_dir).await?;
+                for file in &added {
+                    println!("added {file}");
+                }
+                println!(
+                    "{}: {} new file(s), {} new unit(s); {} units in all",
+                    run_dir.display(),
+                    added.len(),
+                    plan.units.len() - before,
+                    plan.units.len()
+                );
+                return Ok(());
+            }
             let verb = if created { "made" } else { "already had" };
             println!(
                 "{} {verb} a work plan of {} units ({})",
@@ -272,6 +297,11 @@ pub async fn run(cli: Cli) -> Result<()> {
                 plan.units.len(),
                 plan.fingerprint
             );
+            if !created {
+                for line in plan.check_inputs(&config, &run_dir).await?.describe() {
+                    println!("input {line}");
+                }
+            }
             Ok(())
         }
         Command::Status { config, format } => {
@@ -280,7 +310,7 @@ pub async fn run(cli: Cli) -> Result<()> {
             match format {
                 StatusFormat::Text => print!("{}", status::render(&config, &found)),
                 StatusFormat::Json => {
-                    let stages = found.as_ref().map(|(_, stages)| stages.as_slice()).unwrap_or_default();
+                    let stages = found.as_ref().map(|r| r.stages.as_slice()).unwrap_or_default();
                     let json = serde_json::to_string_pretty(stages).map_err(|e| Error::Internal(e.to_string()))?;
                     println!("{json}");
                 }
@@ -417,8 +447,13 @@ pub async fn run(cli: Cli) -> Result<()> {
 fn print_summary(summaries: &[StageSummary]) {
     for s in summaries {
         let c = &s.counts;
+        let busy = if s.busy > 0 {
+            format!(", {} held by another process", s.busy)
+        } else {
+            String::new()
+        };
         eprintln!(
-            "{}: {} unit(s) done, {} already committed, {} failed, {} waiting; rows in {} -> out {}, dropped {}, quarantined {} ({:.1}s)",
+            "{}: {} unit(s) done, {} already committed, {} failed, {} waiting{busy}; rows in {} -> out {}, dropped {}, quarantined {} ({:.1}s)",
             s.stage,
             s.done_total(),
             s.skipped,

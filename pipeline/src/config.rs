@@ -10,7 +10,7 @@ use safepipe_operators::route::{Route, RouteRule, RouteRules};
 use safepipe_operators::synthesize::{AnnotateSettings, SynthesisSettings};
 use safepipe_operators::tag::Tagger;
 use serde::{Deserialize, Serialize};
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Component, Path, PathBuf};
 use std::sync::Arc;
 
@@ -383,11 +383,23 @@ pub struct TokenizeSettings {
     pub tokenizer: Arc<TextTokenizer>,
 }
 
-#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct RunnerConfig {
     /// Units processed at once per rank; 0 = the number of CPU cores.
     pub jobs: usize,
+    /// How long a unit's lease lasts without renewal before another process may take the unit
+    /// over (its holder renews it every third of this while working).
+    pub lease_seconds: u64,
+}
+
+impl Default for RunnerConfig {
+    fn default() -> Self {
+        RunnerConfig {
+            jobs: 0,
+            lease_seconds: 600,
+        }
+    }
 }
 
 /// A validated config with every path resolved.
@@ -403,6 +415,8 @@ pub struct Config {
     pub route: RouteRules,
     pub tagger: Tagger,
     pub jobs: usize,
+    /// `runner.lease_seconds`.
+    pub lease_seconds: u64,
     pub score: Option<ScoreSettings>,
     pub tokenize: Option<TokenizeSettings>,
     /// An empty `mix` means one source per kind present, decided when the stage runs.
@@ -525,6 +539,12 @@ impl Config {
         };
         route.validate().await.map_err(fail)?;
         let tagger = Tagger::new(raw.tag.tag, raw.tag.probability, raw.tag.seed).map_err(fail)?;
+        if raw.runner.lease_seconds < 2 {
+            return Err(fail(format!(
+                "runner.lease_seconds = {} is too short; use at least 2",
+                raw.runner.lease_seconds
+            )));
+        }
         let jobs = match raw.runner.jobs {
             0 => std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
             n => n,
@@ -568,6 +588,7 @@ impl Config {
             route,
             tagger,
             jobs,
+            lease_seconds: raw.runner.lease_seconds,
             score,
             tokenize,
             pack: raw.pack,
@@ -699,6 +720,22 @@ fn validate_pack(pack: &PackConfig, tokenize: bool) -> std::result::Result<(), S
             return Err(format!(
                 "pack.mix[{i}]: give `weight` (a token fraction) or `epochs` (passes), not both"
             ));
+        }
+    }
+    let mut kinds: BTreeMap<&str, &str> = BTreeMap::new();
+    for m in &pack.mix {
+        let own = if m.kinds.is_empty() {
+            std::slice::from_ref(&m.name)
+        } else {
+            m.kinds.as_slice()
+        };
+        for k in own {
+            if let Some(other) = kinds.insert(k, &m.name) {
+                return Err(format!(
+                    "pack.mix: kind {k:?} is in both {other:?} and {:?}; a kind belongs to one source",
+                    m.name
+                ));
+            }
         }
     }
     let weighted = pack.mix.iter().filter(|m| m.weight.is_some()).count();

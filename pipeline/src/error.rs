@@ -35,6 +35,12 @@ pub enum Error {
     /// The run finished, but some units failed; their errors are in `safepipe status`.
     #[error("{failed} unit(s) failed; rerun the same command to retry them (see `safepipe status`)")]
     UnitsFailed { failed: usize },
+    /// The run finished, but other live processes held some units (their leases), so this one
+    /// left them alone.
+    #[error(
+        "{busy} unit(s) were held by another process and left to it; rerun once it has finished to check they are done"
+    )]
+    UnitsBusy { busy: usize },
     /// Something we did not expect; a bug unless the message says otherwise.
     #[error("internal error: {0} (please report this with the log)")]
     Internal(String),
@@ -44,7 +50,9 @@ impl Error {
     pub fn exit_code(&self) -> i32 {
         match self {
             Error::Config(_) | Error::Query(_) => exit::USAGE,
-            Error::Storage(_) | Error::Execution(_) | Error::UnitsFailed { .. } => exit::UNITS_FAILED,
+            Error::Storage(_) | Error::Execution(_) | Error::UnitsFailed { .. } | Error::UnitsBusy { .. } => {
+                exit::UNITS_FAILED
+            }
             Error::Internal(_) => exit::INTERNAL,
         }
     }

@@ -15,9 +15,9 @@
 //! sequences), so the stream of tokens is exactly the shards' `input_ids` in order.
 
 use crate::config::Config;
+use crate::engine::run_dir::RunDir;
 use crate::error::{Error, Result};
-use crate::pack::{Manifest, load_manifest, open_shard};
-use crate::storage::Stores;
+use crate::pack::{Manifest, open_shard, require_manifest};
 use arrow::array::{Array, AsArray};
 use arrow::datatypes::{UInt16Type, UInt32Type};
 use futures::TryStreamExt;
@@ -39,15 +39,12 @@ const DTYPE_UINT16: u8 = 8;
 
 /// Writes `PREFIX.bin` and `PREFIX.idx` from the committed shards of `config`'s run.
 pub async fn megatron(config: &Config, prefix: &Path) -> Result<MegatronReport> {
-    let stores = Stores::default();
-    let run_dir = stores.resolve(&config.run_dir)?;
-    let manifest: Manifest = load_manifest(&run_dir).await?.ok_or_else(|| {
-        Error::Config(format!(
-            "no packed shards in {}: run `safepipe run {}` with a [pack] section first",
-            run_dir.display(),
-            config.path.display()
-        ))
-    })?;
+    let run_dir = RunDir::open(&config.run_dir)?;
+    let hint = format!(
+        "run `safepipe run {}` with a [pack] section first",
+        config.path.display()
+    );
+    let manifest: Manifest = require_manifest(&run_dir, &hint).await?;
     let wide = manifest.id_type == "uint32";
     let with_suffix = |suffix: &str| {
         let mut name = prefix.as_os_str().to_owned();
@@ -65,7 +62,7 @@ pub async fn megatron(config: &Config, prefix: &Path) -> Result<MegatronReport> 
     let mut documents: Vec<i64> = vec![0];
     let mut tokens = 0u64;
     for shard in &manifest.shards {
-        let mut stream = open_shard(&stores.resolve(&shard.file)?).await?;
+        let mut stream = open_shard(&run_dir.file(&shard.file)?).await?;
         while let Some(batch) = stream.try_next().await? {
             let ids = batch.column(0).as_list::<i32>();
             let offsets = batch.column(1).as_list::<i32>();

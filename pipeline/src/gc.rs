@@ -1,17 +1,17 @@
-//! `safepipe gc`: deletes files in the run directory that no completion record names — outputs
-//! of killed or superseded attempts, staging leftovers. Committed outputs, records and the plan
-//! are never touched.
+//! `safepipe gc`: deletes files in the run directory that no completion record or manifest
+//! names — outputs of killed or superseded attempts (`<stage>/_attempts/`), files published by
+//! an attempt killed before its record, staging leftovers. Committed outputs, records, leases
+//! and the plan are never touched.
 //!
 //! A unit being written right now is also unnamed until it commits, so only files older than a
 //! minimum age are deleted (default one hour); run gc when no rank is running, or keep the age
 //! above the longest unit time.
 
 use crate::config::Config;
+use crate::engine::records::{DONE_DIR, FAILED_DIR, LEASES_DIR};
+use crate::engine::run_dir::RunDir;
 use crate::error::Result;
-use crate::records::{self, DONE_DIR, FAILED_DIR};
 use crate::stages;
-use crate::storage::{Location, Stores};
-use futures::TryStreamExt;
 use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Duration;
@@ -28,72 +28,52 @@ pub struct GcReport {
 }
 
 pub async fn collect(config: &Config, min_age: Duration, dry_run: bool) -> Result<GcReport> {
-    let stores = Stores::default();
-    let run_dir = stores.resolve(&config.run_dir)?;
+    let run_dir = RunDir::open(&config.run_dir)?;
     let now = chrono::Utc::now();
     let mut report = GcReport::default();
+    let mut named: HashSet<String> = HashSet::new();
+    let mut folders: Vec<String> = Vec::new();
     for stage in stages::pipeline(&Arc::new(config.clone())) {
-        let done = records::load_done(&run_dir, stage.name()).await?;
-        let named: HashSet<String> = done
-            .values()
-            .flat_map(|r| r.outputs.values())
-            .map(|f| stores.resolve(&f.file).map(|l| l.url()))
-            .collect::<Result<_>>()?;
-        sweep(&run_dir.child(stage.name()), &named, now, min_age, dry_run, &mut report).await?;
+        let files = run_dir.stage(stage.name()).await?;
+        named.extend(
+            files
+                .done
+                .values()
+                .flat_map(|c| c.record.outputs.values().map(|f| f.file.clone())),
+        );
+        folders.push(stage.name().to_string());
     }
     // The pack stage's shards: the committed manifest names the live ones.
-    let manifest = crate::pack::load_manifest(&run_dir).await?;
-    let named: HashSet<String> = manifest
-        .iter()
-        .flat_map(|m| m.shards.iter())
-        .map(|f| stores.resolve(&f.file).map(|l| l.url()))
-        .collect::<Result<_>>()?;
-    sweep(
-        &run_dir.child("pack/shards"),
-        &named,
-        now,
-        min_age,
-        dry_run,
-        &mut report,
-    )
-    .await?;
-    Ok(report)
-}
-
-/// Deletes (or lists) the files under `prefix` that `named` does not hold, records excepted.
-async fn sweep(
-    prefix: &Location,
-    named: &HashSet<String>,
-    now: chrono::DateTime<chrono::Utc>,
-    min_age: Duration,
-    dry_run: bool,
-    report: &mut GcReport,
-) -> Result<()> {
-    let listed: Vec<_> = prefix.store.list(Some(&prefix.path)).try_collect().await?;
-    for meta in listed {
-        let relative = meta
-            .location
-            .as_ref()
-            .strip_prefix(prefix.path.as_ref())
-            .unwrap_or_default();
-        if relative.starts_with(&format!("/{DONE_DIR}/")) || relative.starts_with(&format!("/{FAILED_DIR}/")) {
-            continue;
-        }
-        let location = prefix.with_path(meta.location.clone());
-        if named.contains(&location.url()) {
-            report.kept += 1;
-            continue;
-        }
-        let age = (now - meta.last_modified).to_std().unwrap_or_default();
-        if age < min_age {
-            report.too_young += 1;
-            continue;
-        }
-        if !dry_run {
-            records::delete_if_exists(&location).await?;
-        }
-        report.orphan_bytes += meta.size;
-        report.orphans.push(location.display());
+    if let Some(m) = crate::pack::load_manifest(&run_dir).await?.manifest() {
+        named.extend(m.shards.iter().map(|f| f.file.clone()));
     }
-    Ok(())
+    folders.push(crate::pack::STAGE.to_string());
+    let bookkeeping = [DONE_DIR, FAILED_DIR, LEASES_DIR];
+    for folder in folders {
+        for meta in run_dir.list(&folder).await? {
+            let location = run_dir.root().with_path(meta.location.clone());
+            let Some(relative) = run_dir.relative(&location) else {
+                continue;
+            };
+            let second = relative.split('/').nth(1).unwrap_or_default();
+            if bookkeeping.contains(&second) || relative == crate::pack::MANIFEST {
+                continue;
+            }
+            if named.contains(&relative) {
+                report.kept += 1;
+                continue;
+            }
+            let age = (now - meta.last_modified).to_std().unwrap_or_default();
+            if age < min_age {
+                report.too_young += 1;
+                continue;
+            }
+            if !dry_run {
+                run_dir.delete(&location).await?;
+            }
+            report.orphan_bytes += meta.size;
+            report.orphans.push(location.display());
+        }
+    }
+    Ok(report)
 }

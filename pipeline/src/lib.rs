@@ -1,17 +1,24 @@
 //! safepipe's engine: config, work plan, stage runner with its commit protocol, SQL and status.
 //!
 //! ```text
-//! config.rs    TOML -> validated Config          plan.rs     inputs -> work units (persisted)
-//! stages/      the DAG and each stage's adapter  runner.rs   units -> committed outputs
-//! records.rs   completion / failure records      writer.rs   batches -> atomic Parquet files
-//! catalog.rs   committed outputs as SQL tables   sql.rs      `safepipe sql` / `shell`
-//! status.rs    `safepipe status`                 storage.rs  paths and URLs -> object stores
-//! gc.rs        `safepipe gc`: unreferenced files
-//! pack.rs      the global stage: tokens -> mixture, shuffle -> shards + manifest.json
-//! export.rs    `safepipe export megatron`, `safepipe tokenizer export`
-//! train.rs     `safepipe train`: the packed shards -> the CPU trainer -> checkpoints
+//! config.rs     TOML -> validated Config
+//! engine/       the commit protocol in one folder:
+//!   run_dir.rs    RunDir: the run directory's layout, records, relative file names
+//!   freshness.rs  the one decision "is this unit's record current?" (run, status, sql, gc)
+//!   leases.rs     one owner per (stage, unit): create-if-absent leases with expiry
+//!   plan.rs       inputs -> work units (persisted), input drift, `plan --extend`
+//!   runner.rs     units -> committed outputs      records.rs  completion / failure records
+//!   writer.rs     batches -> Parquet files        storage.rs  paths and URLs -> object stores
+//!   ranks.rs      rank / world size from flags, Slurm, Kubernetes
+//! stages/       the DAG and each stage's adapter
+//! catalog.rs    committed outputs as SQL tables   sql.rs      `safepipe sql` / `shell`
+//! status.rs     `safepipe status`                 gc.rs       `safepipe gc`: unreferenced files
+//! pack.rs       the global stage: tokens -> mixture, shuffle -> shards + manifest.json
+//! export.rs     `safepipe export megatron`, `safepipe tokenizer export`
+//! train.rs      `safepipe train`: the packed shards -> the CPU trainer -> checkpoints
 //! classifier.rs `safepipe classifier train|score`: fit a safety head, score texts
-//! ranks.rs     rank / world size from flags, Slurm, Kubernetes
+//! llm.rs        the `[llm]` backend shared by the synthesis stages, `safepipe generate`
+//! progress.rs   progress bars and log lines from runner events
 //! ```
 //! The transforms themselves live in the `safepipe-operators` crate.
 
@@ -19,19 +26,14 @@ pub mod catalog;
 pub mod classifier;
 pub mod cli;
 pub mod config;
+pub mod engine;
 pub mod error;
 pub mod export;
 pub mod gc;
 pub mod llm;
 pub mod pack;
-pub mod plan;
 pub mod progress;
-pub mod ranks;
-pub mod records;
-pub mod runner;
 pub mod sql;
 pub mod stages;
 pub mod status;
-pub mod storage;
 pub mod train;
-pub mod writer;

@@ -1,6 +1,6 @@
 //! Progress bars on stderr (hidden when stderr is not a terminal), built from runner events.
 
-use crate::runner::{Reporter, StageSummary};
+use crate::engine::runner::{Reporter, StageSummary};
 use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
 use safepipe_operators::UnitCounts;
 use std::collections::HashMap;

@@ -1,13 +1,18 @@
-//! `safepipe status`: per stage, how many units are committed under the current config, stale,
-//! failed or pending, the rows they account for, and the last errors.
+//! `safepipe status`: per stage, how many units are committed and current, stale, failed,
+//! damaged or pending, the rows they account for, the last errors, and input files that changed
+//! since planning. It asks the same freshness rule as `safepipe run`
+//! ([`crate::engine::freshness::survey`]), so `to_do` is exactly the work the next `run` does
+//! (with no `--force`, if every unit it redoes succeeds), by reason.
 
 use crate::config::Config;
+use crate::engine::freshness::{self, Verdict};
+use crate::engine::plan::Plan;
+use crate::engine::run_dir::RunDir;
 use crate::error::Result;
-use crate::plan::Plan;
-use crate::records;
+use crate::pack::{ManifestState, PackView};
 use crate::stages;
-use crate::storage::Stores;
 use safepipe_operators::UnitCounts;
+use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::sync::Arc;
 
@@ -15,83 +20,119 @@ use std::sync::Arc;
 pub struct StageStatus {
     pub stage: String,
     pub units: usize,
-    /// Committed under the current config.
+    /// Committed and current: the next run leaves them alone.
     pub committed: usize,
-    /// Committed under an older config: the next run redoes them.
+    /// Committed under an older config or from older upstream results: the next run redoes them.
     pub stale: usize,
     /// Last attempt failed and no current commit exists.
     pub failed: usize,
+    /// A record exists but cannot count (corrupt, older layout, a committed file missing).
+    pub damaged: usize,
     pub pending: usize,
+    /// The units the next `safepipe run` does, by the reason it prints.
+    pub to_do: BTreeMap<String, usize>,
     /// Sum over the committed (current) units.
     pub counts: UnitCounts,
     /// The most recent failure message, if any.
     pub last_error: Option<String>,
+    /// What is wrong with damaged units (first few).
+    pub problems: Vec<String>,
 }
 
-pub async fn collect(config: &Config) -> Result<Option<(Plan, Vec<StageStatus>)>> {
-    let stores = Stores::default();
-    let run_dir = stores.resolve(&config.run_dir)?;
+/// Everything `status` shows.
+#[derive(Debug, serde::Serialize)]
+pub struct Report {
+    pub units: usize,
+    pub planned_at: String,
+    pub stages: Vec<StageStatus>,
+    /// Input files changed or new since planning.
+    pub inputs: Vec<String>,
+}
+
+pub async fn collect(config: &Config) -> Result<Option<Report>> {
+    let run_dir = RunDir::open(&config.run_dir)?;
     let Some(plan) = Plan::load(config, &run_dir).await? else {
         return Ok(None);
     };
+    let drift = plan.check_inputs(config, &run_dir).await?;
     let stages = stages::pipeline(&Arc::new(config.clone()));
     let fingerprints = stages::fingerprints(&stages, &plan.fingerprint);
+    let units: Vec<u32> = plan.units.iter().map(|u| u.id).collect();
+    let survey = freshness::survey(&run_dir, &stages, &fingerprints, &units, &[]).await?;
     let mut out = Vec::new();
-    for (stage, fp) in stages.iter().zip(&fingerprints) {
-        let done = records::load_done(&run_dir, stage.name()).await?;
-        let failed = records::load_failed(&run_dir, stage.name()).await?;
+    for (stage, (files, judged)) in stages.iter().zip(&survey) {
         let mut status = StageStatus {
             stage: stage.name().to_string(),
-            units: plan.units.len(),
+            units: units.len(),
+            committed: judged.current.len(),
             ..Default::default()
         };
-        for unit in &plan.units {
-            match done.get(&unit.id) {
-                Some(r) if r.fingerprint == fp.stage => {
-                    status.committed += 1;
-                    status.counts.merge(&r.counts);
+        for c in judged.current.values() {
+            status.counts.merge(&c.record.counts);
+        }
+        for (unit, why, _) in &judged.todo {
+            *status.to_do.entry(why.to_string()).or_default() += 1;
+            if let Some(problem) = files.damaged.get(unit) {
+                status.damaged += 1;
+                if status.problems.len() < 5 {
+                    status.problems.push(format!("unit {unit}: {problem}"));
                 }
-                _ if failed.contains_key(&unit.id) => status.failed += 1,
-                Some(_) => status.stale += 1,
-                None => status.pending += 1,
+            } else if files.failed.contains_key(unit) {
+                status.failed += 1;
+            } else if files.done.contains_key(unit) {
+                status.stale += 1;
+            } else {
+                status.pending += 1;
             }
         }
-        let last = failed
+        let last = files
+            .failed
             .values()
-            .filter(|f| done.get(&f.unit).is_none_or(|d| d.fingerprint != fp.stage))
+            .filter(|f| !judged.current.contains_key(&f.unit))
             .max_by(|a, b| a.at.cmp(&b.at));
         status.last_error = last.map(|f| format!("unit {} (rank {}, {}): {}", f.unit, f.rank, f.at, f.error));
         out.push(status);
     }
-    if let (Some(pack), Some(i)) = (&config.pack, stages.iter().position(|s| s.name() == "tokenize")) {
-        let (_, current) = crate::pack::fingerprint(pack, &fingerprints[i].stage);
+    if config.pack.is_some()
+        && let Some(i) = stages.iter().position(|s| s.name() == "tokenize")
+    {
+        let view = PackView::new(config, &run_dir, &plan, &fingerprints[i].stage, &survey[i].1.current).await?;
         let mut status = StageStatus {
-            stage: "pack".into(),
+            stage: crate::pack::STAGE.into(),
             units: 1,
             ..Default::default()
         };
-        match crate::pack::load_manifest(&run_dir).await? {
-            Some(m) if m.fingerprint == current => {
+        match (view.verdict(false), &view.manifest) {
+            (Verdict::Current, ManifestState::Committed(m)) => {
                 status.committed = 1;
-                status.counts = UnitCounts {
-                    rows_in: m.documents_in,
-                    rows_out: m.documents_packed,
-                    ..Default::default()
-                };
-                status.counts.drop("not_selected", m.documents_not_selected);
-                status.counts.drop("not_in_mixture", m.documents_not_in_mixture);
+                status.counts = m.counts();
             }
-            Some(_) => status.stale = 1,
-            None => status.pending = 1,
+            (Verdict::Current, _) => unreachable!("a current verdict needs a committed manifest"),
+            (Verdict::Redo(why), state) => {
+                status.to_do.insert(why.to_string(), 1);
+                match state {
+                    ManifestState::Missing => status.pending = 1,
+                    ManifestState::Committed(_) => status.stale = 1,
+                    ManifestState::Damaged(problem) => {
+                        status.damaged = 1;
+                        status.problems.push(problem.clone());
+                    }
+                }
+            }
         }
         out.push(status);
     }
-    Ok(Some((plan, out)))
+    Ok(Some(Report {
+        units: units.len(),
+        planned_at: plan.created_at,
+        stages: out,
+        inputs: drift.describe(),
+    }))
 }
 
-pub fn render(config: &Config, found: &Option<(Plan, Vec<StageStatus>)>) -> String {
+pub fn render(config: &Config, found: &Option<Report>) -> String {
     let mut s = String::new();
-    let Some((plan, stages)) = found else {
+    let Some(report) = found else {
         return format!(
             "no work plan in {} yet: `safepipe run {}` (or `safepipe plan`) makes it\n",
             config.run_dir,
@@ -101,23 +142,22 @@ pub fn render(config: &Config, found: &Option<(Plan, Vec<StageStatus>)>) -> Stri
     let _ = writeln!(
         s,
         "run dir {}: {} work units (planned {})",
-        config.run_dir,
-        plan.units.len(),
-        plan.created_at
+        config.run_dir, report.units, report.planned_at
     );
     let _ = writeln!(
         s,
-        "{:<10} {:>9} {:>6} {:>7} {:>8} {:>10} {:>10} {:>8} {:>12}",
-        "stage", "committed", "stale", "failed", "pending", "rows_in", "rows_out", "dropped", "quarantined"
+        "{:<10} {:>9} {:>6} {:>7} {:>8} {:>8} {:>10} {:>10} {:>8} {:>12}",
+        "stage", "committed", "stale", "failed", "damaged", "pending", "rows_in", "rows_out", "dropped", "quarantined"
     );
-    for st in stages {
+    for st in &report.stages {
         let _ = writeln!(
             s,
-            "{:<10} {:>9} {:>6} {:>7} {:>8} {:>10} {:>10} {:>8} {:>12}",
+            "{:<10} {:>9} {:>6} {:>7} {:>8} {:>8} {:>10} {:>10} {:>8} {:>12}",
             st.stage,
             format!("{}/{}", st.committed, st.units),
             st.stale,
             st.failed,
+            st.damaged,
             st.pending,
             st.counts.rows_in,
             st.counts.rows_out,
@@ -125,10 +165,20 @@ pub fn render(config: &Config, found: &Option<(Plan, Vec<StageStatus>)>) -> Stri
             st.counts.quarantined
         );
     }
-    for st in stages {
+    for st in &report.stages {
+        if !st.to_do.is_empty() {
+            let why: Vec<String> = st.to_do.iter().map(|(w, n)| format!("{n} {w}")).collect();
+            let _ = writeln!(s, "next run redoes in {}: {}", st.stage, why.join(", "));
+        }
+        for p in &st.problems {
+            let _ = writeln!(s, "damaged in {}: {p}", st.stage);
+        }
         if let Some(e) = &st.last_error {
             let _ = writeln!(s, "last error in {}: {e}", st.stage);
         }
+    }
+    for line in &report.inputs {
+        let _ = writeln!(s, "input {line}");
     }
     s
 }

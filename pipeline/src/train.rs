@@ -7,9 +7,9 @@
 //! depend only on (seed, step): resuming at step k repeats and skips nothing.
 
 use crate::config::{Config, TrainConfig};
+use crate::engine::run_dir::RunDir;
 use crate::error::{Error, Result};
-use crate::pack::{Manifest, load_manifest, open_parquet};
-use crate::storage::Stores;
+use crate::pack::{Manifest, open_parquet, require_manifest};
 use arrow::array::{Array, AsArray};
 use arrow::datatypes::{DataType, UInt16Type, UInt32Type};
 use futures::TryStreamExt;
@@ -47,7 +47,7 @@ const CACHED_BLOCKS: usize = 3;
 /// repeats and skips nothing. Memory: at most [`CACHED_BLOCKS`] decoded row groups; the next
 /// block is read in the background while the current one trains.
 pub struct ShardReader {
-    stores: Arc<Stores>,
+    run_dir: RunDir,
     blocks: Vec<Block>,
     rows: usize,
     seq_len: usize,
@@ -60,10 +60,10 @@ pub struct ShardReader {
 
 impl ShardReader {
     /// Reads the shards' footers (not their data).
-    pub async fn open(stores: Arc<Stores>, manifest: &Manifest, seed: u64) -> Result<ShardReader> {
+    pub async fn open(run_dir: RunDir, manifest: &Manifest, seed: u64) -> Result<ShardReader> {
         let mut blocks = Vec::new();
         for shard in &manifest.shards {
-            let builder = open_parquet(&stores.resolve(&shard.file)?).await?;
+            let builder = open_parquet(&run_dir.file(&shard.file)?).await?;
             for (row_group, meta) in builder.metadata().row_groups().iter().enumerate() {
                 blocks.push(Block {
                     file: shard.file.clone(),
@@ -74,7 +74,7 @@ impl ShardReader {
         }
         let rows = blocks.iter().map(|b| b.rows).sum();
         Ok(ShardReader {
-            stores,
+            run_dir,
             blocks,
             rows,
             seq_len: manifest.seq_len,
@@ -132,7 +132,7 @@ impl ShardReader {
                 .map_err(|e| Error::Internal(format!("reading a shard block: {e}")))??,
             other => {
                 self.prefetch = other;
-                load_block(self.stores.clone(), self.blocks[b].clone(), self.seq_len).await?
+                load_block(self.run_dir.clone(), self.blocks[b].clone(), self.seq_len).await?
             }
         };
         let rows = Arc::new(rows);
@@ -150,7 +150,7 @@ impl ShardReader {
         if cached || self.prefetch.as_ref().is_some_and(|(id, _)| *id == b) {
             return;
         }
-        let handle = tokio::spawn(load_block(self.stores.clone(), self.blocks[b].clone(), self.seq_len));
+        let handle = tokio::spawn(load_block(self.run_dir.clone(), self.blocks[b].clone(), self.seq_len));
         self.prefetch = Some((b, handle));
     }
 
@@ -191,8 +191,8 @@ fn gcd(mut a: usize, mut b: usize) -> usize {
 }
 
 /// Reads and decodes one row group of a shard.
-async fn load_block(stores: Arc<Stores>, block: Block, seq_len: usize) -> Result<BlockRows> {
-    let mut stream = open_parquet(&stores.resolve(&block.file)?)
+async fn load_block(run_dir: RunDir, block: Block, seq_len: usize) -> Result<BlockRows> {
+    let mut stream = open_parquet(&run_dir.file(&block.file)?)
         .await?
         .with_row_groups(vec![block.row_group])
         .with_batch_size(1024)
@@ -271,16 +271,11 @@ pub async fn train(config: &Config, resume: bool, until: Option<u64>) -> Result<
             config.path.display()
         ))
     })?;
-    let stores = Stores::default();
     // The shards of this run, or of the run directory `train.shards` names.
-    let run_dir = stores.resolve(t.shards.as_deref().unwrap_or(&config.run_dir))?;
-    let manifest = load_manifest(&run_dir).await?.ok_or_else(|| {
-        Error::Config(format!(
-            "no packed shards in {}: run `safepipe run` (with [tokenize] and [pack]) on it first",
-            run_dir.display(),
-        ))
-    })?;
-    let mut data = ShardReader::open(Arc::new(stores), &manifest, t.seed).await?;
+    let run_dir = RunDir::open(t.shards.as_deref().unwrap_or(&config.run_dir))?;
+    let hint = "run `safepipe run` (with [tokenize] and [pack]) on it first";
+    let manifest = require_manifest(&run_dir, hint).await?;
+    let mut data = ShardReader::open(run_dir, &manifest, t.seed).await?;
     if data.is_empty() {
         return Err(Error::Config("the shards hold no rows: nothing to train on".into()));
     }
@@ -475,7 +470,7 @@ mod tests {
             .collect();
         let rows = blocks.iter().map(|b| b.rows).sum::<usize>();
         let mut reader = ShardReader {
-            stores: Arc::new(Stores::default()),
+            run_dir: RunDir::open("/nonexistent-test-run").unwrap(),
             blocks,
             rows,
             seq_len: 4,

@@ -6,6 +6,7 @@ usage: check_megatron.py PREFIX MANIFEST_JSON
 Prints one JSON summary; exits non-zero on any mismatch.
 """
 import json
+import os
 import struct
 import sys
 
@@ -19,6 +20,8 @@ DTYPES = {1: np.uint8, 2: np.int8, 3: np.int16, 4: np.int32, 5: np.int64, 6: np.
 def main():
     prefix, manifest_path = sys.argv[1:3]
     manifest = json.load(open(manifest_path))
+    # Shard files are named relative to the run directory (the manifest is RUN_DIR/pack/manifest.json).
+    run_dir = os.path.dirname(os.path.dirname(os.path.abspath(manifest_path)))
     with open(prefix + ".idx", "rb") as f:
         assert f.read(9) == b"MMIDIDX\x00\x00", "bad magic"
         (version,) = struct.unpack("<Q", f.read(8))
@@ -41,7 +44,7 @@ def main():
     stream = np.frombuffer(bin_, dtype=dtype)
     assert stream.size == lengths.sum() == manifest["tokens"], (stream.size, lengths.sum(), manifest["tokens"])
     expected = np.concatenate([
-        np.concatenate(pq.read_table(s["file"], columns=["input_ids"]).column(0).to_numpy(zero_copy_only=False))
+        np.concatenate(pq.read_table(os.path.join(run_dir, s["file"]), columns=["input_ids"]).column(0).to_numpy(zero_copy_only=False))
         for s in manifest["shards"]])
     assert np.array_equal(stream.astype(np.int64), expected.astype(np.int64)), "token streams differ"
     # Every sequence read back through its pointer equals the same slice of the stream.

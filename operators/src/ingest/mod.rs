@@ -31,8 +31,9 @@ use std::sync::Arc;
 
 pub use sink::{Reason, derived_id};
 
-/// Flush a batch once its text reaches this many bytes (keeps `Utf8` offsets small and memory
-/// bounded whatever `batch_rows` is).
+/// Flush a batch once its strings (text, id, metadata, quarantine details) reach this many bytes
+/// (keeps `Utf8` offsets far below Arrow's 2 GiB limit and memory bounded whatever `batch_rows`
+/// is).
 pub const BATCH_TEXT_BYTES: usize = 64 << 20;
 
 /// Which part of a file one work unit covers. Persisted in the work plan.

@@ -149,6 +149,11 @@ impl Sink {
     /// One usable record.
     pub fn accept(&mut self, id: Option<String>, text: &str, meta: Metadata) {
         let id = id.unwrap_or_else(|| derived_id(text));
+        // Every string column counts against the batch's byte bound, not only the text: an
+        // Arrow string column holds at most 2 GiB, and huge metadata fields must not pass it.
+        let meta_bytes: usize =
+            meta.strings.iter().flatten().map(String::len).sum::<usize>() + meta.extra.as_ref().map_or(0, String::len);
+        self.text_bytes += id.len() + meta_bytes;
         self.id.append_value(id);
         self.text.append_value(text);
         self.src.append_value(&self.source);
@@ -196,6 +201,7 @@ impl Sink {
         self.q_detail.append_value(detail);
         self.q_id.append_option(id);
         self.q_raw.append_option(raw.map(raw_prefix));
+        self.text_bytes += detail.len() + raw.map_or(0, |r| r.len().min(RAW_PREFIX_BYTES));
         self.counts.rows_in += records;
         self.counts.quarantined += records;
     }

@@ -61,7 +61,7 @@ impl Stage for IngestStage {
                 ))
             })?;
             let options = Arc::new(config.ingest_options(source));
-            let location = input.stores.resolve(&unit.file)?;
+            let location = input.run_dir.stores().resolve(&unit.file)?;
             let slice = IngestInput {
                 store: location.store,
                 path: location.path,

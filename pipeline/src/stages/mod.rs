@@ -21,10 +21,10 @@ mod tag;
 mod tokenize;
 
 use crate::config::Config;
+use crate::engine::plan::WorkUnit;
+use crate::engine::records::CompletionRecord;
+use crate::engine::run_dir::RunDir;
 use crate::error::Result;
-use crate::plan::WorkUnit;
-use crate::records::CompletionRecord;
-use crate::storage::Stores;
 use arrow::array::RecordBatch;
 use arrow::datatypes::SchemaRef;
 use futures::stream::BoxStream;
@@ -55,7 +55,8 @@ pub struct StageBatch {
 /// What a stage gets to run one unit.
 pub struct UnitInput {
     pub unit: WorkUnit,
-    pub stores: Arc<Stores>,
+    /// The run directory (upstream files are named relative to it) and its stores.
+    pub run_dir: RunDir,
     /// The completion record of each upstream stage for this unit (empty for source stages).
     pub upstream: BTreeMap<&'static str, CompletionRecord>,
 }
@@ -89,14 +90,14 @@ pub async fn unit_session(
     // One partition keeps every scan in file order, so outputs are byte-for-byte repeatable and
     // tables of the same unit line up row by row.
     let ctx = SessionContext::new_with_config(SessionConfig::new().with_target_partitions(1));
-    for (url, store) in input.stores.registered() {
+    for (url, store) in input.run_dir.stores().registered() {
         ctx.register_object_store(&url, store);
     }
     for (stage, table, schema) in wanted {
         let file = input.upstream.get(stage).and_then(|r| r.outputs.get(*table));
         match file {
             Some(file) => {
-                let location = input.stores.resolve(&file.file)?;
+                let location = input.run_dir.file(&file.file)?;
                 let options = ParquetReadOptions::default().schema(schema);
                 ctx.register_parquet(*table, location.url(), options).await?;
             }

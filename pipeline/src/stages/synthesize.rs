@@ -8,9 +8,9 @@
 //! failed requests.
 
 use super::{OutputTable, Stage, StageBatch, UnitInput, unit_session};
+use crate::engine::records::CompletionRecord;
 use crate::error::{Error, Result};
 use crate::llm::{SharedGenerator, progress_message};
-use crate::records::CompletionRecord;
 use arrow::array::{Array, AsArray, RecordBatch};
 use arrow::compute::cast;
 use arrow::datatypes::{DataType, SchemaRef};

@@ -1,14 +1,16 @@
 //! Writes one output table of one unit as a zstd Parquet file, streaming (multipart upload on
 //! object stores), created on the first non-empty batch. The file appears atomically when
-//! [`TableWriter::commit`] completes: object stores publish a multipart upload only on
-//! completion, and the local store writes a staging file and renames it.
+//! [`TableWriter::finish`] completes: object stores publish a multipart upload only on
+//! completion, and the local store writes a staging file and renames it. The runner writes into
+//! an attempt folder and publishes the finished file under its committed name
+//! ([`crate::engine::run_dir::RunDir::publish`]).
 
+use crate::engine::storage::Location;
 use crate::error::{Error, Result};
-use crate::records::OutputFile;
-use crate::storage::Location;
 use arrow::array::RecordBatch;
 use arrow::compute::cast;
 use arrow::datatypes::SchemaRef;
+use object_store::ObjectStoreExt;
 use object_store::buffered::BufWriter;
 use parquet::arrow::AsyncArrowWriter;
 use parquet::basic::{Compression, ZstdLevel};
@@ -57,16 +59,23 @@ impl TableWriter {
     }
 
     /// Finishes the file; `None` when no row was written (no file is created).
-    pub async fn commit(self) -> Result<Option<OutputFile>> {
+    pub async fn finish(self) -> Result<Option<WrittenFile>> {
         let Some(writer) = self.writer else { return Ok(None) };
-        let bytes = writer.bytes_written() as u64;
         writer.close().await?;
-        Ok(Some(OutputFile {
-            file: self.location.display(),
+        let bytes = self.location.store.head(&self.location.path).await?.size;
+        Ok(Some(WrittenFile {
+            location: self.location,
             rows: self.rows,
             bytes,
         }))
     }
+}
+
+/// A finished Parquet file.
+pub struct WrittenFile {
+    pub location: Location,
+    pub rows: u64,
+    pub bytes: u64,
 }
 
 /// Casts a batch to the table's declared schema (e.g. DataFusion's `Utf8View` to `Utf8`), so

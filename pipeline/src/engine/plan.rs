@@ -10,10 +10,17 @@
 //!
 //! The plan is stored as `plan.json` in the run directory with a fingerprint of the inputs; a
 //! later run with different inputs is refused instead of silently re-splitting.
+//!
+//! Inputs over time: the plan records what it saw of each file (size, and the ETag on object
+//! stores or the modification time on local disk). [`Plan::check_inputs`] lists the inputs
+//! again: a planned file that changed or vanished is an error for `run` (its units' results
+//! would no longer match it), a new file is reported, and `safepipe plan --extend` appends units
+//! for new files, leaving every existing unit, fingerprint and result as it was.
 
 use crate::config::{Config, InputConfig, InputFormat};
+use crate::engine::run_dir::RunDir;
+use crate::engine::storage::{Location, Stores};
 use crate::error::{Error, Result};
-use crate::storage::{Location, Stores};
 use futures::TryStreamExt;
 use object_store::ObjectStoreExt;
 use parquet::arrow::async_reader::AsyncFileReader;
@@ -23,8 +30,9 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use std::ops::Range;
 
-pub const PLAN_FILE: &str = "plan.json";
-const PLAN_VERSION: u32 = 1;
+/// Version 2 added `files` (what planning saw of each input file). The version is not part of
+/// the plan's fingerprint: a version 1 plan loads, without drift checks.
+const PLAN_VERSION: u32 = 2;
 /// How far past a tentative JSONL boundary we look for a newline in one request.
 const BOUNDARY_WINDOW: u64 = 64 << 10;
 
@@ -53,6 +61,76 @@ pub struct Plan {
     pub fingerprint: String,
     pub created_at: String,
     pub units: Vec<WorkUnit>,
+    /// Every planned input file as planning saw it (empty in plans of version 1).
+    #[serde(default)]
+    pub files: Vec<PlannedFile>,
+    /// When `plan --extend` last added files.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub extended_at: Option<String>,
+}
+
+/// One planned input file and what planning saw of it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PlannedFile {
+    pub input: String,
+    /// Local path or URL.
+    pub file: String,
+    pub size: u64,
+    /// The ETag on object stores, the modification time on local disk.
+    pub version: String,
+}
+
+/// How the inputs differ from what the plan saw.
+#[derive(Debug, Default)]
+pub struct InputDrift {
+    /// Planned files that grew, shrank or changed, with what changed.
+    pub changed: Vec<String>,
+    /// Planned files that cannot be found now: their units fail (a storage error, retried by the
+    /// next run) rather than stopping the run, since a mount or a bucket may come back.
+    pub gone: Vec<String>,
+    /// Files the inputs match now that the plan does not hold.
+    pub new: Vec<String>,
+}
+
+impl InputDrift {
+    /// Lines for `status` and logs.
+    pub fn describe(&self) -> Vec<String> {
+        let mut lines: Vec<String> = self
+            .changed
+            .iter()
+            .map(|c| format!("changed since planning: {c}"))
+            .collect();
+        lines.extend(self.gone.iter().map(|f| format!("missing since planning: {f}")));
+        lines.extend(
+            self.new
+                .iter()
+                .map(|f| format!("not in the plan (new since planning): {f}")),
+        );
+        lines
+    }
+
+    /// `run` refuses changed files and warns about new ones.
+    pub fn refuse_changes(&self, config: &Config) -> Result<()> {
+        if !self.changed.is_empty() {
+            return Err(Error::Config(format!(
+                "{} planned input file(s) changed since planning, so their units' results would no longer match them: {};                  restore the files, or plan a new run directory for the new data",
+                self.changed.len(),
+                self.changed.join("; ")
+            )));
+        }
+        for file in &self.gone {
+            tracing::warn!(file = %file, "a planned input file is missing: its units will fail until it is back");
+        }
+        if !self.new.is_empty() {
+            tracing::warn!(
+                files = self.new.len(),
+                first = %self.new[0],
+                "input files not in the plan are not processed; add them with `safepipe plan --extend {}`",
+                config.path.display()
+            );
+        }
+        Ok(())
+    }
 }
 
 /// What the plan depends on: inputs (names, paths, formats) and the `[plan]` section.
@@ -64,8 +142,8 @@ pub fn fingerprint(config: &Config) -> String {
 
 impl Plan {
     /// Loads the run directory's plan, checking it still matches the config.
-    pub async fn load(config: &Config, run_dir: &Location) -> Result<Option<Plan>> {
-        let location = run_dir.child(PLAN_FILE);
+    pub async fn load(config: &Config, run_dir: &RunDir) -> Result<Option<Plan>> {
+        let location = run_dir.plan();
         let Some(bytes) = location.read().await? else {
             return Ok(None);
         };
@@ -86,28 +164,118 @@ impl Plan {
 
     /// Loads the plan, or makes and stores it. Making it is deterministic (sorted listings), so
     /// ranks racing to create it write identical bytes; the stored copy is what everyone uses.
-    pub async fn load_or_create(config: &Config, stores: &Stores, run_dir: &Location) -> Result<(Plan, bool)> {
+    pub async fn load_or_create(config: &Config, run_dir: &RunDir) -> Result<(Plan, bool)> {
         if let Some(plan) = Plan::load(config, run_dir).await? {
             return Ok((plan, false));
         }
-        let mut units = Vec::new();
-        for input in &config.inputs {
-            for file in list_input(stores, input).await? {
-                plan_file(config, input, &file, &mut units).await?;
-            }
-        }
-        let plan = Plan {
+        let mut plan = Plan {
             version: PLAN_VERSION,
             fingerprint: fingerprint(config),
             created_at: chrono::Utc::now().to_rfc3339(),
-            units,
+            units: Vec::new(),
+            files: Vec::new(),
+            extended_at: None,
         };
-        let json = serde_json::to_vec_pretty(&plan).map_err(|e| Error::Internal(e.to_string()))?;
-        run_dir.child(PLAN_FILE).write(json).await?;
-        let stored = Plan::load(config, run_dir)
+        for input in &config.inputs {
+            for file in list_input(run_dir.stores(), input).await? {
+                plan.add_file(config, input, &file).await?;
+            }
+        }
+        plan.store(config, run_dir).await.map(|p| (p, true))
+    }
+
+    /// Writes the plan and reads back the stored copy (what every rank uses).
+    async fn store(&self, config: &Config, run_dir: &RunDir) -> Result<Plan> {
+        let json = serde_json::to_vec_pretty(self).map_err(|e| Error::Internal(e.to_string()))?;
+        run_dir.put(&run_dir.plan(), json).await?;
+        Plan::load(config, run_dir)
             .await?
-            .ok_or_else(|| Error::Internal("plan vanished after writing".into()))?;
-        Ok((stored, true))
+            .ok_or_else(|| Error::Internal("plan vanished after writing".into()))
+    }
+
+    async fn add_file(&mut self, config: &Config, input: &InputConfig, file: &InputFile) -> Result<()> {
+        plan_file(config, input, file, &mut self.units).await?;
+        self.files.push(PlannedFile {
+            input: input.name.clone(),
+            file: file.location.display(),
+            size: file.size,
+            version: file.version.clone(),
+        });
+        Ok(())
+    }
+
+    /// Lists the inputs again and compares them with what planning saw.
+    pub async fn check_inputs(&self, config: &Config, run_dir: &RunDir) -> Result<InputDrift> {
+        let mut drift = InputDrift::default();
+        if self.files.is_empty() {
+            return Ok(drift); // a version 1 plan: nothing recorded to compare with
+        }
+        let planned: std::collections::HashMap<&str, &PlannedFile> =
+            self.files.iter().map(|f| (f.file.as_str(), f)).collect();
+        let mut seen = std::collections::HashSet::new();
+        for input in &config.inputs {
+            let listed = match list_input(run_dir.stores(), input).await {
+                Ok(listed) => listed,
+                Err(Error::Config(_)) => Vec::new(), // every file gone: reported below
+                Err(e) => return Err(e),
+            };
+            for file in listed {
+                let name = file.location.display();
+                match planned.get(name.as_str()) {
+                    None => drift.new.push(name.clone()),
+                    Some(p) if p.size != file.size => {
+                        drift
+                            .changed
+                            .push(format!("{name} ({} bytes when planned, {} now)", p.size, file.size));
+                    }
+                    Some(p) if p.version != file.version => {
+                        drift.changed.push(format!(
+                            "{name} (modified: {} when planned, {} now)",
+                            p.version, file.version
+                        ));
+                    }
+                    Some(_) => {}
+                }
+                seen.insert(name);
+            }
+        }
+        for f in &self.files {
+            if !seen.contains(&f.file) {
+                drift.gone.push(f.file.clone());
+            }
+        }
+        Ok(drift)
+    }
+
+    /// `safepipe plan --extend`: appends units for input files the plan does not hold yet.
+    /// Existing units keep their ids (and so their results); returns the new files.
+    pub async fn extend(&mut self, config: &Config, run_dir: &RunDir) -> Result<Vec<String>> {
+        let drift = self.check_inputs(config, run_dir).await?;
+        drift.refuse_changes(config).map_err(|e| match e {
+            Error::Config(msg) => Error::Config(format!("cannot extend the plan: {msg}")),
+            other => other,
+        })?;
+        if self.files.is_empty() {
+            return Err(Error::Config(format!(
+                "the plan in {} predates input tracking (version {}); it cannot be extended: plan a new run directory",
+                run_dir.display(),
+                self.version
+            )));
+        }
+        let new: std::collections::HashSet<&str> = drift.new.iter().map(String::as_str).collect();
+        for input in &config.inputs {
+            for file in list_input(run_dir.stores(), input).await? {
+                if new.contains(file.location.display().as_str()) {
+                    self.add_file(config, input, &file).await?;
+                }
+            }
+        }
+        if !drift.new.is_empty() {
+            self.version = PLAN_VERSION;
+            self.extended_at = Some(chrono::Utc::now().to_rfc3339());
+            *self = self.store(config, run_dir).await?;
+        }
+        Ok(drift.new)
     }
 
     pub fn units_for_rank(&self, rank: u32, world: u32) -> Vec<WorkUnit> {
@@ -119,6 +287,22 @@ impl Plan {
 struct InputFile {
     location: Location,
     size: u64,
+    /// The ETag on object stores, the modification time on local disk.
+    version: String,
+}
+
+impl InputFile {
+    fn new(location: Location, meta: &object_store::ObjectMeta) -> InputFile {
+        let version = match (&meta.e_tag, location.base.scheme()) {
+            (Some(tag), scheme) if scheme != "file" => tag.clone(),
+            _ => meta.last_modified.to_rfc3339(),
+        };
+        InputFile {
+            location,
+            size: meta.size,
+            version,
+        }
+    }
 }
 
 fn has_glob(s: &str) -> bool {
@@ -143,19 +327,13 @@ async fn list_input(stores: &Stores, input: &InputConfig) -> Result<Vec<InputFil
             let listed: Vec<_> = prefix.store.list(Some(&prefix.path)).try_collect().await?;
             for meta in listed {
                 if matcher.matches(meta.location.as_ref()) {
-                    found.push(InputFile {
-                        location: prefix.with_path(meta.location),
-                        size: meta.size,
-                    });
+                    found.push(InputFile::new(prefix.with_path(meta.location.clone()), &meta));
                 }
             }
         } else {
             let location = stores.resolve(pattern)?;
             match location.store.head(&location.path).await {
-                Ok(meta) => found.push(InputFile {
-                    size: meta.size,
-                    location,
-                }),
+                Ok(meta) => found.push(InputFile::new(location, &meta)),
                 Err(_) => {
                     let listed: Vec<_> = location.store.list(Some(&location.path)).try_collect().await?;
                     for meta in listed {
@@ -163,10 +341,7 @@ async fn list_input(stores: &Stores, input: &InputConfig) -> Result<Vec<InputFil
                         if name.starts_with(['.', '_']) || detect_format(input.format, name).is_err() {
                             continue; // hidden, marker or foreign files in a directory
                         }
-                        found.push(InputFile {
-                            location: location.with_path(meta.location),
-                            size: meta.size,
-                        });
+                        found.push(InputFile::new(location.with_path(meta.location.clone()), &meta));
                     }
                 }
             }

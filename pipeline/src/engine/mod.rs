@@ -1,0 +1,17 @@
+//! The commit protocol in one folder: where a run's files live ([`run_dir`]), when a unit's
+//! committed result is still current ([`freshness`]), who may write a unit ([`leases`]), what the
+//! units are ([`plan`]), and the runner that ties them together ([`runner`]).
+//!
+//! Every command that reads or writes a run directory opens it through [`run_dir::RunDir`], and
+//! every question "does this unit need work?" is answered by [`freshness`]: `run`, `status`, the
+//! SQL catalog and `gc` cannot disagree.
+
+pub mod freshness;
+pub mod leases;
+pub mod plan;
+pub mod ranks;
+pub mod records;
+pub mod run_dir;
+pub mod runner;
+pub mod storage;
+pub mod writer;

@@ -1,0 +1,652 @@
+//! The stage runner: for each stage in DAG order, judge which of this rank's units need work
+//! ([`crate::engine::freshness`]), run them (a bounded number at once), and commit each one.
+//!
+//! Commit protocol per (stage, unit):
+//! 1. take the unit's lease ([`crate::engine::leases`]); a unit another live process holds is
+//!    left to it; re-read the record under the lease (another process may have just done it);
+//! 2. stream the stage's batches into one Parquet file per output table under the attempt's own
+//!    folder (`<stage>/_attempts/<attempt>/`), check the accounting invariant;
+//! 3. check the lease is still ours, publish each file under a name unique to the attempt, write
+//!    the completion record (atomic, synced), and only then delete the files of the record it
+//!    replaced.
+//!
+//! A `kill -9` at any instant leaves either the old record with its files or the new one with
+//! its files; a redo never writes over a file a reader may be using. Work is at-least-once,
+//! output exactly-once. A unit that fails, or panics, gets a failure record with the message;
+//! the other units go on and the run exits 3.
+
+use crate::config::Config;
+use crate::engine::freshness::{self, Why};
+use crate::engine::leases::{self, Acquired, Lease};
+use crate::engine::plan::{Plan, WorkUnit};
+use crate::engine::records::{
+    self, ATTEMPTS_DIR, Committed, CompletionRecord, FailureRecord, OutputFile, RECORD_VERSION, Stamp,
+};
+use crate::engine::run_dir::{RunDir, attempt_id};
+use crate::engine::writer::TableWriter;
+use crate::error::{Error, Result};
+use crate::stages::{self, Fingerprint, Stage, UnitInput};
+use futures::StreamExt;
+use safepipe_operators::UnitCounts;
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tracing::{debug, info, warn};
+
+/// What this invocation of `safepipe run` does.
+#[derive(Debug, Clone)]
+pub struct RunOptions {
+    pub rank: u32,
+    pub world_size: u32,
+    /// Stages to redo (with everything downstream), even if committed.
+    pub force: Vec<String>,
+    pub jobs: usize,
+}
+
+/// Receives progress events; the CLI turns them into progress bars. Never affects results.
+pub trait Reporter: Send + Sync {
+    fn stage_started(&self, _stage: &str, _todo: usize, _skipped: usize) {}
+    fn unit_finished(&self, _stage: &str, _counts: &UnitCounts) {}
+    fn unit_failed(&self, _stage: &str, _unit: u32, _error: &str) {}
+    fn stage_finished(&self, _summary: &StageSummary) {}
+}
+
+/// What happened to one stage in this run, on this rank.
+#[derive(Debug, Clone, Default)]
+pub struct StageSummary {
+    pub stage: String,
+    /// Units already committed and current: no work.
+    pub skipped: usize,
+    /// Units done in this run, by the reason they needed work.
+    pub done: BTreeMap<String, usize>,
+    pub failed: usize,
+    /// Units whose upstream unit is not current (it failed or is held elsewhere): not attempted.
+    pub blocked: usize,
+    /// Units another live process holds: left to it.
+    pub busy: usize,
+    /// Counts of the units done in this run.
+    pub counts: UnitCounts,
+    pub seconds: f64,
+}
+
+impl StageSummary {
+    pub fn done_total(&self) -> usize {
+        self.done.values().sum()
+    }
+}
+
+/// Everything a unit needs that is shared by the whole run.
+pub(crate) struct Env {
+    pub run_dir: RunDir,
+    pub rank: u32,
+    pub world_size: u32,
+    pub lease_time: Duration,
+    pub reporter: Arc<dyn Reporter>,
+}
+
+/// Runs every stage for this rank's units, doing all the work it can: a failed unit is recorded
+/// and skipped, and only its downstream units wait. Returns per-stage summaries (with failures
+/// counted); errors are for what stops the whole run (config, an unreachable run directory).
+pub async fn run(config: Arc<Config>, options: RunOptions, reporter: Arc<dyn Reporter>) -> Result<Vec<StageSummary>> {
+    let run_dir = RunDir::open(&config.run_dir)?;
+    let plan = if options.world_size > 1 {
+        Plan::load(&config, &run_dir).await?.ok_or_else(|| {
+            Error::Config(format!(
+                "no work plan in {}; with several ranks run `safepipe plan {}` once before starting them",
+                run_dir.display(),
+                config.path.display()
+            ))
+        })?
+    } else {
+        let (plan, created) = Plan::load_or_create(&config, &run_dir).await?;
+        if created {
+            info!(units = plan.units.len(), "made the work plan");
+        }
+        plan
+    };
+    plan.check_inputs(&config, &run_dir).await?.refuse_changes(&config)?;
+    let stages = stages::pipeline(&config);
+    let names: Vec<&str> = stages.iter().map(|s| s.name()).collect();
+    for name in &options.force {
+        let pack = name == "pack" && config.pack.is_some();
+        if name != "all" && !pack && !names.contains(&name.as_str()) {
+            return Err(Error::Config(format!(
+                "--force {name}: no such stage; stages are {names:?} (or 'all')"
+            )));
+        }
+    }
+    let fingerprints = stages::fingerprints(&stages, &plan.fingerprint);
+    let forced = stages::downstream_closure(&stages, &options.force);
+    let units = plan.units_for_rank(options.rank, options.world_size);
+    let unit_ids: Vec<u32> = units.iter().map(|u| u.id).collect();
+    let by_id: HashMap<u32, &WorkUnit> = units.iter().map(|u| (u.id, u)).collect();
+    let env = Arc::new(Env {
+        run_dir,
+        rank: options.rank,
+        world_size: options.world_size,
+        lease_time: Duration::from_secs(config.lease_seconds),
+        reporter,
+    });
+    info!(
+        rank = options.rank,
+        world_size = options.world_size,
+        units = units.len(),
+        "starting"
+    );
+
+    let mut current: Vec<HashMap<u32, Committed>> = Vec::new();
+    let mut summaries = Vec::new();
+    for (i, stage) in stages.iter().enumerate() {
+        let files = env.run_dir.stage(stage.name()).await?;
+        for (unit, why) in files.damaged.iter().filter(|(u, _)| by_id.contains_key(u)) {
+            warn!(stage = stage.name(), unit, problem = %why, "damaged record: the unit is redone");
+        }
+        let upstream: Vec<&HashMap<u32, Committed>> = stage
+            .upstream()
+            .iter()
+            .map(|name| &current[names.iter().position(|n| n == name).expect("declared earlier")])
+            .collect();
+        let judged = freshness::judge_stage(
+            stage.as_ref(),
+            &fingerprints[i],
+            &files,
+            &unit_ids,
+            forced.contains(&stage.name()),
+            &upstream,
+        );
+        let mut summary = StageSummary {
+            stage: stage.name().to_string(),
+            skipped: judged.current.len(),
+            ..Default::default()
+        };
+        let mut todo = Vec::new();
+        for (unit, why, digests) in judged.todo {
+            let Some(digests) = digests else {
+                summary.blocked += 1;
+                continue;
+            };
+            let inputs: BTreeMap<&'static str, CompletionRecord> = stage
+                .upstream()
+                .iter()
+                .zip(&upstream)
+                .map(|(name, records)| (*name, records[&unit].record.clone()))
+                .collect();
+            // Files of this unit the listing found in the stage's tables: whatever the new
+            // record does not name is a leftover to delete once it commits.
+            let prefix = format!("unit-{unit:06}-");
+            let leftovers: Vec<String> = files
+                .files
+                .keys()
+                .filter(|name| {
+                    let mut parts = name.split('/');
+                    parts.next() == Some(stage.name())
+                        && parts.next().is_some_and(|table| !table.starts_with('_'))
+                        && parts.next().is_some_and(|file| file.starts_with(&prefix))
+                })
+                .cloned()
+                .collect();
+            let job = UnitJob {
+                unit: by_id[&unit].clone(),
+                why,
+                stamp: Stamp {
+                    fingerprint: fingerprints[i].stage.clone(),
+                    settings_fingerprint: fingerprints[i].settings.clone(),
+                    upstream: digests,
+                },
+                settings: fingerprints[i].clone(),
+                inputs,
+                leftovers,
+            };
+            todo.push(job);
+        }
+        let mut reasons: BTreeMap<&str, usize> = BTreeMap::new();
+        for job in &todo {
+            *reasons.entry(job.why.as_str()).or_default() += 1;
+        }
+        info!(
+            stage = stage.name(),
+            to_do = todo.len(),
+            committed = summary.skipped,
+            blocked = summary.blocked,
+            why = ?reasons,
+            "stage planned"
+        );
+        env.reporter.stage_started(stage.name(), todo.len(), summary.skipped);
+
+        let clock = Instant::now();
+        let mut now_current = judged.current;
+        let tasks = todo.into_iter().map(|job| attempt(stage.clone(), job, env.clone()));
+        let mut results = futures::stream::iter(tasks).buffer_unordered(options.jobs.max(1));
+        while let Some((unit, why, outcome)) = results.next().await {
+            match outcome {
+                Outcome::Committed(committed) => {
+                    summary.counts.merge(&committed.record.counts);
+                    *summary.done.entry(why.to_string()).or_default() += 1;
+                    env.reporter.unit_finished(stage.name(), &committed.record.counts);
+                    now_current.insert(unit, committed);
+                }
+                Outcome::AlreadyDone(committed) => {
+                    summary.skipped += 1;
+                    now_current.insert(unit, committed);
+                }
+                Outcome::Busy(holder) => {
+                    summary.busy += 1;
+                    info!(stage = stage.name(), unit, holder = %holder, "held by another process: left to it");
+                }
+                Outcome::Failed(e) => {
+                    summary.failed += 1;
+                    warn!(stage = stage.name(), unit, error = %e, "unit failed");
+                    env.reporter.unit_failed(stage.name(), unit, &e);
+                }
+            }
+        }
+        summary.seconds = clock.elapsed().as_secs_f64();
+        env.reporter.stage_finished(&summary);
+        current.push(now_current);
+        summaries.push(summary);
+    }
+    if config.pack.is_some() {
+        let force_pack = options.force.iter().any(|f| f == "pack" || f == "all");
+        if let Some(summary) = crate::pack::run_global(&config, &plan, &stages, &fingerprints, &env, force_pack).await?
+        {
+            summaries.push(summary);
+        }
+    }
+    Ok(summaries)
+}
+
+/// One unit of one stage to (re)do.
+struct UnitJob {
+    unit: WorkUnit,
+    why: Why,
+    /// What the new record will be stamped with.
+    stamp: Stamp,
+    settings: Fingerprint,
+    /// The current upstream records it reads.
+    inputs: BTreeMap<&'static str, CompletionRecord>,
+    /// Files of this unit in the stage's tables when the stage started.
+    leftovers: Vec<String>,
+}
+
+/// How one unit attempt ended.
+enum Outcome {
+    Committed(Committed),
+    /// Another process committed it while this one waited for the lease.
+    AlreadyDone(Committed),
+    /// Another live process holds its lease.
+    Busy(String),
+    Failed(String),
+}
+
+/// Takes the lease, runs the unit in its own task (so a panic is caught and becomes this unit's
+/// failure), records failures, releases the lease.
+async fn attempt(stage: Arc<dyn Stage>, job: UnitJob, env: Arc<Env>) -> (u32, Why, Outcome) {
+    let (id, why) = (job.unit.id, job.why);
+    let fingerprint = job.stamp.fingerprint.clone();
+    let name = stage.name();
+    let attempt = attempt_id();
+    let lease = match leases::acquire(&env.run_dir, name, id, env.rank, &attempt, env.lease_time).await {
+        Ok(Acquired::Owned(lease)) => lease,
+        Ok(Acquired::Busy(holder)) => return (id, why, Outcome::Busy(holder.describe())),
+        Err(e) => return (id, why, Outcome::Failed(format!("taking the unit's lease: {e}"))),
+    };
+    if let Some(old) = &lease.took_over {
+        let dead = env
+            .run_dir
+            .root()
+            .child(&format!("{name}/{ATTEMPTS_DIR}/{}", old.attempt));
+        delete_prefix(&env.run_dir, &dead).await;
+    }
+    let task = tokio::spawn(commit_unit(stage.clone(), job, attempt.clone(), env.clone(), *lease));
+    let (outcome, panicked) = match task.await {
+        Ok(Ok(outcome)) => (outcome, false),
+        Ok(Err(e)) => (Outcome::Failed(e.to_string()), false),
+        Err(e) => (Outcome::Failed(panic_message(e)), true),
+    };
+    if let Outcome::Failed(error) = &outcome {
+        let failure = FailureRecord {
+            stage: name.to_string(),
+            unit: id,
+            fingerprint,
+            rank: env.rank,
+            error: error.clone(),
+            at: chrono::Utc::now().to_rfc3339(),
+        };
+        let written = match records::to_json(&failure) {
+            Ok(bytes) => env.run_dir.put(&env.run_dir.failure(name, id), bytes).await,
+            Err(e) => Err(e),
+        };
+        if let Err(e) = written {
+            warn!(unit = id, error = %e, "could not write the failure record");
+        }
+        delete_prefix(
+            &env.run_dir,
+            &env.run_dir.root().child(&format!("{name}/{ATTEMPTS_DIR}/{attempt}")),
+        )
+        .await;
+        if panicked {
+            // The task died holding the lease: release it here.
+            release_after_failure(&env.run_dir, name, id).await;
+        }
+    }
+    (id, why, outcome)
+}
+
+/// The message of a panicked unit task.
+fn panic_message(e: tokio::task::JoinError) -> String {
+    match e.try_into_panic() {
+        Ok(payload) => {
+            let text = payload
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| payload.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "a panic without a message".into());
+            format!("internal error: the unit panicked: {text} (please report this with the log)")
+        }
+        Err(e) => format!("internal error: the unit's task ended: {e}"),
+    }
+}
+
+/// Deletes the lease folder of a unit whose task died without releasing it (a panic): only this
+/// process could hold it, since the task held the lease when it died.
+async fn release_after_failure(run_dir: &RunDir, stage: &str, unit: u32) {
+    let dir = run_dir.lease_dir(stage, unit);
+    let Some(relative) = run_dir.relative(&dir) else { return };
+    if let Ok(listed) = run_dir.list(&relative).await {
+        for meta in listed {
+            let at = run_dir.root().with_path(meta.location);
+            let mine = at
+                .read()
+                .await
+                .ok()
+                .flatten()
+                .and_then(|b| serde_json::from_slice::<leases::Holder>(&b).ok())
+                .is_some_and(|h| h.pid == std::process::id() && h.host == crate::engine::run_dir::host_name());
+            if mine {
+                let _ = run_dir.delete(&at).await;
+            }
+        }
+    }
+}
+
+/// Deletes every object under `prefix` (best effort: leftovers are `gc`'s).
+async fn delete_prefix(run_dir: &RunDir, prefix: &crate::engine::storage::Location) {
+    let Some(relative) = run_dir.relative(prefix) else {
+        return;
+    };
+    if let Ok(listed) = run_dir.list(&relative).await {
+        for meta in listed {
+            let _ = run_dir.delete(&run_dir.root().with_path(meta.location)).await;
+        }
+    }
+    if run_dir.is_local() {
+        let _ = std::fs::remove_dir_all(prefix.display());
+    }
+}
+
+/// Whether every file a record names exists.
+async fn all_present(run_dir: &RunDir, record: &CompletionRecord) -> Result<bool> {
+    use object_store::ObjectStoreExt;
+    for f in record.outputs.values() {
+        let at = run_dir.file(&f.file)?;
+        match at.store.head(&at.path).await {
+            Ok(_) => {}
+            Err(object_store::Error::NotFound { .. }) => return Ok(false),
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(true)
+}
+
+/// Under the lease: re-checks freshness, produces, publishes and commits one unit; the lease is
+/// released whatever happens (except a panic: then [`attempt`] deletes it).
+async fn commit_unit(
+    stage: Arc<dyn Stage>,
+    job: UnitJob,
+    attempt: String,
+    env: Arc<Env>,
+    lease: Lease,
+) -> Result<Outcome> {
+    let outcome = produce(stage, job, attempt, &env, &lease).await;
+    lease.release().await;
+    outcome
+}
+
+async fn produce(stage: Arc<dyn Stage>, job: UnitJob, attempt: String, env: &Env, lease: &Lease) -> Result<Outcome> {
+    let (id, name) = (job.unit.id, stage.name());
+    let record_at = env.run_dir.record(name, id);
+    let previous = match record_at.read().await? {
+        Some(bytes) => Committed::parse(&bytes).ok(),
+        None => None,
+    };
+    // Another process may have committed the unit while we judged it: judge it again.
+    if job.why != Why::Forced
+        && let Some(p) = &previous
+    {
+        let case = freshness::Case {
+            stamp: Some(&p.record.stamp),
+            damaged: false,
+            forced: false,
+            incomplete: stage.incomplete(&p.record),
+        };
+        if all_present(&env.run_dir, &p.record).await?
+            && freshness::judge(&case, &job.settings, Some(&job.stamp.upstream)) == freshness::Verdict::Current
+        {
+            return Ok(Outcome::AlreadyDone(p.clone()));
+        }
+    }
+    let started_at = chrono::Utc::now().to_rfc3339();
+    let clock = Instant::now();
+    let mut writers: Vec<(&'static str, TableWriter)> = stage
+        .outputs()
+        .into_iter()
+        .map(|t| {
+            let staged = env
+                .run_dir
+                .attempt_file(name, &attempt, &format!("{}/unit-{id:06}.parquet", t.name));
+            (t.name, TableWriter::new(staged, t.schema))
+        })
+        .collect();
+    let mut counts = UnitCounts::default();
+    let mut batches = stage.run(UnitInput {
+        unit: job.unit,
+        run_dir: env.run_dir.clone(),
+        upstream: job.inputs,
+    });
+    while let Some(batch) = batches.next().await {
+        let batch = batch?;
+        for (table, rows) in &batch.tables {
+            let (_, writer) = writers
+                .iter_mut()
+                .find(|(t, _)| t == table)
+                .ok_or_else(|| Error::Internal(format!("stage {name} produced undeclared table {table}")))?;
+            writer.write(rows).await?;
+        }
+        counts.merge(&batch.counts);
+    }
+    drop(batches);
+    counts
+        .check()
+        .map_err(|e| Error::Internal(format!("stage {name}, unit {id}: {e}")))?;
+    let mut finished = Vec::new();
+    for (table, writer) in writers {
+        if let Some(file) = writer.finish().await? {
+            finished.push((table, file));
+        }
+    }
+    if !lease.still_held().await? {
+        return Err(Error::Execution(format!(
+            "stage {name}, unit {id}: another process took the unit over (this one stalled past runner.lease_seconds); its result is kept, this one discarded"
+        )));
+    }
+    let mut outputs = BTreeMap::new();
+    for (table, file) in finished {
+        let relative = RunDir::output_name(name, table, id, &job.stamp.fingerprint, &attempt);
+        env.run_dir
+            .publish(&file.location, &env.run_dir.file(&relative)?)
+            .await?;
+        outputs.insert(
+            table.to_string(),
+            OutputFile {
+                file: relative,
+                rows: file.rows,
+                bytes: file.bytes,
+            },
+        );
+    }
+    let record = CompletionRecord {
+        version: RECORD_VERSION,
+        stage: name.to_string(),
+        unit: id,
+        stamp: job.stamp,
+        attempt: attempt.clone(),
+        rank: env.rank,
+        world_size: env.world_size,
+        counts,
+        outputs,
+        started_at,
+        finished_at: chrono::Utc::now().to_rfc3339(),
+        seconds: clock.elapsed().as_secs_f64(),
+    };
+    let bytes = records::to_json(&record)?;
+    env.run_dir.put(&record_at, bytes.clone()).await?;
+    let committed = Committed {
+        digest: records::digest(&bytes),
+        record,
+    };
+    env.run_dir.delete(&env.run_dir.failure(name, id)).await?;
+    // Superseded files: the replaced record's, and leftovers of killed attempts of this unit.
+    let mut superseded: Vec<String> = job.leftovers;
+    if let Some(p) = &previous {
+        superseded.extend(p.record.outputs.values().map(|o| o.file.clone()));
+    }
+    superseded.retain(|f| !committed.record.outputs.values().any(|o| &o.file == f));
+    superseded.sort();
+    superseded.dedup();
+    for file in superseded {
+        if let Err(e) = env.run_dir.delete(&env.run_dir.file(&file)?).await {
+            warn!(file, error = %e, "could not delete a superseded file (gc will)");
+        }
+    }
+    delete_prefix(
+        &env.run_dir,
+        &env.run_dir.root().child(&format!("{name}/{ATTEMPTS_DIR}/{attempt}")),
+    )
+    .await;
+    debug!(
+        stage = name,
+        unit = id,
+        rows_in = committed.record.counts.rows_in,
+        seconds = committed.record.seconds,
+        "unit committed"
+    );
+    Ok(Outcome::Committed(committed))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::stages::{OutputTable, StageBatch};
+    use arrow::array::{RecordBatch, StringArray};
+    use arrow::datatypes::{DataType, Field, Schema};
+    use futures::stream::BoxStream;
+
+    /// A stage that panics on unit 1 and writes one row for every other unit.
+    struct Boom;
+
+    fn schema() -> arrow::datatypes::SchemaRef {
+        Arc::new(Schema::new(vec![Field::new("id", DataType::Utf8, false)]))
+    }
+
+    impl Stage for Boom {
+        fn name(&self) -> &'static str {
+            "boom"
+        }
+        fn upstream(&self) -> &'static [&'static str] {
+            &[]
+        }
+        fn outputs(&self) -> Vec<OutputTable> {
+            vec![OutputTable {
+                name: "rows",
+                schema: schema(),
+            }]
+        }
+        fn settings(&self) -> serde_json::Value {
+            serde_json::json!({})
+        }
+        fn run(&self, input: UnitInput) -> BoxStream<'static, Result<StageBatch>> {
+            let id = input.unit.id;
+            futures::stream::once(async move {
+                assert_ne!(id, 1, "unit 1 explodes on purpose");
+                let rows = RecordBatch::try_new(schema(), vec![Arc::new(StringArray::from(vec![format!("u{id}")]))])?;
+                Ok(StageBatch {
+                    tables: vec![("rows", rows)],
+                    counts: UnitCounts {
+                        rows_in: 1,
+                        rows_out: 1,
+                        ..Default::default()
+                    },
+                })
+            })
+            .boxed()
+        }
+    }
+
+    struct Quiet;
+    impl Reporter for Quiet {}
+
+    #[tokio::test]
+    async fn a_panicking_unit_fails_alone_with_its_message_and_frees_its_lease() {
+        let tmp = tempfile::tempdir().unwrap();
+        let env = Arc::new(Env {
+            run_dir: RunDir::open(tmp.path().to_str().unwrap()).unwrap(),
+            rank: 0,
+            world_size: 1,
+            lease_time: Duration::from_secs(60),
+            reporter: Arc::new(Quiet),
+        });
+        let stage: Arc<dyn Stage> = Arc::new(Boom);
+        let mut outcomes = BTreeMap::new();
+        for id in 0..3 {
+            let job = UnitJob {
+                unit: WorkUnit {
+                    id,
+                    input: "x".into(),
+                    file: "/nowhere".into(),
+                    size: 0,
+                    slice: safepipe_operators::ingest::Slice::Unreadable { error: String::new() },
+                },
+                why: Why::New,
+                stamp: Stamp::default(),
+                settings: Fingerprint {
+                    settings: String::new(),
+                    stage: String::new(),
+                },
+                inputs: BTreeMap::new(),
+                leftovers: Vec::new(),
+            };
+            let (unit, _, outcome) = attempt(stage.clone(), job, env.clone()).await;
+            outcomes.insert(unit, outcome);
+        }
+        assert!(matches!(outcomes[&0], Outcome::Committed(_)));
+        assert!(matches!(outcomes[&2], Outcome::Committed(_)));
+        match &outcomes[&1] {
+            Outcome::Failed(e) => assert!(e.contains("panicked") && e.contains("explodes on purpose"), "{e}"),
+            _ => panic!("unit 1 must fail"),
+        }
+        let files = env.run_dir.stage("boom").await.unwrap();
+        assert_eq!(files.done.len(), 2);
+        assert!(files.failed[&1].error.contains("explodes on purpose"));
+        assert!(
+            !files
+                .files
+                .keys()
+                .any(|f| f.contains("/_leases/") || f.contains("/_attempts/")),
+            "no lease or attempt file is left: {:?}",
+            files.files.keys().collect::<Vec<_>>()
+        );
+        // The table folder holds exactly the committed files.
+        let tables: Vec<_> = files.files.keys().filter(|f| f.starts_with("boom/rows/")).collect();
+        assert_eq!(tables.len(), 2, "{tables:?}");
+    }
+}
