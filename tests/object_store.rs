@@ -133,4 +133,39 @@ fn pipeline_runs_with_inputs_and_run_dir_on_s3() {
     assert!(shards > 1000, "{shards} shards rows");
     let status = text(&safepipe_s3(port, &["status", remote]).stdout);
     assert!(status.contains("s3://corpus/runs/demo"), "{status}");
+
+    // A local run directory moved to S3 as it is (every file uploaded) works there: nothing to
+    // redo, the same tables.
+    let copy = format!(
+        "import boto3, os, sys\n\
+         s3 = boto3.client('s3', endpoint_url='http://127.0.0.1:{port}', aws_access_key_id='test', aws_secret_access_key='test', region_name='us-east-1')\n\
+         root = sys.argv[1]\n\
+         for d, _, names in os.walk(root):\n    for n in names:\n        p = os.path.join(d, n)\n        s3.upload_file(p, 'corpus', 'runs/moved/' + os.path.relpath(p, root))\n"
+    );
+    let status = Command::new(repo().join(".venv/bin/python"))
+        .args(["-c", &copy, ws.path().join("run").to_str().unwrap()])
+        .status()
+        .unwrap();
+    assert!(status.success(), "uploading the run directory failed");
+    let moved = ws.config(
+        "moved.toml",
+        &sample_config(&token_sections()).replace("run_dir = \"run\"", "run_dir = \"s3://corpus/runs/moved\""),
+    );
+    let resumed = safepipe_s3(port, &["run", moved.to_str().unwrap()]);
+    assert!(resumed.status.success(), "{}", text(&resumed.stderr));
+    for stage in ["ingest", "route", "tag", "tokenize", "pack"] {
+        assert_eq!(
+            units_done(&text(&resumed.stderr), stage),
+            0,
+            "{}",
+            text(&resumed.stderr)
+        );
+    }
+    for query in [DOCUMENTS, QUARANTINE, ROUTES, TOKENS, SHARDS] {
+        assert_eq!(
+            sql_rows_with_env(&moved, query, &s3_env(port)),
+            sql_rows(&local, query),
+            "{query}"
+        );
+    }
 }

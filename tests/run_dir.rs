@@ -552,3 +552,119 @@ fn pack_on_every_rank_writes_the_shards_of_one_process() {
     }
     assert_eq!(shard_hashes(&ws.path().join("seq")), expected);
 }
+
+/// Every stage: ingest, score (the demo classifier), annotate and synthesize (the in-process
+/// SmolLM2 on a small seeded sample, greedy), route, tag, tokenize, pack.
+fn every_stage_config(ws: &Workspace, run_dir: &str) -> String {
+    let ham = ws.path().join("ham.jsonl");
+    if !ham.exists() {
+        let lines: Vec<String> = std::fs::read_to_string(sample("spamassassin-ham.jsonl"))
+            .unwrap()
+            .lines()
+            .take(120)
+            .map(str::to_string)
+            .collect();
+        std::fs::write(&ham, lines.join("\n") + "\n").unwrap();
+    }
+    format!(
+        "run_dir = {run_dir:?}\n\n\
+         [[inputs]]\nname = \"ham\"\npaths = [{:?}]\n\n\
+         [[inputs]]\nname = \"harmbench\"\npaths = [{:?}]\n\n\
+         [plan]\njsonl_unit_bytes = 65536\n\n\
+         [score]\nmodel = {:?}\nprecision = \"int8\"\n\n\
+         [llm]\nbackend = \"in-process\"\nmodel = {:?}\nmax_batch = 4\n\n\
+         [annotate]\nsample = 0.01\nmax_input_chars = 200\nmax_tokens = 6\n\n\
+         [synthesize]\nsample = 0.02\nmax_input_chars = 200\n\
+         [synthesize.rephrase]\nmax_tokens = 8\ntemperature = 0.0\n\
+         [synthesize.refuse]\nmax_tokens = 8\ntemperature = 0.0\n\
+         [synthesize.moral]\nmax_tokens = 8\ntemperature = 0.0\n\n\
+         [route]\ndefault = \"keep\"\n\n\
+         [[route.rules]]\nname = \"unsafe\"\nwhen = \"ensemble >= 4\"\nroute = \"refuse\"\nalso_tag = true\n\n\
+         [[route.rules]]\nname = \"borderline\"\nwhen = \"ensemble >= 1\"\nroute = \"rephrase\"\nalso_tag = true\n\n\
+         [tokenize]\ntokenizer = {:?}\n\n\
+         [pack]\nseq_len = 127\nshard_sequences = 50\n\n\
+         [runner]\njobs = 2\n",
+        ham.display().to_string(),
+        sample("harmbench.parquet").display().to_string(),
+        repo()
+            .join("classifiers/minilm-l6-safety/classifier.toml")
+            .display()
+            .to_string(),
+        gguf(),
+        gguf()
+    )
+}
+
+/// Every table as sorted multisets (texts hashed), and the shards' bytes.
+fn everything(config: &Path, run_dir: &Path) -> Vec<Vec<String>> {
+    let mut all = snapshot(config);
+    for query in [
+        "SELECT id, score, probs, expected, chunks, tokens, model FROM scores",
+        "SELECT id, classifier_score, llm_score, ensemble, status, reason, answer FROM llm_scores",
+        "SELECT id, parent_id, kind, style, md5(text) AS t, finish_reason, completion_tokens, gates, keep, error FROM synthetic",
+        "SELECT id, source, kind, n_tokens, tag_tokens, input_ids FROM tokens",
+    ] {
+        all.push(sql_rows(config, query));
+    }
+    all.push(shard_hashes(run_dir));
+    all
+}
+
+/// Completion records of every stage written so far, the pack manifest counting as one.
+fn commits(run_dir: &Path) -> usize {
+    let stages = ["ingest", "score", "annotate", "route", "synthesize", "tag", "tokenize"];
+    let records: usize = stages
+        .iter()
+        .filter_map(|stage| std::fs::read_dir(run_dir.join(stage).join("_done")).ok())
+        .map(|entries| entries.count())
+        .sum();
+    records + usize::from(run_dir.join("pack/manifest.json").exists())
+}
+
+#[test]
+fn kill_9_at_20_instants_across_every_stage_then_rerun_gives_the_same_tables_and_shards() {
+    let ws = Workspace::new();
+    let reference = ws.config("reference.toml", &every_stage_config(&ws, "reference"));
+    let stderr = run_ok(&reference, &[]);
+    assert!(stderr.contains("generation done"), "{stderr}");
+    let expected = everything(&reference, &ws.path().join("reference"));
+    let total = commits(&ws.path().join("reference"));
+    assert!(
+        sql_number(&reference, "SELECT count(*) FROM synthetic") > 0
+            && sql_number(
+                &reference,
+                "SELECT count(*) FROM llm_scores WHERE status <> 'not_sampled'"
+            ) > 0,
+        "the sample must reach the LLM stages"
+    );
+
+    // Kill k of 20 lands once about k/21 of all commits are done, plus a seeded delay of up to
+    // 20 ms: the kills spread over every stage whatever this machine's speed.
+    let config = ws.config("killed.toml", &every_stage_config(&ws, "killed"));
+    let run_dir = ws.path().join("killed");
+    let mut state: u64 = 0x6b11_2026;
+    let mut next = || {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        state
+    };
+    let mut kills = 0;
+    for k in 1..=20 {
+        let target = total * k / 21;
+        let mut child = spawn_run(&config);
+        while commits(&run_dir) < target && child.try_wait().unwrap().is_none() {
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+        std::thread::sleep(std::time::Duration::from_micros(next() % 20_000));
+        if child.try_wait().unwrap().is_none() {
+            child.kill().unwrap(); // SIGKILL
+            kills += 1;
+        }
+        child.wait().unwrap();
+    }
+    assert!(kills >= 15, "only {kills} of 20 runs were still going when killed");
+    run_ok(&config, &[]);
+    assert_eq!(everything(&config, &run_dir), expected);
+    assert!(predicted(&config).values().all(|&n| n == 0));
+}

@@ -47,7 +47,8 @@ pub enum StatusFormat {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
-    /// Run every stage for this rank's work units; committed units are skipped.
+    /// Run every stage for this rank's work units; current units are skipped, each unit is
+    /// taken under a lease, then this rank packs its part of the shards.
     Run {
         config: PathBuf,
         /// This process's rank (default: from Slurm / Kubernetes variables, else 0).
@@ -71,7 +72,8 @@ pub enum Command {
         #[arg(long)]
         extend: bool,
     },
-    /// Show per stage how many units are committed, stale, failed or pending, and last errors.
+    /// Show per stage how many units are committed, stale, failed, damaged or pending, what the
+    /// next run redoes and why, last errors, and input files changed since planning.
     Status {
         config: PathBuf,
         /// `json` prints one object per stage, for scripts and dashboards.

@@ -1,7 +1,7 @@
 //! safepipe's engine: config, work plan, stage runner with its commit protocol, SQL and status.
 //!
 //! ```text
-//! config.rs     TOML -> validated Config
+//! config.rs     TOML -> validated Config         error.rs    errors by whose fault, exit codes
 //! engine/       the commit protocol in one folder:
 //!   run_dir.rs    RunDir: the run directory's layout, records, relative file names
 //!   freshness.rs  the one decision "is this unit's record current?" (run, status, sql, gc)
@@ -13,12 +13,14 @@
 //! stages/       the DAG and each stage's adapter
 //! catalog.rs    committed outputs as SQL tables   sql.rs      `safepipe sql` / `shell`
 //! status.rs     `safepipe status`                 gc.rs       `safepipe gc`: unreferenced files
-//! pack.rs       the global stage: tokens -> mixture, shuffle -> shards + manifest.json
+//! pack/         the global stage: tokens -> mixture, shuffle -> shards + manifest.json,
+//!               packed on every rank (its own module map)
 //! export.rs     `safepipe export megatron`, `safepipe tokenizer export`
 //! train.rs      `safepipe train`: the packed shards -> the CPU trainer -> checkpoints
 //! classifier.rs `safepipe classifier train|score`: fit a safety head, score texts
 //! llm.rs        the `[llm]` backend shared by the synthesis stages, `safepipe generate`
 //! progress.rs   progress bars and log lines from runner events
+//! cli.rs        flags -> one function per command; main.rs maps errors to exit codes
 //! ```
 //! The transforms themselves live in the `safepipe-operators` crate.
 
