@@ -23,7 +23,7 @@ help:
 	@echo "make test-slow  slow end-to-end tests (the demo config scoring the whole sample)"
 	@echo "make test-server  the HTTP backend against llama.cpp's server (builds llama-cpp-python once, ~9 min)"
 	@echo "make lint    rustfmt check + clippy -D warnings"
-	@echo "make bench   ingest, tokenize and score benchmarks -> docs/BENCHMARKS.md (score: downloads PyTorch into .venv-torch)"
+	@echo "make bench   ingest, engine, tokenize and score benchmarks -> docs/BENCHMARKS.md (score: downloads PyTorch into .venv-torch)"
 	@echo "make classifier  retrain the demo classifier's head (classifiers/minilm-l6-safety) on data/labels"
 
 setup:
@@ -88,6 +88,7 @@ fmt:
 bench: build
 	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements-bench.txt
 	$(PY) scripts/bench_ingest.py --bin $(BIN) --out docs/BENCHMARKS.md
+	$(PY) scripts/bench_engine.py --bin $(BIN) --out docs/BENCHMARKS.md
 	$(PY) scripts/bench_tokenize.py --bin $(BIN) --out docs/BENCHMARKS.md
 	test -x $(TORCH_PY) || python3 -m venv $(TORCH_VENV)
 	$(TORCH_PY) -m pip install --quiet --disable-pip-version-check -r requirements-torch.txt

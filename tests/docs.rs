@@ -141,10 +141,7 @@ fn full_config(ws: &Workspace) -> std::path::PathBuf {
              [llm]\nbackend = \"in-process\"\nmodel = {:?}\n\n[annotate]\n\n[synthesize]\n\n\
              [tokenize]\ntokenizer = {:?}\n\n[pack]\n",
             small_sample_inputs(),
-            repo()
-                .join("classifiers/minilm-l6-safety/classifier.toml")
-                .display()
-                .to_string(),
+            demo_classifier().display().to_string(),
             gguf(),
             gguf()
         ),

@@ -235,27 +235,7 @@ fn kill_9_at_random_instants_then_rerun_gives_the_same_rows() {
     // speed. A fixed seed keeps failures reproducible.
     let config = ws.config("killed.toml", &config_for("killed"));
     let run_dir = ws.path().join("killed");
-    let mut state: u64 = 0x5eed_2026;
-    let mut next = || {
-        state ^= state << 13;
-        state ^= state >> 7;
-        state ^= state << 17;
-        state
-    };
-    let mut kills = 0;
-    for k in 0..12 {
-        let target = total * k / 13;
-        let mut child = spawn_run(&config);
-        while committed_records(&run_dir) < target && child.try_wait().unwrap().is_none() {
-            std::thread::sleep(std::time::Duration::from_micros(500));
-        }
-        std::thread::sleep(std::time::Duration::from_micros(next() % 3000));
-        if child.try_wait().unwrap().is_none() {
-            child.kill().unwrap(); // SIGKILL
-            kills += 1;
-        }
-        child.wait().unwrap();
-    }
+    let kills = kill_at_progress(&config, 12, total, || committed_records(&run_dir), 3000, 0x5eed_2026);
     assert!(kills >= 10, "only {kills} of 12 runs were still going when killed");
     let finish = run_ok(&config, &[]);
     assert!(

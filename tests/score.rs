@@ -11,18 +11,6 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
-/// The committed demo classifier (its encoder comes from `make setup`).
-fn demo_classifier() -> PathBuf {
-    let path = repo().join("classifiers/minilm-l6-safety/classifier.toml");
-    let encoder = repo().join("models/minilm-l6/encoder.onnx");
-    assert!(
-        encoder.exists(),
-        "{} is missing: run `make setup` first",
-        encoder.display()
-    );
-    path
-}
-
 /// A text of about `n` chunks: sample prompts repeated, each line different.
 fn long_text(chunks: usize) -> String {
     let mut s = String::new();

@@ -36,8 +36,9 @@ pub static STATS: LazyLock<SchemaRef> = LazyLock::new(|| {
         Field::new("started_at", DataType::Utf8, false),
         Field::new("finished_at", DataType::Utf8, false),
         Field::new("fingerprint", DataType::Utf8, false),
-        // Whether the unit's result is current (false: a rerun will redo it).
-        Field::new("current", DataType::Boolean, false),
+        // Whether the unit's result is current (false: a rerun will redo it; null: the model files
+        // its stage's fingerprint holds are not here to judge).
+        Field::new("current", DataType::Boolean, true),
     ]))
 });
 
@@ -49,10 +50,21 @@ pub async fn session(config: &Config) -> Result<SessionContext> {
         ctx.register_object_store(&run_dir.root().base, run_dir.root().store.clone());
     }
     let stages = stages::pipeline(&Arc::new(config.clone()));
-    // With a plan, the freshness survey (the rule `run` uses) says which results are current.
-    let surveyed: Vec<(StageFiles, Option<freshness::Judged>)> = match Plan::load(config, &run_dir).await? {
-        Some(plan) => {
-            let fingerprints = stages::fingerprints(&stages, &plan.fingerprint);
+    // With a plan and the model files (the fingerprints hold their identities), the freshness
+    // survey (the rule `run` uses) says which results are current; without, `current` is null.
+    let plan = Plan::load(config, &run_dir).await?;
+    let fingerprints = match &plan {
+        Some(plan) => match stages::fingerprints(&stages, &plan.fingerprint) {
+            Ok(f) => Some(f),
+            Err(e) => {
+                warn!(error = %e, "stats.current is null: the stages' fingerprints need the model files");
+                None
+            }
+        },
+        None => None,
+    };
+    let surveyed: Vec<(StageFiles, Option<freshness::Judged>)> = match (plan, fingerprints) {
+        (Some(plan), Some(fingerprints)) => {
             let units: Vec<u32> = plan.units.iter().map(|u| u.id).collect();
             freshness::survey(&run_dir, &stages, &fingerprints, &units, &[])
                 .await?
@@ -60,7 +72,7 @@ pub async fn session(config: &Config) -> Result<SessionContext> {
                 .map(|(files, judged)| (files, Some(judged)))
                 .collect()
         }
-        None => {
+        _ => {
             let mut out = Vec::new();
             for stage in &stages {
                 out.push((run_dir.stage(stage.name()).await?, None));
@@ -68,7 +80,7 @@ pub async fn session(config: &Config) -> Result<SessionContext> {
             out
         }
     };
-    let mut all: Vec<(CompletionRecord, bool)> = Vec::new();
+    let mut all: Vec<(CompletionRecord, Option<bool>)> = Vec::new();
     for (stage, (files, judged)) in stages.iter().zip(surveyed) {
         if let Some(missing) = files.missing.first() {
             return Err(Error::Execution(format!(
@@ -95,8 +107,7 @@ pub async fn session(config: &Config) -> Result<SessionContext> {
         all.extend(done.into_iter().map(|c| {
             let current = judged
                 .as_ref()
-                .and_then(|j| j.current.get(&c.record.unit))
-                .is_some_and(|now| now.digest == c.digest);
+                .map(|j| j.current.get(&c.record.unit).is_some_and(|now| now.digest == c.digest));
             (c.record, current)
         }));
     }
@@ -150,7 +161,7 @@ fn register(ctx: &SessionContext, name: &str, schema: SchemaRef, files: &[String
     Ok(())
 }
 
-fn stats_batch(records: &[(CompletionRecord, bool)]) -> Result<RecordBatch> {
+fn stats_batch(records: &[(CompletionRecord, Option<bool>)]) -> Result<RecordBatch> {
     let s = |f: &dyn Fn(&CompletionRecord) -> String| -> ArrayRef {
         Arc::new(StringArray::from_iter_values(records.iter().map(|(r, _)| f(r))))
     };

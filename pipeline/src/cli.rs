@@ -355,7 +355,7 @@ pub async fn run(cli: Cli) -> Result<()> {
             TokenizerCommand::Export { config, out } => {
                 let config = Config::load(&config).await?;
                 let file = export::tokenizer_json(&config, &out)?;
-                let t = &config.tokenize.as_ref().expect("checked by export").tokenizer;
+                let t = config.tokenize.as_ref().expect("checked by export").tokenizer.get()?;
                 println!(
                     "wrote {} (vocabulary {}, eos id {}, tag id {}, sha256 {})",
                     file.display(),
@@ -374,6 +374,7 @@ pub async fn run(cli: Cli) -> Result<()> {
                     .ok_or_else(|| Error::Config(format!("{} has no [tokenize] section", config.path.display())))?;
                 let ids = settings
                     .tokenizer
+                    .get()?
                     .encode(&text)
                     .map_err(|e| Error::Internal(e.to_string()))?;
                 println!("{}", serde_json::to_string(&ids).expect("ids serialise"));

@@ -12,7 +12,7 @@ use safepipe_operators::tag::Tagger;
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Component, Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -198,14 +198,61 @@ fn default_window() -> usize {
     4096
 }
 
-/// The score stage's settings, with the model's identity read from its files.
+/// A part of the config that reads model files (a tokenizer, a model's identity, the LLM
+/// backend): checked and loaded on first use, then shared. `plan`, `gc` and `sql` never load
+/// it, so they need only the config and the run directory; `run`, `status`, `train` and
+/// `generate` load it before any work (the stage fingerprints hold it), so a missing model is
+/// still an error at the start, naming the key.
+pub struct Lazy<T> {
+    cell: Arc<OnceLock<std::result::Result<T, String>>>,
+    load: Arc<dyn Fn() -> std::result::Result<T, String> + Send + Sync>,
+}
+
+impl<T> Clone for Lazy<T> {
+    fn clone(&self) -> Self {
+        Lazy {
+            cell: self.cell.clone(),
+            load: self.load.clone(),
+        }
+    }
+}
+
+impl<T> Lazy<T> {
+    fn new(load: impl Fn() -> std::result::Result<T, String> + Send + Sync + 'static) -> Self {
+        Lazy {
+            cell: Arc::new(OnceLock::new()),
+            load: Arc::new(load),
+        }
+    }
+
+    /// Loads on the first call; every later call returns the same value or error.
+    pub fn get(&self) -> Result<&T> {
+        self.cell
+            .get_or_init(|| (self.load)())
+            .as_ref()
+            .map_err(|e| Error::Config(e.clone()))
+    }
+}
+
+impl<T> std::fmt::Debug for Lazy<T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let state = match self.cell.get() {
+            None => "not loaded",
+            Some(Ok(_)) => "loaded",
+            Some(Err(_)) => "failed",
+        };
+        write!(f, "Lazy({state})")
+    }
+}
+
+/// The score stage's settings; the model's identity is read from its files on first use.
 #[derive(Debug, Clone)]
 pub struct ScoreSettings {
     pub manifest: PathBuf,
     pub options: RunOptions,
     pub window: usize,
     /// [`safepipe_model::classifier::model_identity`]: changes when the model's files do.
-    pub identity: String,
+    pub identity: Lazy<String>,
 }
 
 /// `[tokenize]`: present = the tokenize stage runs.
@@ -376,11 +423,11 @@ fn default_eps() -> f64 {
     1e-8
 }
 
-/// The tokenize stage's settings with the tokenizer loaded.
+/// The tokenize stage's settings; the tokenizer is loaded on first use.
 #[derive(Debug, Clone)]
 pub struct TokenizeSettings {
     pub path: String,
-    pub tokenizer: Arc<TextTokenizer>,
+    pub tokenizer: Lazy<Arc<TextTokenizer>>,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -424,13 +471,14 @@ pub struct Config {
     /// Paths resolved; the model preset and the schedule checked.
     pub train: Option<TrainConfig>,
     /// The generation backend of `synthesize` and `annotate` (present when either runs).
-    pub llm: Option<Arc<SharedGenerator>>,
+    pub llm: Option<Lazy<Arc<SharedGenerator>>>,
     pub synthesize: Option<SynthesisSettings>,
     pub annotate: Option<AnnotateSettings>,
 }
 
 impl Config {
-    /// Reads, parses and validates `path`. Every error names the file and the key.
+    /// Reads, parses and validates `path`. Every error names the file and the key. Model files
+    /// are not touched here ([`Lazy`]).
     pub async fn load(path: &Path) -> Result<Config> {
         let text = std::fs::read_to_string(path)
             .map_err(|e| Error::Config(format!("cannot read config {}: {e}", path.display())))?;
@@ -509,9 +557,10 @@ impl Config {
                 )));
             }
         }
+        let shown = path.display().to_string();
         let score = match raw.score {
             None => None,
-            Some(s) => Some(validate_score(s, &dir).map_err(fail)?),
+            Some(s) => Some(validate_score(s, &dir, &shown).map_err(fail)?),
         };
         let run_dir = resolve(&dir, &raw.run_dir);
         let llm = match (&raw.llm, raw.synthesize.is_some() || raw.annotate.is_some()) {
@@ -520,7 +569,16 @@ impl Config {
                     "[synthesize] and [annotate] need an [llm] section (backend = \"in-process\" with a GGUF model, or \"openai\" with base_url)".into(),
                 ));
             }
-            (Some(l), true) => Some(Arc::new(SharedGenerator::new(l.clone(), &dir, &run_dir).map_err(fail)?)),
+            (Some(l), true) => {
+                let checked = l.clone().validate(&dir).map_err(fail)?;
+                let (dir, run_dir, shown) = (dir.clone(), run_dir.clone(), shown.clone());
+                SharedGenerator::cache_dir(&checked, &dir, &run_dir).map_err(fail)?;
+                Some(Lazy::new(move || {
+                    SharedGenerator::new(checked.clone(), &dir, &run_dir)
+                        .map(Arc::new)
+                        .map_err(|e| format!("{shown}: {e}"))
+                }))
+            }
             (_, false) => None,
         };
         let synthesize = match &raw.synthesize {
@@ -553,23 +611,23 @@ impl Config {
             None => None,
             Some(t) => {
                 let file = resolve(&dir, &t.tokenizer);
-                if !Path::new(&file).exists() {
-                    return Err(fail(format!(
-                        "tokenize.tokenizer = {:?}: {file} does not exist (`make setup` fetches the SmolLM2 model \
-                         into models/)",
-                        t.tokenizer
-                    )));
-                }
                 let options = TokenizerOptions {
                     eos: t.eos.clone(),
                     tag: Some(tagger.tag.clone()),
                 };
-                let tokenizer = TextTokenizer::load(Path::new(&file), &options)
-                    .map_err(|e| fail(format!("tokenize.tokenizer: {e}")))?;
-                Some(TokenizeSettings {
-                    path: file,
-                    tokenizer: Arc::new(tokenizer),
-                })
+                let (key, at, shown) = (t.tokenizer.clone(), file.clone(), shown.clone());
+                let tokenizer = Lazy::new(move || {
+                    if !Path::new(&at).exists() {
+                        return Err(format!(
+                            "{shown}: tokenize.tokenizer = {key:?}: {at} does not exist (`make setup` fetches the \
+                             SmolLM2 model into models/)"
+                        ));
+                    }
+                    TextTokenizer::load(Path::new(&at), &options)
+                        .map(Arc::new)
+                        .map_err(|e| format!("{shown}: tokenize.tokenizer: {e}"))
+                });
+                Some(TokenizeSettings { path: file, tokenizer })
             }
         };
         if let Some(pack) = &raw.pack {
@@ -650,15 +708,8 @@ fn validate_train(mut t: TrainConfig, dir: &Path) -> std::result::Result<TrainCo
     Ok(t)
 }
 
-fn validate_score(s: ScoreConfig, dir: &Path) -> std::result::Result<ScoreSettings, String> {
+fn validate_score(s: ScoreConfig, dir: &Path, shown: &str) -> std::result::Result<ScoreSettings, String> {
     let manifest = PathBuf::from(resolve(dir, &s.model));
-    if !manifest.is_file() {
-        return Err(format!(
-            "score.model = {:?}: {} does not exist (`make setup` fetches the demo encoder; classifiers/ holds its head)",
-            s.model,
-            manifest.display()
-        ));
-    }
     if s.window == 0 || s.max_batch == 0 {
         return Err("score.window and score.max_batch must be at least 1".into());
     }
@@ -671,8 +722,17 @@ fn validate_score(s: ScoreConfig, dir: &Path) -> std::result::Result<ScoreSettin
         overlap: s.overlap,
         onnxruntime: s.onnxruntime.as_ref().map(|p| PathBuf::from(resolve(dir, p))),
     };
-    let identity =
-        safepipe_model::classifier::model_identity(&manifest, &options).map_err(|e| format!("score.model: {e}"))?;
+    let (key, at, opts, shown) = (s.model.clone(), manifest.clone(), options.clone(), shown.to_string());
+    let identity = Lazy::new(move || {
+        if !at.is_file() {
+            return Err(format!(
+                "{shown}: score.model = {key:?}: {} does not exist (`make setup` fetches the demo encoder; \
+                 classifiers/ holds its head)",
+                at.display()
+            ));
+        }
+        safepipe_model::classifier::model_identity(&at, &opts).map_err(|e| format!("{shown}: score.model: {e}"))
+    });
     Ok(ScoreSettings {
         manifest,
         options,

@@ -162,6 +162,6 @@ pub fn tokenizer_json(config: &Config, out: &Path) -> Result<PathBuf> {
     if let Some(parent) = file.parent().filter(|p| !p.as_os_str().is_empty()) {
         std::fs::create_dir_all(parent).map_err(|e| io_error(parent, e))?;
     }
-    std::fs::write(&file, settings.tokenizer.json()).map_err(|e| io_error(&file, e))?;
+    std::fs::write(&file, settings.tokenizer.get()?.json()).map_err(|e| io_error(&file, e))?;
     Ok(file)
 }

@@ -43,12 +43,14 @@ pub async fn collect(config: &Config, min_age: Duration, dry_run: bool) -> Resul
         );
         folders.push(stage.name().to_string());
     }
-    // The pack stage's shards: the committed manifest names the live ones.
+    // The pack stage's shards: the committed manifest names the live ones, and the part records
+    // of a multi-rank pack still being assembled name theirs.
     if let Some(m) = crate::pack::load_manifest(&run_dir).await?.manifest() {
         named.extend(m.shards.iter().map(|f| f.file.clone()));
     }
+    named.extend(crate::pack::part_shards(&run_dir).await?);
     folders.push(crate::pack::STAGE.to_string());
-    let bookkeeping = [DONE_DIR, FAILED_DIR, LEASES_DIR];
+    let bookkeeping = [DONE_DIR, FAILED_DIR, LEASES_DIR, "_parts"];
     for folder in folders {
         for meta in run_dir.list(&folder).await? {
             let location = run_dir.root().with_path(meta.location.clone());

@@ -117,12 +117,6 @@ impl LlmConfig {
         match self.backend {
             Backend::InProcess => {
                 self.model = resolve(&self.model);
-                if !Path::new(&self.model).is_file() {
-                    return Err(format!(
-                        "llm.model = {}: no such GGUF file (make setup fetches SmolLM2 into models/)",
-                        self.model
-                    ));
-                }
                 if self.max_batch == 0 {
                     return Err("llm.max_batch must be at least 1".into());
                 }
@@ -511,23 +505,31 @@ impl std::fmt::Debug for SharedGenerator {
 }
 
 impl SharedGenerator {
-    /// Validates `[llm]` and resolves the cache directory (`run_dir` must be local unless
-    /// `llm.cache_dir` is set).
+    /// Where the request cache lives (`run_dir` must be local unless `llm.cache_dir` is set).
+    pub fn cache_dir(config: &LlmConfig, dir: &Path, run_dir: &str) -> std::result::Result<PathBuf, String> {
+        match &config.cache_dir {
+            Some(c) => Ok(dir.join(c)),
+            None if !run_dir.contains("://") || run_dir.starts_with("file://") => {
+                Ok(PathBuf::from(run_dir.trim_start_matches("file://"))
+                    .join("cache")
+                    .join("llm"))
+            }
+            None => Err(format!(
+                "run_dir {run_dir} is not a local path: set llm.cache_dir to a local or shared directory for the request cache"
+            )),
+        }
+    }
+
+    /// Validates `[llm]`, checks its model file and reads the model's identity.
     pub fn new(config: LlmConfig, dir: &Path, run_dir: &str) -> std::result::Result<SharedGenerator, String> {
         let config = config.validate(dir)?;
-        let cache_dir = match &config.cache_dir {
-            Some(c) => dir.join(c),
-            None if !run_dir.contains("://") || run_dir.starts_with("file://") => {
-                PathBuf::from(run_dir.trim_start_matches("file://"))
-                    .join("cache")
-                    .join("llm")
-            }
-            None => {
-                return Err(format!(
-                    "run_dir {run_dir} is not a local path: set llm.cache_dir to a local or shared directory for the request cache"
-                ));
-            }
-        };
+        if config.backend == Backend::InProcess && !Path::new(&config.model).is_file() {
+            return Err(format!(
+                "llm.model = {}: no such GGUF file (make setup fetches SmolLM2 into models/)",
+                config.model
+            ));
+        }
+        let cache_dir = SharedGenerator::cache_dir(&config, dir, run_dir)?;
         let identity = config.identity()?;
         Ok(SharedGenerator {
             config,

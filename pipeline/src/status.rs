@@ -56,7 +56,7 @@ pub async fn collect(config: &Config) -> Result<Option<Report>> {
     };
     let drift = plan.check_inputs(config, &run_dir).await?;
     let stages = stages::pipeline(&Arc::new(config.clone()));
-    let fingerprints = stages::fingerprints(&stages, &plan.fingerprint);
+    let fingerprints = stages::fingerprints(&stages, &plan.fingerprint)?;
     let units: Vec<u32> = plan.units.iter().map(|u| u.id).collect();
     let survey = freshness::survey(&run_dir, &stages, &fingerprints, &units, &[]).await?;
     let mut out = Vec::new();

@@ -313,13 +313,13 @@ pub async fn train(config: &Config, resume: bool, until: Option<u64>) -> Result<
         Trainer::new(model.clone(), Params::init(&model, t.seed), optim(t)).map_err(fail)?
     };
     if let Some(tokenize) = &config.tokenize
-        && tokenize.tokenizer.hash() != manifest.tokenizer.sha256
+        && tokenize.tokenizer.get()?.hash() != manifest.tokenizer.sha256
     {
         return Err(fail(format!(
             "the shards were tokenized with tokenizer {} but [tokenize] here is {}: checkpoints would carry \
              the wrong tokenizer.json; point [tokenize] at the shards' tokenizer",
             manifest.tokenizer.sha256,
-            tokenize.tokenizer.hash()
+            tokenize.tokenizer.get()?.hash()
         )));
     }
     let vocab = manifest.tokenizer.vocab_size;
@@ -434,16 +434,17 @@ fn connect() -> Result<Box<dyn Collective>> {
 fn save(trainer: &Trainer, config: &Config, dir: &Path, global: usize) -> Result<PathBuf> {
     let name = format!("step-{:08}", trainer.step);
     let target = dir.join(&name);
-    let (bos, eos) = match &config.tokenize {
-        Some(t) => (t.tokenizer.eos_id(), t.tokenizer.eos_id()),
-        None => (0, 0),
+    let tokenizer = match &config.tokenize {
+        Some(t) => Some(t.tokenizer.get()?),
+        None => None,
     };
+    let (bos, eos) = tokenizer.map_or((0, 0), |t| (t.eos_id(), t.eos_id()));
     let extra = serde_json::json!({ "rows_seen": trainer.step * global as u64, "global_batch": global });
     trainer
         .save(&target, bos, eos, extra)
         .map_err(|e| Error::Config(format!("saving a checkpoint: {e}")))?;
-    if let Some(t) = &config.tokenize {
-        std::fs::write(target.join("tokenizer.json"), t.tokenizer.json())
+    if let Some(t) = tokenizer {
+        std::fs::write(target.join("tokenizer.json"), t.json())
             .map_err(|e| Error::Config(format!("saving the tokenizer: {e}")))?;
     }
     let partial = dir.join(format!("{LATEST}.partial"));

@@ -63,6 +63,18 @@ pub fn gguf() -> String {
     path.display().to_string()
 }
 
+/// The committed demo classifier (its encoder comes from `make setup`).
+pub fn demo_classifier() -> PathBuf {
+    let path = repo().join("classifiers/minilm-l6-safety/classifier.toml");
+    let encoder = repo().join("models/minilm-l6/encoder.onnx");
+    assert!(
+        encoder.exists(),
+        "{} is missing: run `make setup` first",
+        encoder.display()
+    );
+    path
+}
+
 /// The demo-like config over the sample corpus with small JSONL units.
 pub fn sample_config(extra: &str) -> String {
     format!(
@@ -209,4 +221,37 @@ pub fn summary_line<'a>(stderr: &'a str, stage: &str) -> &'a str {
 pub fn units_done(stderr: &str, stage: &str) -> usize {
     let line = summary_line(stderr, stage);
     line.split_whitespace().nth(1).unwrap().parse().unwrap()
+}
+
+/// Starts `safepipe run CONFIG` `rounds` times and `kill -9`s round k (0-based, of n) once
+/// `progress()` reaches `total * k / (n + 1)`, plus a seeded delay of up to `jitter_us`: the
+/// kills spread over the run (the first one during planning) whatever this machine's speed. Returns how many runs were still going when
+/// killed (the others finished first).
+pub fn kill_at_progress(
+    config: &Path,
+    rounds: usize,
+    total: usize,
+    progress: impl Fn() -> usize,
+    jitter_us: u64,
+    seed: u64,
+) -> usize {
+    let mut state = seed;
+    let mut kills = 0;
+    for k in 0..rounds {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        let target = total * k / (rounds + 1);
+        let mut child = spawn_run(config);
+        while progress() < target && child.try_wait().unwrap().is_none() {
+            std::thread::sleep(std::time::Duration::from_micros(500));
+        }
+        std::thread::sleep(std::time::Duration::from_micros(state % jitter_us.max(1)));
+        if child.try_wait().unwrap().is_none() {
+            child.kill().unwrap(); // SIGKILL
+            kills += 1;
+        }
+        child.wait().unwrap();
+    }
+    kills
 }

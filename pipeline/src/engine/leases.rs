@@ -212,6 +212,10 @@ impl Lease {
                 warn!(lease = %self.dir.display(), error = %e, "could not delete a lease");
             }
         }
+        if self.run_dir.is_local() {
+            // The unit's lease folder, once empty (another process may be creating in it).
+            let _ = std::fs::remove_dir(self.dir.display());
+        }
     }
 }
 

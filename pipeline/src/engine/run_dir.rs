@@ -182,6 +182,18 @@ impl RunDir {
         }
     }
 
+    /// Deletes what an attempt left in its folder (best effort: leftovers are `gc`'s), the
+    /// folder included on local disk.
+    pub async fn delete_attempt(&self, stage: &str, attempt: &str) {
+        let prefix = format!("{stage}/{ATTEMPTS_DIR}/{attempt}");
+        for meta in self.list(&prefix).await.unwrap_or_default() {
+            let _ = self.delete(&self.root.with_path(meta.location)).await;
+        }
+        if self.is_local() {
+            let _ = std::fs::remove_dir_all(self.root.child(&prefix).display());
+        }
+    }
+
     /// Lists every object under `prefix` (relative to the run directory).
     pub async fn list(&self, prefix: &str) -> Result<Vec<ObjectMeta>> {
         let at = self.root.child(prefix);

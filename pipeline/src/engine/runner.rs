@@ -19,9 +19,7 @@ use crate::config::Config;
 use crate::engine::freshness::{self, Why};
 use crate::engine::leases::{self, Acquired, Lease};
 use crate::engine::plan::{Plan, WorkUnit};
-use crate::engine::records::{
-    self, ATTEMPTS_DIR, Committed, CompletionRecord, FailureRecord, OutputFile, RECORD_VERSION, Stamp,
-};
+use crate::engine::records::{self, Committed, CompletionRecord, FailureRecord, OutputFile, RECORD_VERSION, Stamp};
 use crate::engine::run_dir::{RunDir, attempt_id};
 use crate::engine::writer::TableWriter;
 use crate::error::{Error, Result};
@@ -115,7 +113,7 @@ pub async fn run(config: Arc<Config>, options: RunOptions, reporter: Arc<dyn Rep
             )));
         }
     }
-    let fingerprints = stages::fingerprints(&stages, &plan.fingerprint);
+    let fingerprints = stages::fingerprints(&stages, &plan.fingerprint)?;
     let forced = stages::downstream_closure(&stages, &options.force);
     let units = plan.units_for_rank(options.rank, options.world_size);
     let unit_ids: Vec<u32> = units.iter().map(|u| u.id).collect();
@@ -291,11 +289,7 @@ async fn attempt(stage: Arc<dyn Stage>, job: UnitJob, env: Arc<Env>) -> (u32, Wh
         Err(e) => return (id, why, Outcome::Failed(format!("taking the unit's lease: {e}"))),
     };
     if let Some(old) = &lease.took_over {
-        let dead = env
-            .run_dir
-            .root()
-            .child(&format!("{name}/{ATTEMPTS_DIR}/{}", old.attempt));
-        delete_prefix(&env.run_dir, &dead).await;
+        env.run_dir.delete_attempt(name, &old.attempt).await;
     }
     let task = tokio::spawn(commit_unit(stage.clone(), job, attempt.clone(), env.clone(), *lease));
     let (outcome, panicked) = match task.await {
@@ -319,11 +313,7 @@ async fn attempt(stage: Arc<dyn Stage>, job: UnitJob, env: Arc<Env>) -> (u32, Wh
         if let Err(e) = written {
             warn!(unit = id, error = %e, "could not write the failure record");
         }
-        delete_prefix(
-            &env.run_dir,
-            &env.run_dir.root().child(&format!("{name}/{ATTEMPTS_DIR}/{attempt}")),
-        )
-        .await;
+        env.run_dir.delete_attempt(name, &attempt).await;
         if panicked {
             // The task died holding the lease: release it here.
             release_after_failure(&env.run_dir, name, id).await;
@@ -366,21 +356,6 @@ async fn release_after_failure(run_dir: &RunDir, stage: &str, unit: u32) {
                 let _ = run_dir.delete(&at).await;
             }
         }
-    }
-}
-
-/// Deletes every object under `prefix` (best effort: leftovers are `gc`'s).
-async fn delete_prefix(run_dir: &RunDir, prefix: &crate::engine::storage::Location) {
-    let Some(relative) = run_dir.relative(prefix) else {
-        return;
-    };
-    if let Ok(listed) = run_dir.list(&relative).await {
-        for meta in listed {
-            let _ = run_dir.delete(&run_dir.root().with_path(meta.location)).await;
-        }
-    }
-    if run_dir.is_local() {
-        let _ = std::fs::remove_dir_all(prefix.display());
     }
 }
 
@@ -528,11 +503,7 @@ async fn produce(stage: Arc<dyn Stage>, job: UnitJob, attempt: String, env: &Env
             warn!(file, error = %e, "could not delete a superseded file (gc will)");
         }
     }
-    delete_prefix(
-        &env.run_dir,
-        &env.run_dir.root().child(&format!("{name}/{ATTEMPTS_DIR}/{attempt}")),
-    )
-    .await;
+    env.run_dir.delete_attempt(name, &attempt).await;
     debug!(
         stage = name,
         unit = id,
@@ -571,8 +542,8 @@ mod tests {
                 schema: schema(),
             }]
         }
-        fn settings(&self) -> serde_json::Value {
-            serde_json::json!({})
+        fn settings(&self) -> Result<serde_json::Value> {
+            Ok(serde_json::json!({}))
         }
         fn run(&self, input: UnitInput) -> BoxStream<'static, Result<StageBatch>> {
             let id = input.unit.id;

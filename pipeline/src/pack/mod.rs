@@ -29,7 +29,7 @@ use crate::config::{Config, PackConfig};
 use crate::engine::freshness::{self, Case, Verdict};
 use crate::engine::leases::{self, Acquired};
 use crate::engine::plan::Plan;
-use crate::engine::records::{self, ATTEMPTS_DIR, Committed, OutputFile, RECORD_VERSION, Stamp};
+use crate::engine::records::{self, Committed, OutputFile, RECORD_VERSION, Stamp};
 use crate::engine::run_dir::{RunDir, attempt_id};
 use crate::engine::runner::{Env, StageSummary};
 use crate::engine::storage::Location;
@@ -407,6 +407,9 @@ async fn pack_if_needed(config: &Config, env: &Env, view: &PackView, part: Part,
             return Ok(false);
         }
     };
+    if let Some(old) = &lease.took_over {
+        env.run_dir.delete_attempt(STAGE, &old.attempt).await;
+    }
     // Forced: only this rank's own part is redone; the others count if current.
     let redo = forced && part.rank == env.rank;
     let outcome = match current_part(&env.run_dir, part, view).await {
@@ -414,15 +417,25 @@ async fn pack_if_needed(config: &Config, env: &Env, view: &PackView, part: Part,
         Ok(_) => pack_part(config, env, view, part, &attempt, &lease).await.map(|_| true),
         Err(e) => Err(e),
     };
-    let attempt_prefix = format!("{STAGE}/{ATTEMPTS_DIR}/{attempt}");
-    for meta in env.run_dir.list(&attempt_prefix).await.unwrap_or_default() {
-        let _ = env.run_dir.delete(&env.run_dir.root().with_path(meta.location)).await;
-    }
-    if env.run_dir.is_local() {
-        let _ = std::fs::remove_dir_all(env.run_dir.root().child(&attempt_prefix).display());
-    }
+    env.run_dir.delete_attempt(STAGE, &attempt).await;
     lease.release().await;
     outcome
+}
+
+/// The shards named by the part records present (a multi-rank pack not assembled yet).
+pub async fn part_shards(run_dir: &RunDir) -> Result<Vec<String>> {
+    let mut shards = Vec::new();
+    for meta in run_dir.list(PARTS_DIR).await? {
+        let at = run_dir.root().with_path(meta.location);
+        if let Some(part) = at
+            .read()
+            .await?
+            .and_then(|b| serde_json::from_slice::<Manifest>(&b).ok())
+        {
+            shards.extend(part.shards.into_iter().map(|s| s.file));
+        }
+    }
+    Ok(shards)
 }
 
 /// Where the record of one part of a multi-rank pack lives.
@@ -472,7 +485,7 @@ async fn pack_part(
         .collect();
     let job = PackJob {
         pack,
-        tokenizer: &tokenize.tokenizer,
+        tokenizer: tokenize.tokenizer.get()?,
         run_dir: env.run_dir.clone(),
         attempt: attempt.to_string(),
         files,

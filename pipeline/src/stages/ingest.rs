@@ -40,14 +40,14 @@ impl Stage for IngestStage {
         ]
     }
 
-    fn settings(&self) -> serde_json::Value {
+    fn settings(&self) -> Result<serde_json::Value> {
         let per_input: Vec<_> = self
             .config
             .inputs
             .iter()
             .map(|i| self.config.ingest_options(i))
             .collect();
-        serde_json::to_value(per_input).expect("serialisable")
+        Ok(serde_json::to_value(per_input).expect("serialisable"))
     }
 
     fn run(&self, input: UnitInput) -> BoxStream<'static, Result<StageBatch>> {

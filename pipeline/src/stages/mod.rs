@@ -66,8 +66,9 @@ pub trait Stage: Send + Sync {
     /// The stages whose outputs for the same unit this stage reads; empty for a source.
     fn upstream(&self) -> &'static [&'static str];
     fn outputs(&self) -> Vec<OutputTable>;
-    /// Everything in the config that changes this stage's output, as JSON.
-    fn settings(&self) -> serde_json::Value;
+    /// Everything in the config that changes this stage's output, as JSON. Model identities
+    /// are read here (the first call loads them: a missing model file is an error).
+    fn settings(&self) -> Result<serde_json::Value>;
     /// Runs one unit. Lazy: nothing happens before the first poll.
     fn run(&self, input: UnitInput) -> BoxStream<'static, Result<StageBatch>>;
     /// A committed unit that the next run should redo although its fingerprint is current
@@ -152,8 +153,9 @@ pub struct Fingerprint {
     pub stage: String,
 }
 
-/// Computes every stage's fingerprint in order; `plan` is the work plan's fingerprint.
-pub fn fingerprints(stages: &[Arc<dyn Stage>], plan: &str) -> Vec<Fingerprint> {
+/// Computes every stage's fingerprint in order; `plan` is the work plan's fingerprint. Loads the
+/// model identities the settings hold.
+pub fn fingerprints(stages: &[Arc<dyn Stage>], plan: &str) -> Result<Vec<Fingerprint>> {
     let mut out: Vec<Fingerprint> = Vec::new();
     for stage in stages {
         let upstream: Vec<String> = stage
@@ -167,14 +169,14 @@ pub fn fingerprints(stages: &[Arc<dyn Stage>], plan: &str) -> Vec<Fingerprint> {
                 out[i].stage.clone()
             })
             .collect();
-        let settings = hash(&stage.settings());
+        let settings = hash(&stage.settings()?);
         let chained = serde_json::json!([stage.name(), CODE_VERSION, settings, plan, upstream]);
         out.push(Fingerprint {
             settings,
             stage: hash(&chained),
         });
     }
-    out
+    Ok(out)
 }
 
 /// `names` plus every stage downstream of them (for `--force`).

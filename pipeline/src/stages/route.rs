@@ -41,8 +41,8 @@ impl Stage for RouteStage {
         }]
     }
 
-    fn settings(&self) -> serde_json::Value {
-        serde_json::to_value(&self.config.route).expect("serialisable")
+    fn settings(&self) -> Result<serde_json::Value> {
+        Ok(serde_json::to_value(&self.config.route).expect("serialisable"))
     }
 
     fn run(&self, input: UnitInput) -> BoxStream<'static, Result<StageBatch>> {

@@ -58,8 +58,8 @@ impl Stage for ScoreStage {
     }
 
     /// The model's identity (its files' hash, precision, overlap), not its path.
-    fn settings(&self) -> serde_json::Value {
-        serde_json::json!({ "model": self.settings.identity })
+    fn settings(&self) -> Result<serde_json::Value> {
+        Ok(serde_json::json!({ "model": self.settings.identity.get()? }))
     }
 
     fn run(&self, input: UnitInput) -> BoxStream<'static, Result<StageBatch>> {

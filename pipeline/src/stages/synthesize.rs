@@ -8,6 +8,7 @@
 //! failed requests.
 
 use super::{OutputTable, Stage, StageBatch, UnitInput, unit_session};
+use crate::config::Lazy;
 use crate::engine::records::CompletionRecord;
 use crate::error::{Error, Result};
 use crate::llm::{SharedGenerator, progress_message};
@@ -91,7 +92,7 @@ fn generation_unit(
     input: UnitInput,
     wanted: Vec<(&'static str, &'static str, SchemaRef)>,
     query: &'static str,
-    llm: Arc<SharedGenerator>,
+    llm: Lazy<Arc<SharedGenerator>>,
     (stage, table): (&'static str, &'static str),
     work: impl FnOnce(
         &[RecordBatch],
@@ -103,6 +104,7 @@ fn generation_unit(
     + 'static,
 ) -> BoxStream<'static, Result<StageBatch>> {
     futures::stream::once(async move {
+        let llm = llm.get()?.clone();
         let ctx = unit_session(&input, &wanted).await?;
         let batches = ctx.sql(query).await?.collect().await?;
         let unit = input.unit.id;
@@ -122,12 +124,12 @@ fn generation_unit(
 }
 
 pub struct SynthesizeStage {
-    llm: Arc<SharedGenerator>,
+    llm: Lazy<Arc<SharedGenerator>>,
     settings: SynthesisSettings,
 }
 
 impl SynthesizeStage {
-    pub fn new(llm: Arc<SharedGenerator>, settings: SynthesisSettings) -> Self {
+    pub fn new(llm: Lazy<Arc<SharedGenerator>>, settings: SynthesisSettings) -> Self {
         SynthesizeStage { llm, settings }
     }
 }
@@ -155,8 +157,8 @@ impl Stage for SynthesizeStage {
     }
 
     /// The model's identity (not timeouts or retries), the templates and every setting.
-    fn settings(&self) -> serde_json::Value {
-        serde_json::json!({ "model": self.llm.identity, "settings": self.settings })
+    fn settings(&self) -> Result<serde_json::Value> {
+        Ok(serde_json::json!({ "model": self.llm.get()?.identity, "settings": self.settings }))
     }
 
     fn incomplete(&self, record: &CompletionRecord) -> bool {
@@ -199,13 +201,13 @@ impl Stage for SynthesizeStage {
 }
 
 pub struct AnnotateStage {
-    llm: Arc<SharedGenerator>,
+    llm: Lazy<Arc<SharedGenerator>>,
     settings: AnnotateSettings,
     with_scores: bool,
 }
 
 impl AnnotateStage {
-    pub fn new(llm: Arc<SharedGenerator>, settings: AnnotateSettings, with_scores: bool) -> Self {
+    pub fn new(llm: Lazy<Arc<SharedGenerator>>, settings: AnnotateSettings, with_scores: bool) -> Self {
         AnnotateStage {
             llm,
             settings,
@@ -234,8 +236,8 @@ impl Stage for AnnotateStage {
         }]
     }
 
-    fn settings(&self) -> serde_json::Value {
-        serde_json::json!({ "model": self.llm.identity, "settings": self.settings })
+    fn settings(&self) -> Result<serde_json::Value> {
+        Ok(serde_json::json!({ "model": self.llm.get()?.identity, "settings": self.settings }))
     }
 
     fn incomplete(&self, record: &CompletionRecord) -> bool {

@@ -34,9 +34,9 @@ impl Stage for TagStage {
         }]
     }
 
-    fn settings(&self) -> serde_json::Value {
+    fn settings(&self) -> Result<serde_json::Value> {
         let t = &self.config.tagger;
-        serde_json::json!({ "tag": t.tag, "probability": t.probability, "seed": t.seed })
+        Ok(serde_json::json!({ "tag": t.tag, "probability": t.probability, "seed": t.seed }))
     }
 
     fn run(&self, input: UnitInput) -> BoxStream<'static, Result<StageBatch>> {

@@ -44,15 +44,16 @@ impl Stage for TokenizeStage {
 
     /// The tokenizer's identity is the hash of its full JSON (vocabulary, merges, the tag and
     /// the pre-tokenizer), not its path: moving the file reruns nothing, editing it reruns all.
-    fn settings(&self) -> serde_json::Value {
-        let t = &self.settings.tokenizer;
-        serde_json::json!({ "tokenizer": t.hash(), "eos_id": t.eos_id() })
+    fn settings(&self) -> Result<serde_json::Value> {
+        let t = self.settings.tokenizer.get()?;
+        Ok(serde_json::json!({ "tokenizer": t.hash(), "eos_id": t.eos_id() }))
     }
 
     fn run(&self, input: UnitInput) -> BoxStream<'static, Result<StageBatch>> {
         let tokenizer = self.settings.tokenizer.clone();
         let with_synthetic = self.with_synthetic;
         futures::stream::once(async move {
+            let tokenizer = tokenizer.get()?.clone();
             let mut wanted = vec![
                 ("ingest", "documents", schema::DOCUMENTS.clone()),
                 ("route", "routes", schema::ROUTES.clone()),
