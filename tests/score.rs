@@ -8,7 +8,7 @@ mod common;
 use common::*;
 use serde_json::Value;
 use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Stdio};
 
 /// A text of about `n` chunks: sample prompts repeated, each line different.
