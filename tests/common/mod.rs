@@ -4,6 +4,8 @@
 
 pub mod fake_llm;
 
+use serde_json::Value;
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
@@ -254,4 +256,55 @@ pub fn kill_at_progress(
         child.wait().unwrap();
     }
     kills
+}
+
+/// The small samples (9 units), harmful prompts tagged, tokenized and packed.
+pub fn token_config(run_dir: &str, extra: &str) -> String {
+    format!(
+        "run_dir = {run_dir:?}\n\n{}{extra}\n\n\
+         [[route.rules]]\nname = \"too_short\"\nwhen = \"length(trim(text)) < 20\"\nroute = \"drop\"\n\n\
+         [[route.rules]]\nname = \"harmful_prompts\"\nwhen = \"source IN ('harmbench', 'strongreject')\"\nroute = \"tag\"\n\n\
+         [tag]\nprobability = 0.2\n\n\
+         [tokenize]\ntokenizer = {:?}\n\n\
+         [pack]\nseq_len = 255\nshard_sequences = 100\n",
+        small_sample_inputs(),
+        gguf()
+    )
+}
+
+/// The work `status` says the next run does, per stage (units).
+pub fn predicted(config: &Path) -> BTreeMap<String, usize> {
+    let out = safepipe(&["status", config.to_str().unwrap(), "--format", "json"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let stages: Value = serde_json::from_slice(&out.stdout).unwrap();
+    stages
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| {
+            let todo: u64 = s["to_do"]
+                .as_object()
+                .unwrap()
+                .values()
+                .map(|n| n.as_u64().unwrap())
+                .sum();
+            (s["stage"].as_str().unwrap().to_string(), todo as usize)
+        })
+        .collect()
+}
+
+/// Hashes of the committed shards, in manifest order.
+pub fn shard_hashes(run_dir: &Path) -> Vec<String> {
+    use sha2::{Digest, Sha256};
+    let manifest: Value = serde_json::from_slice(&std::fs::read(run_dir.join("pack/manifest.json")).unwrap()).unwrap();
+    manifest["shards"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| {
+            hex::encode(Sha256::digest(
+                std::fs::read(run_dir.join(s["file"].as_str().unwrap())).unwrap(),
+            ))
+        })
+        .collect()
 }

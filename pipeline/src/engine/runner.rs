@@ -157,6 +157,7 @@ pub async fn run(config: Arc<Config>, options: RunOptions, reporter: Arc<dyn Rep
             skipped: judged.current.len(),
             ..Default::default()
         };
+        let mut table_files = files_by_unit(stage.name(), &files);
         let mut todo = Vec::new();
         for (unit, why, digests) in judged.todo {
             let Some(digests) = digests else {
@@ -171,18 +172,7 @@ pub async fn run(config: Arc<Config>, options: RunOptions, reporter: Arc<dyn Rep
                 .collect();
             // Files of this unit the listing found in the stage's tables: whatever the new
             // record does not name is a leftover to delete once it commits.
-            let prefix = format!("unit-{unit:06}-");
-            let leftovers: Vec<String> = files
-                .files
-                .keys()
-                .filter(|name| {
-                    let mut parts = name.split('/');
-                    parts.next() == Some(stage.name())
-                        && parts.next().is_some_and(|table| !table.starts_with('_'))
-                        && parts.next().is_some_and(|file| file.starts_with(&prefix))
-                })
-                .cloned()
-                .collect();
+            let leftovers = table_files.remove(&unit).unwrap_or_default();
             let job = UnitJob {
                 unit: by_id[&unit].clone(),
                 why,
@@ -251,6 +241,29 @@ pub async fn run(config: Arc<Config>, options: RunOptions, reporter: Arc<dyn Rep
         }
     }
     Ok(summaries)
+}
+
+/// The files of each unit in a stage's table folders (`<stage>/<table>/unit-NNNNNN-…`), from one
+/// listing.
+fn files_by_unit(stage: &str, files: &crate::engine::run_dir::StageFiles) -> HashMap<u32, Vec<String>> {
+    let mut by_unit: HashMap<u32, Vec<String>> = HashMap::new();
+    for name in files.files.keys() {
+        let mut parts = name.split('/');
+        let (Some(s), Some(table), Some(file), None) = (parts.next(), parts.next(), parts.next(), parts.next()) else {
+            continue;
+        };
+        let unit = file
+            .strip_prefix("unit-")
+            .and_then(|r| r.get(..6))
+            .and_then(|d| d.parse().ok());
+        if s == stage
+            && !table.starts_with('_')
+            && let Some(unit) = unit
+        {
+            by_unit.entry(unit).or_default().push(name.clone());
+        }
+    }
+    by_unit
 }
 
 /// One unit of one stage to (re)do.
