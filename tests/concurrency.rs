@@ -73,19 +73,27 @@ fn two_processes_given_the_same_units_commit_each_unit_once() {
     }
 }
 
-/// Any lease file under the run directory (a unit being worked on).
+/// Any lease held under the run directory (a unit being worked on, or its holder killed).
 fn lease_exists(run_dir: &Path) -> bool {
     ["ingest", "route", "tag"].iter().any(|stage| {
         std::fs::read_dir(run_dir.join(stage).join("_leases"))
             .map(|units| {
-                units.flatten().any(|u| {
-                    std::fs::read_dir(u.path()).is_ok_and(|mut g| {
-                        g.any(|f| f.is_ok_and(|f| f.path().extension().is_some_and(|x| x == "json")))
-                    })
-                })
+                units
+                    .flatten()
+                    .any(|u| std::fs::read_dir(u.path()).is_ok_and(|mut g| g.any(|f| f.is_ok_and(|f| held(&f.path())))))
             })
             .unwrap_or(false)
     })
+}
+
+/// A lease file of a holder that has not released it (a released one keeps its generation as a
+/// tombstone with expiry 0).
+fn held(path: &Path) -> bool {
+    path.extension().is_some_and(|x| x == "json")
+        && std::fs::read(path)
+            .ok()
+            .and_then(|b| serde_json::from_slice::<Value>(&b).ok())
+            .is_some_and(|v| v["expires_at"].as_u64().is_some_and(|t| t > 0))
 }
 
 #[test]

@@ -66,7 +66,7 @@ pub async fn session(config: &Config) -> Result<SessionContext> {
     let surveyed: Vec<(StageFiles, Option<freshness::Judged>)> = match (plan, fingerprints) {
         (Some(plan), Some(fingerprints)) => {
             let units: Vec<u32> = plan.units.iter().map(|u| u.id).collect();
-            freshness::survey(&run_dir, &stages, &fingerprints, &units, &[])
+            freshness::survey(&run_dir, &stages, &fingerprints, &units, &[], false)
                 .await?
                 .into_iter()
                 .map(|(files, judged)| (files, Some(judged)))

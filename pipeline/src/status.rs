@@ -58,7 +58,7 @@ pub async fn collect(config: &Config) -> Result<Option<Report>> {
     let stages = stages::pipeline(&Arc::new(config.clone()));
     let fingerprints = stages::fingerprints(&stages, &plan.fingerprint)?;
     let units: Vec<u32> = plan.units.iter().map(|u| u.id).collect();
-    let survey = freshness::survey(&run_dir, &stages, &fingerprints, &units, &[]).await?;
+    let survey = freshness::survey(&run_dir, &stages, &fingerprints, &units, &[], false).await?;
     let mut out = Vec::new();
     for (stage, (files, judged)) in stages.iter().zip(&survey) {
         let mut status = StageStatus {

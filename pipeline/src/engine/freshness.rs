@@ -119,6 +119,9 @@ pub fn upstream_digests<'a>(
 pub struct Judged {
     /// Units whose committed result is current, with it.
     pub current: HashMap<u32, Committed>,
+    /// `current` plus the units whose result is current but incomplete (failed LLM requests to
+    /// retry): what downstream stages may read until a retry replaces it.
+    pub usable: HashMap<u32, Committed>,
     /// Units that need work, in the order given.
     pub todo: Vec<Todo>,
 }
@@ -153,26 +156,34 @@ pub fn judge_stage(
             forced,
             incomplete: committed.is_some_and(|c| stage.incomplete(&c.record)),
         };
-        match judge(&case, fingerprint, digests.as_ref()) {
-            Verdict::Current => {
-                judged
-                    .current
-                    .insert(unit, committed.expect("current means committed").clone());
+        match (judge(&case, fingerprint, digests.as_ref()), committed) {
+            (Verdict::Current, Some(c)) => {
+                judged.current.insert(unit, c.clone());
+                judged.usable.insert(unit, c.clone());
             }
-            Verdict::Redo(why) => judged.todo.push((unit, why, digests)),
+            (Verdict::Redo(why), committed) => {
+                if let (Why::RetryFailed, Some(c)) = (why, committed) {
+                    judged.usable.insert(unit, c.clone());
+                }
+                judged.todo.push((unit, why, digests));
+            }
+            (Verdict::Current, None) => unreachable!("judge says current only for a committed stamp"),
         }
     }
     judged
 }
 
 /// Every stage judged over `units`, in DAG order, as `safepipe run` would find them if it ran
-/// now with `forced` stages (and every unit it redoes succeeded). What `status` shows.
+/// now with `forced` stages (and every unit it redoes succeeded): what `status` shows. With
+/// `use_incomplete`, downstream stages are judged against incomplete results too (what is
+/// committed now, for the pack stage) instead of waiting for their retry.
 pub async fn survey(
     run_dir: &RunDir,
     stages: &[Arc<dyn Stage>],
     fingerprints: &[Fingerprint],
     units: &[u32],
     forced: &[&str],
+    use_incomplete: bool,
 ) -> Result<Vec<(StageFiles, Judged)>> {
     let mut out: Vec<(StageFiles, Judged)> = Vec::new();
     for (stage, fingerprint) in stages.iter().zip(fingerprints) {
@@ -182,7 +193,11 @@ pub async fn survey(
             .iter()
             .map(|name| {
                 let i = stages.iter().position(|s| s.name() == *name).expect("declared earlier");
-                &out[i].1.current
+                if use_incomplete {
+                    &out[i].1.usable
+                } else {
+                    &out[i].1.current
+                }
             })
             .collect();
         let judged = judge_stage(

@@ -3,10 +3,14 @@
 //!
 //! A lease is a small JSON file `<stage>/_leases/unit-000042/<generation>.json`, created with
 //! create-if-absent (a hard link on local disk, `If-None-Match: *` on object stores). The highest
-//! generation is the owner. The owner rewrites its file every third of the lease time; a lease
-//! whose expiry has passed, or whose holder process is gone on this same host, may be taken over
-//! by creating the next generation — only one taker can create it. Before committing, the owner
-//! checks that its generation is still the highest (fencing a holder that stalled past expiry).
+//! generation is the owner. The owner rewrites its file every third of the lease time while it is
+//! still the highest; a lease whose expiry has passed, or whose holder process is gone (same
+//! host and PID namespace), may be taken over by creating the next generation: only one taker can
+//! create it. Generations only grow: a release leaves its file as a tombstone (expiry 0), so a
+//! stalled holder's late renewal can never revive a number someone else will reuse. Before
+//! publishing, the owner checks that its generation is still the highest (fencing a holder that
+//! stalled past expiry; a holder that stalls between that check and its record is the one case
+//! left, and its result is as valid as the other's).
 //! Expiry compares wall clocks of different machines: keep their skew well below
 //! `runner.lease_seconds`.
 
@@ -28,8 +32,12 @@ pub struct Holder {
     pub rank: u32,
     /// The attempt working under the lease (its files are under `_attempts/<attempt>/`).
     pub attempt: String,
-    /// Seconds since the Unix epoch after which the lease may be taken over.
+    /// Seconds since the Unix epoch after which the lease may be taken over (0: released).
     pub expires_at: u64,
+    /// The holder's PID namespace (`/proc/self/ns/pid`): a PID means the same process only
+    /// within one namespace (containers on one host share its name, not its PIDs).
+    #[serde(default)]
+    pub pid_ns: String,
 }
 
 impl Holder {
@@ -40,7 +48,11 @@ impl Holder {
     /// The holder ran on this host and its process is gone (a `kill -9`, a crash): no need to
     /// wait for the expiry.
     fn gone(&self) -> bool {
-        self.host == host_name() && self.pid != std::process::id() && !process_alive(self.pid)
+        self.host == host_name()
+            && !self.pid_ns.is_empty()
+            && self.pid_ns == pid_namespace()
+            && self.pid != std::process::id()
+            && !process_alive(self.pid)
     }
 
     pub fn describe(&self) -> String {
@@ -83,6 +95,13 @@ fn now() -> u64 {
         .unwrap_or_default()
 }
 
+/// This process's PID namespace, or "" where it cannot be read (then holders wait for expiry).
+fn pid_namespace() -> String {
+    std::fs::read_link("/proc/self/ns/pid")
+        .map(|p| p.display().to_string())
+        .unwrap_or_default()
+}
+
 fn process_alive(pid: u32) -> bool {
     std::path::Path::new(&format!("/proc/{pid}")).exists() || !std::path::Path::new("/proc/self").exists()
 }
@@ -122,6 +141,7 @@ pub async fn acquire(
         rank,
         attempt: attempt.to_string(),
         expires_at,
+        pid_ns: pid_namespace(),
     };
     for _ in 0..8 {
         let gens = generations(run_dir, &dir).await?;
@@ -133,6 +153,8 @@ pub async fn acquire(
                 let current: Option<Holder> = current.and_then(|b| serde_json::from_slice(&b).ok());
                 match current {
                     Some(h) if !h.expired(now()) && !h.gone() => return Ok(Acquired::Busy(h)),
+                    // A released lease (a tombstone) is no takeover.
+                    Some(h) if h.expires_at == 0 => (top + 1, None),
                     other => (top + 1, other),
                 }
             }
@@ -157,7 +179,14 @@ pub async fn acquire(
         }
         let stopped = Arc::new(AtomicBool::new(false));
         let writing = Arc::new(tokio::sync::Mutex::new(()));
-        tokio::spawn(renew(at, holder(0), ttl, stopped.clone(), writing.clone()));
+        tokio::spawn(renew(
+            run_dir.clone(),
+            (dir.clone(), next),
+            holder(0),
+            ttl,
+            stopped.clone(),
+            writing.clone(),
+        ));
         return Ok(Acquired::Owned(Box::new(Lease {
             run_dir: run_dir.clone(),
             dir,
@@ -172,21 +201,35 @@ pub async fn acquire(
     )))
 }
 
-/// Rewrites the lease with a new expiry every third of `ttl`, each write under `writing`, so a
-/// release (which sets `stopped`, then takes the lock) is never followed by a late renewal.
+/// Rewrites the lease with a new expiry every third of `ttl` while it is the highest
+/// generation, each write under `writing`, so a release (which sets `stopped`, then takes the
+/// lock) is never followed by a late renewal. Once another process took the unit over it stops.
 async fn renew(
-    at: Location,
+    run_dir: RunDir,
+    (dir, generation): (Location, u64),
     mut holder: Holder,
     ttl: Duration,
     stopped: Arc<AtomicBool>,
     writing: Arc<tokio::sync::Mutex<()>>,
 ) {
     let every = (ttl / 3).max(Duration::from_millis(200));
+    let at = dir.child(&generation_name(generation));
     loop {
         tokio::time::sleep(every).await;
         let _writing = writing.lock().await;
         if stopped.load(Ordering::SeqCst) {
             return;
+        }
+        match generations(&run_dir, &dir).await {
+            Ok(gens) if gens.last() == Some(&generation) => {}
+            Ok(_) => {
+                warn!(lease = %at.display(), "another process took this unit over: no longer renewing");
+                return;
+            }
+            Err(e) => {
+                warn!(lease = %at.display(), error = %e, "could not check a lease before renewing");
+                continue;
+            }
         }
         holder.expires_at = now() + ttl.as_secs();
         let Ok(body) = serde_json::to_vec(&holder) else { return };
@@ -202,20 +245,56 @@ impl Lease {
         Ok(generations(&self.run_dir, &self.dir).await?.last() == Some(&self.generation))
     }
 
-    /// Stops renewing and deletes this generation and older ones.
+    /// Stops renewing, leaves this generation as a released tombstone (if it is still the
+    /// highest) and deletes older ones.
     pub async fn release(self) {
         self.stopped.store(true, Ordering::SeqCst);
         drop(self.writing.lock().await);
         let gens = generations(&self.run_dir, &self.dir).await.unwrap_or_default();
-        for g in gens.into_iter().filter(|g| *g <= self.generation) {
+        if gens.last() == Some(&self.generation) {
+            tombstone(&self.dir.child(&generation_name(self.generation))).await;
+        }
+        for g in gens.into_iter().filter(|g| *g < self.generation) {
             if let Err(e) = self.run_dir.delete(&self.dir.child(&generation_name(g))).await {
-                warn!(lease = %self.dir.display(), error = %e, "could not delete a lease");
+                warn!(lease = %self.dir.display(), error = %e, "could not delete an old lease");
             }
         }
-        if self.run_dir.is_local() {
-            // The unit's lease folder, once empty (another process may be creating in it).
-            let _ = std::fs::remove_dir(self.dir.display());
-        }
+    }
+}
+
+/// Marks a lease file released (expiry 0), keeping its generation number taken.
+async fn tombstone(at: &Location) {
+    let released = at
+        .read()
+        .await
+        .ok()
+        .flatten()
+        .and_then(|b| serde_json::from_slice::<Holder>(&b).ok())
+        .map(|h| Holder { expires_at: 0, ..h });
+    if let Some(body) = released.and_then(|h| serde_json::to_vec(&h).ok())
+        && let Err(e) = at.write(body).await
+    {
+        warn!(lease = %at.display(), error = %e, "could not release a lease");
+    }
+}
+
+/// Releases the leases of (stage, unit) that this process holds: after a panic in the task
+/// that held one (the task is gone, its `Lease` dropped without `release`).
+pub async fn abandon(run_dir: &RunDir, stage: &str, unit: u32) {
+    let dir = run_dir.lease_dir(stage, unit);
+    let Some(&top) = generations(run_dir, &dir).await.unwrap_or_default().last() else {
+        return;
+    };
+    let at = dir.child(&generation_name(top));
+    let mine = at
+        .read()
+        .await
+        .ok()
+        .flatten()
+        .and_then(|b| serde_json::from_slice::<Holder>(&b).ok())
+        .is_some_and(|h| h.pid == std::process::id() && h.host == host_name());
+    if mine {
+        tombstone(&at).await;
     }
 }
 
@@ -248,6 +327,8 @@ mod tests {
         let Acquired::Owned(second) = acquire(&run_dir, "ingest", 3, 1, "a2", ttl).await.unwrap() else {
             panic!("a released unit can be taken");
         };
+        assert_eq!(second.generation, 1, "generations are never reused");
+        assert!(second.took_over.is_none(), "a released lease is no takeover");
         second.stopped.store(true, Ordering::SeqCst);
         // A holder on this host whose process is gone is taken over without waiting.
         let dead = Holder {
@@ -256,6 +337,7 @@ mod tests {
             rank: 0,
             attempt: "dead".into(),
             expires_at: now() + 3600,
+            pid_ns: pid_namespace(),
         };
         let dir = run_dir.lease_dir("ingest", 3);
         dir.child(&generation_name(second.generation + 1))

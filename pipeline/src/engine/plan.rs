@@ -33,6 +33,8 @@ use std::ops::Range;
 /// Version 2 added `files` (what planning saw of each input file). The version is not part of
 /// the plan's fingerprint: a version 1 plan loads, without drift checks.
 const PLAN_VERSION: u32 = 2;
+/// Version of the way inputs are split into units (part of the plan's fingerprint).
+const SPLIT_VERSION: u32 = 1;
 /// How far past a tentative JSONL boundary we look for a newline in one request.
 const BOUNDARY_WINDOW: u64 = 64 << 10;
 
@@ -136,7 +138,8 @@ impl InputDrift {
 /// What the plan depends on: inputs (names, paths, formats) and the `[plan]` section.
 pub fn fingerprint(config: &Config) -> String {
     let identity: Vec<_> = config.inputs.iter().map(|i| (&i.name, &i.paths, i.format)).collect();
-    let json = serde_json::to_string(&(PLAN_VERSION, identity, &config.plan)).expect("serialisable");
+    // The split's version, not the file layout's: plans of either layout keep their fingerprint.
+    let json = serde_json::to_string(&(SPLIT_VERSION, identity, &config.plan)).expect("serialisable");
     hex::encode(Sha256::digest(json))[..16].to_string()
 }
 

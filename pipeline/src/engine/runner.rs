@@ -254,7 +254,8 @@ fn files_by_unit(stage: &str, files: &crate::engine::run_dir::StageFiles) -> Has
         };
         let unit = file
             .strip_prefix("unit-")
-            .and_then(|r| r.get(..6))
+            // `unit-{unit:06}-…`: the digits up to the next '-' (seven or more past 999,999).
+            .and_then(|r| r.split('-').next())
             .and_then(|d| d.parse().ok());
         if s == stage
             && !table.starts_with('_')
@@ -290,7 +291,7 @@ enum Outcome {
 }
 
 /// Takes the lease, runs the unit in its own task (so a panic is caught and becomes this unit's
-/// failure), records failures, releases the lease.
+/// failure: its record written, its lease released here).
 async fn attempt(stage: Arc<dyn Stage>, job: UnitJob, env: Arc<Env>) -> (u32, Why, Outcome) {
     let (id, why) = (job.unit.id, job.why);
     let fingerprint = job.stamp.fingerprint.clone();
@@ -305,34 +306,39 @@ async fn attempt(stage: Arc<dyn Stage>, job: UnitJob, env: Arc<Env>) -> (u32, Wh
         env.run_dir.delete_attempt(name, &old.attempt).await;
     }
     let task = tokio::spawn(commit_unit(stage.clone(), job, attempt.clone(), env.clone(), *lease));
-    let (outcome, panicked) = match task.await {
-        Ok(Ok(outcome)) => (outcome, false),
-        Ok(Err(e)) => (Outcome::Failed(e.to_string()), false),
-        Err(e) => (Outcome::Failed(panic_message(e)), true),
+    let outcome = match task.await {
+        Ok(Ok(outcome)) => outcome,
+        // Recorded by the task, under the lease.
+        Ok(Err(e)) => Outcome::Failed(e.to_string()),
+        Err(e) => {
+            let error = panic_message(e);
+            record_failure(&env, name, id, &fingerprint, &error).await;
+            env.run_dir.delete_attempt(name, &attempt).await;
+            // The task died holding the lease.
+            leases::abandon(&env.run_dir, name, id).await;
+            Outcome::Failed(error)
+        }
     };
-    if let Outcome::Failed(error) = &outcome {
-        let failure = FailureRecord {
-            stage: name.to_string(),
-            unit: id,
-            fingerprint,
-            rank: env.rank,
-            error: error.clone(),
-            at: chrono::Utc::now().to_rfc3339(),
-        };
-        let written = match records::to_json(&failure) {
-            Ok(bytes) => env.run_dir.put(&env.run_dir.failure(name, id), bytes).await,
-            Err(e) => Err(e),
-        };
-        if let Err(e) = written {
-            warn!(unit = id, error = %e, "could not write the failure record");
-        }
-        env.run_dir.delete_attempt(name, &attempt).await;
-        if panicked {
-            // The task died holding the lease: release it here.
-            release_after_failure(&env.run_dir, name, id).await;
-        }
-    }
     (id, why, outcome)
+}
+
+/// Writes the failure record of a unit (best effort: a warning if it cannot).
+async fn record_failure(env: &Env, stage: &str, unit: u32, fingerprint: &str, error: &str) {
+    let failure = FailureRecord {
+        stage: stage.to_string(),
+        unit,
+        fingerprint: fingerprint.to_string(),
+        rank: env.rank,
+        error: error.to_string(),
+        at: chrono::Utc::now().to_rfc3339(),
+    };
+    let written = match records::to_json(&failure) {
+        Ok(bytes) => env.run_dir.put(&env.run_dir.failure(stage, unit), bytes).await,
+        Err(e) => Err(e),
+    };
+    if let Err(e) = written {
+        warn!(stage, unit, error = %e, "could not write the failure record");
+    }
 }
 
 /// The message of a panicked unit task.
@@ -347,28 +353,6 @@ fn panic_message(e: tokio::task::JoinError) -> String {
             format!("internal error: the unit panicked: {text} (please report this with the log)")
         }
         Err(e) => format!("internal error: the unit's task ended: {e}"),
-    }
-}
-
-/// Deletes the lease folder of a unit whose task died without releasing it (a panic): only this
-/// process could hold it, since the task held the lease when it died.
-async fn release_after_failure(run_dir: &RunDir, stage: &str, unit: u32) {
-    let dir = run_dir.lease_dir(stage, unit);
-    let Some(relative) = run_dir.relative(&dir) else { return };
-    if let Ok(listed) = run_dir.list(&relative).await {
-        for meta in listed {
-            let at = run_dir.root().with_path(meta.location);
-            let mine = at
-                .read()
-                .await
-                .ok()
-                .flatten()
-                .and_then(|b| serde_json::from_slice::<leases::Holder>(&b).ok())
-                .is_some_and(|h| h.pid == std::process::id() && h.host == crate::engine::run_dir::host_name());
-            if mine {
-                let _ = run_dir.delete(&at).await;
-            }
-        }
     }
 }
 
@@ -395,7 +379,12 @@ async fn commit_unit(
     env: Arc<Env>,
     lease: Lease,
 ) -> Result<Outcome> {
-    let outcome = produce(stage, job, attempt, &env, &lease).await;
+    let (name, id, fingerprint) = (stage.name(), job.unit.id, job.stamp.fingerprint.clone());
+    let outcome = produce(stage, job, attempt.clone(), &env, &lease).await;
+    if let Err(e) = &outcome {
+        record_failure(&env, name, id, &fingerprint, &e.to_string()).await;
+        env.run_dir.delete_attempt(name, &attempt).await;
+    }
     lease.release().await;
     outcome
 }
@@ -497,12 +486,20 @@ async fn produce(stage: Arc<dyn Stage>, job: UnitJob, attempt: String, env: &Env
         seconds: clock.elapsed().as_secs_f64(),
     };
     let bytes = records::to_json(&record)?;
+    if !lease.still_held().await? {
+        return Err(Error::Execution(format!(
+            "stage {name}, unit {id}: another process took the unit over while this one published; its result is kept"
+        )));
+    }
     env.run_dir.put(&record_at, bytes.clone()).await?;
     let committed = Committed {
         digest: records::digest(&bytes),
         record,
     };
-    env.run_dir.delete(&env.run_dir.failure(name, id)).await?;
+    // From here on the unit is committed: cleanup is best effort (leftovers are gc's).
+    if let Err(e) = env.run_dir.delete(&env.run_dir.failure(name, id)).await {
+        warn!(stage = name, unit = id, error = %e, "could not delete the old failure record");
+    }
     // Superseded files: the replaced record's, and leftovers of killed attempts of this unit.
     let mut superseded: Vec<String> = job.leftovers;
     if let Some(p) = &previous {
@@ -512,7 +509,11 @@ async fn produce(stage: Arc<dyn Stage>, job: UnitJob, attempt: String, env: &Env
     superseded.sort();
     superseded.dedup();
     for file in superseded {
-        if let Err(e) = env.run_dir.delete(&env.run_dir.file(&file)?).await {
+        let deleted = match env.run_dir.file(&file) {
+            Ok(at) => env.run_dir.delete(&at).await,
+            Err(e) => Err(e),
+        };
+        if let Err(e) = deleted {
             warn!(file, error = %e, "could not delete a superseded file (gc will)");
         }
     }
@@ -579,6 +580,32 @@ mod tests {
     struct Quiet;
     impl Reporter for Quiet {}
 
+    /// Regression (review of issue 16): past unit 999,999 names have seven digits; reading six
+    /// made a redo of unit 100000 delete units 1000000..=1000009's files.
+    #[test]
+    fn files_are_indexed_by_their_whole_unit_number() {
+        let mut files = crate::engine::run_dir::StageFiles::default();
+        for name in [
+            "s/t/unit-100000-f-a.parquet",
+            "s/t/unit-1000003-f-b.parquet",
+            "s/_done/unit-000001.json",
+            "other/t/unit-000001-f-c.parquet",
+        ] {
+            let meta = object_store::ObjectMeta {
+                location: object_store::path::Path::from(name),
+                last_modified: chrono::Utc::now(),
+                size: 1,
+                e_tag: None,
+                version: None,
+            };
+            files.files.insert(name.to_string(), meta);
+        }
+        let by_unit = files_by_unit("s", &files);
+        assert_eq!(by_unit[&100000], vec!["s/t/unit-100000-f-a.parquet".to_string()]);
+        assert_eq!(by_unit[&1000003], vec!["s/t/unit-1000003-f-b.parquet".to_string()]);
+        assert_eq!(by_unit.len(), 2);
+    }
+
     #[tokio::test]
     async fn a_panicking_unit_fails_alone_with_its_message_and_frees_its_lease() {
         let tmp = tempfile::tempdir().unwrap();
@@ -622,13 +649,16 @@ mod tests {
         assert_eq!(files.done.len(), 2);
         assert!(files.failed[&1].error.contains("explodes on purpose"));
         assert!(
-            !files
-                .files
-                .keys()
-                .any(|f| f.contains("/_leases/") || f.contains("/_attempts/")),
-            "no lease or attempt file is left: {:?}",
+            !files.files.keys().any(|f| f.contains("/_attempts/")),
+            "no attempt file is left: {:?}",
             files.files.keys().collect::<Vec<_>>()
         );
+        // Every lease is released (a tombstone with expiry 0), the panicked unit's too.
+        for lease in files.files.keys().filter(|f| f.contains("/_leases/")) {
+            let bytes = env.run_dir.file(lease).unwrap().read().await.unwrap().unwrap();
+            let holder: leases::Holder = serde_json::from_slice(&bytes).unwrap();
+            assert_eq!(holder.expires_at, 0, "{lease} is still held");
+        }
         // The table folder holds exactly the committed files.
         let tables: Vec<_> = files.files.keys().filter(|f| f.starts_with("boom/rows/")).collect();
         assert_eq!(tables.len(), 2, "{tables:?}");

@@ -435,7 +435,12 @@ impl PackJob<'_> {
             started_at: String::new(),
             finished_at: String::new(),
             seconds: 0.0,
-            part: None,
+            part: Some(super::PartInfo {
+                rank: self.part.rank,
+                world: self.part.world,
+                first_shard: share.first_shard,
+                bucket_bytes: self.pack.bucket_bytes,
+            }),
         })
     }
 

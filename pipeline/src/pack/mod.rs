@@ -48,6 +48,17 @@ use tracing::{info, warn};
 pub use crate::engine::run_dir::MANIFEST;
 /// The pack stage's name in records, leases, `--force` and `status`.
 pub const STAGE: &str = "pack";
+/// What a part record says of its part.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PartInfo {
+    pub rank: u32,
+    pub world: u32,
+    /// Its first shard in the global order (its shards follow without gaps).
+    pub first_shard: u64,
+    /// `pack.bucket_bytes` when it was packed: the shares depend on the bucket count.
+    pub bucket_bytes: u64,
+}
+
 /// Records of the parts of a multi-rank pack, until the manifest supersedes them.
 pub const PARTS_DIR: &str = "pack/_parts";
 
@@ -87,7 +98,7 @@ pub struct Manifest {
     pub seconds: f64,
     /// In a part record: which part of a multi-rank pack (its `shards` are that part's).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub part: Option<Part>,
+    pub part: Option<PartInfo>,
 }
 
 impl Manifest {
@@ -300,7 +311,9 @@ pub(crate) async fn run_global(
     forced: bool,
 ) -> Result<Option<StageSummary>> {
     let units: Vec<u32> = plan.units.iter().map(|u| u.id).collect();
-    let survey = freshness::survey(&env.run_dir, stages, fingerprints, &units, &[]).await?;
+    // Units with failed LLM requests to retry still count with what they committed: a request
+    // that keeps failing must not hold the shards back.
+    let survey = freshness::survey(&env.run_dir, stages, fingerprints, &units, &[], true).await?;
     let i = stages
         .iter()
         .position(|s| s.name() == "tokenize")
@@ -412,7 +425,8 @@ async fn pack_if_needed(config: &Config, env: &Env, view: &PackView, part: Part,
     }
     // Forced: only this rank's own part is redone; the others count if current.
     let redo = forced && part.rank == env.rank;
-    let outcome = match current_part(&env.run_dir, part, view).await {
+    let bucket_bytes = config.pack.as_ref().expect("pack configured").bucket_bytes;
+    let outcome = match current_part(&env.run_dir, part, view, bucket_bytes).await {
         Ok(Some(_)) if !redo => Ok(false),
         Ok(_) => pack_part(config, env, view, part, &attempt, &lease).await.map(|_| true),
         Err(e) => Err(e),
@@ -446,14 +460,17 @@ fn part_location(run_dir: &RunDir, part: Part) -> Location {
 }
 
 /// The committed record of `part`, if it is current for `view` and its shards are present.
-async fn current_part(run_dir: &RunDir, part: Part, view: &PackView) -> Result<Option<Manifest>> {
+async fn current_part(run_dir: &RunDir, part: Part, view: &PackView, bucket_bytes: u64) -> Result<Option<Manifest>> {
     let Some(bytes) = part_location(run_dir, part).read().await? else {
         return Ok(None);
     };
     let Ok(record) = serde_json::from_slice::<Manifest>(&bytes) else {
         return Ok(None);
     };
-    if record.version != RECORD_VERSION || Some(&record.stamp) != view.stamp().as_ref() {
+    let same_share = record
+        .part
+        .is_some_and(|p| p.rank == part.rank && p.world == part.world && p.bucket_bytes == bucket_bytes);
+    if record.version != RECORD_VERSION || Some(&record.stamp) != view.stamp().as_ref() || !same_share {
         return Ok(None);
     }
     for shard in &record.shards {
@@ -527,7 +544,6 @@ async fn pack_part(
     record.started_at = started_at;
     record.finished_at = chrono::Utc::now().to_rfc3339();
     record.seconds = clock.elapsed().as_secs_f64();
-    record.part = Some(part);
     env.run_dir
         .put(&part_location(&env.run_dir, part), records::to_json(&record)?)
         .await?;
@@ -538,12 +554,25 @@ async fn pack_part(
 /// global figures (the same in every part) with all parts' shards in order. Then everything it
 /// supersedes goes: shards no manifest names, and the part records. `None`: parts are missing.
 async fn assemble(config: &Config, run_dir: &RunDir, view: &PackView, world: u32) -> Result<Option<Manifest>> {
+    let bucket_bytes = config.pack.as_ref().expect("pack configured").bucket_bytes;
     let mut parts = Vec::new();
     for rank in 0..world {
-        match current_part(run_dir, Part { rank, world }, view).await? {
+        match current_part(run_dir, Part { rank, world }, view, bucket_bytes).await? {
             Some(p) => parts.push(p),
             None => return Ok(None),
         }
+    }
+    // The parts must tile the shards: each starts where the one before ended.
+    let mut next = 0;
+    for p in &parts {
+        let first = p.part.map_or(0, |i| i.first_shard);
+        if !p.shards.is_empty() && first != next {
+            return Err(Error::Internal(format!(
+                "pack: part {} of {world} starts at shard {first}, expected {next}; delete {PARTS_DIR} and run again",
+                p.part.map_or(0, |i| i.rank)
+            )));
+        }
+        next += p.shards.len() as u64;
     }
     let mut manifest = parts[0].clone();
     manifest.shards = parts.iter().flat_map(|p| p.shards.iter().cloned()).collect();
@@ -560,12 +589,11 @@ async fn assemble(config: &Config, run_dir: &RunDir, view: &PackView, world: u32
     }
     run_dir.put(&run_dir.manifest(), records::to_json(&manifest)?).await?;
     // Superseded now: other shard files (an older manifest's, killed attempts') and the parts.
+    let live: std::collections::HashSet<&str> = manifest.shards.iter().map(|s| s.file.as_str()).collect();
     for prefix in ["pack/shards", PARTS_DIR] {
         for meta in run_dir.list(prefix).await? {
             let at = run_dir.root().with_path(meta.location);
-            let named = run_dir
-                .relative(&at)
-                .is_some_and(|r| manifest.shards.iter().any(|s| s.file == r));
+            let named = run_dir.relative(&at).is_some_and(|r| live.contains(r.as_str()));
             if !named && let Err(e) = run_dir.delete(&at).await {
                 warn!(file = %at.display(), error = %e, "could not delete a superseded file (gc will)");
             }
