@@ -262,15 +262,16 @@ impl Lease {
     }
 }
 
+/// The holder a lease file names; `None` when it is missing or unreadable (a crash while it was
+/// created: it counts as expired).
+async fn read_holder(at: &Location) -> Option<Holder> {
+    let bytes = at.read().await.ok().flatten()?;
+    serde_json::from_slice(&bytes).ok()
+}
+
 /// Marks a lease file released (expiry 0), keeping its generation number taken.
 async fn tombstone(at: &Location) {
-    let released = at
-        .read()
-        .await
-        .ok()
-        .flatten()
-        .and_then(|b| serde_json::from_slice::<Holder>(&b).ok())
-        .map(|h| Holder { expires_at: 0, ..h });
+    let released = read_holder(at).await.map(|h| Holder { expires_at: 0, ..h });
     if let Some(body) = released.and_then(|h| serde_json::to_vec(&h).ok())
         && let Err(e) = at.write(body).await
     {
@@ -286,12 +287,8 @@ pub async fn abandon(run_dir: &RunDir, stage: &str, unit: u32) {
         return;
     };
     let at = dir.child(&generation_name(top));
-    let mine = at
-        .read()
+    let mine = read_holder(&at)
         .await
-        .ok()
-        .flatten()
-        .and_then(|b| serde_json::from_slice::<Holder>(&b).ok())
         .is_some_and(|h| h.pid == std::process::id() && h.host == host_name());
     if mine {
         tombstone(&at).await;
