@@ -41,18 +41,7 @@ fn two_processes_given_the_same_units_commit_each_unit_once() {
         let dir = format!("race-{round}");
         let config = ws.config(&format!("{dir}.toml"), &body(&dir));
         // Two processes that both believe they are the only rank (a zombie after a requeue).
-        let racers: Vec<_> = (0..2)
-            .map(|_| {
-                Command::new(bin())
-                    .args(["run", config.to_str().unwrap(), "--rank", "0", "--world-size", "1"])
-                    .stdout(Stdio::null())
-                    .stderr(Stdio::piped())
-                    .spawn()
-                    .unwrap()
-            })
-            .collect();
-        for racer in racers {
-            let out = racer.wait_with_output().unwrap();
+        for out in run_at_once(&config, &[(0, 1), (0, 1)]) {
             // 0, or 3 when it left units another process held.
             assert!(matches!(out.status.code(), Some(0 | 3)), "{}", text(&out.stderr));
         }
@@ -159,28 +148,10 @@ fn a_killed_lease_holder_is_taken_over_after_expiry() {
 
 /// `world` concurrent ranks of `safepipe run CONFIG`; returns their stderr.
 fn ranks(config: &Path, world: u32) -> Vec<String> {
-    let children: Vec<_> = (0..world)
-        .map(|rank| {
-            Command::new(bin())
-                .args([
-                    "run",
-                    config.to_str().unwrap(),
-                    "--rank",
-                    &rank.to_string(),
-                    "--world-size",
-                    &world.to_string(),
-                ])
-                .env("RUST_LOG", "info")
-                .stdout(Stdio::null())
-                .stderr(Stdio::piped())
-                .spawn()
-                .unwrap()
-        })
-        .collect();
-    children
+    let all: Vec<(u32, u32)> = (0..world).map(|rank| (rank, world)).collect();
+    run_at_once(config, &all)
         .into_iter()
-        .map(|c| {
-            let out = c.wait_with_output().unwrap();
+        .map(|out| {
             assert!(out.status.success(), "{}", text(&out.stderr));
             text(&out.stderr)
         })

@@ -4,7 +4,6 @@
 mod common;
 
 use common::*;
-use std::process::{Command, Stdio};
 
 #[test]
 fn rerun_after_completion_does_no_work() {
@@ -49,24 +48,7 @@ fn two_ranks_equal_one_rank() {
     );
     assert!(safepipe(&["plan", multi.to_str().unwrap()]).status.success());
     // Both ranks at once, like an array job.
-    let ranks: Vec<_> = (0..2)
-        .map(|rank| {
-            Command::new(bin())
-                .args([
-                    "run",
-                    multi.to_str().unwrap(),
-                    "--world-size",
-                    "2",
-                    "--rank",
-                    &rank.to_string(),
-                ])
-                .stderr(Stdio::piped())
-                .spawn()
-                .unwrap()
-        })
-        .collect();
-    for child in ranks {
-        let out = child.wait_with_output().unwrap();
+    for out in run_at_once(&multi, &[(0, 2), (1, 2)]) {
         assert!(out.status.success(), "{}", text(&out.stderr));
     }
     assert_eq!(sql_number(&multi, "SELECT count(DISTINCT rank) FROM stats"), 2);

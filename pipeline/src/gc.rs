@@ -12,6 +12,7 @@ use crate::engine::records::{DONE_DIR, FAILED_DIR, LEASES_DIR};
 use crate::engine::run_dir::RunDir;
 use crate::error::Result;
 use crate::stages;
+use object_store::ObjectMeta;
 use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Duration;
@@ -32,7 +33,8 @@ pub async fn collect(config: &Config, min_age: Duration, dry_run: bool) -> Resul
     let now = chrono::Utc::now();
     let mut report = GcReport::default();
     let mut named: HashSet<String> = HashSet::new();
-    let mut folders: Vec<String> = Vec::new();
+    // One listing per stage folder (the one that loads its records), one for pack's.
+    let mut listed: Vec<(String, ObjectMeta)> = Vec::new();
     for stage in stages::pipeline(&Arc::new(config.clone())) {
         let files = run_dir.stage(stage.name()).await?;
         named.extend(
@@ -41,7 +43,7 @@ pub async fn collect(config: &Config, min_age: Duration, dry_run: bool) -> Resul
                 .values()
                 .flat_map(|c| c.record.outputs.values().map(|f| f.file.clone())),
         );
-        folders.push(stage.name().to_string());
+        listed.extend(files.files);
     }
     // The pack stage's shards: the committed manifest names the live ones, and the part records
     // of a multi-rank pack still being assembled name theirs.
@@ -49,33 +51,35 @@ pub async fn collect(config: &Config, min_age: Duration, dry_run: bool) -> Resul
         named.extend(m.shards.iter().map(|f| f.file.clone()));
     }
     named.extend(crate::pack::part_shards(&run_dir).await?);
-    folders.push(crate::pack::STAGE.to_string());
-    let bookkeeping = [DONE_DIR, FAILED_DIR, LEASES_DIR, "_parts"];
-    for folder in folders {
-        for meta in run_dir.list(&folder).await? {
-            let location = run_dir.root().with_path(meta.location.clone());
-            let Some(relative) = run_dir.relative(&location) else {
-                continue;
-            };
-            let second = relative.split('/').nth(1).unwrap_or_default();
-            if bookkeeping.contains(&second) || relative == crate::pack::MANIFEST {
-                continue;
-            }
-            if named.contains(&relative) {
-                report.kept += 1;
-                continue;
-            }
-            let age = (now - meta.last_modified).to_std().unwrap_or_default();
-            if age < min_age {
-                report.too_young += 1;
-                continue;
-            }
-            if !dry_run {
-                run_dir.delete(&location).await?;
-            }
-            report.orphan_bytes += meta.size;
-            report.orphans.push(location.display());
+    for meta in run_dir.list(crate::pack::STAGE).await? {
+        if let Some(relative) = run_dir.relative(&run_dir.root().with_path(meta.location.clone())) {
+            listed.push((relative, meta));
         }
+    }
+    let bookkeeping = [DONE_DIR, FAILED_DIR, LEASES_DIR];
+    for (relative, meta) in listed {
+        let second = relative.split('/').nth(1).unwrap_or_default();
+        if bookkeeping.contains(&second)
+            || relative == crate::pack::MANIFEST
+            || relative.starts_with(crate::pack::PARTS_DIR)
+        {
+            continue;
+        }
+        if named.contains(&relative) {
+            report.kept += 1;
+            continue;
+        }
+        let age = (now - meta.last_modified).to_std().unwrap_or_default();
+        if age < min_age {
+            report.too_young += 1;
+            continue;
+        }
+        let location = run_dir.root().with_path(meta.location);
+        if !dry_run {
+            run_dir.delete(&location).await?;
+        }
+        report.orphan_bytes += meta.size;
+        report.orphans.push(location.display());
     }
     Ok(report)
 }

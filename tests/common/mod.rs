@@ -149,6 +149,25 @@ pub fn spawn_run(config: &Path) -> std::process::Child {
         .expect("start safepipe run")
 }
 
+/// Runs `safepipe run CONFIG --rank R --world-size W` for every `(R, W)` at once, like an array
+/// job (or processes that think they are the same rank); returns their outputs in that order.
+pub fn run_at_once(config: &Path, ranks: &[(u32, u32)]) -> Vec<Output> {
+    let children: Vec<_> = ranks
+        .iter()
+        .map(|(rank, world)| {
+            Command::new(bin())
+                .args(["run", config.to_str().unwrap()])
+                .args(["--rank", &rank.to_string(), "--world-size", &world.to_string()])
+                .env("RUST_LOG", "info")
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+                .expect("start safepipe run")
+        })
+        .collect();
+    children.into_iter().map(|c| c.wait_with_output().unwrap()).collect()
+}
+
 /// Runs `safepipe run CONFIG EXTRA..`, asserting success; returns stderr.
 pub fn run_ok(config: &Path, extra: &[&str]) -> String {
     let mut args = vec!["run", config.to_str().unwrap()];

@@ -209,55 +209,48 @@ impl Plan {
 
     /// Lists the inputs again and compares them with what planning saw.
     pub async fn check_inputs(&self, config: &Config, run_dir: &RunDir) -> Result<InputDrift> {
-        let mut drift = InputDrift::default();
         if self.files.is_empty() {
-            return Ok(drift); // a version 1 plan: nothing recorded to compare with
+            return Ok(InputDrift::default()); // a version 1 plan: nothing recorded to compare with
         }
+        Ok(self.drift(&list_inputs(config, run_dir).await?))
+    }
+
+    /// How `listed` (every input's files now) differs from what planning saw.
+    fn drift(&self, listed: &[(&InputConfig, InputFile)]) -> InputDrift {
+        let mut drift = InputDrift::default();
         let planned: std::collections::HashMap<&str, &PlannedFile> =
             self.files.iter().map(|f| (f.file.as_str(), f)).collect();
         let mut seen = std::collections::HashSet::new();
-        for input in &config.inputs {
-            let listed = match list_input(run_dir.stores(), input).await {
-                Ok(listed) => listed,
-                Err(Error::Config(_)) => Vec::new(), // every file gone: reported below
-                Err(e) => return Err(e),
-            };
-            for file in listed {
-                let name = file.location.display();
-                match planned.get(name.as_str()) {
-                    None => drift.new.push(name.clone()),
-                    Some(p) if p.size != file.size => {
-                        drift
-                            .changed
-                            .push(format!("{name} ({} bytes when planned, {} now)", p.size, file.size));
-                    }
-                    Some(p) if p.version != file.version => {
-                        drift.changed.push(format!(
-                            "{name} (modified: {} when planned, {} now)",
-                            p.version, file.version
-                        ));
-                    }
-                    Some(_) => {}
+        for (_, file) in listed {
+            let name = file.location.display();
+            match planned.get(name.as_str()) {
+                None => drift.new.push(name.clone()),
+                Some(p) if p.size != file.size => {
+                    drift
+                        .changed
+                        .push(format!("{name} ({} bytes when planned, {} now)", p.size, file.size));
                 }
-                seen.insert(name);
+                Some(p) if p.version != file.version => {
+                    drift.changed.push(format!(
+                        "{name} (modified: {} when planned, {} now)",
+                        p.version, file.version
+                    ));
+                }
+                Some(_) => {}
             }
+            seen.insert(name);
         }
         for f in &self.files {
             if !seen.contains(&f.file) {
                 drift.gone.push(f.file.clone());
             }
         }
-        Ok(drift)
+        drift
     }
 
     /// `safepipe plan --extend`: appends units for input files the plan does not hold yet.
     /// Existing units keep their ids (and so their results); returns the new files.
     pub async fn extend(&mut self, config: &Config, run_dir: &RunDir) -> Result<Vec<String>> {
-        let drift = self.check_inputs(config, run_dir).await?;
-        drift.refuse_changes(config).map_err(|e| match e {
-            Error::Config(msg) => Error::Config(format!("cannot extend the plan: {msg}")),
-            other => other,
-        })?;
         if self.files.is_empty() {
             return Err(Error::Config(format!(
                 "the plan in {} predates input tracking (version {}); it cannot be extended: plan a new run directory",
@@ -265,16 +258,19 @@ impl Plan {
                 self.version
             )));
         }
+        let listed = list_inputs(config, run_dir).await?;
+        let drift = self.drift(&listed);
+        drift.refuse_changes(config).map_err(|e| match e {
+            Error::Config(msg) => Error::Config(format!("cannot extend the plan: {msg}")),
+            other => other,
+        })?;
         let new: std::collections::HashSet<&str> = drift.new.iter().map(String::as_str).collect();
-        for input in &config.inputs {
-            for file in list_input(run_dir.stores(), input).await? {
-                if new.contains(file.location.display().as_str()) {
-                    self.add_file(config, input, &file).await?;
-                }
+        for (input, file) in &listed {
+            if new.contains(file.location.display().as_str()) {
+                self.add_file(config, input, file).await?;
             }
         }
         if !drift.new.is_empty() {
-            self.version = PLAN_VERSION;
             self.extended_at = Some(chrono::Utc::now().to_rfc3339());
             *self = self.store(config, run_dir).await?;
         }
@@ -284,6 +280,20 @@ impl Plan {
     pub fn units_for_rank(&self, rank: u32, world: u32) -> Vec<WorkUnit> {
         self.units.iter().filter(|u| u.rank(world) == rank).cloned().collect()
     }
+}
+
+/// Every input's files as they are now; an input none of whose files remain lists nothing
+/// (its planned files are reported gone).
+async fn list_inputs<'a>(config: &'a Config, run_dir: &RunDir) -> Result<Vec<(&'a InputConfig, InputFile)>> {
+    let mut listed = Vec::new();
+    for input in &config.inputs {
+        match list_input(run_dir.stores(), input).await {
+            Ok(files) => listed.extend(files.into_iter().map(|f| (input, f))),
+            Err(Error::Config(_)) => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(listed)
 }
 
 /// A listed input file.

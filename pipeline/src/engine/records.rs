@@ -50,6 +50,17 @@ pub struct Stamp {
     pub upstream: BTreeMap<String, String>,
 }
 
+impl Stamp {
+    /// What a result made now under `current`, from upstream records with these digests, carries.
+    pub fn new(current: &crate::stages::Fingerprint, upstream: BTreeMap<String, String>) -> Stamp {
+        Stamp {
+            fingerprint: current.stage.clone(),
+            settings_fingerprint: current.settings.clone(),
+            upstream,
+        }
+    }
+}
+
 /// Written after all of a unit's outputs are published.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct CompletionRecord {

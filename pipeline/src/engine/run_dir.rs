@@ -50,11 +50,7 @@ pub struct StageFiles {
 impl RunDir {
     /// Opens the run directory `run_dir` (a local path or a URL) without touching it.
     pub fn open(run_dir: &str) -> Result<RunDir> {
-        RunDir::with_stores(Arc::new(Stores::default()), run_dir)
-    }
-
-    /// Like [`RunDir::open`], sharing `stores` (and their connections) with the caller.
-    pub fn with_stores(stores: Arc<Stores>, run_dir: &str) -> Result<RunDir> {
+        let stores = Arc::new(Stores::default());
         let root = stores.resolve(run_dir)?;
         Ok(RunDir { stores, root })
     }
@@ -106,6 +102,18 @@ impl RunDir {
     /// over a file a reader (or the current record) may be using.
     pub fn output_name(stage: &str, table: &str, unit: u32, fingerprint: &str, attempt: &str) -> String {
         format!("{stage}/{table}/unit-{unit:06}-{fingerprint}-{attempt}.parquet")
+    }
+
+    /// The unit of a name in one of `stage`'s table folders ([`RunDir::output_name`]'s shape,
+    /// committed or not); `None` for anything else (records, leases, attempts).
+    pub fn output_unit(stage: &str, name: &str) -> Option<u32> {
+        let mut parts = name.split('/');
+        let (s, table, file) = (parts.next()?, parts.next()?, parts.next()?);
+        if s != stage || table.starts_with('_') || parts.next().is_some() {
+            return None;
+        }
+        // `unit-{unit:06}-…`: the digits up to the next '-' (seven or more past 999,999).
+        file.strip_prefix("unit-")?.split('-').next()?.parse().ok()
     }
 
     /// A file named by a record or manifest. Names are relative and stay inside the run
@@ -194,6 +202,19 @@ impl RunDir {
         }
     }
 
+    /// Whether every file in `files` (names relative to the run directory) exists.
+    pub async fn all_present(&self, files: &[&str]) -> Result<bool> {
+        for file in files {
+            let at = self.file(file)?;
+            match at.store.head(&at.path).await {
+                Ok(_) => {}
+                Err(object_store::Error::NotFound { .. }) => return Ok(false),
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Ok(true)
+    }
+
     /// Lists every object under `prefix` (relative to the run directory).
     pub async fn list(&self, prefix: &str) -> Result<Vec<ObjectMeta>> {
         let at = self.root.child(prefix);
@@ -210,16 +231,12 @@ impl RunDir {
             let Some(relative) = self.relative(&self.root.with_path(meta.location.clone())) else {
                 continue;
             };
-            let rest = relative.strip_prefix(stage).unwrap_or_default();
-            let name = meta.location.filename().unwrap_or_default();
-            if rest == format!("/{DONE_DIR}/{name}") {
-                if let Some(unit) = unit_of(name) {
-                    records.push((unit, meta.location.clone()));
-                }
-            } else if rest == format!("/{FAILED_DIR}/{name}")
-                && let Some(unit) = unit_of(name)
-            {
-                failures.push((unit, meta.location.clone()));
+            // `<stage>/_done/unit-N.json` and `<stage>/_failed/unit-N.json`.
+            let mut parts = relative.split('/').skip(1);
+            match (parts.next(), parts.next().and_then(unit_of), parts.next()) {
+                (Some(DONE_DIR), Some(unit), None) => records.push((unit, meta.location.clone())),
+                (Some(FAILED_DIR), Some(unit), None) => failures.push((unit, meta.location.clone())),
+                _ => {}
             }
             found.files.insert(relative, meta);
         }
@@ -321,6 +338,18 @@ fn sync_dir(dir: Option<&std::path::Path>) -> std::io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Regression (review of issue 16): past unit 999,999 names have seven digits; reading six
+    /// made a redo of unit 100000 delete units 1000000..=1000009's files.
+    #[test]
+    fn output_names_give_back_their_whole_unit_number() {
+        let name = RunDir::output_name("s", "t", 1_000_003, "f", "a");
+        assert_eq!(RunDir::output_unit("s", &name), Some(1_000_003));
+        assert_eq!(RunDir::output_unit("s", "s/t/unit-100000-f-a.parquet"), Some(100_000));
+        assert_eq!(RunDir::output_unit("s", "s/_done/unit-000001.json"), None);
+        assert_eq!(RunDir::output_unit("s", "other/t/unit-000001-f-c.parquet"), None);
+        assert_eq!(RunDir::output_unit("s", "s/t/x/unit-000001-f-c.parquet"), None);
+    }
 
     #[test]
     fn names_in_records_must_stay_inside_the_run_directory() {

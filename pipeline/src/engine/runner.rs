@@ -87,22 +87,24 @@ pub(crate) struct Env {
 /// counted); errors are for what stops the whole run (config, an unreachable run directory).
 pub async fn run(config: Arc<Config>, options: RunOptions, reporter: Arc<dyn Reporter>) -> Result<Vec<StageSummary>> {
     let run_dir = RunDir::open(&config.run_dir)?;
-    let plan = if options.world_size > 1 {
-        Plan::load(&config, &run_dir).await?.ok_or_else(|| {
+    let (plan, created) = if options.world_size > 1 {
+        let plan = Plan::load(&config, &run_dir).await?.ok_or_else(|| {
             Error::Config(format!(
                 "no work plan in {}; with several ranks run `safepipe plan {}` once before starting them",
                 run_dir.display(),
                 config.path.display()
             ))
-        })?
+        })?;
+        (plan, false)
     } else {
-        let (plan, created) = Plan::load_or_create(&config, &run_dir).await?;
-        if created {
-            info!(units = plan.units.len(), "made the work plan");
-        }
-        plan
+        Plan::load_or_create(&config, &run_dir).await?
     };
-    plan.check_inputs(&config, &run_dir).await?.refuse_changes(&config)?;
+    if created {
+        info!(units = plan.units.len(), "made the work plan");
+    } else {
+        // A plan made just now saw the inputs as they are; any other is checked against them.
+        plan.check_inputs(&config, &run_dir).await?.refuse_changes(&config)?;
+    }
     let stages = stages::pipeline(&config);
     let names: Vec<&str> = stages.iter().map(|s| s.name()).collect();
     for name in &options.force {
@@ -176,12 +178,8 @@ pub async fn run(config: Arc<Config>, options: RunOptions, reporter: Arc<dyn Rep
             let job = UnitJob {
                 unit: by_id[&unit].clone(),
                 why,
-                stamp: Stamp {
-                    fingerprint: fingerprints[i].stage.clone(),
-                    settings_fingerprint: fingerprints[i].settings.clone(),
-                    upstream: digests,
-                },
-                settings: fingerprints[i].clone(),
+                fingerprint: fingerprints[i].clone(),
+                upstream: digests,
                 inputs,
                 leftovers,
             };
@@ -248,19 +246,7 @@ pub async fn run(config: Arc<Config>, options: RunOptions, reporter: Arc<dyn Rep
 fn files_by_unit(stage: &str, files: &crate::engine::run_dir::StageFiles) -> HashMap<u32, Vec<String>> {
     let mut by_unit: HashMap<u32, Vec<String>> = HashMap::new();
     for name in files.files.keys() {
-        let mut parts = name.split('/');
-        let (Some(s), Some(table), Some(file), None) = (parts.next(), parts.next(), parts.next(), parts.next()) else {
-            continue;
-        };
-        let unit = file
-            .strip_prefix("unit-")
-            // `unit-{unit:06}-…`: the digits up to the next '-' (seven or more past 999,999).
-            .and_then(|r| r.split('-').next())
-            .and_then(|d| d.parse().ok());
-        if s == stage
-            && !table.starts_with('_')
-            && let Some(unit) = unit
-        {
+        if let Some(unit) = RunDir::output_unit(stage, name) {
             by_unit.entry(unit).or_default().push(name.clone());
         }
     }
@@ -271,9 +257,10 @@ fn files_by_unit(stage: &str, files: &crate::engine::run_dir::StageFiles) -> Has
 struct UnitJob {
     unit: WorkUnit,
     why: Why,
-    /// What the new record will be stamped with.
-    stamp: Stamp,
-    settings: Fingerprint,
+    /// The stage's fingerprint and the digests of the upstream records it reads: what the new
+    /// record is stamped with.
+    fingerprint: Fingerprint,
+    upstream: BTreeMap<String, String>,
     /// The current upstream records it reads.
     inputs: BTreeMap<&'static str, CompletionRecord>,
     /// Files of this unit in the stage's tables when the stage started.
@@ -294,7 +281,7 @@ enum Outcome {
 /// failure: its record written, its lease released here).
 async fn attempt(stage: Arc<dyn Stage>, job: UnitJob, env: Arc<Env>) -> (u32, Why, Outcome) {
     let (id, why) = (job.unit.id, job.why);
-    let fingerprint = job.stamp.fingerprint.clone();
+    let fingerprint = job.fingerprint.stage.clone();
     let name = stage.name();
     let attempt = attempt_id();
     let lease = match leases::acquire(&env.run_dir, name, id, env.rank, &attempt, env.lease_time).await {
@@ -356,20 +343,6 @@ fn panic_message(e: tokio::task::JoinError) -> String {
     }
 }
 
-/// Whether every file a record names exists.
-async fn all_present(run_dir: &RunDir, record: &CompletionRecord) -> Result<bool> {
-    use object_store::ObjectStoreExt;
-    for f in record.outputs.values() {
-        let at = run_dir.file(&f.file)?;
-        match at.store.head(&at.path).await {
-            Ok(_) => {}
-            Err(object_store::Error::NotFound { .. }) => return Ok(false),
-            Err(e) => return Err(e.into()),
-        }
-    }
-    Ok(true)
-}
-
 /// Under the lease: re-checks freshness, produces, publishes and commits one unit; the lease is
 /// released whatever happens (except a panic: then [`attempt`] deletes it).
 async fn commit_unit(
@@ -379,7 +352,7 @@ async fn commit_unit(
     env: Arc<Env>,
     lease: Lease,
 ) -> Result<Outcome> {
-    let (name, id, fingerprint) = (stage.name(), job.unit.id, job.stamp.fingerprint.clone());
+    let (name, id, fingerprint) = (stage.name(), job.unit.id, job.fingerprint.stage.clone());
     let outcome = produce(stage, job, attempt.clone(), &env, &lease).await;
     if let Err(e) = &outcome {
         record_failure(&env, name, id, &fingerprint, &e.to_string()).await;
@@ -406,8 +379,9 @@ async fn produce(stage: Arc<dyn Stage>, job: UnitJob, attempt: String, env: &Env
             forced: false,
             incomplete: stage.incomplete(&p.record),
         };
-        if all_present(&env.run_dir, &p.record).await?
-            && freshness::judge(&case, &job.settings, Some(&job.stamp.upstream)) == freshness::Verdict::Current
+        let files: Vec<&str> = p.record.outputs.values().map(|f| f.file.as_str()).collect();
+        if env.run_dir.all_present(&files).await?
+            && freshness::judge(&case, &job.fingerprint, Some(&job.upstream)) == freshness::Verdict::Current
         {
             return Ok(Outcome::AlreadyDone(p.clone()));
         }
@@ -458,7 +432,7 @@ async fn produce(stage: Arc<dyn Stage>, job: UnitJob, attempt: String, env: &Env
     }
     let mut outputs = BTreeMap::new();
     for (table, file) in finished {
-        let relative = RunDir::output_name(name, table, id, &job.stamp.fingerprint, &attempt);
+        let relative = RunDir::output_name(name, table, id, &job.fingerprint.stage, &attempt);
         env.run_dir
             .publish(&file.location, &env.run_dir.file(&relative)?)
             .await?;
@@ -475,7 +449,7 @@ async fn produce(stage: Arc<dyn Stage>, job: UnitJob, attempt: String, env: &Env
         version: RECORD_VERSION,
         stage: name.to_string(),
         unit: id,
-        stamp: job.stamp,
+        stamp: Stamp::new(&job.fingerprint, job.upstream),
         attempt: attempt.clone(),
         rank: env.rank,
         world_size: env.world_size,
@@ -628,11 +602,11 @@ mod tests {
                     slice: safepipe_operators::ingest::Slice::Unreadable { error: String::new() },
                 },
                 why: Why::New,
-                stamp: Stamp::default(),
-                settings: Fingerprint {
+                fingerprint: Fingerprint {
                     settings: String::new(),
                     stage: String::new(),
                 },
+                upstream: BTreeMap::new(),
                 inputs: BTreeMap::new(),
                 leftovers: Vec::new(),
             };

@@ -236,6 +236,9 @@ pub struct PackView {
     pub missing: usize,
     /// The current `tokens` records of every unit, in unit order (when none is missing).
     pub tokens: Vec<Committed>,
+    /// The digest of every unit's `tokens` record (`None` while units are missing): any
+    /// upstream redo changes it.
+    upstream: Option<BTreeMap<String, String>>,
     pub manifest: ManifestState,
 }
 
@@ -255,37 +258,26 @@ impl PackView {
             .filter_map(|u| tokens_current.get(&u.id).cloned())
             .collect();
         tokens.sort_by_key(|c| c.record.unit);
+        let missing = plan.units.len() - tokens.len();
+        let upstream = (missing == 0).then(|| {
+            let lines: String = tokens
+                .iter()
+                .map(|c| format!("{} {}\n", c.record.unit, c.digest))
+                .collect();
+            BTreeMap::from([("tokenize".to_string(), records::digest(lines.as_bytes()))])
+        });
         Ok(PackView {
             fingerprint: fingerprint(pack, tokenize_fingerprint),
-            missing: plan.units.len() - tokens.len(),
+            missing,
             tokens,
+            upstream,
             manifest: load_manifest(run_dir).await?,
         })
     }
 
-    /// The digest of every unit's `tokens` record: any upstream redo changes it.
-    fn upstream(&self) -> Option<BTreeMap<String, String>> {
-        if self.missing > 0 {
-            return None;
-        }
-        let lines: String = self
-            .tokens
-            .iter()
-            .map(|c| format!("{} {}\n", c.record.unit, c.digest))
-            .collect();
-        Some(BTreeMap::from([(
-            "tokenize".to_string(),
-            records::digest(lines.as_bytes()),
-        )]))
-    }
-
     /// The stamp a manifest (or part) made now carries; `None` while units are missing.
     fn stamp(&self) -> Option<Stamp> {
-        Some(Stamp {
-            fingerprint: self.fingerprint.stage.clone(),
-            settings_fingerprint: self.fingerprint.settings.clone(),
-            upstream: self.upstream()?,
-        })
+        Some(Stamp::new(&self.fingerprint, self.upstream.clone()?))
     }
 
     pub fn verdict(&self, forced: bool) -> Verdict {
@@ -295,7 +287,7 @@ impl PackView {
             forced,
             incomplete: false,
         };
-        freshness::judge(&case, &self.fingerprint, self.upstream().as_ref())
+        freshness::judge(&case, &self.fingerprint, self.upstream.as_ref())
     }
 }
 
@@ -473,13 +465,9 @@ async fn current_part(run_dir: &RunDir, part: Part, view: &PackView, bucket_byte
     if record.version != RECORD_VERSION || Some(&record.stamp) != view.stamp().as_ref() || !same_share {
         return Ok(None);
     }
-    for shard in &record.shards {
-        let at = run_dir.file(&shard.file)?;
-        if at.store.head(&at.path).await.is_err() {
-            return Ok(None);
-        }
-    }
-    Ok(Some(record))
+    let shards: Vec<&str> = record.shards.iter().map(|s| s.file.as_str()).collect();
+    let present = run_dir.all_present(&shards).await?;
+    Ok(present.then_some(record))
 }
 
 /// Packs this rank's share under the lease, publishes its shards and writes the part record.
@@ -518,15 +506,10 @@ async fn pack_part(
             "pack: another process took this part over (this one stalled past runner.lease_seconds)".into(),
         ));
     }
+    let first = record.part.map_or(0, |p| p.first_shard);
     let mut shards = Vec::new();
-    for staged in &record.shards {
-        let stem = staged
-            .file
-            .rsplit('/')
-            .next()
-            .and_then(|n| n.strip_suffix(".parquet"))
-            .unwrap_or_default();
-        let name = format!("{STAGE}/shards/{stem}-{}-{attempt}.parquet", view.fingerprint.stage);
+    for (i, staged) in record.shards.iter().enumerate() {
+        let name = spill::shard_file(first + i as u64, &view.fingerprint.stage, attempt);
         env.run_dir
             .publish(&env.run_dir.file(&staged.file)?, &env.run_dir.file(&name)?)
             .await?;

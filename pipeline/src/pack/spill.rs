@@ -131,9 +131,18 @@ impl Drop for SpillDir {
 
 /// Writes packed sequences into shard files of exactly `shard_sequences` rows (the last may
 /// hold fewer).
-/// The staged name of global shard `index` (the commit adds the fingerprint and attempt).
+/// The staged name of global shard `index`, in its attempt's folder.
 pub(super) fn shard_name(index: u64) -> String {
     format!("shard-{index:06}.parquet")
+}
+
+/// The committed name of global shard `index` (relative to the run directory): the fingerprint
+/// and the attempt make it unique, so a repack never writes over a shard a reader may be using.
+pub(super) fn shard_file(index: u64, fingerprint: &str, attempt: &str) -> String {
+    format!(
+        "{}/shards/shard-{index:06}-{fingerprint}-{attempt}.parquet",
+        super::STAGE
+    )
 }
 
 pub(super) struct ShardSink {
