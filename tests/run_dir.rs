@@ -344,3 +344,60 @@ fn plan_sql_and_gc_need_no_model_files_and_run_names_the_missing_one() {
     let status = safepipe(&["status", cfg]);
     assert_eq!(status.status.code(), Some(2), "{}", text(&status.stderr));
 }
+
+#[test]
+fn status_and_sql_judge_a_stage_whose_model_is_gone_by_its_last_result() {
+    let ws = Workspace::new();
+    let tokenizer = ws.path().join("tokenizer.gguf");
+    std::os::unix::fs::symlink(gguf(), &tokenizer).unwrap();
+    let config = ws.config(
+        "config.toml",
+        &token_config("run", "").replace(&format!("{:?}", gguf()), "\"tokenizer.gguf\""),
+    );
+    let cfg = config.to_str().unwrap();
+    let run = safepipe(&["run", cfg]);
+    assert!(run.status.success(), "{}", text(&run.stderr));
+    let records = sql_number(&config, "SELECT count(*) FROM stats");
+    std::fs::remove_file(&tokenizer).unwrap();
+
+    // `status` still answers: nothing to do, and a note says which stage was judged how.
+    let status = safepipe(&["status", cfg]);
+    assert!(status.status.success(), "{}", text(&status.stderr));
+    let shown = text(&status.stdout);
+    assert!(!shown.contains("next run redoes"), "{shown}");
+    assert!(
+        shown.contains("note: tokenize:")
+            && shown.contains("tokenize.tokenizer")
+            && shown.contains("last committed result"),
+        "{shown}"
+    );
+    assert!(predicted(&config).values().all(|&n| n == 0));
+    // `sql` marks every committed result current instead of null.
+    assert_eq!(sql_number(&config, "SELECT count(*) FROM stats WHERE current"), records);
+    // `run` never guesses: it names the missing tokenizer.
+    let run = safepipe(&["run", cfg]);
+    assert_eq!(run.status.code(), Some(2), "{}", text(&run.stderr));
+    assert!(
+        text(&run.stderr).contains("tokenize.tokenizer"),
+        "{}",
+        text(&run.stderr)
+    );
+}
+
+#[test]
+fn a_stage_whose_upstream_is_not_configured_is_refused_at_load() {
+    let ws = Workspace::new();
+    let config = ws.config(
+        "config.toml",
+        &format!("run_dir = \"run\"\n{}[pack]\n", small_sample_inputs()),
+    );
+    for command in ["plan", "status", "run"] {
+        let out = safepipe(&[command, config.to_str().unwrap()]);
+        assert_eq!(out.status.code(), Some(2), "{command}: {}", text(&out.stderr));
+        let said = text(&out.stderr);
+        assert!(
+            said.contains("the pack stage reads the output of tokenize") && said.contains("add [tokenize]"),
+            "{command}: {said}"
+        );
+    }
+}

@@ -2,7 +2,8 @@
 //!
 //! The rules are an ordered list of `(name, when, route, also_tag)`; a document takes the route of
 //! the first rule whose `when` (a SQL boolean expression over the `documents` columns, plus the
-//! `scores` columns `score`, `probs`, `expected`, `chunks` when the score stage runs) is true,
+//! `scores` columns `score`, `probs`, `expected`, `chunks` when the score stage runs, and the
+//! `llm_scores` columns `llm_score`, `ensemble` when the annotate stage runs) is true,
 //! else the default route. `also_tag` keeps the raw text with harmfulness tags as well (the
 //! paper's "refuse, and keep the raw text tagged"). The whole decision is one DataFusion query, so it streams, and a routing change
 //! never touches the documents themselves (routes are a side table keyed by `id`).
@@ -69,12 +70,50 @@ pub struct RouteRule {
 pub struct RouteRules {
     pub rules: Vec<RouteRule>,
     pub default: Route,
-    /// The score stage runs: predicates may use the `scores` columns.
-    #[serde(default)]
-    pub with_scores: bool,
-    /// The annotate stage runs: predicates may use `llm_score` and `ensemble`.
-    #[serde(default)]
-    pub with_llm_scores: bool,
+}
+
+/// A per-document score table that route predicates may use when its stage is in the run:
+/// joined to `documents` by position and id.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ScoreTable {
+    /// `scores` of the score stage: `score`, `probs`, `expected`, `chunks`.
+    Scores,
+    /// `llm_scores` of the annotate stage: `llm_score`, `ensemble`.
+    LlmScores,
+}
+
+impl ScoreTable {
+    pub const ALL: [ScoreTable; 2] = [ScoreTable::Scores, ScoreTable::LlmScores];
+
+    pub fn table(self) -> &'static str {
+        match self {
+            ScoreTable::Scores => "scores",
+            ScoreTable::LlmScores => "llm_scores",
+        }
+    }
+
+    /// The stage that writes it.
+    pub fn stage(self) -> &'static str {
+        match self {
+            ScoreTable::Scores => "score",
+            ScoreTable::LlmScores => "annotate",
+        }
+    }
+
+    pub fn schema(self) -> arrow::datatypes::SchemaRef {
+        match self {
+            ScoreTable::Scores => schema::SCORES.clone(),
+            ScoreTable::LlmScores => schema::LLM_SCORES.clone(),
+        }
+    }
+
+    /// The columns predicates may use.
+    pub fn columns(self) -> &'static str {
+        match self {
+            ScoreTable::Scores => SCORE_COLUMNS,
+            ScoreTable::LlmScores => LLM_SCORE_COLUMNS,
+        }
+    }
 }
 
 /// The columns of `scores` that route predicates can use.
@@ -87,26 +126,20 @@ pub const LLM_SCORE_COLUMNS: &str = "llm_score, ensemble";
 pub const DEFAULT_RULE: &str = "default";
 
 impl RouteRules {
-    /// The query that routes every row of the table `documents` (joined with `scores`).
-    pub fn query(&self) -> String {
-        // With scores, documents and scores are matched by position and id; the ORDER BY is at
-        // the top level (DataFusion drops one inside a derived table), so routes keep document
-        // order. The route adapter checks that every document has its score row.
-        let (source, order) = if self.with_scores || self.with_llm_scores {
+    /// The query that routes every row of the table `documents` (joined with the `sides`).
+    pub fn query(&self, sides: &[ScoreTable]) -> String {
+        // Documents and score tables are matched by position and id; the ORDER BY is at the top
+        // level (DataFusion drops one inside a derived table), so routes keep document order.
+        // The route adapter checks that every document has its score rows.
+        let (source, order) = if !sides.is_empty() {
             let mut columns = String::from("d.*");
             let mut joins = String::new();
-            if self.with_scores {
-                columns.push_str(&format!(", {SCORE_COLUMNS}"));
+            for side in sides {
+                let (table, cols) = (side.table(), side.columns());
+                columns.push_str(&format!(", {cols}"));
                 joins.push_str(&format!(
-                    " LEFT JOIN (SELECT id AS score_id__, {SCORE_COLUMNS}, row_number() OVER () AS score_n__ FROM scores) s \
-                     ON d.doc_n__ = s.score_n__ AND d.id = s.score_id__"
-                ));
-            }
-            if self.with_llm_scores {
-                columns.push_str(&format!(", {LLM_SCORE_COLUMNS}"));
-                joins.push_str(&format!(
-                    " LEFT JOIN (SELECT id AS llm_id__, {LLM_SCORE_COLUMNS}, row_number() OVER () AS llm_n__ FROM llm_scores) l \
-                     ON d.doc_n__ = l.llm_n__ AND d.id = l.llm_id__"
+                    " LEFT JOIN (SELECT id AS {table}_id__, {cols}, row_number() OVER () AS {table}_n__ FROM {table}) {table}__ \
+                     ON d.doc_n__ = {table}__.{table}_n__ AND d.id = {table}__.{table}_id__"
                 ));
             }
             (
@@ -140,46 +173,53 @@ impl RouteRules {
         format!("SELECT id, {route} AS route, {rule} AS rule, {also_tag} AS also_tag FROM {source}{order}")
     }
 
-    /// Plans the query against an empty `documents` table: catches unknown columns, type errors
-    /// and SQL syntax before any work starts. The error names the rule.
-    pub async fn validate(&self) -> Result<(), String> {
+    /// Plans the query against empty tables (`documents` and the `sides` the run will have):
+    /// catches unknown columns, type errors and SQL syntax before any work starts. The error
+    /// names the rule.
+    pub async fn validate(&self, sides: &[ScoreTable]) -> Result<(), String> {
+        let mut over: Vec<&str> = vec!["documents"];
+        over.extend(sides.iter().map(|s| s.table()));
+        let mut over = over.join(", ");
+        let absent: Vec<String> = ScoreTable::ALL
+            .into_iter()
+            .filter(|t| !sides.contains(t))
+            .map(|t| format!("no [{}] section: {} are unavailable", t.stage(), t.columns()))
+            .collect();
+        if !absent.is_empty() {
+            over.push_str(&format!(" ({})", absent.join("; ")));
+        }
         for (i, rule) in self.rules.iter().enumerate() {
             let single = RouteRules {
                 rules: vec![rule.clone()],
                 ..self.clone()
             };
-            single.plan_on_empty().await.map_err(|e| {
+            single.plan_on_empty(sides).await.map_err(|e| {
                 format!(
-                    "route.rules[{i}] (name = {:?}): `when = {:?}` is not a valid predicate over documents{}: {e}",
-                    rule.name,
-                    rule.when,
-                    if self.with_scores {
-                        " and scores"
-                    } else {
-                        " (no [score] section: score columns are unavailable)"
-                    }
+                    "route.rules[{i}] (name = {:?}): `when = {:?}` is not a valid predicate over {over}: {e}",
+                    rule.name, rule.when,
                 )
             })?;
         }
-        self.plan_on_empty().await.map_err(|e| format!("route: {e}"))
+        self.plan_on_empty(sides).await.map_err(|e| format!("route: {e}"))
     }
 
-    async fn plan_on_empty(&self) -> OpResult<()> {
+    async fn plan_on_empty(&self, sides: &[ScoreTable]) -> OpResult<()> {
         let ctx = SessionContext::new();
         let empty = MemTable::try_new(schema::DOCUMENTS.clone(), vec![vec![]])?;
         ctx.register_table("documents", Arc::new(empty))?;
-        let scores = MemTable::try_new(schema::SCORES.clone(), vec![vec![]])?;
-        ctx.register_table("scores", Arc::new(scores))?;
-        let llm_scores = MemTable::try_new(schema::LLM_SCORES.clone(), vec![vec![]])?;
-        ctx.register_table("llm_scores", Arc::new(llm_scores))?;
-        let df = ctx.sql(&self.query()).await?;
+        for side in sides {
+            let empty = MemTable::try_new(side.schema(), vec![vec![]])?;
+            ctx.register_table(side.table(), Arc::new(empty))?;
+        }
+        let df = ctx.sql(&self.query(sides)).await?;
         df.create_physical_plan().await?;
         Ok(())
     }
 
-    /// Routes the `documents` table registered in `ctx`. Lazy: the scan starts on first poll.
-    pub async fn execute(&self, ctx: &SessionContext) -> OpResult<SendableRecordBatchStream> {
-        let df = ctx.sql(&self.query()).await?;
+    /// Routes the `documents` table registered in `ctx`, joined with the `sides` registered
+    /// there too. Lazy: the scan starts on first poll.
+    pub async fn execute(&self, ctx: &SessionContext, sides: &[ScoreTable]) -> OpResult<SendableRecordBatchStream> {
+        let df = ctx.sql(&self.query(sides)).await?;
         Ok(df.execute_stream().await?)
     }
 }
@@ -251,10 +291,8 @@ mod tests {
                 },
             ],
             default: Route::Keep,
-            with_scores: false,
-            with_llm_scores: false,
         };
-        rules.validate().await.unwrap();
+        rules.validate(&[]).await.unwrap();
         let ctx = SessionContext::new();
         let table = MemTable::try_new(
             schema::DOCUMENTS.clone(),
@@ -262,7 +300,7 @@ mod tests {
         )
         .unwrap();
         ctx.register_table("documents", Arc::new(table)).unwrap();
-        let batches = datafusion::physical_plan::common::collect(rules.execute(&ctx).await.unwrap())
+        let batches = datafusion::physical_plan::common::collect(rules.execute(&ctx, &[]).await.unwrap())
             .await
             .unwrap();
         let mut counts = UnitCounts::default();
@@ -289,10 +327,8 @@ mod tests {
                 also_tag: false,
             }],
             default: Route::Keep,
-            with_scores: false,
-            with_llm_scores: false,
         };
-        let err = rules.validate().await.unwrap_err();
+        let err = rules.validate(&[]).await.unwrap_err();
         assert!(err.contains("route.rules[0]") && err.contains("oops"), "{err}");
     }
 }

@@ -10,7 +10,7 @@ use crate::engine::records::CompletionRecord;
 use crate::engine::run_dir::{RunDir, StageFiles};
 use crate::error::{Error, Result};
 use crate::pack::ManifestState;
-use crate::stages;
+use crate::stages::{Scope, StageGraph};
 use arrow::array::{ArrayRef, BooleanArray, Float64Array, RecordBatch, StringArray, UInt32Array, UInt64Array};
 use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
 use datafusion::datasource::MemTable;
@@ -49,13 +49,19 @@ pub async fn session(config: &Config) -> Result<SessionContext> {
     if !run_dir.is_local() {
         ctx.register_object_store(&run_dir.root().base, run_dir.root().store.clone());
     }
-    let stages = stages::pipeline(&Arc::new(config.clone()));
-    // With a plan and the model files (the fingerprints hold their identities), the freshness
-    // survey (the rule `run` uses) says which results are current; without, `current` is null.
+    let graph = StageGraph::new(&Arc::new(config.clone()))?;
+    // With a plan, the freshness survey (the rule `run` uses) says which results are current;
+    // a stage whose model file is missing is judged with its last result's settings. Without a
+    // plan, or a model and any result, `current` is null.
     let plan = Plan::load(config, &run_dir).await?;
     let fingerprints = match &plan {
-        Some(plan) => match stages::fingerprints(&stages, &plan.fingerprint) {
-            Ok(f) => Some(f),
+        Some(plan) => match graph.fingerprints_or_recorded(&plan.fingerprint, &run_dir).await {
+            Ok((f, notes)) => {
+                for note in notes {
+                    warn!("{note}");
+                }
+                Some(f)
+            }
             Err(e) => {
                 warn!(error = %e, "stats.current is null: the stages' fingerprints need the model files");
                 None
@@ -63,25 +69,32 @@ pub async fn session(config: &Config) -> Result<SessionContext> {
         },
         None => None,
     };
-    let surveyed: Vec<(StageFiles, Option<freshness::Judged>)> = match (plan, fingerprints) {
+    let surveyed: Vec<Option<(StageFiles, Option<freshness::Judged>)>> = match (plan, fingerprints) {
         (Some(plan), Some(fingerprints)) => {
             let units: Vec<u32> = plan.units.iter().map(|u| u.id).collect();
-            freshness::survey(&run_dir, &stages, &fingerprints, &units, &[], false)
+            freshness::survey(&run_dir, &graph, &fingerprints, &units, &[], false)
                 .await?
                 .into_iter()
-                .map(|(files, judged)| (files, Some(judged)))
+                .map(|s| s.map(|(files, judged)| (files, Some(judged))))
                 .collect()
         }
         _ => {
             let mut out = Vec::new();
-            for stage in &stages {
-                out.push((run_dir.stage(stage.name()).await?, None));
+            for node in &graph.nodes {
+                out.push(match node.scope {
+                    Scope::Unit(_) => Some((run_dir.stage(node.name()).await?, None)),
+                    Scope::Global => None,
+                });
             }
             out
         }
     };
     let mut all: Vec<(CompletionRecord, Option<bool>)> = Vec::new();
-    for (stage, (files, judged)) in stages.iter().zip(surveyed) {
+    // Per-unit stages' tables from their records; the global stage's below, from its manifest.
+    for (stage, surveyed) in graph.nodes.iter().zip(surveyed) {
+        let Some((files, judged)) = surveyed else {
+            continue;
+        };
         if let Some(missing) = files.missing.first() {
             return Err(Error::Execution(format!(
                 "{} committed file(s) of stage {} are missing, e.g. {missing} in {}; \
@@ -96,7 +109,7 @@ pub async fn session(config: &Config) -> Result<SessionContext> {
         }
         let mut done: Vec<_> = files.done.into_values().collect();
         done.sort_by_key(|c| c.record.unit);
-        for table in stage.outputs() {
+        for table in stage.stage.outputs() {
             let files: Vec<String> = done
                 .iter()
                 .filter_map(|c| c.record.outputs.get(table.name))

@@ -1,16 +1,28 @@
-//! The run's TOML config: parsed, validated and resolved before any work starts.
-//! docs/config.md documents every key; errors name the key and the fix.
+//! The run's TOML config: parsed and validated before any work starts, without touching a
+//! model file ([`Lazy`] loads those on first use). docs/config.md documents every key; errors
+//! name the key and the fix.
+//!
+//! Each stage's section (its raw form, checks and resolved settings) lives beside the stage:
+//! `[[inputs]]`/`[ingest]` in `stages/ingest.rs`, `[score]` in `stages/score.rs`, `[route]`,
+//! `[tag]`, `[tokenize]` in theirs, `[synthesize]`/`[annotate]` in `stages/synthesize.rs`,
+//! `[pack]` in `pack/stage.rs`, `[plan]` in `engine/plan.rs`, `[llm]` in `llm.rs`. This file
+//! holds the whole (`RawConfig` -> [`Config`]), `[runner]` and `[train]`, and checks the stage
+//! graph the sections make ([`crate::stages::StageGraph`]).
 
+use crate::engine::plan::PlanConfig;
 use crate::error::{Error, Result};
-use crate::llm::{AnnotateConfig, LlmConfig, SharedGenerator, SynthesizeConfig};
-use safepipe_model::classifier::{Device, Precision, RunOptions};
-use safepipe_model::{TextTokenizer, TokenizerOptions};
-use safepipe_operators::ingest::IngestOptions;
-use safepipe_operators::route::{Route, RouteRule, RouteRules};
+use crate::llm::{LlmConfig, SharedGenerator};
+use crate::pack::PackConfig;
+use crate::stages::ingest::{IngestConfig, InputConfig, check_inputs};
+use crate::stages::route::RouteConfig;
+use crate::stages::score::{ScoreConfig, ScoreSettings};
+use crate::stages::synthesize::{AnnotateConfig, SynthesizeConfig};
+use crate::stages::tag::TagConfig;
+use crate::stages::tokenize::{TokenizeConfig, TokenizeSettings};
+use safepipe_operators::route::{RouteRules, ScoreTable};
 use safepipe_operators::synthesize::{AnnotateSettings, SynthesisSettings};
 use safepipe_operators::tag::Tagger;
 use serde::{Deserialize, Serialize};
-use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Component, Path, PathBuf};
 use std::sync::{Arc, OnceLock};
 
@@ -39,165 +51,6 @@ struct RawConfig {
     annotate: Option<AnnotateConfig>,
 }
 
-/// One named input: files in one format and schema. The name becomes `documents.source`.
-#[derive(Debug, Clone, Deserialize, Serialize)]
-#[serde(deny_unknown_fields)]
-pub struct InputConfig {
-    pub name: String,
-    /// Paths or URLs (`file://`, `s3://`, `gs://`, `az://`); globs (`*`, `?`, `[..]`) and
-    /// directories are expanded. Relative paths are relative to the config file.
-    pub paths: Vec<String>,
-    #[serde(default)]
-    pub format: InputFormat,
-    #[serde(default)]
-    pub columns: ColumnConfig,
-}
-
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum InputFormat {
-    /// From the extension: `.parquet`; `.jsonl`/`.json`/`.ndjson`, optionally `.gz`/`.zst`.
-    #[default]
-    Auto,
-    Parquet,
-    Jsonl,
-}
-
-/// Input column (or JSON field) names; the defaults are FineWeb's.
-#[derive(Debug, Clone, Deserialize, Serialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct ColumnConfig {
-    pub text: String,
-    pub id: String,
-    pub dump: String,
-    pub url: String,
-    pub date: String,
-    pub file_path: String,
-    pub language: String,
-    pub language_score: String,
-    pub token_count: String,
-}
-
-impl Default for ColumnConfig {
-    fn default() -> Self {
-        let s = |x: &str| x.to_string();
-        ColumnConfig {
-            text: s("text"),
-            id: s("id"),
-            dump: s("dump"),
-            url: s("url"),
-            date: s("date"),
-            file_path: s("file_path"),
-            language: s("language"),
-            language_score: s("language_score"),
-            token_count: s("token_count"),
-        }
-    }
-}
-
-#[derive(Debug, Clone, Deserialize, Serialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct PlanConfig {
-    /// Target size of one work unit of an uncompressed JSON Lines file.
-    pub jsonl_unit_bytes: u64,
-}
-
-impl Default for PlanConfig {
-    fn default() -> Self {
-        PlanConfig {
-            jsonl_unit_bytes: 64 << 20,
-        }
-    }
-}
-
-#[derive(Debug, Clone, Deserialize, Serialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct IngestConfig {
-    /// Texts longer than this many bytes are quarantined (`text_too_long`).
-    pub max_text_bytes: usize,
-    /// Rows per record batch.
-    pub batch_rows: usize,
-}
-
-impl Default for IngestConfig {
-    fn default() -> Self {
-        IngestConfig {
-            max_text_bytes: 4 << 20,
-            batch_rows: 4096,
-        }
-    }
-}
-
-#[derive(Debug, Clone, Default, Deserialize, Serialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct RouteConfig {
-    /// Route of documents no rule matches.
-    pub default: Route,
-    /// Ordered rules; the first whose `when` is true decides.
-    pub rules: Vec<RouteRule>,
-}
-
-/// Algorithm 1: the harmfulness tag inserted before words of documents with `routes.also_tag`.
-#[derive(Debug, Clone, Deserialize, Serialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct TagConfig {
-    /// The tag string (one special token of the tokenizer later on).
-    pub tag: String,
-    /// Chance of a tag before each word after the first (the paper found 5% best).
-    pub probability: f64,
-    /// With the document id, seeds the draws: same seed, same tags.
-    pub seed: u64,
-}
-
-impl Default for TagConfig {
-    fn default() -> Self {
-        TagConfig {
-            tag: safepipe_operators::tag::DEFAULT_TAG.to_string(),
-            probability: 0.05,
-            seed: 0,
-        }
-    }
-}
-
-/// `[score]`: present = the score stage runs and route predicates may use its columns.
-#[derive(Debug, Clone, Deserialize, Serialize)]
-#[serde(deny_unknown_fields)]
-pub struct ScoreConfig {
-    /// The classifier's manifest (`classifier.toml`, docs/classifier.md).
-    pub model: String,
-    #[serde(default)]
-    pub precision: Precision,
-    #[serde(default)]
-    pub device: Device,
-    /// ONNX Runtime intra-op threads; 0 = one per core.
-    #[serde(default)]
-    pub threads: usize,
-    /// Padded tokens per inference batch (rows x longest row).
-    #[serde(default = "default_batch_tokens")]
-    pub batch_tokens: usize,
-    #[serde(default = "default_max_batch")]
-    pub max_batch: usize,
-    /// Tokens shared by consecutive chunks of a long document.
-    #[serde(default)]
-    pub overlap: usize,
-    /// Documents tokenized ahead (and sorted by length together) while the previous window runs.
-    #[serde(default = "default_window")]
-    pub window: usize,
-    /// The ONNX Runtime library (default: ORT_DYLIB_PATH, else models/onnxruntime/ from `make setup`).
-    #[serde(default)]
-    pub onnxruntime: Option<String>,
-}
-
-fn default_batch_tokens() -> usize {
-    RunOptions::default().batch_tokens
-}
-fn default_max_batch() -> usize {
-    RunOptions::default().max_batch
-}
-fn default_window() -> usize {
-    4096
-}
-
 /// A part of the config that reads model files (a tokenizer, a model's identity, the LLM
 /// backend): checked and loaded on first use, then shared. `plan`, `gc` and `sql` never load
 /// it, so they need only the config and the run directory; `run`, `status`, `train` and
@@ -218,7 +71,7 @@ impl<T> Clone for Lazy<T> {
 }
 
 impl<T> Lazy<T> {
-    fn new(load: impl Fn() -> std::result::Result<T, String> + Send + Sync + 'static) -> Self {
+    pub(crate) fn new(load: impl Fn() -> std::result::Result<T, String> + Send + Sync + 'static) -> Self {
         Lazy {
             cell: Arc::new(OnceLock::new()),
             load: Arc::new(load),
@@ -243,86 +96,6 @@ impl<T> std::fmt::Debug for Lazy<T> {
         };
         write!(f, "Lazy({state})")
     }
-}
-
-/// The score stage's settings; the model's identity is read from its files on first use.
-#[derive(Debug, Clone)]
-pub struct ScoreSettings {
-    pub manifest: PathBuf,
-    pub options: RunOptions,
-    pub window: usize,
-    /// [`safepipe_model::classifier::model_identity`]: changes when the model's files do.
-    pub identity: Lazy<String>,
-}
-
-/// `[tokenize]`: present = the tokenize stage runs.
-#[derive(Debug, Clone, Deserialize, Serialize)]
-#[serde(deny_unknown_fields)]
-pub struct TokenizeConfig {
-    /// A `.gguf` model (its tokenizer metadata is used) or a `tokenizer.json`.
-    pub tokenizer: String,
-    /// Appended after every document; must be in the vocabulary.
-    #[serde(default = "default_eos")]
-    pub eos: String,
-}
-
-fn default_eos() -> String {
-    "<|endoftext|>".into()
-}
-
-/// `[pack]`: present = the global mix & pack stage runs (needs `[tokenize]`).
-#[derive(Debug, Clone, Deserialize, Serialize)]
-#[serde(deny_unknown_fields)]
-pub struct PackConfig {
-    /// Tokens per training sequence; rows hold `seq_len + 1` (inputs and shifted targets).
-    #[serde(default = "default_seq_len")]
-    pub seq_len: usize,
-    /// Seeds document selection and the shuffle.
-    #[serde(default)]
-    pub seed: u64,
-    /// Sequences per shard file.
-    #[serde(default = "default_shard_sequences")]
-    pub shard_sequences: usize,
-    /// Weight mode only: tokens to pack (default: as many as the mixture allows without
-    /// exceeding any source's `max_epochs`).
-    #[serde(default)]
-    pub total_tokens: Option<u64>,
-    /// Memory per shuffle bucket; the shuffle spills `tokens` into buckets of this size.
-    #[serde(default = "default_bucket_bytes")]
-    pub bucket_bytes: u64,
-    /// Local directory for the shuffle's spill files (default: the system temp directory).
-    #[serde(default)]
-    pub spill_dir: Option<String>,
-    /// The mixture; default: one source per kind present, each taken once.
-    #[serde(default)]
-    pub mix: Vec<MixSourceConfig>,
-}
-
-fn default_seq_len() -> usize {
-    2048
-}
-fn default_shard_sequences() -> usize {
-    8192
-}
-fn default_bucket_bytes() -> u64 {
-    64 << 20
-}
-
-#[derive(Debug, Clone, Deserialize, Serialize)]
-#[serde(deny_unknown_fields)]
-pub struct MixSourceConfig {
-    pub name: String,
-    /// `tokens.kind` values this source takes (default: `[name]`).
-    #[serde(default)]
-    pub kinds: Vec<String>,
-    pub weight: Option<f64>,
-    pub epochs: Option<f64>,
-    #[serde(default = "one")]
-    pub max_epochs: f64,
-}
-
-fn one() -> f64 {
-    1.0
 }
 
 /// `[train]`: `safepipe train CONFIG` pretrains on this run's packed shards.
@@ -423,13 +196,6 @@ fn default_eps() -> f64 {
     1e-8
 }
 
-/// The tokenize stage's settings; the tokenizer is loaded on first use.
-#[derive(Debug, Clone)]
-pub struct TokenizeSettings {
-    pub path: String,
-    pub tokenizer: Lazy<Arc<TextTokenizer>>,
-}
-
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct RunnerConfig {
@@ -496,71 +262,13 @@ impl Config {
                 "run_dir is empty; set it to a local directory or an s3:// / gs:// / az:// URL".into(),
             ));
         }
-        if raw.inputs.is_empty() {
-            return Err(fail("no [[inputs]]; add at least one with a name and paths".into()));
-        }
-        let mut names = BTreeSet::new();
-        let mut inputs = Vec::new();
-        for (i, input) in raw.inputs.into_iter().enumerate() {
-            if !valid_name(&input.name) {
-                return Err(fail(format!(
-                    "inputs[{i}].name = {:?}: use letters, digits, '_', '-' or '.'",
-                    input.name
-                )));
-            }
-            if !names.insert(input.name.clone()) {
-                return Err(fail(format!(
-                    "inputs[{i}].name = {:?} is used twice; names must be unique",
-                    input.name
-                )));
-            }
-            if input.paths.is_empty() {
-                return Err(fail(format!(
-                    "inputs[{i}].paths is empty; list files, directories or globs"
-                )));
-            }
-            let paths = input.paths.iter().map(|p| resolve(&dir, p)).collect();
-            inputs.push(InputConfig { paths, ..input });
-        }
-        if raw.plan.jsonl_unit_bytes < 4096 {
-            return Err(fail(format!(
-                "plan.jsonl_unit_bytes = {} is too small; use at least 4096",
-                raw.plan.jsonl_unit_bytes
-            )));
-        }
-        if raw.ingest.max_text_bytes == 0 {
-            return Err(fail("ingest.max_text_bytes must be at least 1".into()));
-        }
-        if !(1..=1_000_000).contains(&raw.ingest.batch_rows) {
-            return Err(fail(format!(
-                "ingest.batch_rows = {} must be between 1 and 1000000",
-                raw.ingest.batch_rows
-            )));
-        }
-        let mut rule_names = BTreeSet::new();
-        for (i, rule) in raw.route.rules.iter().enumerate() {
-            if !valid_name(&rule.name) || rule.name.contains(['-', '.']) {
-                return Err(fail(format!(
-                    "route.rules[{i}].name = {:?}: use letters, digits and '_'",
-                    rule.name
-                )));
-            }
-            if !rule_names.insert(rule.name.clone()) {
-                return Err(fail(format!("route.rules[{i}].name = {:?} is used twice", rule.name)));
-            }
-        }
-        for (i, rule) in raw.route.rules.iter().enumerate() {
-            if rule.also_tag && matches!(rule.route, Route::Keep | Route::Drop) {
-                return Err(fail(format!(
-                    "route.rules[{i}] (name = {:?}): also_tag is for `rephrase` and `refuse` routes (use route = \"tag\" to keep the text tagged)",
-                    rule.name
-                )));
-            }
-        }
+        let inputs = check_inputs(raw.inputs, &dir).map_err(fail)?;
+        raw.plan.check().map_err(fail)?;
+        raw.ingest.check().map_err(fail)?;
         let shown = path.display().to_string();
         let score = match raw.score {
             None => None,
-            Some(s) => Some(validate_score(s, &dir, &shown).map_err(fail)?),
+            Some(s) => Some(s.settings(&dir, &shown).map_err(fail)?),
         };
         let run_dir = resolve(&dir, &raw.run_dir);
         let llm = match (&raw.llm, raw.synthesize.is_some() || raw.annotate.is_some()) {
@@ -589,13 +297,15 @@ impl Config {
             None => None,
             Some(a) => Some(a.settings(&dir).map_err(fail)?),
         };
-        let route = RouteRules {
-            rules: raw.route.rules,
-            default: raw.route.default,
-            with_scores: score.is_some(),
-            with_llm_scores: annotate.is_some(),
-        };
-        route.validate().await.map_err(fail)?;
+        // Route predicates may use the score tables of the stages this config runs.
+        let sides: Vec<ScoreTable> = ScoreTable::ALL
+            .into_iter()
+            .filter(|t| match t {
+                ScoreTable::Scores => score.is_some(),
+                ScoreTable::LlmScores => annotate.is_some(),
+            })
+            .collect();
+        let route = raw.route.rules(&sides).await.map_err(fail)?;
         let tagger = Tagger::new(raw.tag.tag, raw.tag.probability, raw.tag.seed).map_err(fail)?;
         if raw.runner.lease_seconds < 2 {
             return Err(fail(format!(
@@ -607,37 +317,15 @@ impl Config {
             0 => std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
             n => n,
         };
-        let tokenize = match raw.tokenize {
-            None => None,
-            Some(t) => {
-                let file = resolve(&dir, &t.tokenizer);
-                let options = TokenizerOptions {
-                    eos: t.eos.clone(),
-                    tag: Some(tagger.tag.clone()),
-                };
-                let (key, at, shown) = (t.tokenizer.clone(), file.clone(), shown.clone());
-                let tokenizer = Lazy::new(move || {
-                    if !Path::new(&at).exists() {
-                        return Err(format!(
-                            "{shown}: tokenize.tokenizer = {key:?}: {at} does not exist (`make setup` fetches the \
-                             SmolLM2 model into models/)"
-                        ));
-                    }
-                    TextTokenizer::load(Path::new(&at), &options)
-                        .map(Arc::new)
-                        .map_err(|e| format!("{shown}: tokenize.tokenizer: {e}"))
-                });
-                Some(TokenizeSettings { path: file, tokenizer })
-            }
-        };
+        let tokenize = raw.tokenize.map(|t| t.settings(&dir, &shown, &tagger.tag));
         if let Some(pack) = &raw.pack {
-            validate_pack(pack, tokenize.is_some()).map_err(fail)?;
+            pack.check().map_err(fail)?;
         }
         let train = match raw.train {
             None => None,
             Some(t) => Some(validate_train(t, &dir).map_err(fail)?),
         };
-        Ok(Config {
+        let config = Config {
             path: path.to_path_buf(),
             run_dir,
             inputs,
@@ -654,30 +342,10 @@ impl Config {
             llm,
             synthesize,
             annotate,
-        })
-    }
-
-    /// How ingest reads records of `input`.
-    pub fn ingest_options(&self, input: &InputConfig) -> IngestOptions {
-        let c = &input.columns;
-        IngestOptions {
-            source: input.name.clone(),
-            text_column: c.text.clone(),
-            id_column: c.id.clone(),
-            metadata_columns: [
-                &c.dump,
-                &c.url,
-                &c.date,
-                &c.file_path,
-                &c.language,
-                &c.language_score,
-                &c.token_count,
-            ]
-            .map(String::clone)
-            .to_vec(),
-            max_text_bytes: self.ingest.max_text_bytes,
-            batch_rows: self.ingest.batch_rows,
-        }
+        };
+        // A stage whose required upstream is not configured (e.g. [pack] without [tokenize]).
+        crate::stages::StageGraph::new(&Arc::new(config.clone()))?;
+        Ok(config)
     }
 
     pub fn input(&self, name: &str) -> Option<&InputConfig> {
@@ -708,107 +376,12 @@ fn validate_train(mut t: TrainConfig, dir: &Path) -> std::result::Result<TrainCo
     Ok(t)
 }
 
-fn validate_score(s: ScoreConfig, dir: &Path, shown: &str) -> std::result::Result<ScoreSettings, String> {
-    let manifest = PathBuf::from(resolve(dir, &s.model));
-    if s.window == 0 || s.max_batch == 0 {
-        return Err("score.window and score.max_batch must be at least 1".into());
-    }
-    let options = RunOptions {
-        precision: s.precision,
-        device: s.device,
-        threads: s.threads,
-        batch_tokens: s.batch_tokens,
-        max_batch: s.max_batch,
-        overlap: s.overlap,
-        onnxruntime: s.onnxruntime.as_ref().map(|p| PathBuf::from(resolve(dir, p))),
-    };
-    let (key, at, opts, shown) = (s.model.clone(), manifest.clone(), options.clone(), shown.to_string());
-    let identity = Lazy::new(move || {
-        if !at.is_file() {
-            return Err(format!(
-                "{shown}: score.model = {key:?}: {} does not exist (`make setup` fetches the demo encoder; \
-                 classifiers/ holds its head)",
-                at.display()
-            ));
-        }
-        safepipe_model::classifier::model_identity(&at, &opts).map_err(|e| format!("{shown}: score.model: {e}"))
-    });
-    Ok(ScoreSettings {
-        manifest,
-        options,
-        window: s.window,
-        identity,
-    })
+fn one() -> f64 {
+    1.0
 }
 
-fn validate_pack(pack: &PackConfig, tokenize: bool) -> std::result::Result<(), String> {
-    if !tokenize {
-        return Err("[pack] needs a [tokenize] section (it packs the tokens stage's output)".into());
-    }
-    if !(1..=1 << 20).contains(&pack.seq_len) {
-        return Err(format!("pack.seq_len = {} must be between 1 and 1048576", pack.seq_len));
-    }
-    if pack.shard_sequences == 0 {
-        return Err("pack.shard_sequences must be at least 1".into());
-    }
-    if pack.bucket_bytes < 1 << 20 {
-        return Err(format!(
-            "pack.bucket_bytes = {} is too small; use at least 1048576",
-            pack.bucket_bytes
-        ));
-    }
-    let mut names = BTreeSet::new();
-    for (i, m) in pack.mix.iter().enumerate() {
-        if !valid_name(&m.name) || !names.insert(m.name.as_str()) {
-            return Err(format!(
-                "pack.mix[{i}].name = {:?} must be a unique name (letters, digits, '_', '-', '.')",
-                m.name
-            ));
-        }
-        for (key, value) in [
-            ("weight", m.weight),
-            ("epochs", m.epochs),
-            ("max_epochs", Some(m.max_epochs)),
-        ] {
-            if let Some(v) = value
-                && !(v.is_finite() && v >= 0.0)
-            {
-                return Err(format!("pack.mix[{i}].{key} = {v} must be a number >= 0"));
-            }
-        }
-        if m.weight.is_some() && m.epochs.is_some() {
-            return Err(format!(
-                "pack.mix[{i}]: give `weight` (a token fraction) or `epochs` (passes), not both"
-            ));
-        }
-    }
-    let mut kinds: BTreeMap<&str, &str> = BTreeMap::new();
-    for m in &pack.mix {
-        let own = if m.kinds.is_empty() {
-            std::slice::from_ref(&m.name)
-        } else {
-            m.kinds.as_slice()
-        };
-        for k in own {
-            if let Some(other) = kinds.insert(k, &m.name) {
-                return Err(format!(
-                    "pack.mix: kind {k:?} is in both {other:?} and {:?}; a kind belongs to one source",
-                    m.name
-                ));
-            }
-        }
-    }
-    let weighted = pack.mix.iter().filter(|m| m.weight.is_some()).count();
-    if weighted != 0 && weighted != pack.mix.len() {
-        return Err("pack.mix: give every source a weight, or none (then each takes `epochs` passes)".into());
-    }
-    if weighted != 0 && pack.mix.iter().filter_map(|m| m.weight).sum::<f64>() <= 0.0 {
-        return Err("pack.mix: the weights sum to 0".into());
-    }
-    Ok(())
-}
-
-fn valid_name(name: &str) -> bool {
+/// A name of an input, rule or mixture source: letters, digits, `_`, `-`, `.`.
+pub(crate) fn valid_name(name: &str) -> bool {
     !name.is_empty()
         && name
             .chars()

@@ -11,7 +11,7 @@ use crate::config::Config;
 use crate::engine::records::{DONE_DIR, FAILED_DIR, LEASES_DIR};
 use crate::engine::run_dir::RunDir;
 use crate::error::Result;
-use crate::stages;
+use crate::stages::{Scope, StageGraph};
 use object_store::ObjectMeta;
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -33,27 +33,33 @@ pub async fn collect(config: &Config, min_age: Duration, dry_run: bool) -> Resul
     let now = chrono::Utc::now();
     let mut report = GcReport::default();
     let mut named: HashSet<String> = HashSet::new();
-    // One listing per stage folder (the one that loads its records), one for pack's.
+    // One listing per stage folder (for a per-unit stage, the one that loads its records).
     let mut listed: Vec<(String, ObjectMeta)> = Vec::new();
-    for stage in stages::pipeline(&Arc::new(config.clone())) {
-        let files = run_dir.stage(stage.name()).await?;
-        named.extend(
-            files
-                .done
-                .values()
-                .flat_map(|c| c.record.outputs.values().map(|f| f.file.clone())),
-        );
-        listed.extend(files.files);
-    }
-    // The pack stage's shards: the committed manifest names the live ones, and the part records
-    // of a multi-rank pack still being assembled name theirs.
-    if let Some(m) = crate::pack::load_manifest(&run_dir).await?.manifest() {
-        named.extend(m.shards.iter().map(|f| f.file.clone()));
-    }
-    named.extend(crate::pack::part_shards(&run_dir).await?);
-    for meta in run_dir.list(crate::pack::STAGE).await? {
-        if let Some(relative) = run_dir.relative(&run_dir.root().with_path(meta.location.clone())) {
-            listed.push((relative, meta));
+    for node in StageGraph::new(&Arc::new(config.clone()))?.nodes {
+        match node.scope {
+            Scope::Unit(_) => {
+                let files = run_dir.stage(node.name()).await?;
+                named.extend(
+                    files
+                        .done
+                        .values()
+                        .flat_map(|c| c.record.outputs.values().map(|f| f.file.clone())),
+                );
+                listed.extend(files.files);
+            }
+            Scope::Global => {
+                // The committed manifest names the live shards, and the part records of a
+                // multi-rank pack still being assembled name theirs.
+                if let Some(m) = crate::pack::load_manifest(&run_dir).await?.manifest() {
+                    named.extend(m.shards.iter().map(|f| f.file.clone()));
+                }
+                named.extend(crate::pack::part_shards(&run_dir).await?);
+                for meta in run_dir.list(node.name()).await? {
+                    if let Some(relative) = run_dir.relative(&run_dir.root().with_path(meta.location.clone())) {
+                        listed.push((relative, meta));
+                    }
+                }
+            }
         }
     }
     let bookkeeping = [DONE_DIR, FAILED_DIR, LEASES_DIR];

@@ -10,7 +10,7 @@
 //!   runner.rs     units -> committed outputs      records.rs  completion / failure records
 //!   writer.rs     batches -> Parquet files        storage.rs  paths and URLs -> object stores
 //!   ranks.rs      rank / world size from flags, Slurm, Kubernetes
-//! stages/       the DAG and each stage's adapter
+//! stages/       the stage graph (graph.rs), each stage's adapter and its config section
 //! catalog.rs    committed outputs as SQL tables   sql.rs      `safepipe sql` / `shell`
 //! status.rs     `safepipe status`                 gc.rs       `safepipe gc`: unreferenced files
 //! pack/         the global stage: tokens -> mixture, shuffle -> shards + manifest.json,

@@ -10,7 +10,7 @@ use crate::engine::plan::Plan;
 use crate::engine::run_dir::RunDir;
 use crate::error::Result;
 use crate::pack::{ManifestState, PackView};
-use crate::stages;
+use crate::stages::StageGraph;
 use safepipe_operators::UnitCounts;
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -47,6 +47,8 @@ pub struct Report {
     pub stages: Vec<StageStatus>,
     /// Input files changed or new since planning.
     pub inputs: Vec<String>,
+    /// Stages judged with the settings of their last result (their model file is missing now).
+    pub notes: Vec<String>,
 }
 
 pub async fn collect(config: &Config) -> Result<Option<Report>> {
@@ -55,14 +57,19 @@ pub async fn collect(config: &Config) -> Result<Option<Report>> {
         return Ok(None);
     };
     let drift = plan.check_inputs(config, &run_dir).await?;
-    let stages = stages::pipeline(&Arc::new(config.clone()));
-    let fingerprints = stages::fingerprints(&stages, &plan.fingerprint)?;
+    let graph = StageGraph::new(&Arc::new(config.clone()))?;
+    let (fingerprints, notes) = graph.fingerprints_or_recorded(&plan.fingerprint, &run_dir).await?;
     let units: Vec<u32> = plan.units.iter().map(|u| u.id).collect();
-    let survey = freshness::survey(&run_dir, &stages, &fingerprints, &units, &[], false).await?;
+    let survey = freshness::survey(&run_dir, &graph, &fingerprints, &units, &[], false).await?;
     let mut out = Vec::new();
-    for (stage, (files, judged)) in stages.iter().zip(&survey) {
+    for (node, surveyed) in graph.nodes.iter().zip(&survey) {
+        let Some((files, judged)) = surveyed else {
+            let view = PackView::of_graph(&run_dir, &plan, &graph, &fingerprints, &survey).await?;
+            out.push(global_status(node.name(), &view));
+            continue;
+        };
         let mut status = StageStatus {
-            stage: stage.name().to_string(),
+            stage: node.name().to_string(),
             units: units.len(),
             committed: judged.current.len(),
             ..Default::default()
@@ -93,41 +100,41 @@ pub async fn collect(config: &Config) -> Result<Option<Report>> {
         status.last_error = last.map(|f| format!("unit {} (rank {}, {}): {}", f.unit, f.rank, f.at, f.error));
         out.push(status);
     }
-    if config.pack.is_some()
-        && let Some(i) = stages.iter().position(|s| s.name() == "tokenize")
-    {
-        let view = PackView::new(config, &run_dir, &plan, &fingerprints[i].stage, &survey[i].1.current).await?;
-        let mut status = StageStatus {
-            stage: crate::pack::STAGE.into(),
-            units: 1,
-            ..Default::default()
-        };
-        match (view.verdict(false), &view.manifest) {
-            (Verdict::Current, ManifestState::Committed(m)) => {
-                status.committed = 1;
-                status.counts = m.counts();
-            }
-            (Verdict::Current, _) => unreachable!("a current verdict needs a committed manifest"),
-            (Verdict::Redo(why), state) => {
-                status.to_do.insert(why.to_string(), 1);
-                match state {
-                    ManifestState::Missing => status.pending = 1,
-                    ManifestState::Committed(_) => status.stale = 1,
-                    ManifestState::Damaged(problem) => {
-                        status.damaged = 1;
-                        status.problems.push(problem.clone());
-                    }
-                }
-            }
-        }
-        out.push(status);
-    }
     Ok(Some(Report {
         units: units.len(),
         planned_at: plan.created_at,
         stages: out,
         inputs: drift.describe(),
+        notes,
     }))
+}
+
+/// The global pack stage as one unit: committed, stale, damaged or pending.
+fn global_status(name: &str, view: &PackView) -> StageStatus {
+    let mut status = StageStatus {
+        stage: name.into(),
+        units: 1,
+        ..Default::default()
+    };
+    match (view.verdict(false), &view.manifest) {
+        (Verdict::Current, ManifestState::Committed(m)) => {
+            status.committed = 1;
+            status.counts = m.counts();
+        }
+        (Verdict::Current, _) => unreachable!("a current verdict needs a committed manifest"),
+        (Verdict::Redo(why), state) => {
+            status.to_do.insert(why.to_string(), 1);
+            match state {
+                ManifestState::Missing => status.pending = 1,
+                ManifestState::Committed(_) => status.stale = 1,
+                ManifestState::Damaged(problem) => {
+                    status.damaged = 1;
+                    status.problems.push(problem.clone());
+                }
+            }
+        }
+    }
+    status
 }
 
 pub fn render(config: &Config, found: &Option<Report>) -> String {
@@ -179,6 +186,9 @@ pub fn render(config: &Config, found: &Option<Report>) -> String {
     }
     for line in &report.inputs {
         let _ = writeln!(s, "input {line}");
+    }
+    for note in &report.notes {
+        let _ = writeln!(s, "note: {note}");
     }
     s
 }

@@ -13,9 +13,8 @@
 use crate::engine::records::{Committed, Stamp};
 use crate::engine::run_dir::{RunDir, StageFiles};
 use crate::error::Result;
-use crate::stages::{Fingerprint, Stage};
+use crate::stages::{Fingerprint, Node, Scope, StageGraph};
 use std::collections::{BTreeMap, HashMap};
-use std::sync::Arc;
 
 /// Why a unit needs work; the text is what `run` and `status` print.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -130,10 +129,10 @@ pub struct Judged {
 /// now; `None`: it waits for its upstream).
 pub type Todo = (u32, Why, Option<BTreeMap<String, String>>);
 
-/// Judges `units` of `stage`, whose records are `files`, given the current results of its
-/// upstream stages (`upstream[i]` for `stage.upstream()[i]`).
+/// Judges `units` of the per-unit stage `node`, whose records are `files`, given the current
+/// results of its upstream stages (`upstream[i]` for `node.upstream[i]`).
 pub fn judge_stage(
-    stage: &dyn Stage,
+    node: &Node,
     fingerprint: &Fingerprint,
     files: &StageFiles,
     units: &[u32],
@@ -143,8 +142,7 @@ pub fn judge_stage(
     let mut judged = Judged::default();
     for &unit in units {
         let digests = upstream_digests(
-            stage
-                .upstream()
+            node.upstream
                 .iter()
                 .zip(upstream)
                 .map(|(name, current)| (*name, current.get(&unit))),
@@ -154,7 +152,7 @@ pub fn judge_stage(
             stamp: committed.map(|c| &c.record.stamp),
             damaged: files.damaged.contains_key(&unit),
             forced,
-            incomplete: committed.is_some_and(|c| stage.incomplete(&c.record)),
+            incomplete: committed.is_some_and(|c| node.stage.incomplete(&c.record)),
         };
         match (judge(&case, fingerprint, digests.as_ref()), committed) {
             (Verdict::Current, Some(c)) => {
@@ -173,42 +171,48 @@ pub fn judge_stage(
     judged
 }
 
-/// Every stage judged over `units`, in DAG order, as `safepipe run` would find them if it ran
-/// now with `forced` stages (and every unit it redoes succeeded): what `status` shows. With
+/// Every per-unit stage of `graph` judged over `units`, in graph order (`None` for the global
+/// stage: [`crate::pack::PackView`] judges it), as `safepipe run` would find them if it ran now
+/// with `forced` stages (and every unit it redoes succeeded): what `status` shows. With
 /// `use_incomplete`, downstream stages are judged against incomplete results too (what is
 /// committed now, for the pack stage) instead of waiting for their retry.
 pub async fn survey(
     run_dir: &RunDir,
-    stages: &[Arc<dyn Stage>],
+    graph: &StageGraph,
     fingerprints: &[Fingerprint],
     units: &[u32],
     forced: &[&str],
     use_incomplete: bool,
-) -> Result<Vec<(StageFiles, Judged)>> {
-    let mut out: Vec<(StageFiles, Judged)> = Vec::new();
-    for (stage, fingerprint) in stages.iter().zip(fingerprints) {
-        let files = run_dir.stage(stage.name()).await?;
-        let upstream: Vec<&HashMap<u32, Committed>> = stage
-            .upstream()
+) -> Result<Vec<Option<(StageFiles, Judged)>>> {
+    let mut out: Vec<Option<(StageFiles, Judged)>> = Vec::new();
+    for (node, fingerprint) in graph.nodes.iter().zip(fingerprints) {
+        if matches!(node.scope, Scope::Global) {
+            out.push(None);
+            continue;
+        }
+        let files = run_dir.stage(node.name()).await?;
+        let upstream: Vec<&HashMap<u32, Committed>> = node
+            .upstream
             .iter()
             .map(|name| {
-                let i = stages.iter().position(|s| s.name() == *name).expect("declared earlier");
+                let i = graph.position(name).expect("resolved when the graph was built");
+                let (_, judged) = out[i].as_ref().expect("a per-unit stage reads per-unit stages");
                 if use_incomplete {
-                    &out[i].1.usable
+                    &judged.usable
                 } else {
-                    &out[i].1.current
+                    &judged.current
                 }
             })
             .collect();
         let judged = judge_stage(
-            stage.as_ref(),
+            node,
             fingerprint,
             &files,
             units,
-            forced.contains(&stage.name()),
+            forced.contains(&node.name()),
             &upstream,
         );
-        out.push((files, judged));
+        out.push(Some((files, judged)));
     }
     Ok(out)
 }

@@ -17,10 +17,11 @@
 //! would no longer match it), a new file is reported, and `safepipe plan --extend` appends units
 //! for new files, leaving every existing unit, fingerprint and result as it was.
 
-use crate::config::{Config, InputConfig, InputFormat};
+use crate::config::Config;
 use crate::engine::run_dir::RunDir;
 use crate::engine::storage::{Location, Stores};
 use crate::error::{Error, Result};
+use crate::stages::ingest::{InputConfig, InputFormat};
 use futures::TryStreamExt;
 use object_store::ObjectStoreExt;
 use parquet::arrow::async_reader::AsyncFileReader;
@@ -488,6 +489,35 @@ async fn next_line_start(file: &Location, at: u64, size: u64) -> Result<u64> {
 
 fn memchr_newline(bytes: &[u8]) -> Option<usize> {
     bytes.iter().position(|&b| b == b'\n')
+}
+
+/// `[plan]`: how inputs are cut into work units.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PlanConfig {
+    /// Target size of one work unit of an uncompressed JSON Lines file.
+    pub jsonl_unit_bytes: u64,
+}
+
+impl PlanConfig {
+    /// Checks the values serde cannot.
+    pub fn check(&self) -> std::result::Result<(), String> {
+        if self.jsonl_unit_bytes < 4096 {
+            return Err(format!(
+                "plan.jsonl_unit_bytes = {} is too small; use at least 4096",
+                self.jsonl_unit_bytes
+            ));
+        }
+        Ok(())
+    }
+}
+
+impl Default for PlanConfig {
+    fn default() -> Self {
+        PlanConfig {
+            jsonl_unit_bytes: 64 << 20,
+        }
+    }
 }
 
 #[cfg(test)]

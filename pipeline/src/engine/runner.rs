@@ -23,7 +23,7 @@ use crate::engine::records::{self, Committed, CompletionRecord, FailureRecord, O
 use crate::engine::run_dir::{RunDir, attempt_id};
 use crate::engine::writer::TableWriter;
 use crate::error::{Error, Result};
-use crate::stages::{self, Fingerprint, Stage, UnitInput};
+use crate::stages::{Fingerprint, Scope, StageGraph, UnitInput, UnitStage};
 use futures::StreamExt;
 use safepipe_operators::UnitCounts;
 use std::collections::{BTreeMap, HashMap};
@@ -105,18 +105,10 @@ pub async fn run(config: Arc<Config>, options: RunOptions, reporter: Arc<dyn Rep
         // A plan made just now saw the inputs as they are; any other is checked against them.
         plan.check_inputs(&config, &run_dir).await?.refuse_changes(&config)?;
     }
-    let stages = stages::pipeline(&config);
-    let names: Vec<&str> = stages.iter().map(|s| s.name()).collect();
-    for name in &options.force {
-        let pack = name == "pack" && config.pack.is_some();
-        if name != "all" && !pack && !names.contains(&name.as_str()) {
-            return Err(Error::Config(format!(
-                "--force {name}: no such stage; stages are {names:?} (or 'all')"
-            )));
-        }
-    }
-    let fingerprints = stages::fingerprints(&stages, &plan.fingerprint)?;
-    let forced = stages::downstream_closure(&stages, &options.force);
+    let graph = StageGraph::new(&config)?;
+    graph.check_names(&options.force)?;
+    let fingerprints = graph.fingerprints(&plan.fingerprint)?;
+    let forced = graph.downstream_closure(&options.force);
     let units = plan.units_for_rank(options.rank, options.world_size);
     let unit_ids: Vec<u32> = units.iter().map(|u| u.id).collect();
     let by_id: HashMap<u32, &WorkUnit> = units.iter().map(|u| (u.id, u)).collect();
@@ -134,20 +126,34 @@ pub async fn run(config: Arc<Config>, options: RunOptions, reporter: Arc<dyn Rep
         "starting"
     );
 
+    // The results current now of each per-unit stage, in graph order (empty for the global one).
     let mut current: Vec<HashMap<u32, Committed>> = Vec::new();
     let mut summaries = Vec::new();
-    for (i, stage) in stages.iter().enumerate() {
+    for (i, node) in graph.nodes.iter().enumerate() {
+        let stage = match &node.scope {
+            Scope::Unit(stage) => stage,
+            Scope::Global => {
+                let forced = forced.contains(&node.name());
+                if let Some(summary) =
+                    crate::pack::run_global(&config, &plan, &graph, &fingerprints, &env, forced).await?
+                {
+                    summaries.push(summary);
+                }
+                current.push(HashMap::new());
+                continue;
+            }
+        };
         let files = env.run_dir.stage(stage.name()).await?;
         for (unit, why) in files.damaged.iter().filter(|(u, _)| by_id.contains_key(u)) {
             warn!(stage = stage.name(), unit, problem = %why, "damaged record: the unit is redone");
         }
-        let upstream: Vec<&HashMap<u32, Committed>> = stage
-            .upstream()
+        let upstream: Vec<&HashMap<u32, Committed>> = node
+            .upstream
             .iter()
-            .map(|name| &current[names.iter().position(|n| n == name).expect("declared earlier")])
+            .map(|name| &current[graph.position(name).expect("resolved when the graph was built")])
             .collect();
         let judged = freshness::judge_stage(
-            stage.as_ref(),
+            node,
             &fingerprints[i],
             &files,
             &unit_ids,
@@ -166,8 +172,8 @@ pub async fn run(config: Arc<Config>, options: RunOptions, reporter: Arc<dyn Rep
                 summary.blocked += 1;
                 continue;
             };
-            let inputs: BTreeMap<&'static str, CompletionRecord> = stage
-                .upstream()
+            let inputs: BTreeMap<&'static str, CompletionRecord> = node
+                .upstream
                 .iter()
                 .zip(&upstream)
                 .map(|(name, records)| (*name, records[&unit].record.clone()))
@@ -231,13 +237,6 @@ pub async fn run(config: Arc<Config>, options: RunOptions, reporter: Arc<dyn Rep
         current.push(now_current);
         summaries.push(summary);
     }
-    if config.pack.is_some() {
-        let force_pack = options.force.iter().any(|f| f == "pack" || f == "all");
-        if let Some(summary) = crate::pack::run_global(&config, &plan, &stages, &fingerprints, &env, force_pack).await?
-        {
-            summaries.push(summary);
-        }
-    }
     Ok(summaries)
 }
 
@@ -279,7 +278,7 @@ enum Outcome {
 
 /// Takes the lease, runs the unit in its own task (so a panic is caught and becomes this unit's
 /// failure: its record written, its lease released here).
-async fn attempt(stage: Arc<dyn Stage>, job: UnitJob, env: Arc<Env>) -> (u32, Why, Outcome) {
+async fn attempt(stage: Arc<dyn UnitStage>, job: UnitJob, env: Arc<Env>) -> (u32, Why, Outcome) {
     let (id, why) = (job.unit.id, job.why);
     let fingerprint = job.fingerprint.stage.clone();
     let name = stage.name();
@@ -346,7 +345,7 @@ fn panic_message(e: tokio::task::JoinError) -> String {
 /// Under the lease: re-checks freshness, produces, publishes and commits one unit; the lease is
 /// released whatever happens (except a panic: then [`attempt`] deletes it).
 async fn commit_unit(
-    stage: Arc<dyn Stage>,
+    stage: Arc<dyn UnitStage>,
     job: UnitJob,
     attempt: String,
     env: Arc<Env>,
@@ -362,7 +361,13 @@ async fn commit_unit(
     outcome
 }
 
-async fn produce(stage: Arc<dyn Stage>, job: UnitJob, attempt: String, env: &Env, lease: &Lease) -> Result<Outcome> {
+async fn produce(
+    stage: Arc<dyn UnitStage>,
+    job: UnitJob,
+    attempt: String,
+    env: &Env,
+    lease: &Lease,
+) -> Result<Outcome> {
     let (id, name) = (job.unit.id, stage.name());
     let record_at = env.run_dir.record(name, id);
     let previous = match record_at.read().await? {
@@ -505,7 +510,7 @@ async fn produce(stage: Arc<dyn Stage>, job: UnitJob, attempt: String, env: &Env
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::stages::{OutputTable, StageBatch};
+    use crate::stages::{OutputTable, Stage, StageBatch, Upstream};
     use arrow::array::{RecordBatch, StringArray};
     use arrow::datatypes::{DataType, Field, Schema};
     use futures::stream::BoxStream;
@@ -521,7 +526,7 @@ mod tests {
         fn name(&self) -> &'static str {
             "boom"
         }
-        fn upstream(&self) -> &'static [&'static str] {
+        fn reads(&self) -> &'static [Upstream] {
             &[]
         }
         fn outputs(&self) -> Vec<OutputTable> {
@@ -533,6 +538,9 @@ mod tests {
         fn settings(&self) -> Result<serde_json::Value> {
             Ok(serde_json::json!({}))
         }
+    }
+
+    impl UnitStage for Boom {
         fn run(&self, input: UnitInput) -> BoxStream<'static, Result<StageBatch>> {
             let id = input.unit.id;
             futures::stream::once(async move {
@@ -590,7 +598,7 @@ mod tests {
             lease_time: Duration::from_secs(60),
             reporter: Arc::new(Quiet),
         });
-        let stage: Arc<dyn Stage> = Arc::new(Boom);
+        let stage: Arc<dyn UnitStage> = Arc::new(Boom);
         let mut outcomes = BTreeMap::new();
         for id in 0..3 {
             let job = UnitJob {

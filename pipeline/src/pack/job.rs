@@ -17,9 +17,9 @@
 //! many ranks made the units and pack the shards: a share starts and ends on shard boundaries,
 //! and a document cut by a share's start continues there exactly as in a one-process pack.
 
+use super::PackConfig;
 use super::spill::{FLUSH_SEQUENCES, ShardSink, SpillDir, parse_entries, write_entry};
 use super::{Manifest, SourceReport, TokenizerInfo, open_parquet};
-use crate::config::PackConfig;
 use crate::engine::records::Stamp;
 use crate::engine::run_dir::RunDir;
 use crate::error::{Error, Result};

@@ -3,6 +3,7 @@
 //!
 //! ```text
 //! mod.rs    the stage: its record (manifest), freshness (PackView), parts and their assembly
+//! stage.rs  its config section `[pack]` and its declaration in the stage graph (PackStage)
 //! job.rs    the passes over the tokens for one share of the shards
 //! spill.rs  spill files of the shuffle, the shard writer
 //! ```
@@ -21,20 +22,22 @@
 
 mod job;
 mod spill;
+mod stage;
 
 use job::PackJob;
 pub use job::Part;
+pub use stage::{MixSourceConfig, PackConfig, PackStage};
 
-use crate::config::{Config, PackConfig};
+use crate::config::Config;
 use crate::engine::freshness::{self, Case, Verdict};
 use crate::engine::leases::{self, Acquired};
 use crate::engine::plan::Plan;
 use crate::engine::records::{self, Committed, OutputFile, RECORD_VERSION, Stamp};
-use crate::engine::run_dir::{RunDir, attempt_id};
+use crate::engine::run_dir::{RunDir, StageFiles, attempt_id};
 use crate::engine::runner::{Env, StageSummary};
 use crate::engine::storage::Location;
 use crate::error::{Error, Result};
-use crate::stages::{CODE_VERSION, Fingerprint, Stage, hash};
+use crate::stages::{Fingerprint, StageGraph};
 use object_store::ObjectStoreExt;
 use parquet::arrow::ParquetRecordBatchStreamBuilder;
 use safepipe_operators::UnitCounts;
@@ -208,27 +211,6 @@ pub async fn require_manifest(run_dir: &RunDir, hint: &str) -> Result<Manifest> 
     }
 }
 
-/// The settings that change the shards (spill location and bucket size do not).
-fn settings(pack: &PackConfig) -> serde_json::Value {
-    serde_json::json!({
-        "seq_len": pack.seq_len, "seed": pack.seed, "shard_sequences": pack.shard_sequences,
-        "total_tokens": pack.total_tokens,
-        "mix": pack.mix.iter().map(|m| serde_json::json!([m.name, m.kinds, m.weight, m.epochs, m.max_epochs])).collect::<Vec<_>>(),
-    })
-}
-
-/// The pack stage's fingerprint given the tokenize stage's.
-pub fn fingerprint(pack: &PackConfig, tokenize_fingerprint: &str) -> Fingerprint {
-    let settings = hash(&settings(pack));
-    let stage = hash(&serde_json::json!([
-        STAGE,
-        CODE_VERSION,
-        settings,
-        tokenize_fingerprint
-    ]));
-    Fingerprint { settings, stage }
-}
-
 /// The pack stage as the freshness rule sees it.
 pub struct PackView {
     pub fingerprint: Fingerprint,
@@ -244,14 +226,12 @@ pub struct PackView {
 
 impl PackView {
     /// `tokens_current`: the tokenize stage's current records (all units of the plan).
-    pub async fn new(
-        config: &Config,
+    async fn new(
         run_dir: &RunDir,
         plan: &Plan,
-        tokenize_fingerprint: &str,
+        fingerprint: &Fingerprint,
         tokens_current: &HashMap<u32, Committed>,
     ) -> Result<PackView> {
-        let pack = config.pack.as_ref().expect("pack configured");
         let mut tokens: Vec<Committed> = plan
             .units
             .iter()
@@ -267,12 +247,28 @@ impl PackView {
             BTreeMap::from([("tokenize".to_string(), records::digest(lines.as_bytes()))])
         });
         Ok(PackView {
-            fingerprint: fingerprint(pack, tokenize_fingerprint),
+            fingerprint: fingerprint.clone(),
             missing,
             tokens,
             upstream,
             manifest: load_manifest(run_dir).await?,
         })
+    }
+
+    /// The view of the graph's pack stage, from the survey of its upstream `tokenize`.
+    pub async fn of_graph(
+        run_dir: &RunDir,
+        plan: &Plan,
+        graph: &StageGraph,
+        fingerprints: &[Fingerprint],
+        survey: &[Option<(StageFiles, freshness::Judged)>],
+    ) -> Result<PackView> {
+        let i = graph.position(STAGE).expect("pack is in the graph");
+        let up = graph
+            .position(graph.nodes[i].upstream[0])
+            .expect("resolved when the graph was built");
+        let (_, tokens) = survey[up].as_ref().expect("tokenize is a per-unit stage");
+        PackView::new(run_dir, plan, &fingerprints[i], &tokens.current).await
     }
 
     /// The stamp a manifest (or part) made now carries; `None` while units are missing.
@@ -297,7 +293,7 @@ impl PackView {
 pub(crate) async fn run_global(
     config: &Config,
     plan: &Plan,
-    stages: &[Arc<dyn Stage>],
+    graph: &StageGraph,
     fingerprints: &[Fingerprint],
     env: &Arc<Env>,
     forced: bool,
@@ -305,12 +301,8 @@ pub(crate) async fn run_global(
     let units: Vec<u32> = plan.units.iter().map(|u| u.id).collect();
     // Units with failed LLM requests to retry still count with what they committed: a request
     // that keeps failing must not hold the shards back.
-    let survey = freshness::survey(&env.run_dir, stages, fingerprints, &units, &[], true).await?;
-    let i = stages
-        .iter()
-        .position(|s| s.name() == "tokenize")
-        .expect("pack needs tokenize");
-    let view = PackView::new(config, &env.run_dir, plan, &fingerprints[i].stage, &survey[i].1.current).await?;
+    let survey = freshness::survey(&env.run_dir, graph, fingerprints, &units, &[], true).await?;
+    let view = PackView::of_graph(&env.run_dir, plan, graph, fingerprints, &survey).await?;
     let mut summary = StageSummary {
         stage: STAGE.into(),
         ..Default::default()

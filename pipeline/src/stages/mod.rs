@@ -1,8 +1,11 @@
 //! The stage DAG, declared in code, and the contract every stage keeps.
 //!
-//! A stage runs per work unit: given the unit (and the committed outputs of its upstream stages
-//! for the same unit) it returns a lazy stream of [`StageBatch`]es. The runner writes them,
-//! checks the counts and commits. Every stage must:
+//! Every stage declares itself through [`Stage`] (name, upstream, outputs, settings) and has a
+//! scope ([`Scope`]): a per-unit stage ([`UnitStage`]) is given the unit (and the committed
+//! outputs of its upstream stages for the same unit) and returns a lazy stream of
+//! [`StageBatch`]es, which the runner writes, checks and commits; the global `pack` stage reads
+//! every unit's `tokens` once they are all current ([`crate::pack`]). [`StageGraph`] builds the
+//! graph from the configured stages. Every stage must:
 //! - do no work before its stream is first polled, and free everything when it is dropped;
 //! - be a pure function of (unit, upstream outputs, its settings): reruns give the same rows;
 //! - keep the accounting invariant: `rows_in = rows_out + dropped + quarantined` per unit;
@@ -10,17 +13,17 @@
 //!   (and, through the fingerprint chain, everything downstream) and nothing else.
 //!
 //! Adding a stage: a module here (the adapter) over a module in `operators/` (the transform),
-//! one entry in [`pipeline`], its tables in `operators::schema` and docs/schema.md, and an
+//! its config section beside it, one entry in [`StageGraph::new`], its tables in `operators::schema` and docs/schema.md, and an
 //! end-to-end test (CONTRIBUTING.md has the checklist).
 
-mod ingest;
-mod route;
-mod score;
-mod synthesize;
-mod tag;
-mod tokenize;
+mod graph;
+pub mod ingest;
+pub mod route;
+pub mod score;
+pub mod synthesize;
+pub mod tag;
+pub mod tokenize;
 
-use crate::config::Config;
 use crate::engine::plan::WorkUnit;
 use crate::engine::records::CompletionRecord;
 use crate::engine::run_dir::RunDir;
@@ -33,6 +36,7 @@ use sha2::{Digest, Sha256};
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
+pub use graph::{Node, Scope, StageGraph};
 pub use ingest::IngestStage;
 pub use route::RouteStage;
 pub use score::ScoreStage;
@@ -57,26 +61,59 @@ pub struct UnitInput {
     pub unit: WorkUnit,
     /// The run directory (upstream files are named relative to it) and its stores.
     pub run_dir: RunDir,
-    /// The completion record of each upstream stage for this unit (empty for source stages).
+    /// The completion record of each upstream stage for this unit (empty for source stages):
+    /// the required ones, and the optional ones the config has.
     pub upstream: BTreeMap<&'static str, CompletionRecord>,
 }
 
+impl UnitInput {
+    /// Whether the upstream `stage` is in this run's graph (an optional upstream may not be).
+    pub fn has(&self, stage: &str) -> bool {
+        self.upstream.contains_key(stage)
+    }
+}
+
+/// An upstream stage a stage reads, for the same unit (or, for a global stage, for every unit).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Upstream {
+    /// Always read: a config without that stage is refused at load, naming the section to add.
+    Required(&'static str),
+    /// Read when the config has that stage (e.g. `route` reads `scores` when `[score]` is there);
+    /// the adapter asks [`UnitInput::has`].
+    Optional(&'static str),
+}
+
+impl Upstream {
+    pub fn stage(&self) -> &'static str {
+        match self {
+            Upstream::Required(s) | Upstream::Optional(s) => s,
+        }
+    }
+}
+
+/// What every stage declares, whatever its scope: the graph ([`StageGraph`]) resolves its
+/// upstream, chains its fingerprint, judges its results ([`crate::engine::freshness`]) and shows
+/// it in `status`, `sql` and `gc` from this alone.
 pub trait Stage: Send + Sync {
     fn name(&self) -> &'static str;
-    /// The stages whose outputs for the same unit this stage reads; empty for a source.
-    fn upstream(&self) -> &'static [&'static str];
+    /// The stages whose committed outputs this stage reads; empty for a source.
+    fn reads(&self) -> &'static [Upstream];
     fn outputs(&self) -> Vec<OutputTable>;
     /// Everything in the config that changes this stage's output, as JSON. Model identities
     /// are read here (the first call loads them: a missing model file is an error).
     fn settings(&self) -> Result<serde_json::Value>;
-    /// Runs one unit. Lazy: nothing happens before the first poll.
-    fn run(&self, input: UnitInput) -> BoxStream<'static, Result<StageBatch>>;
-    /// A committed unit that the next run should redo although its fingerprint is current
+    /// A committed result that the next run should redo although its fingerprint is current
     /// (the synthesis stages: units with failed requests, retried at the cost of those alone
     /// thanks to the request cache). Stages downstream of a redone unit rerun it too.
     fn incomplete(&self, _record: &CompletionRecord) -> bool {
         false
     }
+}
+
+/// A stage of [`Scope::Unit`]: runs one work unit at a time.
+pub trait UnitStage: Stage {
+    /// Runs one unit. Lazy: nothing happens before the first poll.
+    fn run(&self, input: UnitInput) -> BoxStream<'static, Result<StageBatch>>;
 }
 
 /// A DataFusion session holding, for this unit, the committed upstream tables `wanted` as
@@ -113,34 +150,6 @@ pub async fn unit_session(
 /// Bump when a stage's code changes its output for the same settings.
 pub const CODE_VERSION: &str = "1";
 
-/// The pipeline's per-unit stages in dependency order (`score`, `annotate`, `synthesize` and
-/// `tokenize` when the config has their sections). The global `pack` stage runs after them (see `crate::pack`).
-pub fn pipeline(config: &Arc<Config>) -> Vec<Arc<dyn Stage>> {
-    let mut stages: Vec<Arc<dyn Stage>> = vec![Arc::new(IngestStage::new(config.clone()))];
-    if let Some(settings) = &config.score {
-        stages.push(Arc::new(ScoreStage::new(settings.clone())));
-    }
-    if let (Some(llm), Some(settings)) = (&config.llm, &config.annotate) {
-        stages.push(Arc::new(AnnotateStage::new(
-            llm.clone(),
-            settings.clone(),
-            config.score.is_some(),
-        )));
-    }
-    stages.push(Arc::new(RouteStage::new(config.clone())));
-    if let (Some(llm), Some(settings)) = (&config.llm, &config.synthesize) {
-        stages.push(Arc::new(SynthesizeStage::new(llm.clone(), settings.clone())));
-    }
-    stages.push(Arc::new(TagStage::new(config.clone())));
-    if let Some(settings) = &config.tokenize {
-        stages.push(Arc::new(TokenizeStage::new(
-            settings.clone(),
-            config.synthesize.is_some(),
-        )));
-    }
-    stages
-}
-
 pub fn hash(value: &serde_json::Value) -> String {
     hex::encode(Sha256::digest(value.to_string()))[..16].to_string()
 }
@@ -151,43 +160,4 @@ pub fn hash(value: &serde_json::Value) -> String {
 pub struct Fingerprint {
     pub settings: String,
     pub stage: String,
-}
-
-/// Computes every stage's fingerprint in order; `plan` is the work plan's fingerprint. Loads the
-/// model identities the settings hold.
-pub fn fingerprints(stages: &[Arc<dyn Stage>], plan: &str) -> Result<Vec<Fingerprint>> {
-    let mut out: Vec<Fingerprint> = Vec::new();
-    for stage in stages {
-        let upstream: Vec<String> = stage
-            .upstream()
-            .iter()
-            .map(|name| {
-                let i = stages
-                    .iter()
-                    .position(|s| s.name() == *name)
-                    .expect("upstream declared before");
-                out[i].stage.clone()
-            })
-            .collect();
-        let settings = hash(&stage.settings()?);
-        let chained = serde_json::json!([stage.name(), CODE_VERSION, settings, plan, upstream]);
-        out.push(Fingerprint {
-            settings,
-            stage: hash(&chained),
-        });
-    }
-    Ok(out)
-}
-
-/// `names` plus every stage downstream of them (for `--force`).
-pub fn downstream_closure(stages: &[Arc<dyn Stage>], names: &[String]) -> Vec<&'static str> {
-    let mut chosen: Vec<&'static str> = Vec::new();
-    for stage in stages {
-        let forced = names.iter().any(|n| n == stage.name() || n == "all");
-        let below = stage.upstream().iter().any(|up| chosen.contains(up));
-        if forced || below {
-            chosen.push(stage.name());
-        }
-    }
-    chosen
 }

@@ -1,13 +1,17 @@
-//! Adapter of the route operator: the unit's committed `documents` (+ `scores` when the score
-//! stage runs) -> `routes`.
+//! Adapter of the route operator: the unit's committed `documents` (+ `scores` and `llm_scores`
+//! when the score and annotate stages are in the graph) -> `routes`.
 
-use super::{OutputTable, Stage, StageBatch, UnitInput, unit_session};
+use super::{OutputTable, Stage, StageBatch, UnitInput, UnitStage, Upstream, unit_session};
 use crate::config::Config;
+use crate::config::valid_name;
 use crate::error::{Error, Result};
 use arrow::array::AsArray;
 use futures::stream::{BoxStream, StreamExt, TryStreamExt};
-use safepipe_operators::route::account;
+use safepipe_operators::route::{Route, RouteRule, RouteRules};
+use safepipe_operators::route::{ScoreTable, account};
 use safepipe_operators::{UnitCounts, schema};
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeSet;
 use std::sync::Arc;
 
 pub struct RouteStage {
@@ -25,13 +29,12 @@ impl Stage for RouteStage {
         "route"
     }
 
-    fn upstream(&self) -> &'static [&'static str] {
-        match (self.config.route.with_scores, self.config.route.with_llm_scores) {
-            (false, false) => &["ingest"],
-            (true, false) => &["ingest", "score"],
-            (false, true) => &["ingest", "annotate"],
-            (true, true) => &["ingest", "score", "annotate"],
-        }
+    fn reads(&self) -> &'static [Upstream] {
+        &[
+            Upstream::Required("ingest"),
+            Upstream::Optional("score"),
+            Upstream::Optional("annotate"),
+        ]
     }
 
     fn outputs(&self) -> Vec<OutputTable> {
@@ -44,23 +47,18 @@ impl Stage for RouteStage {
     fn settings(&self) -> Result<serde_json::Value> {
         Ok(serde_json::to_value(&self.config.route).expect("serialisable"))
     }
+}
 
+impl UnitStage for RouteStage {
     fn run(&self, input: UnitInput) -> BoxStream<'static, Result<StageBatch>> {
         let rules = self.config.route.clone();
         futures::stream::once(async move {
+            // The score tables of the stages this run has, joined to the documents.
+            let sides: Vec<ScoreTable> = ScoreTable::ALL.into_iter().filter(|t| input.has(t.stage())).collect();
             let mut wanted = vec![("ingest", "documents", schema::DOCUMENTS.clone())];
-            if rules.with_scores {
-                wanted.push(("score", "scores", schema::SCORES.clone()));
-            }
-            if rules.with_llm_scores {
-                wanted.push(("annotate", "llm_scores", schema::LLM_SCORES.clone()));
-            }
+            wanted.extend(sides.iter().map(|t| (t.stage(), t.table(), t.schema())));
             let ctx = unit_session(&input, &wanted).await?;
-            let side_tables = [
-                (rules.with_scores, "scores", "score"),
-                (rules.with_llm_scores, "llm_scores", "annotate"),
-            ];
-            for (_, table, stage) in side_tables.iter().filter(|t| t.0) {
+            for (table, stage) in sides.iter().map(|t| (t.table(), t.stage())) {
                 // Every document must have its score: a missing one would fall to the default
                 // route, i.e. be kept unjudged.
                 let count = |table: &str| {
@@ -84,7 +82,7 @@ impl Stage for RouteStage {
                     )));
                 }
             }
-            let stream = rules.execute(&ctx).await?;
+            let stream = rules.execute(&ctx, &sides).await?;
             let batches = stream.map(|batch| {
                 let batch = batch?;
                 let mut counts = UnitCounts::default();
@@ -98,5 +96,47 @@ impl Stage for RouteStage {
         })
         .try_flatten()
         .boxed()
+    }
+}
+
+// ---- `[route]`: the config section of this stage.
+
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RouteConfig {
+    /// Route of documents no rule matches.
+    pub default: Route,
+    /// Ordered rules; the first whose `when` is true decides.
+    pub rules: Vec<RouteRule>,
+}
+
+impl RouteConfig {
+    /// Checks rule names and routes and plans every predicate against empty tables (`documents`
+    /// and the score tables `sides` the configured stages give), so a typo fails at load.
+    pub async fn rules(self, sides: &[ScoreTable]) -> std::result::Result<RouteRules, String> {
+        let mut names = BTreeSet::new();
+        for (i, rule) in self.rules.iter().enumerate() {
+            if !valid_name(&rule.name) || rule.name.contains(['-', '.']) {
+                return Err(format!(
+                    "route.rules[{i}].name = {:?}: use letters, digits and '_'",
+                    rule.name
+                ));
+            }
+            if !names.insert(rule.name.clone()) {
+                return Err(format!("route.rules[{i}].name = {:?} is used twice", rule.name));
+            }
+            if rule.also_tag && matches!(rule.route, Route::Keep | Route::Drop) {
+                return Err(format!(
+                    "route.rules[{i}] (name = {:?}): also_tag is for `rephrase` and `refuse` routes (use route = \"tag\" to keep the text tagged)",
+                    rule.name
+                ));
+            }
+        }
+        let rules = RouteRules {
+            rules: self.rules,
+            default: self.default,
+        };
+        rules.validate(sides).await?;
+        Ok(rules)
     }
 }

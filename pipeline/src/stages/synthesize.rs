@@ -1,4 +1,5 @@
-//! Adapters of the synthesis operators: `annotate` (documents + scores -> `llm_scores`) and
+//! Adapters of the synthesis operators and their config sections (`[synthesize]`, `[annotate]`):
+//! `annotate` (documents + scores -> `llm_scores`) and
 //! `synthesize` (documents routed rephrase / refuse -> `synthetic`), over the shared `[llm]`
 //! backend and the request cache (one cache scope per stage and unit).
 //!
@@ -7,7 +8,7 @@
 //! failed requests is redone by the next run (see [`Stage::incomplete`]), which costs only the
 //! failed requests.
 
-use super::{OutputTable, Stage, StageBatch, UnitInput, unit_session};
+use super::{OutputTable, Stage, StageBatch, UnitInput, UnitStage, Upstream, unit_session};
 use crate::config::Lazy;
 use crate::engine::records::CompletionRecord;
 use crate::error::{Error, Result};
@@ -18,8 +19,14 @@ use arrow::datatypes::{DataType, SchemaRef};
 use futures::stream::{BoxStream, StreamExt};
 use safepipe_model::llm::cache::RequestCache;
 use safepipe_model::llm::{GenerationStats, Generator};
-use safepipe_operators::synthesize::{AnnotateSettings, Routed, SynthesisSettings, annotate, synthesize};
+use safepipe_operators::synthesize::gates::GateSettings;
+use safepipe_operators::synthesize::template::REPHRASE_STYLES;
+use safepipe_operators::synthesize::{
+    AnnotateSettings, KindParams, Routed, SynthesisSettings, Template, annotate, synthesize,
+};
 use safepipe_operators::{UnitCounts, schema};
+use serde::{Deserialize, Serialize};
+use std::path::Path;
 use std::sync::Arc;
 use std::time::Instant;
 use tracing::info;
@@ -145,8 +152,8 @@ impl Stage for SynthesizeStage {
         "synthesize"
     }
 
-    fn upstream(&self) -> &'static [&'static str] {
-        &["ingest", "route"]
+    fn reads(&self) -> &'static [Upstream] {
+        &[Upstream::Required("ingest"), Upstream::Required("route")]
     }
 
     fn outputs(&self) -> Vec<OutputTable> {
@@ -164,7 +171,9 @@ impl Stage for SynthesizeStage {
     fn incomplete(&self, record: &CompletionRecord) -> bool {
         failed(record)
     }
+}
 
+impl UnitStage for SynthesizeStage {
     fn run(&self, input: UnitInput) -> BoxStream<'static, Result<StageBatch>> {
         let settings = self.settings.clone();
         let wanted = vec![
@@ -203,16 +212,11 @@ impl Stage for SynthesizeStage {
 pub struct AnnotateStage {
     llm: Lazy<Arc<SharedGenerator>>,
     settings: AnnotateSettings,
-    with_scores: bool,
 }
 
 impl AnnotateStage {
-    pub fn new(llm: Lazy<Arc<SharedGenerator>>, settings: AnnotateSettings, with_scores: bool) -> Self {
-        AnnotateStage {
-            llm,
-            settings,
-            with_scores,
-        }
+    pub fn new(llm: Lazy<Arc<SharedGenerator>>, settings: AnnotateSettings) -> Self {
+        AnnotateStage { llm, settings }
     }
 }
 
@@ -221,12 +225,9 @@ impl Stage for AnnotateStage {
         "annotate"
     }
 
-    fn upstream(&self) -> &'static [&'static str] {
-        if self.with_scores {
-            &["ingest", "score"]
-        } else {
-            &["ingest"]
-        }
+    /// With the score stage in the graph, the classifier's score goes into the prompt's record.
+    fn reads(&self) -> &'static [Upstream] {
+        &[Upstream::Required("ingest"), Upstream::Optional("score")]
     }
 
     fn outputs(&self) -> Vec<OutputTable> {
@@ -243,11 +244,13 @@ impl Stage for AnnotateStage {
     fn incomplete(&self, record: &CompletionRecord) -> bool {
         failed(record)
     }
+}
 
+impl UnitStage for AnnotateStage {
     fn run(&self, input: UnitInput) -> BoxStream<'static, Result<StageBatch>> {
         let settings = self.settings.clone();
         let mut wanted = vec![("ingest", "documents", schema::DOCUMENTS.clone())];
-        let query = if self.with_scores {
+        let query = if input.has("score") {
             wanted.push(("score", "scores", schema::SCORES.clone()));
             "WITH d AS (SELECT id, text, row_number() OVER () AS n FROM documents), \
              s AS (SELECT id, score, row_number() OVER () AS n FROM scores) \
@@ -274,5 +277,161 @@ impl Stage for AnnotateStage {
                 Ok((out.batch, out.counts))
             },
         )
+    }
+}
+
+/// `[synthesize]` as written in the config (docs/config.md).
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct SynthesizeConfig {
+    #[serde(default)]
+    pub seed: u64,
+    /// Share of the routed documents synthesized (seeded by id): 1.0 = all.
+    #[serde(default = "one")]
+    pub sample: f64,
+    #[serde(default = "default_input_chars")]
+    pub max_input_chars: usize,
+    /// Rephrasing style templates (TOML files); empty = the seven built-in styles.
+    #[serde(default)]
+    pub rephrase_templates: Vec<String>,
+    #[serde(default)]
+    pub refuse_template: Option<String>,
+    #[serde(default)]
+    pub moral_template: Option<String>,
+    /// Names and roles that replace "User" / "Assistant" in dialogues (at least two).
+    #[serde(default = "default_speakers")]
+    pub speakers: Vec<String>,
+    #[serde(default)]
+    pub rephrase: KindParams,
+    #[serde(default)]
+    pub refuse: KindParams,
+    #[serde(default)]
+    pub moral: KindParams,
+    #[serde(default)]
+    pub gates: GateSettings,
+}
+
+/// `[annotate]` as written in the config.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct AnnotateConfig {
+    #[serde(default)]
+    pub seed: u64,
+    /// Share of documents rated by the LLM (seeded by id); the rest keep the classifier score.
+    #[serde(default = "one")]
+    pub sample: f64,
+    #[serde(default = "default_input_chars")]
+    pub max_input_chars: usize,
+    #[serde(default)]
+    pub template: Option<String>,
+    #[serde(default = "default_annotate_tokens")]
+    pub max_tokens: usize,
+}
+
+fn one() -> f64 {
+    1.0
+}
+fn default_input_chars() -> usize {
+    4000
+}
+fn default_annotate_tokens() -> usize {
+    48
+}
+fn default_speakers() -> Vec<String> {
+    [
+        "Maya",
+        "Tom",
+        "Priya",
+        "Mateo",
+        "Aisha",
+        "Chen",
+        "Olivia",
+        "Kwame",
+        "Student",
+        "Teacher",
+        "Nurse",
+        "Parent",
+        "Librarian",
+        "Coach",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect()
+}
+
+fn load_template(
+    path: Option<&str>,
+    builtin: &str,
+    placeholder: &str,
+    dir: &Path,
+) -> std::result::Result<Template, String> {
+    match path {
+        None => Template::builtin(builtin, placeholder),
+        Some(p) => {
+            let path = dir.join(p);
+            let text = std::fs::read_to_string(&path).map_err(|e| format!("template {}: {e}", path.display()))?;
+            Template::parse(&path.display().to_string(), &text, placeholder)
+        }
+    }
+}
+
+fn check_share(key: &str, v: f64) -> std::result::Result<(), String> {
+    if v > 0.0 && v <= 1.0 {
+        Ok(())
+    } else {
+        Err(format!("{key} = {v}: must be in (0, 1]"))
+    }
+}
+
+impl SynthesizeConfig {
+    pub fn settings(&self, dir: &Path) -> std::result::Result<SynthesisSettings, String> {
+        check_share("synthesize.sample", self.sample)?;
+        let rephrase = if self.rephrase_templates.is_empty() {
+            REPHRASE_STYLES
+                .iter()
+                .map(|n| Template::builtin(n, "{document}"))
+                .collect::<std::result::Result<Vec<_>, _>>()?
+        } else {
+            self.rephrase_templates
+                .iter()
+                .map(|p| load_template(Some(p), "", "{document}", dir))
+                .collect::<std::result::Result<Vec<_>, _>>()?
+        };
+        if self.speakers.len() < 2 {
+            return Err("synthesize.speakers needs at least two names or roles".into());
+        }
+        self.gates
+            .validate()
+            .map_err(|e| format!("synthesize.gates.drop: {e}"))?;
+        Ok(SynthesisSettings {
+            seed: self.seed,
+            sample: self.sample,
+            max_input_chars: self.max_input_chars.max(1),
+            rephrase,
+            rephrase_params: self.rephrase.clone(),
+            refuse: load_template(self.refuse_template.as_deref(), "refuse", "{document}", dir)?,
+            refuse_params: self.refuse.clone(),
+            moral: load_template(self.moral_template.as_deref(), "moral", "{dialogue}", dir)?,
+            moral_params: self.moral.clone(),
+            speakers: self.speakers.clone(),
+            gates: self.gates.clone(),
+        })
+    }
+}
+
+impl AnnotateConfig {
+    pub fn settings(&self, dir: &Path) -> std::result::Result<AnnotateSettings, String> {
+        check_share("annotate.sample", self.sample)?;
+        Ok(AnnotateSettings {
+            seed: self.seed,
+            sample: self.sample,
+            max_input_chars: self.max_input_chars.max(1),
+            template: load_template(self.template.as_deref(), "annotate", "{document}", dir)?,
+            params: KindParams {
+                max_tokens: self.max_tokens.max(1),
+                temperature: 0.0,
+                top_p: 1.0,
+            },
+        })
     }
 }

@@ -1,11 +1,12 @@
 //! Adapter of the tag operator: the unit's documents with `routes.also_tag` -> `tagged`.
 
-use super::{OutputTable, Stage, StageBatch, UnitInput, unit_session};
+use super::{OutputTable, Stage, StageBatch, UnitInput, UnitStage, Upstream, unit_session};
 use crate::config::Config;
 use crate::error::{Error, Result};
 use futures::stream::{BoxStream, StreamExt, TryStreamExt};
 use safepipe_operators::tag::SELECT_TAGGED;
 use safepipe_operators::{UnitCounts, schema};
+use serde::{Deserialize, Serialize};
 use std::sync::Arc;
 
 pub struct TagStage {
@@ -23,8 +24,8 @@ impl Stage for TagStage {
         "tag"
     }
 
-    fn upstream(&self) -> &'static [&'static str] {
-        &["ingest", "route"]
+    fn reads(&self) -> &'static [Upstream] {
+        &[Upstream::Required("ingest"), Upstream::Required("route")]
     }
 
     fn outputs(&self) -> Vec<OutputTable> {
@@ -38,7 +39,9 @@ impl Stage for TagStage {
         let t = &self.config.tagger;
         Ok(serde_json::json!({ "tag": t.tag, "probability": t.probability, "seed": t.seed }))
     }
+}
 
+impl UnitStage for TagStage {
     fn run(&self, input: UnitInput) -> BoxStream<'static, Result<StageBatch>> {
         let tagger = self.config.tagger.clone();
         futures::stream::once(async move {
@@ -65,5 +68,29 @@ impl Stage for TagStage {
         })
         .try_flatten()
         .boxed()
+    }
+}
+
+// ---- `[tag]`: the config section of this stage.
+
+/// Algorithm 1: the harmfulness tag inserted before words of documents with `routes.also_tag`.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TagConfig {
+    /// The tag string (one special token of the tokenizer later on).
+    pub tag: String,
+    /// Chance of a tag before each word after the first (the paper found 5% best).
+    pub probability: f64,
+    /// With the document id, seeds the draws: same seed, same tags.
+    pub seed: u64,
+}
+
+impl Default for TagConfig {
+    fn default() -> Self {
+        TagConfig {
+            tag: safepipe_operators::tag::DEFAULT_TAG.to_string(),
+            probability: 0.05,
+            seed: 0,
+        }
     }
 }

@@ -1,24 +1,23 @@
 //! Adapter of the tokenize operator: kept documents and tagged texts of a unit -> `tokens`.
 
-use super::{OutputTable, Stage, StageBatch, UnitInput, unit_session};
-use crate::config::TokenizeSettings;
+use super::{OutputTable, Stage, StageBatch, UnitInput, UnitStage, Upstream, unit_session};
+use crate::config::{Lazy, resolve};
 use crate::error::{Error, Result};
 use futures::stream::{BoxStream, StreamExt, TryStreamExt};
+use safepipe_model::{TextTokenizer, TokenizerOptions};
 use safepipe_operators::tokenize::{select_for_training, tokenize_batch};
 use safepipe_operators::{UnitCounts, schema};
+use serde::{Deserialize, Serialize};
+use std::path::Path;
+use std::sync::Arc;
 
 pub struct TokenizeStage {
     settings: TokenizeSettings,
-    /// The synthesize stage runs: its kept rows are tokenized too.
-    with_synthetic: bool,
 }
 
 impl TokenizeStage {
-    pub fn new(settings: TokenizeSettings, with_synthetic: bool) -> Self {
-        TokenizeStage {
-            settings,
-            with_synthetic,
-        }
+    pub fn new(settings: TokenizeSettings) -> Self {
+        TokenizeStage { settings }
     }
 }
 
@@ -27,12 +26,14 @@ impl Stage for TokenizeStage {
         "tokenize"
     }
 
-    fn upstream(&self) -> &'static [&'static str] {
-        if self.with_synthetic {
-            &["ingest", "route", "tag", "synthesize"]
-        } else {
-            &["ingest", "route", "tag"]
-        }
+    /// With the synthesize stage in the graph, its kept rows are tokenized too.
+    fn reads(&self) -> &'static [Upstream] {
+        &[
+            Upstream::Required("ingest"),
+            Upstream::Required("route"),
+            Upstream::Required("tag"),
+            Upstream::Optional("synthesize"),
+        ]
     }
 
     fn outputs(&self) -> Vec<OutputTable> {
@@ -48,11 +49,13 @@ impl Stage for TokenizeStage {
         let t = self.settings.tokenizer.get()?;
         Ok(serde_json::json!({ "tokenizer": t.hash(), "eos_id": t.eos_id() }))
     }
+}
 
+impl UnitStage for TokenizeStage {
     fn run(&self, input: UnitInput) -> BoxStream<'static, Result<StageBatch>> {
         let tokenizer = self.settings.tokenizer.clone();
-        let with_synthetic = self.with_synthetic;
         futures::stream::once(async move {
+            let with_synthetic = input.has("synthesize");
             let tokenizer = tokenizer.get()?.clone();
             let mut wanted = vec![
                 ("ingest", "documents", schema::DOCUMENTS.clone()),
@@ -95,5 +98,55 @@ impl Stage for TokenizeStage {
         })
         .try_flatten()
         .boxed()
+    }
+}
+
+// ---- `[tokenize]`: the config section of this stage.
+
+/// `[tokenize]`: present = the tokenize stage runs.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct TokenizeConfig {
+    /// A `.gguf` model (its tokenizer metadata is used) or a `tokenizer.json`.
+    pub tokenizer: String,
+    /// Appended after every document; must be in the vocabulary.
+    #[serde(default = "default_eos")]
+    pub eos: String,
+}
+
+fn default_eos() -> String {
+    "<|endoftext|>".into()
+}
+
+/// The tokenize stage's settings; the tokenizer is loaded on first use.
+#[derive(Debug, Clone)]
+pub struct TokenizeSettings {
+    pub path: String,
+    pub tokenizer: Lazy<Arc<TextTokenizer>>,
+}
+
+impl TokenizeConfig {
+    /// Resolves the tokenizer's path against the config's folder `dir`; the tokenizer (with the
+    /// harmfulness tag `tag` as a special token) is loaded on first use. `shown` names the
+    /// config file in errors.
+    pub fn settings(self, dir: &Path, shown: &str, tag: &str) -> TokenizeSettings {
+        let file = resolve(dir, &self.tokenizer);
+        let options = TokenizerOptions {
+            eos: self.eos.clone(),
+            tag: Some(tag.to_string()),
+        };
+        let (key, at, shown) = (self.tokenizer.clone(), file.clone(), shown.to_string());
+        let tokenizer = Lazy::new(move || {
+            if !Path::new(&at).exists() {
+                return Err(format!(
+                    "{shown}: tokenize.tokenizer = {key:?}: {at} does not exist (`make setup` fetches the \
+                     SmolLM2 model into models/)"
+                ));
+            }
+            TextTokenizer::load(Path::new(&at), &options)
+                .map(Arc::new)
+                .map_err(|e| format!("{shown}: tokenize.tokenizer: {e}"))
+        });
+        TokenizeSettings { path: file, tokenizer }
     }
 }
