@@ -18,7 +18,7 @@ LLAMA_CPP := llama-cpp-python==0.3.36
 
 help:
 	@echo "make setup   install everything a fresh machine needs (Python venv, sample corpus, SmolLM2 model, crates)"
-	@echo "make demo    run the pipeline on the bundled sample corpus (configs/demo.toml), export, train a tiny model"
+	@echo "make demo    run the pipeline on the bundled sample corpus (configs/demo.toml), export, train a tiny model, write the HTML report"
 	@echo "make test    the test suite (needs make setup first)"
 	@echo "make test-slow  slow end-to-end tests (the demo config scoring the whole sample)"
 	@echo "make test-server  the HTTP backend against llama.cpp's server (builds llama-cpp-python once, ~9 min)"
@@ -34,6 +34,10 @@ setup:
 	$(PY) scripts/build_sample.py --out data/sample --cache .cache/sample
 	$(PY) scripts/fetch_models.py --out models --cache .cache/models
 	$(PY) scripts/build_labels.py --out data/labels/safety.parquet --cache .cache/sample
+	@# Debian's Chromium: the report test opens `safepipe report`'s page in it (headless).
+	@command -v chromium >/dev/null || command -v apt-get >/dev/null || { echo "setup: no chromium and no apt-get; install Chromium (/usr/bin/chromium) for the report test" >&2; exit 1; }
+	command -v chromium >/dev/null || DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium || \
+		{ apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium; }
 	$(CARGO) fetch --locked
 
 build:
@@ -56,6 +60,7 @@ demo: build
 	$(BIN) sql configs/demo.toml "SELECT s.source, count(*) AS segments FROM (SELECT unnest(sources) AS source FROM shards) s GROUP BY 1 ORDER BY 1"
 	$(BIN) export megatron configs/demo.toml --out runs/demo-megatron/demo_text_document
 	$(BIN) train configs/demo.toml
+	$(BIN) report configs/demo.toml
 
 test:
 	@test -d data/sample || { echo "test: no sample corpus; run 'make setup' first" >&2; exit 1; }

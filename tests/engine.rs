@@ -266,7 +266,8 @@ fn status_reports_units_rows_and_staleness() {
         .split_whitespace()
         .collect();
     assert_eq!(route[1], format!("0/{units}"), "{status}");
-    assert_eq!(route[2], units.to_string(), "stale count: {status}");
+    assert_eq!(route[2], "0", "running: {status}");
+    assert_eq!(route[3], units.to_string(), "stale count: {status}");
 }
 
 #[test]

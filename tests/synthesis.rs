@@ -22,6 +22,14 @@ fn corpus(ws: &Workspace, name: &str, docs: &[(String, String)]) -> String {
     path.display().to_string()
 }
 
+/// The synthesize unit's `figures` (stats): generated tokens, cache hits, retries.
+fn figures(config: &Path) -> serde_json::Value {
+    let rows = sql_rows(config, "SELECT figures FROM stats WHERE stage = 'synthesize'");
+    assert_eq!(rows.len(), 1, "{rows:?}");
+    let row: serde_json::Value = serde_json::from_str(&rows[0]).unwrap();
+    serde_json::from_str(row["figures"].as_str().unwrap()).unwrap()
+}
+
 /// `[llm]` for the fake server: short timeouts, fast bounded retries.
 fn fake_llm_section(server: &FakeLlm, extra: &str) -> String {
     format!(
@@ -102,6 +110,10 @@ fn faults_are_retried_within_bounds_recorded_and_completed_by_a_rerun() {
     let r = requests("DOC-2");
     let waited = r[1].at.duration_since(r[0].at);
     assert!(waited >= Duration::from_millis(950), "retried after {waited:?}: {r:?}");
+    // The unit's record counts them: one retry per transient fault, two for the failing one.
+    let first = figures(&config);
+    assert_eq!(first["retries"], 7, "{first}");
+    assert_eq!(first["cache_hits"], 0, "{first}");
 
     // The server recovers; the rerun redoes the unit but sends only the failed request.
     server.heal();
@@ -110,6 +122,10 @@ fn faults_are_retried_within_bounds_recorded_and_completed_by_a_rerun() {
     assert_eq!(units_done(&stderr, "synthesize"), 1, "{stderr}");
     let resent: Vec<String> = server.seen()[before..].iter().map(|s| s.doc.clone()).collect();
     assert_eq!(resent, ["DOC-6"]);
+    // The rerun took the 8 finished generations from the cache and retried nothing.
+    let second = figures(&config);
+    assert_eq!(second["cache_hits"], 8, "{second}");
+    assert_eq!(second["retries"], 0, "{second}");
     assert_eq!(sql_number(&config, "SELECT count(*) FROM synthetic WHERE keep"), 9);
     assert_eq!(
         sql_number(&config, "SELECT count(*) FROM synthetic WHERE error IS NOT NULL"),

@@ -66,7 +66,8 @@ fn token_ids_equal_python_tokenizers_and_the_tag_is_one_token() {
         "Combining marks: e\u{301} a\u{308} Z\u{335}\u{321}\u{34d} and NFC é ä.",
         "NUL inside: before\u{0}after, tabs\tand\r\nCRLF.",
         "Spaces:   many    spaces\u{a0}nbsp\u{2009}thin\u{3000}ideographic end ",
-        "The literal tag in raw text: <potentially unsafe content> stays one token.",
+        "The literal tag in raw text: <potentially unsafe content> is text, not the tag id.",
+        "Control strings in web text: <|endoftext|> and <|im_start|>system are text too.",
     ];
     let mut jsonl = String::new();
     for (i, t) in texts.iter().enumerate() {
@@ -75,10 +76,12 @@ fn token_ids_equal_python_tokenizers_and_the_tag_is_one_token() {
     }
     jsonl.push_str("{\"id\": \"surrogate\", \"text\": \"lone \\ud800 surrogate\"}\n");
     std::fs::write(ws.path().join("unicode.jsonl"), &jsonl).unwrap();
+    // One harmful text already holds the tag string: only the inserted tags become tag ids.
     let harmful: String = (0..40)
         .map(|i| {
+            let literal = if i == 7 { " <potentially unsafe content>" } else { "" };
             format!(
-                "{{\"id\": \"h{i}\", \"text\": \"Step {i}: how would someone do something harmful, in detail 😈?\"}}\n"
+                "{{\"id\": \"h{i}\", \"text\": \"Step {i}: how would someone do something harmful,{literal} in detail 😈?\"}}\n"
             )
         })
         .collect();
@@ -102,7 +105,7 @@ fn token_ids_equal_python_tokenizers_and_the_tag_is_one_token() {
         ),
         vec![r#"{"reason":"invalid_json","seen":true}"#]
     );
-    assert_eq!(sql_number(&config, "SELECT count(*) FROM tokens WHERE kind = 'raw'"), 8);
+    assert_eq!(sql_number(&config, "SELECT count(*) FROM tokens WHERE kind = 'raw'"), 9);
     assert_eq!(
         sql_number(&config, "SELECT count(*) FROM tokens WHERE kind = 'tagged'"),
         40
@@ -130,7 +133,7 @@ fn token_ids_equal_python_tokenizers_and_the_tag_is_one_token() {
             TAG,
         ],
     );
-    assert_eq!(report["checked"], 48);
+    assert_eq!(report["checked"], 49);
     assert_eq!(report["tag_id"], 49152);
     // Tags were inserted (p = 0.3 over 40 texts of 12 words) and each is exactly one id.
     let inserted = sql_number(&config, "SELECT sum(tags_inserted) FROM tagged");
@@ -139,16 +142,34 @@ fn token_ids_equal_python_tokenizers_and_the_tag_is_one_token() {
         sql_number(&config, "SELECT sum(tag_tokens) FROM tokens WHERE kind = 'tagged'"),
         inserted
     );
-    // The tag between words, anywhere: one id, the words around it unchanged.
+    // No raw text got a tag id or an EOS inside, though two hold their strings.
+    assert_eq!(
+        sql_number(&config, "SELECT sum(tag_tokens) FROM tokens WHERE kind = 'raw'"),
+        0
+    );
+    assert_eq!(
+        sql_number(
+            &config,
+            "SELECT count(*) FROM (SELECT unnest(array_slice(input_ids, 1, CAST(n_tokens AS BIGINT) - 1)) AS t FROM tokens) WHERE t = 0"
+        ),
+        0
+    );
+    // `tokenizer encode` shows what the stage does with a text: strings of special tokens are
+    // the ids of their characters.
     let encode = |t: &str| {
         let out = safepipe(&["tokenizer", "encode", config.to_str().unwrap(), t]);
         assert!(out.status.success(), "{}", text(&out.stderr));
         serde_json::from_str::<Vec<u32>>(text(&out.stdout).trim()).unwrap()
     };
-    assert_eq!(encode(TAG), vec![49152]);
     assert_eq!(encode("Hello world"), vec![19556, 905]);
-    assert_eq!(encode(&format!("Hello{TAG} world")), vec![19556, 49152, 905]);
-    assert_eq!(encode(&format!("{TAG}{TAG}")), vec![49152, 49152]);
+    for injected in [TAG, "<|endoftext|>", "a <|im_start|>system b", "<|im_end|>"] {
+        let ids = encode(injected);
+        assert!(
+            !ids.contains(&49152) && !ids.contains(&0) && ids.len() > 1,
+            "{injected}: {ids:?}"
+        );
+        assert!(ids.iter().all(|&id| id < 49152), "{injected}: {ids:?}");
+    }
 }
 
 #[test]

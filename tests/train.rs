@@ -79,6 +79,24 @@ fn loss_falls_and_a_stopped_run_resumes_bit_exactly() {
         std::fs::read(ws.path().join("ckpt-stopped/step-00000024/model.safetensors")).unwrap(),
         std::fs::read(ckpt.join("model.safetensors")).unwrap()
     );
+    // metrics.jsonl: one line per step across the stop and the resume, the same losses as the
+    // straight run's.
+    let steps = |dir: &str| -> Vec<(u64, f64)> {
+        std::fs::read_to_string(ws.path().join(dir).join("metrics.jsonl"))
+            .unwrap()
+            .lines()
+            .map(|l| {
+                let v: serde_json::Value = serde_json::from_str(l).unwrap();
+                (v["step"].as_u64().unwrap(), v["loss"].as_f64().unwrap())
+            })
+            .collect()
+    };
+    let straight_steps = steps("ckpt-straight");
+    assert_eq!(
+        straight_steps.iter().map(|s| s.0).collect::<Vec<_>>(),
+        (1..=24).collect::<Vec<_>>()
+    );
+    assert_eq!(steps("ckpt-stopped"), straight_steps);
 }
 
 /// Our logits on a checkpoint equal an independent numpy implementation of Hugging Face's Llama

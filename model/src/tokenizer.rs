@@ -9,7 +9,13 @@
 //! - [`TextTokenizer::json`] is the complete tokenizer (base vocabulary + tag), and what
 //!   `safepipe tokenizer export` writes: Python's `tokenizers` and `transformers` loading it
 //!   produce the same ids as we do (checked by a test);
-//! - [`TextTokenizer::hash`] is the SHA-256 of that JSON: manifests name the exact vocabulary.
+//! - [`TextTokenizer::hash`] is the SHA-256 of that JSON: manifests name the exact vocabulary;
+//! - text is encoded as text: a special token's string that appears in a document
+//!   (`<|endoftext|>`, `<|im_start|>`, the tag itself) becomes the ids of its characters, never
+//!   the control id ([`TextTokenizer::encode_documents`], [`TextTokenizer::encode_text`]). The
+//!   tag id appears only where the tag stage put a tag ([`TextTokenizer::encode_tagged`]), the
+//!   end-of-document id only at a document's end. Only [`TextTokenizer::encode_markup`] (a chat
+//!   template's own text) turns special-token strings into their ids.
 
 use crate::gguf::{self, Metadata, Value};
 use serde_json::{Value as Json, json};
@@ -43,10 +49,14 @@ pub struct TokenizerOptions {
 
 /// A loaded tokenizer plus the ids the pipeline needs.
 pub struct TextTokenizer {
+    /// Special-token strings become their ids: for trusted markup only.
     inner: Tokenizer,
+    /// The same tokenizer with special-token strings encoded as plain text: for documents.
+    text_only: Tokenizer,
     json: String,
     hash: String,
     eos_id: u32,
+    tag: Option<String>,
     tag_id: Option<u32>,
     vocab_size: usize,
 }
@@ -90,6 +100,8 @@ impl TextTokenizer {
         }
         let text = serde_json::to_string_pretty(&json).map_err(|e| e.to_string())?;
         let inner = Tokenizer::from_str(&text).map_err(|e| format!("not a valid tokenizer: {e}"))?;
+        let mut text_only = inner.clone();
+        text_only.set_encode_special_tokens(true);
         let eos_id = inner
             .token_to_id(&options.eos)
             .ok_or_else(|| format!("the end-of-document token {:?} is not in the vocabulary", options.eos))?;
@@ -101,18 +113,21 @@ impl TextTokenizer {
         let hash = hex::encode(Sha256::digest(text.as_bytes()));
         Ok(TextTokenizer {
             inner,
+            text_only,
             json: text,
             hash,
             eos_id,
+            tag: options.tag.clone(),
             tag_id,
             vocab_size,
         })
     }
 
-    /// Token ids of each text followed by the end-of-document id. Runs on rayon's pool.
+    /// Token ids of each text followed by the end-of-document id, special-token strings in the
+    /// text encoded as text. Runs on rayon's pool.
     pub fn encode_documents(&self, texts: &[&str]) -> Result<Vec<Vec<u32>>> {
         let encodings = self
-            .inner
+            .text_only
             .encode_batch_fast(texts.to_vec(), false)
             .map_err(|e| TokenizerError::Encode(e.to_string()))?;
         Ok(encodings
@@ -125,13 +140,87 @@ impl TextTokenizer {
             .collect())
     }
 
-    /// Token ids of one text, without the end-of-document id.
-    pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
+    /// Token ids of tagged texts followed by the end-of-document id: each text with the byte
+    /// offsets where the tag stage inserted a tag. Those become the tag id; everything else,
+    /// a tag string that was in the document already included, is encoded as text. The pieces
+    /// between tags are encoded on their own, as Hugging Face does between special tokens, so
+    /// a text without a literal tag gets the ids a tag-aware encode of the whole text gives.
+    pub fn encode_tagged(&self, texts: &[(&str, &[u32])]) -> Result<Vec<Vec<u32>>> {
+        let (tag, tag_id) = match (&self.tag, self.tag_id) {
+            (Some(tag), Some(id)) => (tag.as_str(), id),
+            _ => return Err(TokenizerError::Encode("this tokenizer has no tag token".into())),
+        };
+        // Every piece of every text in one batch; `layout[i]` = the pieces of text i.
+        let mut pieces: Vec<&str> = Vec::new();
+        let mut layout: Vec<usize> = Vec::with_capacity(texts.len());
+        for (n, (text, offsets)) in texts.iter().enumerate() {
+            let mut from = 0usize;
+            for &offset in offsets.iter() {
+                let at = offset as usize;
+                let end = at.saturating_add(tag.len());
+                if at < from || text.get(at..end) != Some(tag) {
+                    return Err(TokenizerError::Encode(format!(
+                        "tagged text {n}: no inserted tag at byte {at} (offsets must be increasing and point at the tag)"
+                    )));
+                }
+                pieces.push(&text[from..at]);
+                from = end;
+            }
+            pieces.push(&text[from..]);
+            layout.push(offsets.len() + 1);
+        }
+        let encodings = self
+            .text_only
+            .encode_batch_fast(pieces, false)
+            .map_err(|e| TokenizerError::Encode(e.to_string()))?;
+        let mut encodings = encodings.into_iter();
+        let mut out = Vec::with_capacity(texts.len());
+        for count in layout {
+            let mut ids = Vec::new();
+            for k in 0..count {
+                if k > 0 {
+                    ids.push(tag_id);
+                }
+                let piece = encodings.next().expect("one encoding per piece");
+                ids.extend_from_slice(piece.get_ids());
+            }
+            ids.push(self.eos_id);
+            out.push(ids);
+        }
+        Ok(out)
+    }
+
+    /// Token ids of one untrusted text (special-token strings as text), without the
+    /// end-of-document id.
+    pub fn encode_text(&self, text: &str) -> Result<Vec<u32>> {
+        let encoding = self
+            .text_only
+            .encode_fast(text, false)
+            .map_err(|e| TokenizerError::Encode(e.to_string()))?;
+        Ok(encoding.get_ids().to_vec())
+    }
+
+    /// Token ids of trusted markup (a chat template's rendering): special-token strings become
+    /// their ids. Never give it document text; see the LLM engine's prompt encoding.
+    pub fn encode_markup(&self, text: &str) -> Result<Vec<u32>> {
         let encoding = self
             .inner
             .encode_fast(text, false)
             .map_err(|e| TokenizerError::Encode(e.to_string()))?;
         Ok(encoding.get_ids().to_vec())
+    }
+
+    /// The strings of the special tokens (control tokens, the tag), longest first.
+    pub fn special_tokens(&self) -> Vec<(String, u32)> {
+        let mut specials: Vec<(String, u32)> = self
+            .inner
+            .get_added_tokens_decoder()
+            .into_iter()
+            .filter(|(_, t)| t.special)
+            .map(|(id, t)| (t.content, id))
+            .collect();
+        specials.sort_by(|a, b| b.0.len().cmp(&a.0.len()).then(a.1.cmp(&b.1)));
+        specials
     }
 
     pub fn decode(&self, ids: &[u32]) -> Result<String> {
@@ -318,9 +407,24 @@ mod tests {
         let t = TextTokenizer::from_json(tiny(), &options(Some("<unsafe>"))).unwrap();
         assert_eq!(t.tag_id(), Some(7));
         assert_eq!(t.vocab_size(), 8);
-        assert_eq!(t.encode("ab<unsafe> ab").unwrap(), vec![5, 7, 6]);
-        assert_eq!(t.encode("<unsafe><unsafe>c").unwrap(), vec![7, 7, 3]);
+        assert_eq!(t.encode_markup("ab<unsafe> ab").unwrap(), vec![5, 7, 6]);
+        assert_eq!(t.encode_markup("<unsafe><unsafe>c").unwrap(), vec![7, 7, 3]);
         assert_eq!(t.encode_documents(&["ab", ""]).unwrap(), vec![vec![5, 0], vec![0]]);
+        // Tags where the tag stage put them, and only there: the same ids as markup encoding.
+        assert_eq!(
+            t.encode_tagged(&[("ab<unsafe> ab", &[2]), ("<unsafe><unsafe>c", &[0, 8]), ("ab", &[])])
+                .unwrap(),
+            vec![vec![5, 7, 6, 0], vec![7, 7, 3, 0], vec![5, 0]]
+        );
+        for bad in [&[3u32][..], &[2, 2], &[40]] {
+            assert!(t.encode_tagged(&[("ab<unsafe> ab", bad)]).is_err(), "{bad:?}");
+        }
+        // A document's own special-token strings are text, never control ids.
+        assert!(!t.encode_text("ab<|endoftext|>").unwrap().contains(&0));
+        assert_eq!(
+            t.special_tokens(),
+            vec![("<|endoftext|>".to_string(), 0), ("<unsafe>".to_string(), 7)]
+        );
         // Loading the exported JSON again changes nothing: same ids, same hash.
         let again =
             TextTokenizer::from_json(serde_json::from_str(t.json()).unwrap(), &options(Some("<unsafe>"))).unwrap();

@@ -16,6 +16,10 @@ pub struct UnitCounts {
     pub dropped: BTreeMap<String, u64>,
     /// Records set aside because they could not be used (each with a reason in `quarantine`).
     pub quarantined: u64,
+    /// Other figures of the unit, outside the invariant (the synthesis stages: `cache_hits`,
+    /// `retries`, `generated_tokens`); summed by [`UnitCounts::merge`].
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub figures: BTreeMap<String, u64>,
 }
 
 impl UnitCounts {
@@ -35,6 +39,9 @@ impl UnitCounts {
         self.quarantined += other.quarantined;
         for (rule, n) in &other.dropped {
             self.drop(rule, *n);
+        }
+        for (name, n) in &other.figures {
+            *self.figures.entry(name.clone()).or_default() += n;
         }
     }
 

@@ -137,6 +137,9 @@ pub static TAGGED: LazyLock<SchemaRef> = LazyLock::new(|| {
         // Whitespace-delimited words of the original text.
         Field::new("words", DataType::UInt32, false),
         Field::new("tags_inserted", DataType::UInt32, false),
+        // Byte offsets in `text` where each inserted tag starts: tokenize turns exactly these
+        // into the tag id (a tag string that was in the document already stays text).
+        Field::new("tag_offsets", DataType::new_list(DataType::UInt32, true), false),
     ]))
 });
 

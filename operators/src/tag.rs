@@ -11,7 +11,7 @@
 //! is identical across reruns, ranks, batch sizes and machines. Cost: one pass over the text.
 
 use crate::{OpResult, schema};
-use arrow::array::{Array, AsArray, RecordBatch, StringBuilder, UInt32Builder};
+use arrow::array::{Array, AsArray, ListBuilder, RecordBatch, StringBuilder, UInt32Builder};
 use arrow::compute::cast;
 use arrow::datatypes::DataType;
 use sha2::{Digest, Sha256};
@@ -41,6 +41,8 @@ pub struct Tagged {
     pub text: String,
     pub words: u32,
     pub tags: u32,
+    /// Byte offset in `text` of each inserted tag, increasing.
+    pub offsets: Vec<u32>,
 }
 
 /// SplitMix64: tiny, fast and fully specified, so the stream never changes under us.
@@ -88,6 +90,7 @@ impl Tagger {
         // End of the last word written so far, where a tag for the next word goes.
         let mut last_word_end: Option<usize> = None;
         let mut copied = 0; // bytes of `text` already in `out`
+        let mut offsets = Vec::new();
         for (i, c) in text.char_indices() {
             let space = c.is_whitespace();
             if !space && !in_word {
@@ -96,6 +99,8 @@ impl Tagger {
                     let draw = rng.next();
                     if always || draw < threshold {
                         out.push_str(&text[copied..end]);
+                        // Texts are Arrow strings (< 2 GiB), so offsets fit in u32.
+                        offsets.push(u32::try_from(out.len()).unwrap_or(u32::MAX));
                         out.push_str(&self.tag);
                         copied = end;
                         tags += 1;
@@ -108,7 +113,12 @@ impl Tagger {
             in_word = !space;
         }
         out.push_str(&text[copied..]);
-        Tagged { text: out, words, tags }
+        Tagged {
+            text: out,
+            words,
+            tags,
+            offsets,
+        }
     }
 }
 
@@ -126,11 +136,14 @@ impl Tagger {
         let mut out_text = StringBuilder::new();
         let mut words = UInt32Builder::new();
         let mut tags = UInt32Builder::new();
+        let mut offsets = ListBuilder::new(UInt32Builder::new());
         for row in 0..batch.num_rows() {
             let tagged = self.tag(id.value(row), text.value(row));
             out_text.append_value(&tagged.text);
             words.append_value(tagged.words);
             tags.append_value(tagged.tags);
+            offsets.values().append_slice(&tagged.offsets);
+            offsets.append(true);
         }
         let ids = Arc::new(id.clone()) as Arc<dyn Array>;
         let sources = Arc::new(source.clone()) as Arc<dyn Array>;
@@ -142,6 +155,7 @@ impl Tagger {
                 Arc::new(out_text.finish()),
                 Arc::new(words.finish()),
                 Arc::new(tags.finish()),
+                Arc::new(offsets.finish()),
             ],
         )?)
     }
@@ -169,6 +183,20 @@ mod tests {
         );
         let none = tagger(0.0).tag("doc", text);
         assert_eq!((none.text.as_str(), none.tags), (text, 0));
+        // The offsets point at the inserted tags, and only at them: a tag string that was in
+        // the document already is not one of them.
+        let literal = format!("a{DEFAULT_TAG} b c");
+        let t = tagger(1.0).tag("doc", &literal);
+        assert_eq!(t.offsets.len() as u32, t.tags);
+        assert_eq!(t.tags, t.words - 1);
+        for &at in &t.offsets {
+            assert!(t.text[at as usize..].starts_with(DEFAULT_TAG));
+        }
+        assert!(
+            !t.offsets.contains(&1),
+            "the literal tag at byte 1 is not an inserted one"
+        );
+        assert!(t.offsets.windows(2).all(|w| w[0] < w[1]));
     }
 
     #[test]

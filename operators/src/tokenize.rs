@@ -17,10 +17,11 @@ use std::sync::Arc;
 
 /// The query over one unit's tables that lists what to tokenize, in a fixed order (kept
 /// documents in input order, then tagged texts in input order, then kept synthetic rows in
-/// their table's order when `with_synthetic`).
+/// their table's order when `with_synthetic`): `(id, source, kind, text, tag_offsets)`, the
+/// offsets of the inserted tags for tagged texts and null for the others.
 pub fn select_for_training(with_synthetic: bool) -> String {
     let synthetic = if with_synthetic {
-        " UNION ALL SELECT id, source, kind, text, 2 AS part, n FROM \
+        " UNION ALL SELECT id, source, kind, text, arrow_cast(NULL, 'List(UInt32)') AS tag_offsets, 2 AS part, n FROM \
            (SELECT id, source, kind, text, keep, row_number() OVER () AS n FROM synthetic) s WHERE keep AND text IS NOT NULL"
     } else {
         ""
@@ -28,11 +29,11 @@ pub fn select_for_training(with_synthetic: bool) -> String {
     format!(
         "WITH d AS (SELECT id, text, source, row_number() OVER () AS n FROM documents), \
          r AS (SELECT id, route, row_number() OVER () AS n FROM routes), \
-         t AS (SELECT id, text, source, row_number() OVER () AS n FROM tagged) \
-         SELECT id, source, kind, text FROM ( \
-           SELECT d.id, d.source, 'raw' AS kind, d.text, 0 AS part, d.n FROM d JOIN r ON d.n = r.n AND d.id = r.id \
-             WHERE r.route = 'keep' \
-           UNION ALL SELECT id, source, 'tagged' AS kind, text, 1 AS part, n FROM t{synthetic}) \
+         t AS (SELECT id, text, source, tag_offsets, row_number() OVER () AS n FROM tagged) \
+         SELECT id, source, kind, text, tag_offsets FROM ( \
+           SELECT d.id, d.source, 'raw' AS kind, d.text, arrow_cast(NULL, 'List(UInt32)') AS tag_offsets, 0 AS part, d.n \
+             FROM d JOIN r ON d.n = r.n AND d.id = r.id WHERE r.route = 'keep' \
+           UNION ALL SELECT id, source, 'tagged' AS kind, text, tag_offsets, 1 AS part, n FROM t{synthetic}) \
          ORDER BY part, n"
     )
 }
@@ -41,17 +42,42 @@ pub fn select_for_training(with_synthetic: bool) -> String {
 /// overhead of `tokenizers`' encodings stays at a few MB.
 const ENCODE_CHUNK: usize = 512;
 
-/// Tokenizes `(id, source, kind, text)` rows into a `tokens` batch.
+/// Tokenizes `(id, source, kind, text, tag_offsets)` rows into a `tokens` batch: texts as
+/// text, the tag id exactly at each row's `tag_offsets`, EOS at the end.
 pub fn tokenize_batch(tokenizer: &TextTokenizer, batch: &RecordBatch) -> OpResult<RecordBatch> {
     let column = |i: usize| cast(batch.column(i), &DataType::Utf8);
     let (id, source, kind, text) = (column(0)?, column(1)?, column(2)?, column(3)?);
     let text = text.as_string::<i32>();
-    let texts: Vec<&str> = (0..text.len()).map(|i| text.value(i)).collect();
+    let offsets = batch.column(4).as_list_opt::<i32>().ok_or_else(|| {
+        crate::OpError::Config(format!(
+            "tag_offsets is {}, not a list of uint32",
+            batch.column(4).data_type()
+        ))
+    })?;
+    let rows: Vec<(&str, Option<Vec<u32>>)> = (0..text.len())
+        .map(|i| {
+            let tags = offsets.is_valid(i).then(|| {
+                let list = offsets.value(i);
+                let list = list.as_primitive::<arrow::datatypes::UInt32Type>();
+                list.iter().flatten().collect()
+            });
+            (text.value(i), tags)
+        })
+        .collect();
     // `tokenizers` builds a full Encoding per text (a string, offsets and masks per token, ~80
     // bytes a token): encode a slice at a time and keep only the ids, so memory stays bounded.
-    let mut encoded = Vec::with_capacity(texts.len());
-    for chunk in texts.chunks(ENCODE_CHUNK) {
-        encoded.extend(tokenizer.encode_documents(chunk)?);
+    let mut encoded = Vec::with_capacity(rows.len());
+    for chunk in rows.chunks(ENCODE_CHUNK) {
+        if chunk.iter().all(|(_, tags)| tags.is_none()) {
+            let texts: Vec<&str> = chunk.iter().map(|(t, _)| *t).collect();
+            encoded.extend(tokenizer.encode_documents(&texts)?);
+        } else {
+            let tagged: Vec<(&str, &[u32])> = chunk
+                .iter()
+                .map(|(t, tags)| (*t, tags.as_deref().unwrap_or_default()))
+                .collect();
+            encoded.extend(tokenizer.encode_tagged(&tagged)?);
+        }
     }
     let tag_id = tokenizer.tag_id();
     let n_tokens = UInt32Array::from_iter_values(encoded.iter().map(|ids| ids.len() as u32));

@@ -32,6 +32,8 @@ pub static STATS: LazyLock<SchemaRef> = LazyLock::new(|| {
         Field::new("rows_dropped", DataType::UInt64, false),
         Field::new("rows_quarantined", DataType::UInt64, false),
         Field::new("dropped_by_rule", DataType::Utf8, false),
+        // Other figures of the unit as a JSON object (synthesis: cache_hits, retries, generated_tokens).
+        Field::new("figures", DataType::Utf8, false),
         Field::new("seconds", DataType::Float64, false),
         Field::new("started_at", DataType::Utf8, false),
         Field::new("finished_at", DataType::Utf8, false),
@@ -194,6 +196,7 @@ fn stats_batch(records: &[(CompletionRecord, Option<bool>)]) -> Result<RecordBat
         u64s(&|r| r.counts.dropped_total()),
         u64s(&|r| r.counts.quarantined),
         s(&|r| serde_json::to_string(&r.counts.dropped).expect("serialisable")),
+        s(&|r| serde_json::to_string(&r.counts.figures).expect("serialisable")),
         Arc::new(Float64Array::from_iter_values(records.iter().map(|(r, _)| r.seconds))),
         s(&|r| r.started_at.clone()),
         s(&|r| r.finished_at.clone()),

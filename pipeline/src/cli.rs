@@ -79,6 +79,25 @@ pub enum Command {
         /// `json` prints one object per stage, for scripts and dashboards.
         #[arg(long, value_enum, default_value_t = StatusFormat::Text)]
         format: StatusFormat,
+        /// Refresh every `--interval` seconds: redrawn in place on a terminal, one line per
+        /// refresh otherwise (logs), with units committed / running / failed across all ranks,
+        /// the rate and an ETA.
+        #[arg(long)]
+        watch: bool,
+        /// Seconds between refreshes of `--watch`.
+        #[arg(long, default_value_t = 10.0, requires = "watch")]
+        interval: f64,
+        /// With `--watch`: exit once every stage has every unit committed and current.
+        #[arg(long, requires = "watch")]
+        until_done: bool,
+    },
+    /// Write one self-contained HTML page of the run (flow of documents, scores, synthetic
+    /// data, tagging, the mixture, stage timings, quarantine, training curves).
+    Report {
+        config: PathBuf,
+        /// Write here instead of `report.html` in the run directory.
+        #[arg(long)]
+        out: Option<PathBuf>,
     },
     /// Run one read-only SQL query over the run's tables.
     Sql {
@@ -306,8 +325,26 @@ pub async fn run(cli: Cli) -> Result<()> {
             }
             Ok(())
         }
-        Command::Status { config, format } => {
+        Command::Status {
+            config,
+            format,
+            watch,
+            interval,
+            until_done,
+        } => {
             let config = Config::load(&config).await?;
+            if watch {
+                if !(interval.is_finite() && interval > 0.0) {
+                    return Err(Error::Config(format!(
+                        "--interval {interval}: give a number of seconds > 0"
+                    )));
+                }
+                let options = crate::watch::WatchOptions {
+                    interval: std::time::Duration::from_secs_f64(interval),
+                    until_done,
+                };
+                return crate::watch::watch(&config, options).await;
+            }
             let found = status::collect(&config).await?;
             match format {
                 StatusFormat::Text => print!("{}", status::render(&config, &found)),
@@ -317,6 +354,12 @@ pub async fn run(cli: Cli) -> Result<()> {
                     println!("{json}");
                 }
             }
+            Ok(())
+        }
+        Command::Report { config, out } => {
+            let config = Config::load(&config).await?;
+            let written = crate::report::write(&config, out.as_deref()).await?;
+            println!("report: {written}");
             Ok(())
         }
         Command::Sql { config, query, format } => {
@@ -375,7 +418,7 @@ pub async fn run(cli: Cli) -> Result<()> {
                 let ids = settings
                     .tokenizer
                     .get()?
-                    .encode(&text)
+                    .encode_text(&text)
                     .map_err(|e| Error::Internal(e.to_string()))?;
                 println!("{}", serde_json::to_string(&ids).expect("ids serialise"));
                 Ok(())

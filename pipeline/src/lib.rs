@@ -13,10 +13,12 @@
 //! stages/       the stage graph (graph.rs), each stage's adapter and its config section
 //! catalog.rs    committed outputs as SQL tables   sql.rs      `safepipe sql` / `shell`
 //! status.rs     `safepipe status`                 gc.rs       `safepipe gc`: unreferenced files
+//! watch.rs      `safepipe status --watch`: refreshed status, rate and ETA across ranks
+//! report/       `safepipe report`: one offline HTML page of a run (SVG charts, escaped examples)
 //! pack/         the global stage: tokens -> mixture, shuffle -> shards + manifest.json,
 //!               packed on every rank (its own module map)
 //! export.rs     `safepipe export megatron`, `safepipe tokenizer export`
-//! train.rs      `safepipe train`: the packed shards -> the CPU trainer -> checkpoints
+//! train/        `safepipe train`: the packed shards -> the CPU trainer -> checkpoints, metrics.jsonl
 //! classifier.rs `safepipe classifier train|score`: fit a safety head, score texts
 //! llm.rs        the `[llm]` backend shared by the synthesis stages, `safepipe generate`
 //! progress.rs   progress bars and log lines from runner events
@@ -35,7 +37,9 @@ pub mod gc;
 pub mod llm;
 pub mod pack;
 pub mod progress;
+pub mod report;
 pub mod sql;
 pub mod stages;
 pub mod status;
 pub mod train;
+pub mod watch;

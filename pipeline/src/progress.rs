@@ -1,4 +1,6 @@
-//! Progress bars on stderr (hidden when stderr is not a terminal), built from runner events.
+//! Progress bars on stderr, built from runner events. When stderr is not a terminal (a log
+//! file, Slurm's output) the bars are hidden and a `progress` log line per running stage is
+//! written every [`HEARTBEAT`] instead, so a long stage shows it is alive.
 
 use crate::engine::runner::{Reporter, StageSummary};
 use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
@@ -6,8 +8,8 @@ use safepipe_operators::UnitCounts;
 use std::collections::HashMap;
 use std::io::IsTerminal;
 use std::io::Write;
-use std::sync::{LazyLock, Mutex};
-use std::time::Instant;
+use std::sync::{Arc, LazyLock, Mutex};
+use std::time::{Duration, Instant};
 
 /// The one set of bars of this process; log lines go through [`LogWriter`] so they print above
 /// the bars instead of through them.
@@ -45,16 +47,77 @@ pub fn step_bar(len: u64, what: &str) -> ProgressBar {
     bar
 }
 
+/// How often a stage in progress logs a line when stderr is not a terminal (default 60 s;
+/// `SAFEPIPE_PROGRESS_SECONDS` sets it).
+pub const HEARTBEAT: Duration = Duration::from_secs(60);
+
+fn heartbeat() -> Duration {
+    std::env::var("SAFEPIPE_PROGRESS_SECONDS")
+        .ok()
+        .and_then(|v| v.parse::<f64>().ok())
+        .filter(|s| s.is_finite() && *s > 0.0)
+        .map_or(HEARTBEAT, Duration::from_secs_f64)
+}
+
+/// A running stage: its bar, counts so far, when it started, units to do and done.
+struct Running {
+    bar: ProgressBar,
+    counts: UnitCounts,
+    started: Instant,
+    todo: usize,
+    done: usize,
+    failed: usize,
+}
+
+type Stages = Arc<Mutex<HashMap<String, Running>>>;
+
 pub struct Bars {
     multi: MultiProgress,
-    bars: Mutex<HashMap<String, (ProgressBar, UnitCounts, Instant)>>,
+    bars: Stages,
+    /// Stops the heartbeat thread when the bars are dropped.
+    stop: Option<std::sync::mpsc::Sender<()>>,
 }
 
 impl Bars {
     pub fn new() -> Self {
+        let bars: Stages = Arc::default();
+        let stop = (!std::io::stderr().is_terminal()).then(|| {
+            let (tx, rx) = std::sync::mpsc::channel::<()>();
+            let every = heartbeat();
+            let watched = bars.clone();
+            std::thread::spawn(move || {
+                while let Err(std::sync::mpsc::RecvTimeoutError::Timeout) = rx.recv_timeout(every) {
+                    for (stage, r) in watched.lock().expect("bars").iter() {
+                        if r.done + r.failed < r.todo {
+                            tracing::info!(
+                                stage = stage.as_str(),
+                                units_done = r.done,
+                                units_failed = r.failed,
+                                units_to_do = r.todo,
+                                rows_in = r.counts.rows_in,
+                                rows_per_second =
+                                    (r.counts.rows_in as f64 / r.started.elapsed().as_secs_f64().max(1e-3)) as u64,
+                                elapsed_seconds = r.started.elapsed().as_secs(),
+                                "progress"
+                            );
+                        }
+                    }
+                }
+            });
+            tx
+        });
         Bars {
             multi: MULTI.clone(),
-            bars: Mutex::new(HashMap::new()),
+            bars,
+            stop,
+        }
+    }
+}
+
+impl Drop for Bars {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
         }
     }
 }
@@ -88,30 +151,39 @@ impl Reporter for Bars {
         if skipped > 0 {
             bar.println(format!("{stage}: {skipped} unit(s) already committed, skipped"));
         }
-        self.bars
-            .lock()
-            .expect("bars")
-            .insert(stage.to_string(), (bar, UnitCounts::default(), Instant::now()));
+        let running = Running {
+            bar,
+            counts: UnitCounts::default(),
+            started: Instant::now(),
+            todo,
+            done: 0,
+            failed: 0,
+        };
+        self.bars.lock().expect("bars").insert(stage.to_string(), running);
     }
 
     fn unit_finished(&self, stage: &str, counts: &UnitCounts) {
-        if let Some((bar, total, started)) = self.bars.lock().expect("bars").get_mut(stage) {
-            total.merge(counts);
-            bar.inc(1);
-            bar.set_message(message(total, *started));
+        if let Some(r) = self.bars.lock().expect("bars").get_mut(stage) {
+            r.counts.merge(counts);
+            r.done += 1;
+            r.bar.inc(1);
+            r.bar.set_message(message(&r.counts, r.started));
         }
     }
 
     fn unit_failed(&self, stage: &str, unit: u32, error: &str) {
-        if let Some((bar, _, _)) = self.bars.lock().expect("bars").get_mut(stage) {
-            bar.inc(1);
-            bar.println(format!("{stage}: unit {unit} failed: {error}"));
+        if let Some(r) = self.bars.lock().expect("bars").get_mut(stage) {
+            r.failed += 1;
+            r.bar.inc(1);
+            r.bar.println(format!("{stage}: unit {unit} failed: {error}"));
         }
     }
 
     fn stage_finished(&self, summary: &StageSummary) {
-        if let Some((bar, total, started)) = self.bars.lock().expect("bars").get_mut(&summary.stage) {
-            bar.finish_with_message(message(total, *started));
+        if let Some(r) = self.bars.lock().expect("bars").get_mut(&summary.stage) {
+            r.bar.finish_with_message(message(&r.counts, r.started));
+            // Finished: no more heartbeat lines for it.
+            r.todo = 0;
         }
     }
 }

@@ -1,11 +1,12 @@
-//! `safepipe status`: per stage, how many units are committed and current, stale, failed,
-//! damaged or pending, the rows they account for, the last errors, and input files that changed
+//! `safepipe status`: per stage, how many units are committed and current, running (held under a
+//! live lease by any rank), stale, failed, damaged or pending, the rows they account for, the last errors, and input files that changed
 //! since planning. It asks the same freshness rule as `safepipe run`
 //! ([`crate::engine::freshness::survey`]), so `to_do` is exactly the work the next `run` does
 //! (with no `--force`, if every unit it redoes succeeds), by reason.
 
 use crate::config::Config;
 use crate::engine::freshness::{self, Verdict};
+use crate::engine::leases;
 use crate::engine::plan::Plan;
 use crate::engine::run_dir::RunDir;
 use crate::error::Result;
@@ -26,6 +27,8 @@ pub struct StageStatus {
     pub stale: usize,
     /// Last attempt failed and no current commit exists.
     pub failed: usize,
+    /// Held under a live lease right now, by any rank (being worked on).
+    pub running: usize,
     /// A record exists but cannot count (corrupt, older layout, a committed file missing).
     pub damaged: usize,
     pub pending: usize,
@@ -61,17 +64,22 @@ pub async fn collect(config: &Config) -> Result<Option<Report>> {
     let (fingerprints, notes) = graph.fingerprints_or_recorded(&plan.fingerprint, &run_dir).await?;
     let units: Vec<u32> = plan.units.iter().map(|u| u.id).collect();
     let survey = freshness::survey(&run_dir, &graph, &fingerprints, &units, &[], false).await?;
+    let lease_time = std::time::Duration::from_secs(config.lease_seconds);
     let mut out = Vec::new();
     for (node, surveyed) in graph.nodes.iter().zip(&survey) {
         let Some((files, judged)) = surveyed else {
             let view = PackView::of_graph(&run_dir, &plan, &graph, &fingerprints, &survey).await?;
-            out.push(global_status(node.name(), &view));
+            let mut status = global_status(node.name(), &view);
+            let parts = run_dir.stage(node.name()).await?;
+            status.running = leases::held(&run_dir, &parts, lease_time).await?.len();
+            out.push(status);
             continue;
         };
         let mut status = StageStatus {
             stage: node.name().to_string(),
             units: units.len(),
             committed: judged.current.len(),
+            running: leases::held(&run_dir, files, lease_time).await?.len(),
             ..Default::default()
         };
         for c in judged.current.values() {
@@ -153,15 +161,26 @@ pub fn render(config: &Config, found: &Option<Report>) -> String {
     );
     let _ = writeln!(
         s,
-        "{:<10} {:>9} {:>6} {:>7} {:>8} {:>8} {:>10} {:>10} {:>8} {:>12}",
-        "stage", "committed", "stale", "failed", "damaged", "pending", "rows_in", "rows_out", "dropped", "quarantined"
+        "{:<10} {:>9} {:>7} {:>6} {:>7} {:>8} {:>8} {:>10} {:>10} {:>8} {:>12}",
+        "stage",
+        "committed",
+        "running",
+        "stale",
+        "failed",
+        "damaged",
+        "pending",
+        "rows_in",
+        "rows_out",
+        "dropped",
+        "quarantined"
     );
     for st in &report.stages {
         let _ = writeln!(
             s,
-            "{:<10} {:>9} {:>6} {:>7} {:>8} {:>8} {:>10} {:>10} {:>8} {:>12}",
+            "{:<10} {:>9} {:>7} {:>6} {:>7} {:>8} {:>8} {:>10} {:>10} {:>8} {:>12}",
             st.stage,
             format!("{}/{}", st.committed, st.units),
+            st.running,
             st.stale,
             st.failed,
             st.damaged,

@@ -163,17 +163,19 @@ impl InProcess {
         &self.engine
     }
 
-    /// The prompt token ids of a request: the chat template's rendering plus the prefill.
+    /// The prompt token ids of a request: the chat template's rendering plus the prefill. Only
+    /// the template's own text can produce control tokens: the messages' content (documents)
+    /// and the prefill are encoded as plain text, so a document holding `<|im_end|>` or any
+    /// other special token's string cannot close its turn. Text runs are merged across the
+    /// pieces before encoding, so a benign prompt gets exactly the ids of the whole rendering.
     pub fn prompt_ids(&self, request: &ChatRequest) -> Result<Vec<u32>, GenerateError> {
-        let text = self
-            .engine
-            .template()
-            .render(&request.messages, true)
-            .map_err(GenerateError::Rejected)?;
-        self.engine
-            .tokenizer()
-            .encode(&format!("{text}{}", request.prefill))
-            .map_err(|e| GenerateError::Rejected(e.to_string()))
+        chat::encode_prompt(
+            self.engine.tokenizer(),
+            self.engine.template(),
+            &request.messages,
+            &request.prefill,
+        )
+        .map_err(GenerateError::Rejected)
     }
 }
 

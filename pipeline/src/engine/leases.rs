@@ -14,7 +14,8 @@
 //! Expiry compares wall clocks of different machines: keep their skew well below
 //! `runner.lease_seconds`.
 
-use crate::engine::run_dir::{RunDir, host_name};
+use crate::engine::records::LEASES_DIR;
+use crate::engine::run_dir::{RunDir, StageFiles, host_name};
 use crate::engine::storage::Location;
 use crate::error::{Error, Result};
 use object_store::{PutMode, PutOptions};
@@ -123,6 +124,45 @@ async fn generations(run_dir: &RunDir, dir: &Location) -> Result<Vec<u64>> {
         .collect();
     found.sort_unstable();
     Ok(found)
+}
+
+/// The units of a stage whose lease is held right now (not released, not expired), with their
+/// holders: the units being worked on, on any rank. `files` is the stage's listing; only the
+/// newest generation of each unit, and only if written within `recent` (a live holder rewrites
+/// it every third of its lease time), is read, so a stage of many finished units costs no reads.
+pub async fn held(run_dir: &RunDir, files: &StageFiles, recent: Duration) -> Result<Vec<(u32, Holder)>> {
+    let mut newest: std::collections::BTreeMap<u32, (u64, &object_store::ObjectMeta, &str)> = Default::default();
+    for (name, meta) in &files.files {
+        let Some(rest) = name.split_once(&format!("/{LEASES_DIR}/unit-")).map(|(_, r)| r) else {
+            continue;
+        };
+        let Some((unit, generation)) = rest.split_once('/') else {
+            continue;
+        };
+        let (Ok(unit), Some(Ok(generation))) = (
+            unit.parse::<u32>(),
+            generation.strip_suffix(".json").map(str::parse::<u64>),
+        ) else {
+            continue;
+        };
+        if newest.get(&unit).is_none_or(|(g, _, _)| *g < generation) {
+            newest.insert(unit, (generation, meta, name.as_str()));
+        }
+    }
+    let since = chrono::Utc::now() - chrono::Duration::from_std(recent).unwrap_or_default();
+    let mut out = Vec::new();
+    for (unit, (_, meta, name)) in newest {
+        if meta.last_modified < since {
+            continue;
+        }
+        if let Some(holder) = read_holder(&run_dir.file(name)?).await
+            && !holder.expired(now())
+            && holder.expires_at != 0
+        {
+            out.push((unit, holder));
+        }
+    }
+    Ok(out)
 }
 
 /// Tries to become the owner of (stage, unit) for `attempt`.

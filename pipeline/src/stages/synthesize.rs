@@ -56,13 +56,15 @@ fn scores(batches: &[RecordBatch], column: usize) -> Result<Vec<Option<u8>>> {
     Ok(out)
 }
 
-/// Runs `work` with a progress bar and logs the unit's generation figures.
-fn with_progress<T>(
+/// Runs `work` with a progress bar, logs the unit's generation figures and adds them to its
+/// counts (`figures`: `generated_tokens`, `cache_hits`, `retries`; the token and retry figures
+/// are the shared backend's, so with several units at once they include the others').
+fn with_progress(
     llm: &SharedGenerator,
     stage: &str,
     unit: u32,
-    work: impl FnOnce(&dyn Generator, &RequestCache, &(dyn Fn(u64, u64) + Sync)) -> Result<T>,
-) -> Result<T> {
+    work: impl FnOnce(&dyn Generator, &RequestCache, &(dyn Fn(u64, u64) + Sync)) -> Result<(RecordBatch, UnitCounts)>,
+) -> Result<(RecordBatch, UnitCounts)> {
     let generator = llm.get()?;
     let scope = format!("{stage}-unit-{unit:06}");
     let cache = RequestCache::open(&llm.cache_dir, &scope)
@@ -71,6 +73,7 @@ fn with_progress<T>(
     let started = Instant::now();
     let stats = generator.stats();
     let tokens_before = GenerationStats::get(&stats.completion_tokens);
+    let retries_before = GenerationStats::get(&stats.retries);
     let progress = |done: u64, total: u64| {
         bar.set_length(total);
         bar.set_position(done);
@@ -79,6 +82,7 @@ fn with_progress<T>(
     let out = work(generator.as_ref(), &cache, &progress);
     bar.finish_and_clear();
     let tokens = GenerationStats::get(&stats.completion_tokens) - tokens_before;
+    let retries = GenerationStats::get(&stats.retries) - retries_before;
     info!(
         stage,
         unit,
@@ -86,10 +90,18 @@ fn with_progress<T>(
         tokens_per_second = (tokens as f64 / started.elapsed().as_secs_f64().max(1e-9)) as u64,
         cache_hits = cache.hits(),
         torn_cache_lines = cache.skipped_lines,
-        retries = GenerationStats::get(&stats.retries),
+        retries,
         "generation done"
     );
-    out
+    let (batch, mut counts) = out?;
+    for (name, n) in [
+        ("generated_tokens", tokens),
+        ("cache_hits", cache.hits()),
+        ("retries", retries),
+    ] {
+        counts.figures.insert(name.to_string(), n);
+    }
+    Ok((batch, counts))
 }
 
 /// Runs one unit of a generation stage: `query` over the unit's `wanted` tables, then `work`

@@ -37,7 +37,8 @@ impl Stage for TagStage {
 
     fn settings(&self) -> Result<serde_json::Value> {
         let t = &self.config.tagger;
-        Ok(serde_json::json!({ "tag": t.tag, "probability": t.probability, "seed": t.seed }))
+        // `tag_offsets`: the table gained the offsets of the inserted tags (older results lack them).
+        Ok(serde_json::json!({ "tag": t.tag, "probability": t.probability, "seed": t.seed, "tag_offsets": true }))
     }
 }
 

@@ -47,7 +47,8 @@ impl Stage for TokenizeStage {
     /// the pre-tokenizer), not its path: moving the file reruns nothing, editing it reruns all.
     fn settings(&self) -> Result<serde_json::Value> {
         let t = self.settings.tokenizer.get()?;
-        Ok(serde_json::json!({ "tokenizer": t.hash(), "eos_id": t.eos_id() }))
+        // `text`: special-token strings in texts are encoded as text, the tag only at inserted tags.
+        Ok(serde_json::json!({ "tokenizer": t.hash(), "eos_id": t.eos_id(), "specials": "text" }))
     }
 }
 

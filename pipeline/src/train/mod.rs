@@ -5,6 +5,13 @@
 //! row by a seeded per-epoch order of the shards' row groups and a seeded permutation within
 //! each; rank `r` takes slots `r * micro_batch ..` of each micro-batch. So the rows a step sees
 //! depend only on (seed, step): resuming at step k repeats and skips nothing.
+//!
+//! ```text
+//! mod.rs      the command: shards -> batches -> the trainer -> checkpoints
+//! metrics.rs  metrics.jsonl beside the checkpoints: one line per logged step, kept across --resume
+//! ```
+
+pub mod metrics;
 
 use crate::config::{Config, TrainConfig};
 use crate::engine::run_dir::RunDir;
@@ -341,6 +348,10 @@ pub async fn train(config: &Config, resume: bool, until: Option<u64>) -> Result<
         steps = t.steps,
         "training"
     );
+    let mut metrics = match comm.rank() {
+        0 => Some(metrics::MetricsLog::open(&checkpoint_dir, trainer.step)?),
+        _ => None,
+    };
     let bar = crate::progress::step_bar(t.steps, "train");
     bar.set_position(trainer.step);
     let start_step = trainer.step;
@@ -379,6 +390,17 @@ pub async fn train(config: &Config, resume: bool, until: Option<u64>) -> Result<
                     .unwrap_or_else(|| "n/a (set train.peak_flops)".into()),
                 "step"
             );
+            if let Some(log) = &mut metrics {
+                log.append(&metrics::StepMetrics {
+                    step: stats.step,
+                    loss: stats.loss,
+                    lr: stats.lr,
+                    grad_norm: stats.grad_norm,
+                    tokens_per_second: tokens_per_second * comm.world_size() as f64,
+                    tokens: (stats.tokens * comm.world_size()) as u64,
+                    at: chrono::Utc::now().to_rfc3339(),
+                })?;
+            }
         }
         bar.set_message(format!("loss {:.4}", stats.loss));
         bar.inc(1);
