@@ -194,3 +194,43 @@ fn every_bad_record_is_accounted_for_and_no_bad_file_stops_the_others() {
     let status = text(&safepipe(&["status", config.to_str().unwrap()]).stdout);
     assert!(!status.contains("last error"), "{status}");
 }
+
+/// A UTF-8 byte-order mark before the first record (as Windows tools write), and one mid-file
+/// (two such files concatenated), costs no record; compressed the same. Repro before the fix:
+/// the first record was quarantined as `invalid_json` ("expected value at line 1 column 1").
+#[test]
+fn byte_order_marks_cost_no_record() {
+    let ws = Workspace::new();
+    let body = "\u{feff}{\"id\": \"a\", \"text\": \"first record after a byte-order mark\"}\n\
+                {\"id\": \"b\", \"text\": \"second record\"}\n\
+                \u{feff}{\"id\": \"c\", \"text\": \"a second file's first record\"}\r\n";
+    std::fs::write(ws.path().join("bom.jsonl"), body).unwrap();
+    let gz = std::process::Command::new("gzip")
+        .args(["-c", ws.path().join("bom.jsonl").to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(gz.status.success());
+    std::fs::write(ws.path().join("bom2.jsonl.gz"), gz.stdout).unwrap();
+    let config = ws.config(
+        "config.toml",
+        "run_dir = \"run\"\n[[inputs]]\nname = \"plain\"\npaths = [\"bom.jsonl\"]\n\
+         [[inputs]]\nname = \"gz\"\npaths = [\"bom2.jsonl.gz\"]\n",
+    );
+    run_ok(&config, &[]);
+    assert_eq!(sql_number(&config, "SELECT count(*) FROM quarantine"), 0);
+    assert_eq!(sql_number(&config, "SELECT count(*) FROM documents"), 6);
+    assert_eq!(
+        sql_number(
+            &config,
+            "SELECT count(*) FROM documents WHERE starts_with(text, 'first record')"
+        ),
+        2
+    );
+    assert_eq!(
+        sql_number(
+            &config,
+            "SELECT count(*) FROM documents WHERE strpos(text, chr(65279)) > 0 OR strpos(id, chr(65279)) > 0"
+        ),
+        0
+    );
+}

@@ -213,6 +213,9 @@ impl Reader {
     fn record(&mut self, offset: u64, line: &[u8]) {
         let body = line.strip_suffix(b"\n").unwrap_or(line);
         let body = body.strip_suffix(b"\r").unwrap_or(body);
+        // A UTF-8 byte-order mark (Windows tools write one before the first record; `cat` of
+        // such files puts one mid-file) is not part of the record.
+        let body = body.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(body);
         if body.iter().all(u8::is_ascii_whitespace) {
             return; // a blank line is no record
         }
