@@ -58,6 +58,8 @@ pub struct TextTokenizer {
     eos_id: u32,
     tag: Option<String>,
     tag_id: Option<u32>,
+    /// Ids of the special tokens (control tokens, the tag).
+    special_ids: std::collections::HashSet<u32>,
     vocab_size: usize,
 }
 
@@ -110,6 +112,12 @@ impl TextTokenizer {
             None => None,
         };
         let vocab_size = inner.get_vocab_size(true);
+        let special_ids = inner
+            .get_added_tokens_decoder()
+            .into_iter()
+            .filter(|(_, t)| t.special)
+            .map(|(id, _)| id)
+            .collect();
         let hash = hex::encode(Sha256::digest(text.as_bytes()));
         Ok(TextTokenizer {
             inner,
@@ -119,6 +127,7 @@ impl TextTokenizer {
             eos_id,
             tag: options.tag.clone(),
             tag_id,
+            special_ids,
             vocab_size,
         })
     }
@@ -150,9 +159,6 @@ impl TextTokenizer {
             (Some(tag), Some(id)) => (tag.as_str(), id),
             _ => return Err(TokenizerError::Encode("this tokenizer has no tag token".into())),
         };
-        // Every piece of every text in one batch; `layout[i]` = the pieces of text i.
-        let mut pieces: Vec<&str> = Vec::new();
-        let mut layout: Vec<usize> = Vec::with_capacity(texts.len());
         for (n, (text, offsets)) in texts.iter().enumerate() {
             let mut from = 0usize;
             for &offset in offsets.iter() {
@@ -163,31 +169,54 @@ impl TextTokenizer {
                         "tagged text {n}: no inserted tag at byte {at} (offsets must be increasing and point at the tag)"
                     )));
                 }
-                pieces.push(&text[from..at]);
                 from = end;
             }
-            pieces.push(&text[from..]);
-            layout.push(offsets.len() + 1);
         }
-        let encodings = self
-            .text_only
-            .encode_batch_fast(pieces, false)
+        // Fast path: encode each whole text with special tokens recognised. Every tag string
+        // at an offset becomes the tag id there; if the result holds exactly one special id
+        // per offset, all of them the tag, the text had no other special-token string and this
+        // is the answer. Otherwise (a literal tag or control string in the document) the text
+        // is encoded piece by piece between its inserted tags, as text.
+        let whole = self
+            .inner
+            .encode_batch_fast(texts.iter().map(|(t, _)| *t).collect::<Vec<_>>(), false)
             .map_err(|e| TokenizerError::Encode(e.to_string()))?;
-        let mut encodings = encodings.into_iter();
         let mut out = Vec::with_capacity(texts.len());
-        for count in layout {
-            let mut ids = Vec::new();
-            for k in 0..count {
-                if k > 0 {
-                    ids.push(tag_id);
-                }
-                let piece = encodings.next().expect("one encoding per piece");
-                ids.extend_from_slice(piece.get_ids());
-            }
+        for ((text, offsets), encoding) in texts.iter().zip(whole) {
+            let ids = encoding.get_ids();
+            let specials = ids.iter().filter(|id| self.special_ids.contains(id)).count();
+            let mut ids = if specials == offsets.len() && ids.iter().filter(|&&id| id == tag_id).count() == specials {
+                ids.to_vec()
+            } else {
+                self.encode_between_tags(text, offsets, tag.len(), tag_id)?
+            };
             ids.push(self.eos_id);
             out.push(ids);
         }
         Ok(out)
+    }
+
+    /// `text` encoded as text between the tags at `offsets` (checked), each tag the tag id.
+    fn encode_between_tags(&self, text: &str, offsets: &[u32], tag_len: usize, tag_id: u32) -> Result<Vec<u32>> {
+        let mut pieces: Vec<&str> = Vec::with_capacity(offsets.len() + 1);
+        let mut from = 0usize;
+        for &offset in offsets {
+            pieces.push(&text[from..offset as usize]);
+            from = offset as usize + tag_len;
+        }
+        pieces.push(&text[from..]);
+        let encodings = self
+            .text_only
+            .encode_batch_fast(pieces, false)
+            .map_err(|e| TokenizerError::Encode(e.to_string()))?;
+        let mut ids = Vec::new();
+        for (k, piece) in encodings.iter().enumerate() {
+            if k > 0 {
+                ids.push(tag_id);
+            }
+            ids.extend_from_slice(piece.get_ids());
+        }
+        Ok(ids)
     }
 
     /// Token ids of one untrusted text (special-token strings as text), without the
