@@ -542,3 +542,33 @@ fn overlapping_chunks_share_the_configured_tokens() {
     let long = rows.iter().find(|r| r["id"] == "edge/long").unwrap();
     assert_eq!(long["chunks"].as_u64().unwrap(), tokens.div_ceil(254));
 }
+
+/// ONNX Runtime is never loaded from the working directory: a `models/onnxruntime/` folder where
+/// a job starts could plant a library. Repro before the fix: a binary with no library beside it,
+/// started in a directory holding `models/onnxruntime/libonnxruntime.so`, tried to load that file.
+#[test]
+fn onnx_runtime_is_never_loaded_from_the_working_directory() {
+    let ws = Workspace::new();
+    // A copy of the binary with no `models/` beside it or above it.
+    let bin_dir = ws.path().join("bin");
+    std::fs::create_dir_all(&bin_dir).unwrap();
+    let copy = bin_dir.join("safepipe");
+    std::fs::copy(bin(), &copy).unwrap();
+    // A planted "library" in the working directory.
+    let cwd = ws.path().join("job");
+    std::fs::create_dir_all(cwd.join("models/onnxruntime")).unwrap();
+    std::fs::write(cwd.join("models/onnxruntime/libonnxruntime.so"), b"not a library").unwrap();
+    let out = std::process::Command::new(&copy)
+        .args(["classifier", "score", demo_classifier().to_str().unwrap(), "some text"])
+        .current_dir(&cwd)
+        .env_remove("ORT_DYLIB_PATH")
+        .output()
+        .unwrap();
+    let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("ONNX Runtime not found"), "{stderr}");
+    assert!(
+        !stderr.contains("cannot load ONNX Runtime"),
+        "it tried the planted file: {stderr}"
+    );
+}

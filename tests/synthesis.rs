@@ -400,3 +400,63 @@ fn a_dead_server_trips_the_circuit_breaker_and_every_document_is_recorded_failed
     );
     assert!(summary_line(&stderr, "synthesize").contains("dropped 3"));
 }
+
+/// Fail closed: with `[annotate]` and no classifier, a document the LLM could not rate (a
+/// request that keeps failing, an answer that does not parse) has no score. Repro before the
+/// fix: its `ensemble` was NULL, no `ensemble >= ...` rule matched, and it fell through to the
+/// default route, `keep`. Now the config must say where such documents go (`route.unjudged`),
+/// and they go there under the rule name `unjudged`.
+#[test]
+fn documents_the_llm_could_not_rate_are_routed_by_an_explicit_rule() {
+    let ws = Workspace::new();
+    let server = FakeLlm::start();
+    server
+        .ratings
+        .lock()
+        .unwrap()
+        .push(("UNREADABLE".into(), "no idea, sorry".into()));
+    let docs: Vec<(String, String)> = [
+        "a calm story about gardens",
+        "FAULT:always-500 a story",
+        "UNREADABLE a story",
+    ]
+    .iter()
+    .enumerate()
+    .map(|(i, t)| (format!("d{i}"), format!("DOC-{i} {t}, long enough to rate.")))
+    .collect();
+    let input = corpus(&ws, "docs.jsonl", &docs);
+    let body = |unjudged: &str| {
+        format!(
+            "run_dir = \"run\"\n\n[[inputs]]\nname = \"docs\"\npaths = [{input:?}]\n\n\
+             [route]\ndefault = \"keep\"\n{unjudged}\n\n\
+             [[route.rules]]\nname = \"unsafe\"\nwhen = \"ensemble >= 4\"\nroute = \"refuse\"\n\n\
+             {}\n[annotate]\n",
+            fake_llm_section(&server, "")
+        )
+    };
+    // Without the rule the config is refused, before any work.
+    let config = ws.config("config.toml", &body(""));
+    let out = safepipe(&["run", config.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out.stderr));
+    assert!(text(&out.stderr).contains("route.unjudged"), "{}", text(&out.stderr));
+    assert!(!ws.path().join("run/ingest").exists());
+
+    let config = ws.config("config.toml", &body("unjudged = \"drop\""));
+    let out = safepipe(&["run", config.to_str().unwrap()]);
+    // The always-failing request leaves the annotate unit incomplete (exit 0: it committed,
+    // and the next run retries that request).
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(
+        sql_rows(
+            &config,
+            "SELECT l.id, l.status, r.route, r.rule FROM llm_scores l JOIN routes r ON l.id = r.id"
+        ),
+        vec![
+            r#"{"id":"d0","status":"ok","route":"keep"}"#.to_string(),
+            r#"{"id":"d1","status":"failed","route":"drop","rule":"unjudged"}"#.to_string(),
+            r#"{"id":"d2","status":"unparseable","route":"drop","rule":"unjudged"}"#.to_string(),
+        ]
+    );
+    let dropped = sql_rows(&config, "SELECT dropped_by_rule FROM stats WHERE stage = 'route'");
+    assert_eq!(dropped, vec![r#"{"dropped_by_rule":"{\"unjudged\":2}"}"#.to_string()]);
+}

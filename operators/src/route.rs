@@ -70,7 +70,16 @@ pub struct RouteRule {
 pub struct RouteRules {
     pub rules: Vec<RouteRule>,
     pub default: Route,
+    /// Where documents go that the annotate stage could not rate and no classifier scored
+    /// (`ensemble` is null: the request failed, the answer did not parse, or the document was
+    /// not sampled): checked before the rules, counted under the rule name [`UNJUDGED_RULE`].
+    /// Only applies when `llm_scores` is joined.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub unjudged: Option<Route>,
 }
+
+/// The rule name of documents routed by [`RouteRules::unjudged`].
+pub const UNJUDGED_RULE: &str = "unjudged";
 
 /// A per-document score table that route predicates may use when its stage is in the run:
 /// joined to `documents` by position and id.
@@ -151,7 +160,18 @@ impl RouteRules {
         } else {
             ("documents".to_string(), "")
         };
-        if self.rules.is_empty() {
+        // Unjudged documents first: a null ensemble must not fall through to the default.
+        let unjudged = match (self.unjudged, sides.contains(&ScoreTable::LlmScores)) {
+            (Some(route), true) => Some(RouteRule {
+                name: UNJUDGED_RULE.into(),
+                when: "ensemble IS NULL".into(),
+                route,
+                also_tag: false,
+            }),
+            _ => None,
+        };
+        let rules: Vec<&RouteRule> = unjudged.iter().chain(&self.rules).collect();
+        if rules.is_empty() {
             return format!(
                 "SELECT id, '{}' AS route, CAST(NULL AS VARCHAR) AS rule, {} AS also_tag FROM {source}{order}",
                 self.default.as_str(),
@@ -161,7 +181,7 @@ impl RouteRules {
         let mut route = String::from("CASE");
         let mut rule = String::from("CASE");
         let mut also_tag = String::from("CASE");
-        for r in &self.rules {
+        for r in rules {
             route.push_str(&format!(" WHEN ({}) THEN '{}'", r.when, r.route.as_str()));
             rule.push_str(&format!(" WHEN ({}) THEN '{}'", r.when, r.name.replace('\'', "''")));
             let tagged = r.also_tag || r.route == Route::Tag;
@@ -291,6 +311,7 @@ mod tests {
                 },
             ],
             default: Route::Keep,
+            unjudged: None,
         };
         rules.validate(&[]).await.unwrap();
         let ctx = SessionContext::new();
@@ -327,6 +348,7 @@ mod tests {
                 also_tag: false,
             }],
             default: Route::Keep,
+            unjudged: None,
         };
         let err = rules.validate(&[]).await.unwrap_err();
         assert!(err.contains("route.rules[0]") && err.contains("oops"), "{err}");

@@ -4,8 +4,9 @@
 //! The library is looked for, in order: the path given by the caller (config
 //! `[score] onnxruntime`), `ORT_DYLIB_PATH`, then `models/onnxruntime/libonnxruntime.so` in the
 //! executable's directory and up to four directories above it (where `make setup` puts the
-//! library from the PyPI `onnxruntime` wheel, so `target/debug/safepipe` finds it in a checkout),
-//! then the same path under the current directory. Commands that never score never load it.
+//! library from the PyPI `onnxruntime` wheel, so `target/debug/safepipe` finds it in a checkout).
+//! Never from the current directory (a job's working directory is not trusted to hold code).
+//! Commands that never score never load it.
 
 use super::{ClassifierError, Result};
 use ort::environment::Environment;
@@ -47,7 +48,6 @@ pub fn library_candidates(explicit: Option<&Path>) -> Vec<PathBuf> {
             dir = d.parent().map(Path::to_path_buf);
         }
     }
-    out.push(PathBuf::from(BUNDLED_LIBRARY));
     out
 }
 

@@ -8,7 +8,7 @@ use crate::error::{Error, Result};
 use arrow::array::AsArray;
 use futures::stream::{BoxStream, StreamExt, TryStreamExt};
 use safepipe_operators::route::{Route, RouteRule, RouteRules};
-use safepipe_operators::route::{ScoreTable, account};
+use safepipe_operators::route::{ScoreTable, UNJUDGED_RULE, account};
 use safepipe_operators::{UnitCounts, schema};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeSet;
@@ -108,6 +108,10 @@ pub struct RouteConfig {
     pub default: Route,
     /// Ordered rules; the first whose `when` is true decides.
     pub rules: Vec<RouteRule>,
+    /// The route of documents the annotate stage could not rate when no classifier scored them
+    /// either (required with `[annotate]` and no `[score]`; with a classifier, its score is the
+    /// ensemble of such documents).
+    pub unjudged: Option<Route>,
 }
 
 impl RouteConfig {
@@ -132,9 +136,34 @@ impl RouteConfig {
                 ));
             }
         }
+        if names.contains(UNJUDGED_RULE) {
+            return Err(format!(
+                "route.rules: the name {UNJUDGED_RULE:?} is reserved for route.unjudged"
+            ));
+        }
+        let annotated = sides.contains(&ScoreTable::LlmScores);
+        let scored = sides.contains(&ScoreTable::Scores);
+        match (self.unjudged, annotated, scored) {
+            (Some(_), false, _) => {
+                return Err(
+                    "route.unjudged routes documents the [annotate] stage could not rate; there is no [annotate] section"
+                        .into(),
+                );
+            }
+            (None, true, false) => {
+                return Err(
+                    "[annotate] without [score]: a document the LLM could not rate (a failed request, an unparseable \
+                     answer, not sampled) has no score, and would fall through to the default route; set \
+                     route.unjudged to the route such documents take (e.g. \"drop\" or \"tag\"), or add [score]"
+                        .into(),
+                );
+            }
+            _ => {}
+        }
         let rules = RouteRules {
             rules: self.rules,
             default: self.default,
+            unjudged: self.unjudged,
         };
         rules.validate(sides).await?;
         Ok(rules)
