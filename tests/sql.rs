@@ -94,3 +94,75 @@ fn shell_runs_statements_and_survives_errors() {
     assert!(text(&out.stdout).contains("42"), "{}", text(&out.stdout));
     assert!(text(&out.stderr).contains("read-only"), "{}", text(&out.stderr));
 }
+
+/// Queries run within limits: a memory pool (what cannot spill fails with the fix named), a
+/// statement timeout, and results streamed. Repro before: no limit at all; one `array_agg` of
+/// every text, or a triple self-join, held the machine until it was killed.
+#[test]
+fn queries_run_within_memory_and_time_limits_and_stream_their_rows() {
+    let ws = Workspace::new();
+    let config = ws.config("config.toml", &sample_config(""));
+    run_ok(&config, &[]);
+    let cfg = config.to_str().unwrap();
+    // One group holding every text cannot spill: past 1 MiB it fails, naming the limit.
+    let out = safepipe(&[
+        "sql",
+        cfg,
+        "SELECT array_agg(text) FROM documents",
+        "--memory-limit-mb",
+        "1",
+    ]);
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out.stderr));
+    assert!(text(&out.stderr).contains("--memory-limit-mb"), "{}", text(&out.stderr));
+    // A sort of every text (12 MB) under a limit gives the unlimited answer, streamed as CSV.
+    let query = "SELECT id FROM documents ORDER BY text, id";
+    let limited = safepipe(&["sql", cfg, query, "--format", "csv", "--memory-limit-mb", "48"]);
+    assert!(limited.status.success(), "{}", text(&limited.stderr));
+    let free = safepipe(&["sql", cfg, query, "--format", "csv", "--memory-limit-mb", "0"]);
+    assert_eq!(limited.stdout, free.stdout);
+    let rows = sql_number(&config, "SELECT count(*) FROM documents") as usize;
+    assert_eq!(
+        text(&limited.stdout).lines().count(),
+        rows + 1,
+        "a header and every row"
+    );
+    // A statement no machine finishes in a second is stopped at the timeout.
+    let out = safepipe(&[
+        "sql",
+        cfg,
+        "SELECT count(*) FROM documents a, documents b, documents c WHERE length(a.text) + length(b.text) = length(c.text) + 7",
+        "--timeout",
+        "1",
+    ]);
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out.stderr));
+    assert!(text(&out.stderr).contains("timeout"), "{}", text(&out.stderr));
+}
+
+/// Text shown in a table cannot drive the terminal: control characters are escaped. Repro
+/// before: a document holding `ESC [2J` cleared the screen of whoever ran `shell` on it.
+#[test]
+fn tables_show_control_characters_escaped() {
+    let ws = Workspace::new();
+    std::fs::write(
+        ws.path().join("ctl.jsonl"),
+        "{\"id\": \"c\", \"text\": \"clear \\u001b[2J screen\\nand a bell \\u0007 here\"}\n",
+    )
+    .unwrap();
+    let config = ws.config(
+        "config.toml",
+        "run_dir = \"run\"\n[[inputs]]\nname = \"ctl\"\npaths = [\"ctl.jsonl\"]\n",
+    );
+    run_ok(&config, &[]);
+    let out = safepipe(&["sql", config.to_str().unwrap(), "SELECT id, text FROM documents"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let shown = text(&out.stdout);
+    assert!(!shown.contains('\u{1b}') && !shown.contains('\u{7}'), "{shown:?}");
+    assert!(
+        shown.contains("clear \\u{1b}[2J screen\\nand a bell \\u{7} here"),
+        "{shown}"
+    );
+    // Machine formats keep the text as it is (JSON escapes it its own way).
+    let json = sql_rows(&config, "SELECT text FROM documents");
+    let v: serde_json::Value = serde_json::from_str(&json[0]).unwrap();
+    assert_eq!(v["text"], "clear \u{1b}[2J screen\nand a bell \u{7} here");
+}

@@ -44,10 +44,20 @@ pub static STATS: LazyLock<SchemaRef> = LazyLock::new(|| {
     ]))
 });
 
-/// A read-only SQL session over the run directory of `config`.
+/// A read-only SQL session over the run directory of `config`, its operators held to
+/// `[sql] memory_limit_mb` (spilling to `[sql] spill_dir`).
 pub async fn session(config: &Config) -> Result<SessionContext> {
     let run_dir = RunDir::open(&config.run_dir)?;
-    let ctx = SessionContext::new_with_config(SessionConfig::new().with_information_schema(true));
+    let mut runtime = datafusion::execution::runtime_env::RuntimeEnvBuilder::new();
+    if config.sql.memory_limit_mb > 0 {
+        let bytes = usize::try_from(config.sql.memory_limit_mb.saturating_mul(1 << 20)).unwrap_or(usize::MAX);
+        runtime = runtime.with_memory_limit(bytes, 1.0);
+    }
+    if let Some(dir) = &config.sql.spill_dir {
+        runtime = runtime.with_temp_file_path(dir);
+    }
+    let ctx =
+        SessionContext::new_with_config_rt(SessionConfig::new().with_information_schema(true), runtime.build_arc()?);
     if !run_dir.is_local() {
         ctx.register_object_store(&run_dir.root().base, run_dir.root().store.clone());
     }

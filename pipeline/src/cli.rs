@@ -105,9 +105,15 @@ pub enum Command {
         query: String,
         #[arg(long, value_enum, default_value_t = Format::Table)]
         format: Format,
+        #[command(flatten)]
+        limits: SqlLimits,
     },
     /// Interactive read-only SQL (statements end with `;`).
-    Shell { config: PathBuf },
+    Shell {
+        config: PathBuf,
+        #[command(flatten)]
+        limits: SqlLimits,
+    },
     /// Delete files no completion record names (leftovers of killed or superseded attempts).
     Gc {
         config: PathBuf,
@@ -148,6 +154,29 @@ pub enum Command {
         #[command(subcommand)]
         command: ClassifierCommand,
     },
+}
+
+/// Limits of `sql` and `shell` over `[sql]`.
+#[derive(Debug, clap::Args)]
+pub struct SqlLimits {
+    /// Memory one query's operators may hold, MiB (beyond it they spill; 0 = no limit).
+    #[arg(long, value_name = "MIB")]
+    memory_limit_mb: Option<u64>,
+    /// Stop a statement after this many seconds (0 = no limit).
+    #[arg(long, value_name = "SECONDS")]
+    timeout: Option<u64>,
+}
+
+impl SqlLimits {
+    fn apply(self, mut config: Config) -> Config {
+        if let Some(mb) = self.memory_limit_mb {
+            config.sql.memory_limit_mb = mb;
+        }
+        if let Some(s) = self.timeout {
+            config.sql.timeout_seconds = s;
+        }
+        config
+    }
 }
 
 /// The flags of `safepipe classifier train`.
@@ -362,12 +391,17 @@ pub async fn run(cli: Cli) -> Result<()> {
             println!("report: {written}");
             Ok(())
         }
-        Command::Sql { config, query, format } => {
-            let config = Config::load(&config).await?;
+        Command::Sql {
+            config,
+            query,
+            format,
+            limits,
+        } => {
+            let config = limits.apply(Config::load(&config).await?);
             sql::sql(&config, &query, format).await
         }
-        Command::Shell { config } => {
-            let config = Config::load(&config).await?;
+        Command::Shell { config, limits } => {
+            let config = limits.apply(Config::load(&config).await?);
             sql::shell(&config).await
         }
         Command::Gc {

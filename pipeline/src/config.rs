@@ -6,13 +6,15 @@
 //! `[[inputs]]`/`[ingest]` in `stages/ingest.rs`, `[score]` in `stages/score.rs`, `[route]`,
 //! `[tag]`, `[tokenize]` in theirs, `[synthesize]`/`[annotate]` in `stages/synthesize.rs`,
 //! `[pack]` in `pack/stage.rs`, `[plan]` in `engine/plan.rs`, `[llm]` in `llm.rs`. This file
-//! holds the whole (`RawConfig` -> [`Config`]), `[runner]` and `[train]`, and checks the stage
+//! holds the whole (`RawConfig` -> [`Config`]), `[runner]` and `[train]` (`[sql]` is in
+//! `sql.rs`), and checks the stage
 //! graph the sections make ([`crate::stages::StageGraph`]).
 
 use crate::engine::plan::PlanConfig;
 use crate::error::{Error, Result};
 use crate::llm::{LlmConfig, SharedGenerator};
 use crate::pack::PackConfig;
+use crate::sql::SqlConfig;
 use crate::stages::ingest::{IngestConfig, InputConfig, check_inputs};
 use crate::stages::route::RouteConfig;
 use crate::stages::score::{ScoreConfig, ScoreSettings};
@@ -42,6 +44,8 @@ struct RawConfig {
     tag: TagConfig,
     #[serde(default)]
     runner: RunnerConfig,
+    #[serde(default)]
+    sql: SqlConfig,
     score: Option<ScoreConfig>,
     tokenize: Option<TokenizeConfig>,
     pack: Option<PackConfig>,
@@ -230,6 +234,8 @@ pub struct Config {
     pub jobs: usize,
     /// `runner.lease_seconds`.
     pub lease_seconds: u64,
+    /// `[sql]`: limits of the SQL commands (`sql`, `shell`, `report`); its spill directory resolved.
+    pub sql: SqlConfig,
     pub score: Option<ScoreSettings>,
     pub tokenize: Option<TokenizeSettings>,
     /// An empty `mix` means one source per kind present, decided when the stage runs.
@@ -335,6 +341,10 @@ impl Config {
             tagger,
             jobs,
             lease_seconds: raw.runner.lease_seconds,
+            sql: SqlConfig {
+                spill_dir: raw.sql.spill_dir.as_deref().map(|d| resolve(&dir, d)),
+                ..raw.sql
+            },
             score,
             tokenize,
             pack: raw.pack,

@@ -1,4 +1,8 @@
-//! `safepipe sql` and `safepipe shell`: read-only SQL over the run's tables.
+//! `safepipe sql` and `safepipe shell`: read-only SQL over the run's tables, within limits
+//! (`[sql]`, or `--memory-limit-mb` / `--timeout`): a memory pool that sorts, joins and
+//! aggregations spill from, a statement timeout, results streamed to stdout as they come (CSV,
+//! JSON, JSON Lines), and text shown in tables with control characters escaped, so a document
+//! cannot drive the terminal.
 
 use crate::catalog;
 use crate::config::Config;
@@ -10,6 +14,56 @@ use datafusion::sql::parser::{DFParser, Statement};
 use datafusion::sql::sqlparser::ast::Statement as SqlStatement;
 use std::io::{BufRead, IsTerminal, Write};
 use std::sync::Arc;
+
+/// `[sql]`: the limits of `safepipe sql`, `shell` and `report` queries.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SqlConfig {
+    /// Memory the operators of one query may hold, in MiB (sorts, joins and aggregations spill
+    /// to disk beyond it; what cannot spill fails with a clear error); 0 = no limit.
+    pub memory_limit_mb: u64,
+    /// A statement running longer than this many seconds is stopped; 0 = no limit.
+    pub timeout_seconds: u64,
+    /// Where spill files go (default: the system temp directory).
+    pub spill_dir: Option<String>,
+}
+
+impl Default for SqlConfig {
+    fn default() -> Self {
+        SqlConfig {
+            memory_limit_mb: 4096,
+            timeout_seconds: 3600,
+            spill_dir: None,
+        }
+    }
+}
+
+impl SqlConfig {
+    fn timeout(&self) -> Option<std::time::Duration> {
+        (self.timeout_seconds > 0).then(|| std::time::Duration::from_secs(self.timeout_seconds))
+    }
+
+    /// A query error, with the fix when the memory limit was hit.
+    fn query_error(&self, e: impl std::fmt::Display) -> Error {
+        let text = e.to_string();
+        if text.contains("Resources exhausted") {
+            Error::Query(format!(
+                "{text}\nthe query needs more than the {} MiB memory limit: raise --memory-limit-mb (or [sql] memory_limit_mb), \
+                 or narrow the query",
+                self.memory_limit_mb
+            ))
+        } else {
+            Error::Query(text)
+        }
+    }
+
+    fn timed_out(&self) -> Error {
+        Error::Query(format!(
+            "the statement ran past the {} s timeout and was stopped: raise --timeout (or [sql] timeout_seconds), or narrow the query",
+            self.timeout_seconds
+        ))
+    }
+}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Format {
@@ -68,19 +122,28 @@ pub fn check_read_only(sql: &str) -> Result<()> {
     }
 }
 
-/// Runs one read-only query and returns its rows.
-pub async fn execute(ctx: &SessionContext, sql: &str) -> Result<Vec<RecordBatch>> {
+/// Plans one read-only query.
+async fn plan(ctx: &SessionContext, sql: &str, limits: &SqlConfig) -> Result<datafusion::dataframe::DataFrame> {
     check_read_only(sql)?;
     let options = SQLOptions::new()
         .with_allow_ddl(false)
         .with_allow_dml(false)
         .with_allow_statements(false);
-    let df = ctx
-        .sql_with_options(sql, options)
+    ctx.sql_with_options(sql, options)
         .await
-        .map_err(|e| Error::Query(e.to_string()))?;
+        .map_err(|e| limits.query_error(e))
+}
+
+/// Runs one read-only query within `limits` and returns its rows.
+pub async fn execute(ctx: &SessionContext, sql: &str, limits: &SqlConfig) -> Result<Vec<RecordBatch>> {
+    let df = plan(ctx, sql, limits).await?;
     let schema = Arc::new(df.schema().as_arrow().clone());
-    let batches = df.collect().await.map_err(|e| Error::Query(e.to_string()))?;
+    let collect = df.collect();
+    let batches = match limits.timeout() {
+        Some(t) => tokio::time::timeout(t, collect).await.map_err(|_| limits.timed_out())?,
+        None => collect.await,
+    }
+    .map_err(|e| limits.query_error(e))?;
     if batches.is_empty() {
         // Keep the column names visible (table header, CSV header) when no row matched.
         return Ok(vec![RecordBatch::new_empty(schema)]);
@@ -88,11 +151,71 @@ pub async fn execute(ctx: &SessionContext, sql: &str) -> Result<Vec<RecordBatch>
     Ok(batches)
 }
 
+/// Text columns (also inside structs) with control characters escaped (`\n`, `\t`,
+/// `\u{1b}`), for showing rows on a terminal.
+pub fn escape_controls(batch: &RecordBatch) -> Result<RecordBatch> {
+    fn column(array: &arrow::array::ArrayRef) -> Result<arrow::array::ArrayRef> {
+        use arrow::array::{Array, AsArray, StringArray, StructArray};
+        use arrow::datatypes::DataType;
+        Ok(match array.data_type() {
+            DataType::Utf8 | DataType::LargeUtf8 | DataType::Utf8View => {
+                let text = arrow::compute::cast(array, &DataType::Utf8)?;
+                let text = text.as_string::<i32>();
+                let escaped: StringArray = text
+                    .iter()
+                    .map(|v| {
+                        v.map(|v| {
+                            if v.chars().any(char::is_control) {
+                                v.chars()
+                                    .map(|c| {
+                                        if c.is_control() {
+                                            c.escape_default().to_string()
+                                        } else {
+                                            c.to_string()
+                                        }
+                                    })
+                                    .collect::<String>()
+                            } else {
+                                v.to_string()
+                            }
+                        })
+                    })
+                    .collect();
+                Arc::new(escaped)
+            }
+            DataType::Struct(fields) => {
+                let parts = array.as_struct();
+                let children = parts.columns().iter().map(column).collect::<Result<Vec<_>>>()?;
+                let fields: Vec<_> = fields
+                    .iter()
+                    .zip(&children)
+                    .map(|(f, c)| Arc::new(f.as_ref().clone().with_data_type(c.data_type().clone())))
+                    .collect();
+                Arc::new(StructArray::try_new(fields.into(), children, parts.nulls().cloned())?)
+            }
+            _ => array.clone(),
+        })
+    }
+    let columns = batch.columns().iter().map(column).collect::<Result<Vec<_>>>()?;
+    let fields: Vec<_> = batch
+        .schema()
+        .fields()
+        .iter()
+        .zip(&columns)
+        .map(|(f, c)| f.as_ref().clone().with_data_type(c.data_type().clone()))
+        .collect();
+    Ok(RecordBatch::try_new(
+        Arc::new(arrow::datatypes::Schema::new(fields)),
+        columns,
+    )?)
+}
+
 pub fn render(batches: &[RecordBatch], format: Format, out: &mut dyn Write) -> Result<()> {
     let io = |e: std::io::Error| Error::Internal(format!("writing output: {e}"));
     match format {
         Format::Table => {
-            let table = arrow::util::pretty::pretty_format_batches(batches)?;
+            let shown = batches.iter().map(escape_controls).collect::<Result<Vec<_>>>()?;
+            let table = arrow::util::pretty::pretty_format_batches(&shown)?;
             writeln!(out, "{table}").map_err(io)?;
         }
         Format::Csv => {
@@ -120,11 +243,79 @@ pub fn render(batches: &[RecordBatch], format: Format, out: &mut dyn Write) -> R
     Ok(())
 }
 
-/// `safepipe sql CONFIG QUERY`.
+/// `safepipe sql CONFIG QUERY`: a table is collected (to align its columns); CSV, JSON and
+/// JSON Lines are written batch by batch as the query produces them.
 pub async fn sql(config: &Config, query: &str, format: Format) -> Result<()> {
+    let limits = &config.sql;
     let ctx = catalog::session(config).await?;
-    let batches = execute(&ctx, query).await?;
-    render(&batches, format, &mut std::io::stdout().lock())
+    if format == Format::Table {
+        let batches = execute(&ctx, query, limits).await?;
+        return render(&batches, format, &mut std::io::stdout().lock());
+    }
+    let df = plan(&ctx, query, limits).await?;
+    let schema = Arc::new(df.schema().as_arrow().clone());
+    let streamed = async {
+        use futures::StreamExt;
+        let mut stream = df.execute_stream().await.map_err(|e| limits.query_error(e))?;
+        let mut out = std::io::stdout().lock();
+        let mut writer = StreamWriter::new(format, &mut out);
+        let mut rows = 0;
+        while let Some(batch) = stream.next().await {
+            let batch = batch.map_err(|e| limits.query_error(e))?;
+            rows += batch.num_rows();
+            writer.write(&batch)?;
+        }
+        if rows == 0 {
+            // Keep the CSV header when no row matched.
+            writer.write(&RecordBatch::new_empty(schema))?;
+        }
+        writer.finish()
+    };
+    match limits.timeout() {
+        Some(t) => tokio::time::timeout(t, streamed)
+            .await
+            .map_err(|_| limits.timed_out())?,
+        None => streamed.await,
+    }
+}
+
+/// CSV, JSON or JSON Lines written a batch at a time.
+enum StreamWriter<'a> {
+    Csv(Box<arrow::csv::Writer<&'a mut dyn Write>>),
+    Json(arrow::json::ArrayWriter<&'a mut dyn Write>),
+    Jsonl(arrow::json::LineDelimitedWriter<&'a mut dyn Write>),
+}
+
+impl<'a> StreamWriter<'a> {
+    fn new(format: Format, out: &'a mut dyn Write) -> StreamWriter<'a> {
+        match format {
+            Format::Csv => StreamWriter::Csv(Box::new(arrow::csv::WriterBuilder::new().with_header(true).build(out))),
+            Format::Json => StreamWriter::Json(arrow::json::ArrayWriter::new(out)),
+            Format::Jsonl | Format::Table => StreamWriter::Jsonl(arrow::json::LineDelimitedWriter::new(out)),
+        }
+    }
+
+    fn write(&mut self, batch: &RecordBatch) -> Result<()> {
+        match self {
+            StreamWriter::Csv(w) => w.write(batch)?,
+            StreamWriter::Json(w) => w.write(batch)?,
+            StreamWriter::Jsonl(w) => w.write(batch)?,
+        }
+        Ok(())
+    }
+
+    fn finish(self) -> Result<()> {
+        match self {
+            StreamWriter::Csv(_) => {}
+            StreamWriter::Json(mut w) => {
+                w.finish()?;
+                let out = w.into_inner();
+                writeln!(out).map_err(|e| Error::Internal(format!("writing output: {e}")))?;
+            }
+            StreamWriter::Jsonl(mut w) => w.finish()?,
+        }
+        Ok(())
+    }
 }
 
 /// `safepipe shell CONFIG`: statements end with `;`; errors are printed and the shell goes on.
@@ -157,7 +348,7 @@ pub async fn shell(config: &Config) -> Result<()> {
             continue;
         }
         let statement = std::mem::take(&mut pending);
-        match execute(&ctx, statement.trim()).await {
+        match execute(&ctx, statement.trim(), &config.sql).await {
             Ok(batches) => render(&batches, Format::Table, &mut std::io::stdout().lock())?,
             Err(e) => eprintln!("error: {e}"),
         }
