@@ -58,8 +58,10 @@ pub struct TextTokenizer {
     eos_id: u32,
     tag: Option<String>,
     tag_id: Option<u32>,
-    /// Ids of the special tokens (control tokens, the tag).
-    special_ids: std::collections::HashSet<u32>,
+    /// The special tokens (control tokens, the tag), longest string first; read once at load.
+    specials: Vec<(String, u32)>,
+    /// Their ids, sorted: the per-token lookup of the tagged fast path.
+    special_ids: Vec<u32>,
     vocab_size: usize,
 }
 
@@ -112,12 +114,15 @@ impl TextTokenizer {
             None => None,
         };
         let vocab_size = inner.get_vocab_size(true);
-        let special_ids = inner
+        let mut specials: Vec<(String, u32)> = inner
             .get_added_tokens_decoder()
             .into_iter()
             .filter(|(_, t)| t.special)
-            .map(|(id, _)| id)
+            .map(|(id, t)| (t.content, id))
             .collect();
+        specials.sort_by(|a, b| b.0.len().cmp(&a.0.len()).then(a.1.cmp(&b.1)));
+        let mut special_ids: Vec<u32> = specials.iter().map(|s| s.1).collect();
+        special_ids.sort_unstable();
         let hash = hex::encode(Sha256::digest(text.as_bytes()));
         Ok(TextTokenizer {
             inner,
@@ -127,6 +132,7 @@ impl TextTokenizer {
             eos_id,
             tag: options.tag.clone(),
             tag_id,
+            specials,
             special_ids,
             vocab_size,
         })
@@ -184,7 +190,10 @@ impl TextTokenizer {
         let mut out = Vec::with_capacity(texts.len());
         for ((text, offsets), encoding) in texts.iter().zip(whole) {
             let ids = encoding.get_ids();
-            let specials = ids.iter().filter(|id| self.special_ids.contains(id)).count();
+            let specials = ids
+                .iter()
+                .filter(|id| self.special_ids.binary_search(id).is_ok())
+                .count();
             let mut ids = if specials == offsets.len() && ids.iter().filter(|&&id| id == tag_id).count() == specials {
                 ids.to_vec()
             } else {
@@ -239,17 +248,9 @@ impl TextTokenizer {
         Ok(encoding.get_ids().to_vec())
     }
 
-    /// The strings of the special tokens (control tokens, the tag), longest first.
-    pub fn special_tokens(&self) -> Vec<(String, u32)> {
-        let mut specials: Vec<(String, u32)> = self
-            .inner
-            .get_added_tokens_decoder()
-            .into_iter()
-            .filter(|(_, t)| t.special)
-            .map(|(id, t)| (t.content, id))
-            .collect();
-        specials.sort_by(|a, b| b.0.len().cmp(&a.0.len()).then(a.1.cmp(&b.1)));
-        specials
+    /// The strings of the special tokens (control tokens, the tag) with their ids, longest first.
+    pub fn special_tokens(&self) -> &[(String, u32)] {
+        &self.specials
     }
 
     pub fn decode(&self, ids: &[u32]) -> Result<String> {

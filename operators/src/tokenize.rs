@@ -54,13 +54,14 @@ pub fn tokenize_batch(tokenizer: &TextTokenizer, batch: &RecordBatch) -> OpResul
             batch.column(4).data_type()
         ))
     })?;
-    let rows: Vec<(&str, Option<Vec<u32>>)> = (0..text.len())
+    // Each row's offsets as a slice of the list's one values buffer (no copy per row).
+    let all_offsets = offsets.values().as_primitive::<arrow::datatypes::UInt32Type>().values();
+    let bounds = offsets.value_offsets();
+    let rows: Vec<(&str, Option<&[u32]>)> = (0..text.len())
         .map(|i| {
-            let tags = offsets.is_valid(i).then(|| {
-                let list = offsets.value(i);
-                let list = list.as_primitive::<arrow::datatypes::UInt32Type>();
-                list.iter().flatten().collect()
-            });
+            let tags = offsets
+                .is_valid(i)
+                .then(|| &all_offsets[bounds[i] as usize..bounds[i + 1] as usize]);
             (text.value(i), tags)
         })
         .collect();
@@ -72,10 +73,7 @@ pub fn tokenize_batch(tokenizer: &TextTokenizer, batch: &RecordBatch) -> OpResul
             let texts: Vec<&str> = chunk.iter().map(|(t, _)| *t).collect();
             encoded.extend(tokenizer.encode_documents(&texts)?);
         } else {
-            let tagged: Vec<(&str, &[u32])> = chunk
-                .iter()
-                .map(|(t, tags)| (*t, tags.as_deref().unwrap_or_default()))
-                .collect();
+            let tagged: Vec<(&str, &[u32])> = chunk.iter().map(|(t, tags)| (*t, tags.unwrap_or_default())).collect();
             encoded.extend(tokenizer.encode_tagged(&tagged)?);
         }
     }

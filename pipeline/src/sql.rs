@@ -210,37 +210,12 @@ pub fn escape_controls(batch: &RecordBatch) -> Result<RecordBatch> {
     )?)
 }
 
-pub fn render(batches: &[RecordBatch], format: Format, out: &mut dyn Write) -> Result<()> {
-    let io = |e: std::io::Error| Error::Internal(format!("writing output: {e}"));
-    match format {
-        Format::Table => {
-            let shown = batches.iter().map(escape_controls).collect::<Result<Vec<_>>>()?;
-            let table = arrow::util::pretty::pretty_format_batches(&shown)?;
-            writeln!(out, "{table}").map_err(io)?;
-        }
-        Format::Csv => {
-            let mut writer = arrow::csv::WriterBuilder::new().with_header(true).build(out);
-            for batch in batches {
-                writer.write(batch)?;
-            }
-        }
-        Format::Json => {
-            let mut writer = arrow::json::ArrayWriter::new(&mut *out);
-            for batch in batches {
-                writer.write(batch)?;
-            }
-            writer.finish()?;
-            writeln!(out).map_err(io)?;
-        }
-        Format::Jsonl => {
-            let mut writer = arrow::json::LineDelimitedWriter::new(out);
-            for batch in batches {
-                writer.write(batch)?;
-            }
-            writer.finish()?;
-        }
-    }
-    Ok(())
+/// Writes rows as an aligned table, control characters in text escaped (the other formats are
+/// streamed by [`StreamWriter`]).
+pub fn render_table(batches: &[RecordBatch], out: &mut dyn Write) -> Result<()> {
+    let shown = batches.iter().map(escape_controls).collect::<Result<Vec<_>>>()?;
+    let table = arrow::util::pretty::pretty_format_batches(&shown)?;
+    writeln!(out, "{table}").map_err(|e| Error::Internal(format!("writing output: {e}")))
 }
 
 /// `safepipe sql CONFIG QUERY`: a table is collected (to align its columns); CSV, JSON and
@@ -250,7 +225,7 @@ pub async fn sql(config: &Config, query: &str, format: Format) -> Result<()> {
     let ctx = catalog::session(config).await?;
     if format == Format::Table {
         let batches = execute(&ctx, query, limits).await?;
-        return render(&batches, format, &mut std::io::stdout().lock());
+        return render_table(&batches, &mut std::io::stdout().lock());
     }
     let df = plan(&ctx, query, limits).await?;
     let schema = Arc::new(df.schema().as_arrow().clone());
@@ -349,7 +324,7 @@ pub async fn shell(config: &Config) -> Result<()> {
         }
         let statement = std::mem::take(&mut pending);
         match execute(&ctx, statement.trim(), &config.sql).await {
-            Ok(batches) => render(&batches, Format::Table, &mut std::io::stdout().lock())?,
+            Ok(batches) => render_table(&batches, &mut std::io::stdout().lock())?,
             Err(e) => eprintln!("error: {e}"),
         }
     }
