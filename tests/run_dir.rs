@@ -27,20 +27,13 @@ fn run_as_predicted(config: &Path) -> String {
 /// Every file under `dir` with its bytes' hash, relative names.
 fn tree(dir: &Path) -> BTreeMap<String, String> {
     use sha2::{Digest, Sha256};
-    let mut out = BTreeMap::new();
-    let mut stack = vec![dir.to_path_buf()];
-    while let Some(d) = stack.pop() {
-        for entry in std::fs::read_dir(&d).unwrap() {
-            let path = entry.unwrap().path();
-            if path.is_dir() {
-                stack.push(path);
-            } else {
-                let name = path.strip_prefix(dir).unwrap().display().to_string();
-                out.insert(name, hex::encode(Sha256::digest(std::fs::read(&path).unwrap())));
-            }
-        }
-    }
-    out
+    files_under(dir)
+        .into_iter()
+        .map(|path| {
+            let name = path.strip_prefix(dir).unwrap().display().to_string();
+            (name, hex::encode(Sha256::digest(std::fs::read(&path).unwrap())))
+        })
+        .collect()
 }
 
 fn some_record(run_dir: &Path, stage: &str) -> PathBuf {

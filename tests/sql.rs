@@ -162,6 +162,14 @@ fn tables_show_control_characters_escaped() {
         shown.contains("clear \\u{1b}[2J screen\\nand a bell \\u{7} here"),
         "{shown}"
     );
+    // Text inside lists, maps and dictionaries is escaped too.
+    let nested = "SELECT make_array(text) AS l, map(['k'], [text]) AS m, arrow_cast(text, 'Dictionary(Int32, Utf8)') AS d \
+                  FROM documents";
+    let out = safepipe(&["sql", config.to_str().unwrap(), nested]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let shown = text(&out.stdout);
+    assert!(!shown.contains('\u{1b}') && !shown.contains('\u{7}'), "{shown:?}");
+    assert_eq!(shown.matches("clear \\u{1b}[2J").count(), 3, "{shown}");
     // Machine formats keep the text as it is (JSON escapes it its own way).
     let json = sql_rows(&config, "SELECT text FROM documents");
     let v: serde_json::Value = serde_json::from_str(&json[0]).unwrap();

@@ -141,45 +141,81 @@ fn logits_match_an_independent_llama_forward() {
     assert!(report["numpy_max_abs_diff"].as_f64().unwrap() < 1e-4, "{report}");
 }
 
-/// Two `safepipe train` processes (torchrun-style RANK / WORLD_SIZE, rendezvous on 127.0.0.1)
-/// with micro-batch b reach the weights of one process with micro-batch 2b.
+/// A free loopback port for rank 0 (bound, read, released).
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+const SECRET: &str = "a test secret, the same on every rank";
+
+/// `safepipe train CONFIG` as rank `rank` of `world`, rendezvous on 127.0.0.1:`port`, with the job
+/// secret and `env` (a value of None removes the variable).
+fn rank(config: &Path, rank: usize, world: usize, port: u16, env: &[(&str, Option<&str>)]) -> std::process::Child {
+    let mut cmd = std::process::Command::new(bin());
+    cmd.args(["train", config.to_str().unwrap()])
+        .env("RUST_LOG", "info")
+        .env("RANK", rank.to_string())
+        .env("WORLD_SIZE", world.to_string())
+        .env("MASTER_PORT", port.to_string())
+        .env("SAFEPIPE_JOB_SECRET", SECRET)
+        .env("SAFEPIPE_RENDEZVOUS_TIMEOUT", "120")
+        .env_remove("SLURM_JOB_ID")
+        .env_remove("TORCHELASTIC_RUN_ID")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped());
+    for (k, v) in env {
+        match v {
+            Some(v) => cmd.env(k, v),
+            None => cmd.env_remove(k),
+        };
+    }
+    cmd.spawn().unwrap()
+}
+
+/// Waits for a rank; returns (exit code, stderr), asserting it did not panic.
+fn finish(child: std::process::Child) -> (Option<i32>, String) {
+    let out = child.wait_with_output().unwrap();
+    let stderr = text(&out.stderr);
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    (out.status.code(), stderr)
+}
+
+/// The config of `two_processes_match_one_process_with_twice_the_batch`'s second run: the first
+/// config's shards, micro-batch 2, checkpoints in `ckpt-NAME`.
+fn ranks_config(ws: &Workspace, one: &Path, name: &str, steps: u64) -> std::path::PathBuf {
+    let body = std::fs::read_to_string(one).unwrap();
+    ws.config(
+        &format!("{name}.toml"),
+        // A run directory of its own, training on the first config's shards (`train.shards`).
+        &body
+            .replace("run_dir = \"run\"", &format!("run_dir = \"elsewhere-{name}\""))
+            .replace("[train]\n", "[train]\nshards = \"run\"\n")
+            .replace("ckpt-one", &format!("ckpt-{name}"))
+            .replace("micro_batch = 4", "micro_batch = 2")
+            .replace("steps = 3\n", &format!("steps = {steps}\n")),
+    )
+}
+
+/// Two `safepipe train` processes (torchrun-style RANK / WORLD_SIZE, rendezvous on 127.0.0.1,
+/// authenticated with SAFEPIPE_JOB_SECRET) with micro-batch b reach the weights of one process
+/// with micro-batch 2b.
 #[test]
 fn two_processes_match_one_process_with_twice_the_batch() {
     use safepipe_model::train::{OptimConfig, Trainer};
     let ws = Workspace::new();
     let one = config(&ws, "one", 3);
     run_ok(&one, &[]);
-    let body = std::fs::read_to_string(&one).unwrap();
     train(&one, &[]);
-    let two = ws.config(
-        "two.toml",
-        // A run directory of its own, training on the first config's shards (`train.shards`).
-        &body
-            .replace("run_dir = \"run\"", "run_dir = \"elsewhere\"")
-            .replace("[train]\n", "[train]\nshards = \"run\"\n")
-            .replace("ckpt-one", "ckpt-two")
-            .replace("micro_batch = 4", "micro_batch = 2"),
-    );
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let children: Vec<_> = (0..2)
-        .map(|rank| {
-            std::process::Command::new(bin())
-                .args(["train", two.to_str().unwrap()])
-                .env("RANK", rank.to_string())
-                .env("WORLD_SIZE", "2")
-                .env("MASTER_PORT", port.to_string())
-                .stderr(std::process::Stdio::piped())
-                .spawn()
-                .unwrap()
-        })
-        .collect();
+    let two = ranks_config(&ws, &one, "two", 3);
+    let port = free_port();
+    let children: Vec<_> = (0..2).map(|r| rank(&two, r, 2, port, &[])).collect();
     for child in children {
-        let out = child.wait_with_output().unwrap();
-        assert!(out.status.success(), "{}", text(&out.stderr));
+        let (code, stderr) = finish(child);
+        assert_eq!(code, Some(0), "{stderr}");
     }
     let optim = OptimConfig::default();
     let load = |dir: &str| {
@@ -195,4 +231,181 @@ fn two_processes_match_one_process_with_twice_the_batch() {
         }
     }
     assert!(worst < 1e-5, "max weight difference {worst}");
+}
+
+/// The rendezvous preamble of protocol 1 (model/src/collective/tcp.rs).
+fn preamble() -> Vec<u8> {
+    let mut p = b"SAFEPIPE".to_vec();
+    p.extend_from_slice(&1u32.to_le_bytes());
+    p
+}
+
+/// Connects to rank 0 once it listens.
+fn dial(port: u16) -> std::net::TcpStream {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+    loop {
+        match std::net::TcpStream::connect(("127.0.0.1", port)) {
+            Ok(s) => {
+                s.set_read_timeout(Some(std::time::Duration::from_secs(60))).unwrap();
+                return s;
+            }
+            Err(e) if std::time::Instant::now() > deadline => panic!("rank 0 never listened: {e}"),
+            Err(_) => std::thread::sleep(std::time::Duration::from_millis(50)),
+        }
+    }
+}
+
+/// Issue 12, item 7. Before, the rendezvous took any connection that wrote a free rank as 4 bytes,
+/// sent it the model's weights and then waited on it without a timeout:
+///
+/// ```text
+/// RANK=0 WORLD_SIZE=2 safepipe train c.toml &
+/// printf '\x01\x00\x00\x00' | nc 127.0.0.1 29500 | wc -c     # the weights, to anyone
+/// ```
+///
+/// and a peer that went away made every `send` / `receive` panic. Now rank 0 refuses (and logs)
+/// an oversized frame, a client that cannot prove the job secret (it gets an ERROR frame and no
+/// weights) and a real `safepipe` with the wrong secret (which exits 2 saying why), then trains with
+/// the real rank 1.
+#[test]
+fn issue_12_hostile_peers_are_refused_and_the_real_rank_still_joins() {
+    use std::io::{Read, Write};
+    let ws = Workspace::new();
+    let one = config(&ws, "one", 3);
+    run_ok(&one, &[]);
+    let two = ranks_config(&ws, &one, "hostile", 2);
+    let port = free_port();
+    let zero = rank(&two, 0, 2, port, &[]);
+
+    // A HELLO header announcing 2^62 bytes: refused unread, no huge allocation.
+    let mut s = dial(port);
+    let mut huge = preamble();
+    huge.push(1);
+    huge.extend_from_slice(&(1u64 << 62).to_le_bytes());
+    s.write_all(&huge).unwrap();
+    let mut got = Vec::new();
+    let _ = s.read_to_end(&mut got);
+    assert_eq!(got, preamble(), "only the preamble, then the connection closes");
+
+    // A client that claims rank 1 (the old attack) with a made-up proof.
+    let mut s = dial(port);
+    let mut hello = preamble();
+    hello.push(1);
+    hello.extend_from_slice(&40u64.to_le_bytes());
+    hello.extend_from_slice(&1u32.to_le_bytes());
+    hello.extend_from_slice(&2u32.to_le_bytes());
+    hello.extend_from_slice(&[7u8; 32]);
+    s.write_all(&hello).unwrap();
+    let mut challenge = [0u8; 12 + 9 + 32];
+    s.read_exact(&mut challenge).unwrap();
+    let mut proof = vec![3u8];
+    proof.extend_from_slice(&32u64.to_le_bytes());
+    proof.extend_from_slice(&[0u8; 32]);
+    s.write_all(&proof).unwrap();
+    let mut rest = Vec::new();
+    let _ = s.read_to_end(&mut rest);
+    assert_eq!(rest[0], 5, "an ERROR frame, not weights: {rest:?}");
+    let message = String::from_utf8_lossy(&rest[9..]).into_owned();
+    assert!(message.contains("authentication failed"), "{message}");
+    assert_eq!(rest.len(), 9 + message.len(), "nothing after the error");
+
+    // A real rank with the wrong secret: a clear config error (exit 2).
+    let (code, stderr) = finish(rank(&two, 1, 2, port, &[("SAFEPIPE_JOB_SECRET", Some("a guess"))]));
+    assert_eq!(code, Some(2), "{stderr}");
+    assert!(stderr.contains("refused rank 1: authentication failed"), "{stderr}");
+
+    // The real rank 1 joins and the run completes.
+    let worker = rank(&two, 1, 2, port, &[]);
+    let (code, stderr) = finish(zero);
+    assert_eq!(code, Some(0), "{stderr}");
+    assert!(stderr.contains("above the limit of 40"), "{stderr}");
+    assert_eq!(stderr.matches("failed authentication").count(), 2, "{stderr}");
+    let (code, worker_err) = finish(worker);
+    assert_eq!(code, Some(0), "{worker_err}");
+    assert!(ws.path().join("ckpt-hostile/step-00000002/model.safetensors").exists());
+}
+
+/// Ranks that disagree with rank 0 (world size, config) stop at the rendezvous, both naming both
+/// values; a group without a secret is a config error.
+#[test]
+fn issue_12_ranks_that_disagree_fail_naming_both_values() {
+    let ws = Workspace::new();
+    let one = config(&ws, "one", 3);
+    run_ok(&one, &[]);
+    let two = ranks_config(&ws, &one, "disagree", 2);
+
+    let (code, stderr) = finish(rank(&two, 1, 2, free_port(), &[("SAFEPIPE_JOB_SECRET", None)]));
+    assert_eq!(code, Some(2), "{stderr}");
+    assert!(stderr.contains("set SAFEPIPE_JOB_SECRET"), "{stderr}");
+
+    let port = free_port();
+    let zero = rank(&two, 0, 2, port, &[]);
+    let (code, stderr) = finish(rank(&two, 1, 3, port, &[]));
+    let want = "rank 1 has world size 3, rank 0 has 2";
+    assert_eq!(code, Some(2), "{stderr}");
+    assert!(stderr.contains(want), "{stderr}");
+    let (code, stderr) = finish(zero);
+    assert_eq!(code, Some(2), "{stderr}");
+    assert!(stderr.contains(want), "{stderr}");
+
+    let other = ws.config(
+        "other.toml",
+        &std::fs::read_to_string(&two)
+            .unwrap()
+            .replace("micro_batch = 2", "micro_batch = 1"),
+    );
+    let port = free_port();
+    let zero = rank(&two, 0, 2, port, &[]);
+    let (code, stderr) = finish(rank(&other, 1, 2, port, &[]));
+    let want = "micro_batch = 1 on rank 1, 2 on rank 0";
+    assert_eq!(code, Some(2), "{stderr}");
+    assert!(stderr.contains(want), "{stderr}");
+    let (code, stderr) = finish(zero);
+    assert_eq!(code, Some(2), "{stderr}");
+    assert!(stderr.contains(want), "{stderr}");
+}
+
+/// A rank that joins and then goes silent (stopped with SIGSTOP) makes rank 0 fail (exit 3) with
+/// an error naming it after SAFEPIPE_COLLECTIVE_TIMEOUT; before, rank 0 waited forever.
+#[cfg(unix)]
+#[test]
+fn issue_12_a_silent_rank_fails_rank_0_naming_it() {
+    use std::io::BufRead;
+    let ws = Workspace::new();
+    let one = config(&ws, "one", 3);
+    run_ok(&one, &[]);
+    let two = ranks_config(&ws, &one, "silent", 100_000);
+    let port = free_port();
+    let mut zero = rank(&two, 0, 2, port, &[("SAFEPIPE_COLLECTIVE_TIMEOUT", Some("2"))]);
+    let mut worker = rank(&two, 1, 2, port, &[("SAFEPIPE_COLLECTIVE_TIMEOUT", Some("600"))]);
+    let lines = std::io::BufReader::new(zero.stderr.take().unwrap());
+    let mut stderr = String::new();
+    let mut stopped = false;
+    for line in lines.lines() {
+        let line = line.unwrap();
+        if !stopped && line.contains("rank 1 joined") {
+            let pid = worker.id().to_string();
+            assert!(
+                std::process::Command::new("kill")
+                    .args(["-STOP", &pid])
+                    .status()
+                    .unwrap()
+                    .success()
+            );
+            stopped = true;
+        }
+        stderr.push_str(&line);
+        stderr.push('\n');
+    }
+    let code = zero.wait().unwrap().code();
+    let _ = worker.kill();
+    let _ = worker.wait();
+    assert!(stopped, "rank 1 never joined:\n{stderr}");
+    assert_eq!(code, Some(3), "{stderr}");
+    // Silent while rank 0 waits for its gradient, or while rank 0 sends it the weights or the mean.
+    assert!(
+        stderr.contains("rank 1 sent nothing for 2 s") || stderr.contains("rank 1 took nothing for 2 s"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("panicked"), "{stderr}");
 }

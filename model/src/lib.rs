@@ -3,7 +3,9 @@
 //! - [`gguf`]: the metadata of GGUF model files (the tokenizer and hyper-parameters live there);
 //! - [`tokenizer`]: the pretraining tokenizer with the harmfulness tag as one special token;
 //! - [`llama`]: the SmolLM2 model family with its CPU reference backend (forward + backward);
-//! - [`train`]: AdamW, schedules, data-parallel collectives, checkpoints;
+//! - [`train`]: AdamW, schedules, checkpoints;
+//! - [`collective`]: reductions across data-parallel ranks (threads, or processes over TCP with an
+//!   authenticated rendezvous);
 //! - [`classifier`]: the safety classifier (ONNX through `ort`), chunked max scoring, and the
 //!   training of its linear head;
 //! - [`llm`]: text generation for synthesis: the in-process GGUF engine, the OpenAI-compatible
@@ -12,6 +14,7 @@
 //! The CUDA backend comes with its issue (docs/ROADMAP.md).
 
 pub mod classifier;
+pub mod collective;
 pub mod gguf;
 pub mod llama;
 pub mod llm;

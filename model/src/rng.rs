@@ -1,25 +1,36 @@
 //! A small seeded random source (SplitMix64 + Box-Muller): fully specified, so initial weights
 //! and data order never change under us with a dependency update.
 
+/// SplitMix64: tiny, fast and fully specified, so a stream never changes under us (the tag
+/// stage's draws, initial weights, sampling, test mutations).
+#[derive(Debug, Clone)]
+pub struct SplitMix64(pub u64);
+
+impl SplitMix64 {
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+}
+
 pub struct Normal {
-    state: u64,
+    bits: SplitMix64,
     spare: Option<f64>,
 }
 
 impl Normal {
     pub fn new(seed: u64) -> Self {
         Normal {
-            state: seed,
+            bits: SplitMix64(seed),
             spare: None,
         }
     }
 
     pub fn next_u64(&mut self) -> u64 {
-        self.state = self.state.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.state;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
+        self.bits.next_u64()
     }
 
     /// Uniform in (0, 1].

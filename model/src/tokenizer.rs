@@ -210,6 +210,7 @@ impl TextTokenizer {
         let mut pieces: Vec<&str> = Vec::with_capacity(offsets.len() + 1);
         let mut from = 0usize;
         for &offset in offsets {
+            // cannot fail: `encode_tagged` checked each offset points at a tag after the last.
             pieces.push(&text[from..offset as usize]);
             from = offset as usize + tag_len;
         }
@@ -309,13 +310,16 @@ fn add_special_token(json: &mut Json, content: &str) -> std::result::Result<(), 
             ))
         };
     }
-    let next_id = added
+    let last_id = added
         .iter()
         .filter_map(|t| t["id"].as_u64())
         .chain(std::iter::once(max_vocab_id))
         .max()
-        .unwrap_or(0)
-        + 1;
+        .unwrap_or(0);
+    let next_id = last_id
+        .checked_add(1)
+        .filter(|&id| u32::try_from(id).is_ok())
+        .ok_or_else(|| format!("the tokenizer uses id {last_id}: no id is left for {content:?}"))?;
     added.push(json!({
         "id": next_id, "content": content, "single_word": false, "lstrip": false,
         "rstrip": false, "normalized": false, "special": true
@@ -361,11 +365,22 @@ pub fn json_from_gguf(meta: &Metadata) -> std::result::Result<Json, String> {
     };
     let tokens = list("tokenizer.ggml.tokens")?;
     let types = meta.get("tokenizer.ggml.token_type").and_then(Value::as_array);
+    if let Some(types) = types.filter(|t| t.len() != tokens.len()) {
+        return Err(format!(
+            "tokenizer.ggml.token_type has {} entries for {} tokens",
+            types.len(),
+            tokens.len()
+        ));
+    }
     let mut vocab = serde_json::Map::with_capacity(tokens.len());
     let mut added = Vec::new();
     for (id, token) in tokens.iter().enumerate() {
         let token = token.as_str().ok_or("tokenizer.ggml.tokens holds a non-string")?;
-        vocab.insert(token.to_string(), json!(id));
+        if let Some(first) = vocab.insert(token.to_string(), json!(id)) {
+            return Err(format!(
+                "token {token:?} appears twice in tokenizer.ggml.tokens (ids {first} and {id})"
+            ));
+        }
         let kind = types.and_then(|t| t.get(id)).and_then(Value::as_u64).unwrap_or(1);
         if kind == TOKEN_CONTROL || kind == TOKEN_USER_DEFINED {
             added.push(json!({

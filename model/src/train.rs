@@ -1,15 +1,16 @@
 //! Training on the CPU reference backend: AdamW with decoupled weight decay and fp32 master
 //! weights, global-norm clipping, warmup + cosine or WSD schedules, gradient accumulation,
-//! data parallelism through a [`Collective`], and Hugging Face-format checkpoints.
+//! data parallelism through a [`Collective`] (crate::collective), and Hugging Face-format
+//! checkpoints.
 //!
 //! Determinism: the backend is bit-exact across runs, reductions across ranks are summed in rank
 //! order, and the data order is a function of (seed, step): a run stopped at step k and resumed
 //! from its checkpoint continues bit-identically (tested).
 
+pub use crate::collective::{Collective, CollectiveError, Rendezvous, Single, TcpCollective, ThreadRank};
 use crate::llama::{Batch, CpuModel, LlamaConfig, Params};
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Barrier, Mutex};
 
 /// The learning-rate schedule after warmup.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
@@ -83,251 +84,6 @@ impl OptimConfig {
     }
 }
 
-/// Reductions across data-parallel ranks.
-pub trait Collective: Send + Sync {
-    fn rank(&self) -> usize;
-    fn world_size(&self) -> usize;
-    /// Replaces `data` with the mean over ranks, summed in rank order (deterministic).
-    fn all_reduce_mean(&self, data: &mut [f32]);
-    /// Replaces `data` with rank 0's.
-    fn broadcast(&self, data: &mut [f32]);
-    fn barrier(&self);
-}
-
-/// One process, no peers.
-pub struct Single;
-
-impl Collective for Single {
-    fn rank(&self) -> usize {
-        0
-    }
-    fn world_size(&self) -> usize {
-        1
-    }
-    fn all_reduce_mean(&self, _: &mut [f32]) {}
-    fn broadcast(&self, _: &mut [f32]) {}
-    fn barrier(&self) {}
-}
-
-/// Ranks as threads of one process, exchanging through shared memory: the CPU stand-in for
-/// NCCL in tests and on one machine.
-pub struct ThreadRank {
-    rank: usize,
-    shared: Arc<ThreadShared>,
-}
-
-struct ThreadShared {
-    world: usize,
-    slots: Mutex<Vec<Vec<f32>>>,
-    barrier: Barrier,
-}
-
-impl ThreadRank {
-    /// The `world` ranks of one group, to hand to one thread each.
-    pub fn group(world: usize) -> Vec<ThreadRank> {
-        let shared = Arc::new(ThreadShared {
-            world,
-            slots: Mutex::new(vec![Vec::new(); world]),
-            barrier: Barrier::new(world),
-        });
-        (0..world)
-            .map(|rank| ThreadRank {
-                rank,
-                shared: shared.clone(),
-            })
-            .collect()
-    }
-}
-
-impl Collective for ThreadRank {
-    fn rank(&self) -> usize {
-        self.rank
-    }
-
-    fn world_size(&self) -> usize {
-        self.shared.world
-    }
-
-    fn all_reduce_mean(&self, data: &mut [f32]) {
-        self.shared.slots.lock().expect("collective lock")[self.rank] = data.to_vec();
-        self.shared.barrier.wait();
-        {
-            let slots = self.shared.slots.lock().expect("collective lock");
-            let n = self.shared.world as f32;
-            for (i, x) in data.iter_mut().enumerate() {
-                let mut sum = slots[0][i];
-                for slot in &slots[1..] {
-                    sum += slot[i];
-                }
-                *x = sum / n;
-            }
-        }
-        self.shared.barrier.wait();
-    }
-
-    fn broadcast(&self, data: &mut [f32]) {
-        if self.rank == 0 {
-            self.shared.slots.lock().expect("collective lock")[0] = data.to_vec();
-        }
-        self.shared.barrier.wait();
-        data.copy_from_slice(&self.shared.slots.lock().expect("collective lock")[0]);
-        self.shared.barrier.wait();
-    }
-
-    fn barrier(&self) {
-        self.shared.barrier.wait();
-    }
-}
-
-/// Ranks as processes (one machine or many) over TCP: rank 0 listens at the master address,
-/// every other rank connects to it. Rank 0 sums the buffers in rank order and sends the mean
-/// back, so results are bit-identical to [`ThreadRank`]'s. A star is plenty for the CPU
-/// reference backend; the CUDA backend brings NCCL.
-pub struct TcpCollective {
-    rank: usize,
-    world: usize,
-    /// Rank 0: the stream of rank i at index i - 1. Other ranks: the stream to rank 0.
-    streams: Mutex<Vec<std::net::TcpStream>>,
-}
-
-impl TcpCollective {
-    /// Connects the group; waits up to `timeout` for the master (rank 0) or for every worker.
-    pub fn connect(
-        rank: usize,
-        world: usize,
-        master: std::net::SocketAddr,
-        timeout: std::time::Duration,
-    ) -> Result<TcpCollective, String> {
-        use std::io::{Read, Write};
-        if rank >= world {
-            return Err(format!("rank {rank} is not below the world size {world}"));
-        }
-        let deadline = std::time::Instant::now() + timeout;
-        let streams = if rank == 0 {
-            let listener = std::net::TcpListener::bind(master)
-                .map_err(|e| format!("rank 0 cannot listen on {master}: {e} (set MASTER_ADDR / MASTER_PORT)"))?;
-            listener.set_nonblocking(true).map_err(|e| e.to_string())?;
-            let mut slots: Vec<Option<std::net::TcpStream>> = (1..world).map(|_| None).collect();
-            while slots.iter().any(Option::is_none) {
-                match listener.accept() {
-                    Ok((mut stream, from)) => {
-                        // A peer that does not announce a valid rank within 10 s (a port probe,
-                        // a stray client) is dropped; the group keeps waiting for real ranks.
-                        let setup = stream
-                            .set_nonblocking(false)
-                            .and_then(|_| stream.set_nodelay(true))
-                            .and_then(|_| stream.set_read_timeout(Some(std::time::Duration::from_secs(10))));
-                        let mut buf = [0u8; 4];
-                        let announced = setup.and_then(|_| stream.read_exact(&mut buf));
-                        let peer = u32::from_le_bytes(buf) as usize;
-                        if announced.is_err() || peer == 0 || peer >= world || slots[peer - 1].is_some() {
-                            eprintln!("rank 0: ignoring a connection from {from} that did not announce a free rank");
-                            continue;
-                        }
-                        stream.set_read_timeout(None).map_err(|e| e.to_string())?;
-                        slots[peer - 1] = Some(stream);
-                    }
-                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                        if std::time::Instant::now() > deadline {
-                            let missing: Vec<usize> = (1..world).filter(|r| slots[r - 1].is_none()).collect();
-                            return Err(format!("rank 0: ranks {missing:?} did not connect to {master} in time"));
-                        }
-                        std::thread::sleep(std::time::Duration::from_millis(20));
-                    }
-                    Err(e) => return Err(format!("rank 0: accepting on {master}: {e}")),
-                }
-            }
-            slots.into_iter().map(|s| s.expect("all connected")).collect()
-        } else {
-            let mut stream = loop {
-                match std::net::TcpStream::connect(master) {
-                    Ok(s) => break s,
-                    Err(e) if std::time::Instant::now() > deadline => {
-                        return Err(format!("rank {rank}: cannot reach rank 0 at {master}: {e}"));
-                    }
-                    Err(_) => std::thread::sleep(std::time::Duration::from_millis(50)),
-                }
-            };
-            stream.set_nodelay(true).map_err(|e| e.to_string())?;
-            stream
-                .write_all(&(rank as u32).to_le_bytes())
-                .map_err(|e| format!("handshake: {e}"))?;
-            vec![stream]
-        };
-        Ok(TcpCollective {
-            rank,
-            world,
-            streams: Mutex::new(streams),
-        })
-    }
-}
-
-fn send(stream: &mut std::net::TcpStream, data: &[f32]) {
-    use std::io::Write;
-    let bytes: Vec<u8> = data.iter().flat_map(|x| x.to_le_bytes()).collect();
-    stream.write_all(&bytes).expect("collective: peer went away (send)");
-}
-
-fn receive(stream: &mut std::net::TcpStream, len: usize) -> Vec<f32> {
-    use std::io::Read;
-    let mut bytes = vec![0u8; len * 4];
-    stream
-        .read_exact(&mut bytes)
-        .expect("collective: peer went away (receive)");
-    bytes
-        .chunks_exact(4)
-        .map(|b| f32::from_le_bytes(b.try_into().expect("4 bytes")))
-        .collect()
-}
-
-impl Collective for TcpCollective {
-    fn rank(&self) -> usize {
-        self.rank
-    }
-
-    fn world_size(&self) -> usize {
-        self.world
-    }
-
-    /// Panics if a peer disappears: a data-parallel job cannot go on without it, and the
-    /// launcher restarts every rank from the last checkpoint.
-    fn all_reduce_mean(&self, data: &mut [f32]) {
-        let mut streams = self.streams.lock().expect("collective lock");
-        if self.rank == 0 {
-            let others: Vec<Vec<f32>> = streams.iter_mut().map(|s| receive(s, data.len())).collect();
-            let n = self.world as f32;
-            for (i, x) in data.iter_mut().enumerate() {
-                let mut sum = *x;
-                for other in &others {
-                    sum += other[i];
-                }
-                *x = sum / n;
-            }
-            for s in streams.iter_mut() {
-                send(s, data);
-            }
-        } else {
-            send(&mut streams[0], data);
-            data.copy_from_slice(&receive(&mut streams[0], data.len()));
-        }
-    }
-
-    fn broadcast(&self, data: &mut [f32]) {
-        let mut streams = self.streams.lock().expect("collective lock");
-        if self.rank == 0 {
-            for s in streams.iter_mut() {
-                send(s, data);
-            }
-        } else {
-            data.copy_from_slice(&receive(&mut streams[0], data.len()));
-        }
-    }
-
-    fn barrier(&self) {
-        self.all_reduce_mean(&mut [0.0]);
-    }
-}
-
 /// What one optimiser step did.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct StepStats {
@@ -366,18 +122,19 @@ impl Trainer {
     }
 
     /// Makes every rank hold rank 0's weights (after init or loading).
-    pub fn sync_weights(&mut self, comm: &dyn Collective) {
+    pub fn sync_weights(&mut self, comm: &dyn Collective) -> Result<(), CollectiveError> {
         if comm.world_size() == 1 {
-            return;
+            return Ok(());
         }
         for (_, t, _) in self.params.tensors_mut() {
-            comm.broadcast(t);
+            comm.broadcast(t)?;
         }
+        Ok(())
     }
 
     /// One optimiser step over this rank's micro-batches (gradient accumulation), averaged
-    /// across ranks, clipped, AdamW.
-    pub fn train_step(&mut self, micro_batches: &[Batch], comm: &dyn Collective) -> StepStats {
+    /// across ranks, clipped, AdamW. A failed exchange leaves the weights untouched.
+    pub fn train_step(&mut self, micro_batches: &[Batch], comm: &dyn Collective) -> Result<StepStats, CollectiveError> {
         let config = self.model.config.clone();
         let mut grads = Params::<f32>::zeros(&config);
         let (mut loss, mut tokens) = (0f64, 0usize);
@@ -389,9 +146,9 @@ impl Trainer {
         let scale = 1.0 / micro_batches.len().max(1) as f32;
         let mut flat = flatten(&grads);
         flat.iter_mut().for_each(|g| *g *= scale);
-        comm.all_reduce_mean(&mut flat);
+        comm.all_reduce_mean(&mut flat)?;
         let mut loss_buf = [(loss / micro_batches.len().max(1) as f64) as f32];
-        comm.all_reduce_mean(&mut loss_buf);
+        comm.all_reduce_mean(&mut loss_buf)?;
         let norm = flat.iter().map(|g| f64::from(*g) * f64::from(*g)).sum::<f64>().sqrt();
         if self.optim.clip > 0.0 && norm > self.optim.clip {
             let s = (self.optim.clip / norm) as f32;
@@ -422,13 +179,13 @@ impl Trainer {
             }
             offset += p.len();
         }
-        StepStats {
+        Ok(StepStats {
             step: self.step,
             loss: f64::from(loss_buf[0]),
             grad_norm: norm,
             lr,
             tokens,
-        }
+        })
     }
 
     /// Writes `dir/model.safetensors` (Hugging Face Llama names), `config.json`,
@@ -442,6 +199,7 @@ impl Trainer {
         moments.extend(named_bytes(&self.m, "m."));
         moments.extend(named_bytes(&self.v, "v."));
         write_named(&dir.join("optimizer.safetensors"), moments)?;
+        // cannot fail (here and below): a `serde_json::Value` always serialises.
         let config = serde_json::to_vec_pretty(&self.model.config.hf_config_json(bos, eos)).expect("json");
         write_atomic(&dir.join("config.json"), &config)?;
         let state = serde_json::json!({ "step": self.step, "optim": self.optim, "extra": extra });
@@ -459,8 +217,22 @@ impl Trainer {
             .map_err(|e| format!("cannot read {}: {e}", dir.join("config.json").display()))?;
         let json: serde_json::Value = serde_json::from_str(&config_text).map_err(|e| format!("config.json: {e}"))?;
         let config = LlamaConfig::from_hf_json(&json)?;
+        // Allocate what config.json claims only when the weights file can hold it (F32).
+        let weights = dir.join("model.safetensors");
+        let size = std::fs::metadata(&weights)
+            .map_err(|e| format!("cannot read {}: {e}", weights.display()))?
+            .len();
+        // cannot overflow: `from_hf_json` bounded every size, so the count is below 2^47.
+        let need = config.parameter_count() as u64 * 4;
+        if size < need {
+            return Err(format!(
+                "{} is {size} bytes, too small for the {} parameters config.json describes ({need} bytes as F32)",
+                weights.display(),
+                config.parameter_count()
+            ));
+        }
         let mut params = Params::<f32>::zeros(&config);
-        read_safetensors(&dir.join("model.safetensors"), &mut params, "")?;
+        read_safetensors(&weights, &mut params, "")?;
         let mut trainer = Trainer::new(config, params, optim)?;
         let state_path = dir.join("trainer_state.json");
         if !state_path.exists() {
@@ -472,7 +244,12 @@ impl Trainer {
             &std::fs::read(&state_path).map_err(|e| format!("cannot read {}: {e}", state_path.display()))?,
         )
         .map_err(|e| format!("trainer_state.json: {e}"))?;
-        trainer.step = state["step"].as_u64().ok_or("trainer_state.json has no step")?;
+        // The step feeds `powi` (an i32) and data positions (step x global batch): bound it.
+        trainer.step = match state["step"].as_u64() {
+            Some(step) if i32::try_from(step).is_ok() => step,
+            Some(step) => return Err(format!("trainer_state.json: step = {step} is out of range")),
+            None => return Err("trainer_state.json has no step".into()),
+        };
         Ok((trainer, state["extra"].clone()))
     }
 }
@@ -529,6 +306,7 @@ fn read_safetensors(path: &Path, p: &mut Params<f32>, prefix: &str) -> Result<()
             ));
         }
         for (x, b) in t.iter_mut().zip(view.data().chunks_exact(4)) {
+            // cannot fail: chunks_exact(4) yields 4-byte slices.
             *x = f32::from_le_bytes(b.try_into().expect("4 bytes"));
         }
     }
@@ -595,10 +373,13 @@ mod tests {
         let mut o = optim(80);
         o.lr = 1e-2;
         let mut t = Trainer::new(cfg.clone(), Params::init(&cfg, 0), o).unwrap();
-        let first = t.train_step(&[batch(4, 12, cfg.vocab_size, 0)], &Single).loss;
+        let first = t.train_step(&[batch(4, 12, cfg.vocab_size, 0)], &Single).unwrap().loss;
         let mut last = first;
         for step in 1..80 {
-            last = t.train_step(&[batch(4, 12, cfg.vocab_size, step * 4)], &Single).loss;
+            last = t
+                .train_step(&[batch(4, 12, cfg.vocab_size, step * 4)], &Single)
+                .unwrap()
+                .loss;
         }
         // ln(61) = 4.11 at the start; the next token is a fixed function of the current one.
         assert!(last < first * 0.4, "loss {first} -> {last}");
@@ -611,7 +392,7 @@ mod tests {
         // One rank, batch 2b.
         let mut one = Trainer::new(cfg.clone(), Params::init(&cfg, 1), optim(10)).unwrap();
         for s in 0..steps {
-            one.train_step(&[batch(4, 10, cfg.vocab_size, s * 4)], &Single);
+            one.train_step(&[batch(4, 10, cfg.vocab_size, s * 4)], &Single).unwrap();
         }
         // Two thread ranks, batch b each (rows 0-1 and 2-3 of the same global batch).
         let ranks = ThreadRank::group(2);
@@ -624,7 +405,7 @@ mod tests {
                         let mut t = Trainer::new(cfg.clone(), Params::init(&cfg, 1), optim(10)).unwrap();
                         for s in 0..steps {
                             let b = batch(2, 10, cfg.vocab_size, s * 4 + comm.rank() * 2);
-                            t.train_step(&[b], comm);
+                            t.train_step(&[b], comm).unwrap();
                         }
                         t.params
                     })
@@ -641,7 +422,8 @@ mod tests {
                     batch(2, 10, cfg.vocab_size, s * 4 + 2),
                 ],
                 &Single,
-            );
+            )
+            .unwrap();
         }
         let reference = flatten(&one.params);
         for other in [flatten(&results[0]), flatten(&results[1]), flatten(&acc.params)] {
@@ -666,10 +448,14 @@ mod tests {
         let mut straight = Trainer::new(cfg.clone(), Params::init(&cfg, 2), optim(8)).unwrap();
         let mut stopped = Trainer::new(cfg.clone(), Params::init(&cfg, 2), optim(8)).unwrap();
         for s in 0..8 {
-            straight.train_step(&[batch(3, 9, cfg.vocab_size, s * 3)], &Single);
+            straight
+                .train_step(&[batch(3, 9, cfg.vocab_size, s * 3)], &Single)
+                .unwrap();
         }
         for s in 0..3 {
-            stopped.train_step(&[batch(3, 9, cfg.vocab_size, s * 3)], &Single);
+            stopped
+                .train_step(&[batch(3, 9, cfg.vocab_size, s * 3)], &Single)
+                .unwrap();
         }
         stopped
             .save(dir.path(), 1, 0, serde_json::json!({"rows_seen": 9}))
@@ -678,7 +464,9 @@ mod tests {
         assert_eq!(extra["rows_seen"], 9);
         assert_eq!(resumed.step, 3);
         for s in 3..8 {
-            resumed.train_step(&[batch(3, 9, cfg.vocab_size, s * 3)], &Single);
+            resumed
+                .train_step(&[batch(3, 9, cfg.vocab_size, s * 3)], &Single)
+                .unwrap();
         }
         assert_eq!(flatten(&resumed.params), flatten(&straight.params));
         // Weights-only directories (a Hugging Face checkpoint) load too, at step 0.

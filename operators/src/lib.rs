@@ -21,6 +21,7 @@ pub mod counts;
 pub mod error;
 pub mod ingest;
 pub mod pack;
+pub mod parquet_headers;
 pub mod parquet_io;
 pub mod route;
 pub mod schema;

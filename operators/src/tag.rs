@@ -14,6 +14,7 @@ use crate::{OpResult, schema};
 use arrow::array::{Array, AsArray, ListBuilder, RecordBatch, StringBuilder, UInt32Builder};
 use arrow::compute::cast;
 use arrow::datatypes::DataType;
+use safepipe_model::rng::SplitMix64;
 use sha2::{Digest, Sha256};
 use std::sync::Arc;
 
@@ -43,19 +44,6 @@ pub struct Tagged {
     pub tags: u32,
     /// Byte offset in `text` of each inserted tag, increasing.
     pub offsets: Vec<u32>,
-}
-
-/// SplitMix64: tiny, fast and fully specified, so the stream never changes under us.
-struct SplitMix64(u64);
-
-impl SplitMix64 {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
 }
 
 impl Tagger {
@@ -96,7 +84,7 @@ impl Tagger {
             if !space && !in_word {
                 words += 1;
                 if let Some(end) = last_word_end {
-                    let draw = rng.next();
+                    let draw = rng.next_u64();
                     if always || draw < threshold {
                         out.push_str(&text[copied..end]);
                         // Texts are Arrow strings (< 2 GiB), so offsets fit in u32.

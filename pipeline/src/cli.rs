@@ -546,6 +546,9 @@ fn print_summary(summaries: &[StageSummary]) {
             s.seconds
         );
     }
+    if let Some(peak) = crate::progress::peak_memory_bytes() {
+        eprintln!("peak memory: {} MiB", peak >> 20);
+    }
 }
 
 /// Sets up `tracing` on stderr in the chosen format.

@@ -3,6 +3,7 @@
 //! backends) for trying a model or a server.
 
 use crate::error::{Error, Result};
+use safepipe_model::llm::endpoint::{credentials_at_risk, redact_url};
 use safepipe_model::llm::http::{Api, HttpConfig, OpenAiClient};
 use safepipe_model::llm::{
     ChatRequest, ChatTemplate, GenerationStats, Generator, InProcess, LlamaEngine, Message, SamplingParams,
@@ -30,8 +31,8 @@ pub enum ApiKind {
     Completions,
 }
 
-/// `[llm]` as written in the config (docs/config.md).
-#[derive(Debug, Clone, Deserialize, Serialize)]
+/// `[llm]` as written in the config (docs/config.md). `Debug` shows the base URL redacted.
+#[derive(Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct LlmConfig {
     #[serde(default)]
@@ -66,6 +67,15 @@ pub struct LlmConfig {
     pub breaker_threshold: u32,
     #[serde(default = "default_breaker_cooldown")]
     pub breaker_cooldown_s: f64,
+    /// openai: a response body past this many bytes fails its request.
+    #[serde(default = "default_max_response_bytes")]
+    pub max_response_bytes: u64,
+    /// openai: the longest wait a server's `Retry-After` can impose.
+    #[serde(default = "default_max_retry_after")]
+    pub max_retry_after_s: f64,
+    /// openai: send the key (or the URL's credentials) over plain http to another machine.
+    #[serde(default)]
+    pub allow_insecure_api_key: bool,
     /// Where finished generations are recorded (default: `RUN_DIR/cache/llm`; must be a local
     /// or shared file system path).
     #[serde(default)]
@@ -99,6 +109,37 @@ fn default_breaker_threshold() -> u32 {
 fn default_breaker_cooldown() -> f64 {
     5.0
 }
+fn default_max_response_bytes() -> u64 {
+    safepipe_model::llm::http::DEFAULT_MAX_RESPONSE_BYTES
+}
+fn default_max_retry_after() -> f64 {
+    60.0
+}
+
+impl std::fmt::Debug for LlmConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LlmConfig")
+            .field("backend", &self.backend)
+            .field("model", &self.model)
+            .field("base_url", &self.base_url.as_deref().map(redact_url))
+            .field("api_key_env", &self.api_key_env)
+            .field("api", &self.api)
+            .field("timeout_s", &self.timeout_s)
+            .field("max_in_flight", &self.max_in_flight)
+            .field("max_retries", &self.max_retries)
+            .field("max_response_bytes", &self.max_response_bytes)
+            .field("max_retry_after_s", &self.max_retry_after_s)
+            .field("allow_insecure_api_key", &self.allow_insecure_api_key)
+            .field("cache_dir", &self.cache_dir)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Seconds as a `Duration` (validated finite and non-negative; absurdly large values saturate
+/// at ~136 years instead of panicking).
+fn secs(v: f64) -> Duration {
+    Duration::try_from_secs_f64(v).unwrap_or(Duration::from_secs(u64::from(u32::MAX)))
+}
 
 impl LlmConfig {
     /// A config with defaults for `backend` and `model`.
@@ -120,9 +161,26 @@ impl LlmConfig {
             }
             Backend::Openai => {
                 let url = self.base_url.as_deref().unwrap_or("");
-                if !(url.starts_with("http://") || url.starts_with("https://")) {
+                let parsed = url::Url::parse(url)
+                    .ok()
+                    .filter(|u| matches!(u.scheme(), "http" | "https") && u.has_host())
+                    .ok_or_else(|| {
+                        format!(
+                            "llm.base_url = {:?}: the openai backend needs the server's URL, e.g. \"http://127.0.0.1:8080/v1\"",
+                            redact_url(url)
+                        )
+                    })?;
+                // The key is read from the environment now, as the client will read it.
+                let key = std::env::var(&self.api_key_env).is_ok_and(|k| !k.is_empty());
+                if let Some(what) = credentials_at_risk(&parsed, key)
+                    && !self.allow_insecure_api_key
+                {
+                    let what = what.replace("the API key", &format!("the API key (${})", self.api_key_env));
                     return Err(format!(
-                        "llm.base_url = {url:?}: the openai backend needs the server's URL, e.g. \"http://127.0.0.1:8080/v1\""
+                        "llm.base_url = {:?} is plain http to a host other than this machine: {what} would \
+                         cross the network unencrypted; use https (or a loopback address), or set \
+                         llm.allow_insecure_api_key = true on a network you trust",
+                        redact_url(url)
                     ));
                 }
                 if self.api == ApiKind::Completions {
@@ -138,6 +196,7 @@ impl LlmConfig {
             ("backoff_base_s", self.backoff_base_s),
             ("backoff_max_s", self.backoff_max_s),
             ("breaker_cooldown_s", self.breaker_cooldown_s),
+            ("max_retry_after_s", self.max_retry_after_s),
         ] {
             if !(v.is_finite() && v >= 0.0) {
                 return Err(format!("llm.{key} = {v}: must be a non-negative number of seconds"));
@@ -146,11 +205,17 @@ impl LlmConfig {
         if self.max_in_flight == 0 {
             return Err("llm.max_in_flight must be at least 1".into());
         }
+        if self.max_response_bytes == 0 {
+            return Err("llm.max_response_bytes must be at least 1 (default 16777216, 16 MiB)".into());
+        }
         Ok(self)
     }
 
     /// The model's identity for fingerprints: what changes generated text (the GGUF's content,
-    /// or the served model and URL), never timeouts, retries or batch sizes.
+    /// or the served model and URL), never timeouts, retries or batch sizes. The URL is
+    /// redacted ([`redact_url`]: no user info, secret query values replaced), so a key never
+    /// lands in a fingerprint and rotating it reruns nothing; a URL without secrets is used as
+    /// written, as before.
     pub fn identity(&self) -> std::result::Result<String, String> {
         match self.backend {
             Backend::InProcess => {
@@ -161,14 +226,13 @@ impl LlmConfig {
             Backend::Openai => Ok(format!(
                 "openai:{}@{}",
                 self.model,
-                self.base_url.as_deref().unwrap_or("")
+                redact_url(self.base_url.as_deref().unwrap_or(""))
             )),
         }
     }
 
     /// Loads the model or connects the client.
     pub fn build(&self) -> Result<Arc<dyn Generator>> {
-        let secs = Duration::from_secs_f64;
         match self.backend {
             Backend::InProcess => {
                 let engine =
@@ -201,9 +265,14 @@ impl LlmConfig {
                     backoff_max: secs(self.backoff_max_s),
                     breaker_threshold: self.breaker_threshold.max(1),
                     breaker_cooldown: secs(self.breaker_cooldown_s),
+                    max_response_bytes: self.max_response_bytes,
+                    max_retry_after: secs(self.max_retry_after_s),
+                    allow_insecure_api_key: self.allow_insecure_api_key,
                     ..HttpConfig::new(self.base_url.as_deref().unwrap_or(""), &self.model)
                 };
-                Ok(Arc::new(OpenAiClient::new(config).map_err(Error::Config)?))
+                Ok(Arc::new(
+                    OpenAiClient::new(config).map_err(|e| Error::Config(format!("llm: {e}")))?,
+                ))
             }
         }
     }

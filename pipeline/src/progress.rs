@@ -187,3 +187,18 @@ impl Reporter for Bars {
         }
     }
 }
+
+/// The most memory this process has held at once (its resident high-water mark, `VmHWM` in
+/// `/proc/self/status`), where the system reports it.
+pub fn peak_memory_bytes() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kib: u64 = line
+        .trim_start_matches("VmHWM:")
+        .trim()
+        .trim_end_matches("kB")
+        .trim()
+        .parse()
+        .ok()?;
+    Some(kib * 1024)
+}

@@ -193,6 +193,44 @@ pub fn escape_controls(batch: &RecordBatch) -> Result<RecordBatch> {
                     .collect();
                 Arc::new(StructArray::try_new(fields.into(), children, parts.nulls().cloned())?)
             }
+            // Text inside lists and maps reaches the terminal too.
+            DataType::List(field) => {
+                let list = array.as_list::<i32>();
+                let values = column(list.values())?;
+                let field = Arc::new(field.as_ref().clone().with_data_type(values.data_type().clone()));
+                Arc::new(arrow::array::ListArray::try_new(
+                    field,
+                    list.offsets().clone(),
+                    values,
+                    list.nulls().cloned(),
+                )?)
+            }
+            DataType::LargeList(field) => {
+                let list = array.as_list::<i64>();
+                let values = column(list.values())?;
+                let field = Arc::new(field.as_ref().clone().with_data_type(values.data_type().clone()));
+                Arc::new(arrow::array::LargeListArray::try_new(
+                    field,
+                    list.offsets().clone(),
+                    values,
+                    list.nulls().cloned(),
+                )?)
+            }
+            DataType::Map(field, ordered) => {
+                let map = array.as_map();
+                let entries = column(&(Arc::new(map.entries().clone()) as arrow::array::ArrayRef))?;
+                let field = Arc::new(field.as_ref().clone().with_data_type(entries.data_type().clone()));
+                Arc::new(arrow::array::MapArray::try_new(
+                    field,
+                    map.offsets().clone(),
+                    entries.as_struct().clone(),
+                    map.nulls().cloned(),
+                    *ordered,
+                )?)
+            }
+            DataType::Dictionary(_, values) if matches!(**values, DataType::Utf8 | DataType::LargeUtf8) => {
+                column(&arrow::compute::cast(array, values)?)?
+            }
             _ => array.clone(),
         })
     }

@@ -250,3 +250,128 @@ fn serve(
         writer.flush()?;
     }
 }
+
+/// One request as a [`Recorder`] read it.
+#[derive(Debug, Clone)]
+pub struct RawRequest {
+    pub method: String,
+    /// The request target: path and query.
+    pub target: String,
+    /// Names lowercased.
+    pub headers: Vec<(String, String)>,
+    pub body: String,
+}
+
+impl RawRequest {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k == &name.to_ascii_lowercase())
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+/// What a [`Recorder`] answers: given the request, writes a whole response to the stream
+/// (which is closed afterwards).
+pub type Respond = dyn Fn(&RawRequest, &mut TcpStream) -> std::io::Result<()> + Send + Sync;
+
+/// A bare HTTP/1.1 server on 127.0.0.1 that records every request (method, target, headers,
+/// body) and answers through a closure, one request per connection: for the client's limits
+/// (huge bodies, redirects, `Retry-After`, what reaches which origin with which headers).
+pub struct Recorder {
+    /// `http://127.0.0.1:PORT/v1`.
+    pub url: String,
+    pub port: u16,
+    requests: Arc<Mutex<Vec<RawRequest>>>,
+}
+
+impl Recorder {
+    pub fn start(
+        respond: impl Fn(&RawRequest, &mut TcpStream) -> std::io::Result<()> + Send + Sync + 'static,
+    ) -> Recorder {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let requests: Arc<Mutex<Vec<RawRequest>>> = Arc::default();
+        let respond: Arc<Respond> = Arc::new(respond);
+        let log = requests.clone();
+        std::thread::spawn(move || {
+            for stream in listener.incoming().flatten() {
+                let (log, respond) = (log.clone(), respond.clone());
+                std::thread::spawn(move || {
+                    let _ = record_and_answer(stream, &log, &*respond);
+                });
+            }
+        });
+        Recorder {
+            url: format!("http://127.0.0.1:{port}/v1"),
+            port,
+            requests,
+        }
+    }
+
+    pub fn requests(&self) -> Vec<RawRequest> {
+        self.requests.lock().unwrap().clone()
+    }
+}
+
+fn record_and_answer(stream: TcpStream, log: &Mutex<Vec<RawRequest>>, respond: &Respond) -> std::io::Result<()> {
+    let mut reader = BufReader::new(stream.try_clone()?);
+    let mut writer = stream;
+    let mut line = String::new();
+    if reader.read_line(&mut line)? == 0 {
+        return Ok(());
+    }
+    let mut words = line.split_whitespace();
+    let method = words.next().unwrap_or_default().to_string();
+    let target = words.next().unwrap_or_default().to_string();
+    let mut headers = Vec::new();
+    loop {
+        let mut header = String::new();
+        reader.read_line(&mut header)?;
+        let header = header.trim_end();
+        if header.is_empty() {
+            break;
+        }
+        if let Some((k, v)) = header.split_once(':') {
+            headers.push((k.trim().to_ascii_lowercase(), v.trim().to_string()));
+        }
+    }
+    let length: usize = headers
+        .iter()
+        .find(|(k, _)| k == "content-length")
+        .and_then(|(_, v)| v.parse().ok())
+        .unwrap_or(0);
+    let mut body = vec![0u8; length];
+    reader.read_exact(&mut body)?;
+    let request = RawRequest {
+        method,
+        target,
+        headers,
+        body: String::from_utf8_lossy(&body).into_owned(),
+    };
+    log.lock().unwrap().push(request.clone());
+    respond(&request, &mut writer)?;
+    writer.flush()
+}
+
+/// Writes a 200 chat completion whose answer is `content`.
+pub fn write_completion(w: &mut TcpStream, content: &str) -> std::io::Result<()> {
+    let reply = serde_json::json!({
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": content}, "finish_reason": "stop"}],
+        "usage": {"prompt_tokens": 5, "completion_tokens": 3}
+    })
+    .to_string();
+    w.write_all(
+        format!(
+            "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{reply}",
+            reply.len()
+        )
+        .as_bytes(),
+    )
+}
+
+/// Writes a bodiless response: `status` (e.g. `307 Temporary Redirect`) with `headers` (each
+/// ending in `\r\n`).
+pub fn write_status(w: &mut TcpStream, status: &str, headers: &str) -> std::io::Result<()> {
+    w.write_all(format!("HTTP/1.1 {status}\r\n{headers}Content-Length: 0\r\nConnection: close\r\n\r\n").as_bytes())
+}

@@ -327,3 +327,20 @@ pub fn shard_hashes(run_dir: &Path) -> Vec<String> {
         })
         .collect()
 }
+
+/// Every file under `dir` (recursively), in no particular order.
+pub fn files_under(dir: &Path) -> Vec<PathBuf> {
+    let mut found = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for entry in std::fs::read_dir(&d).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                stack.push(path);
+            } else {
+                found.push(path);
+            }
+        }
+    }
+    found
+}

@@ -51,9 +51,12 @@ impl LinearHead {
             if view.dtype() != safetensors::Dtype::F32 {
                 return Err(io(format!("{name} is {:?}, expected F32", view.dtype())));
             }
+            // `deserialize` checked each tensor's bytes are the product of its shape times 4, so
+            // `weight` holds exactly labels x hidden values (what `apply` slices).
             let data = view
                 .data()
                 .chunks_exact(4)
+                // cannot fail: chunks_exact(4) yields 4-byte slices.
                 .map(|b| f32::from_le_bytes(b.try_into().expect("4 bytes")))
                 .collect();
             Ok((view.shape().to_vec(), data))

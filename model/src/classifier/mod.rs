@@ -357,6 +357,7 @@ impl Classifier {
                 },
                 None => {
                     // Nothing to judge: all mass on the safest label.
+                    // cannot fail: the manifest check requires at least 2 labels.
                     let safest = (0..self.manifest.labels())
                         .min_by_key(|&i| self.manifest.scores[i])
                         .expect("at least 2 labels");
@@ -390,6 +391,7 @@ impl Classifier {
         let mut embeddings = self.batched(&rows, |batch| self.embed(batch))?.into_iter();
         Ok(first
             .iter()
+            // cannot fail: `batched` returns one output per row, and `rows` has one per `Some`.
             .map(|f| f.map(|_| embeddings.next().expect("one per picked chunk")))
             .collect())
     }
@@ -523,17 +525,30 @@ impl Classifier {
         if let Some(name) = &inputs.token_type_ids {
             feed.push((name.clone(), tensor(vec![0i64; b * t])?.into_dyn()));
         }
+        // cannot fail: the lock is poisoned only by a panic while it is held, and `run` does not panic.
         let mut session = self.session.lock().expect("session lock");
         let outputs = session
             .run(feed)
             .map_err(|e| ClassifierError::Runtime(format!("inference failed: {e}")))?;
+        // cannot fail: `open` checked the session has this output.
         let (dims, data) = outputs[self.manifest.output.as_str()]
             .try_extract_tensor::<f32>()
             .map_err(|e| ClassifierError::Runtime(format!("output {:?}: {e}", self.manifest.output)))?;
-        let dims: Vec<usize> = dims.iter().map(|&d| d as usize).collect();
+        let dims: Vec<usize> = dims
+            .iter()
+            .map(|&d| usize::try_from(d))
+            .collect::<std::result::Result<_, _>>()
+            .map_err(|_| {
+                ClassifierError::Invalid(format!(
+                    "output {:?} has a negative dimension in {dims:?}",
+                    self.manifest.output
+                ))
+            })?;
+        // The output's data holds the product of its dimensions (ONNX Runtime's tensor), so the
+        // row slices below stay within it once the shape matched.
         match self.manifest.output_kind {
             OutputKind::HiddenStates => {
-                if dims.len() != 3 || dims[0] != b || dims[1] != t {
+                if dims.len() != 3 || dims[0] != b || dims[1] != t || dims[2] == 0 {
                     return Err(ClassifierError::Invalid(format!(
                         "output {:?} has shape {dims:?}, expected [{b}, {t}, hidden]",
                         self.manifest.output
@@ -552,7 +567,7 @@ impl Classifier {
                     .collect())
             }
             OutputKind::Pooled | OutputKind::Logits => {
-                if dims.len() != 2 || dims[0] != b {
+                if dims.len() != 2 || dims[0] != b || dims[1] == 0 {
                     return Err(ClassifierError::Invalid(format!(
                         "output {:?} has shape {dims:?}, expected [{b}, n]",
                         self.manifest.output
@@ -583,6 +598,7 @@ fn special_wrap(tokenizer: &Tokenizer) -> Result<(Vec<u32>, Vec<u32>)> {
     let at = (0..=full.len().saturating_sub(bare.len()))
         .find(|&i| full[i..].starts_with(&bare))
         .ok_or_else(|| ClassifierError::Tokenize("cannot locate the text between the special tokens".into()))?;
+    // cannot fail: `bare` was found at `at`, so `at + bare.len() <= full.len()`.
     Ok((full[..at].to_vec(), full[at + bare.len()..].to_vec()))
 }
 
@@ -705,6 +721,7 @@ pub fn file_digest(path: &Path) -> Result<String> {
     if let Ok(text) = std::fs::read_to_string(&cache)
         && let Some(digest) = text.trim().strip_prefix(&format!("{stamp} "))
         && digest.len() == 64
+        && digest.bytes().all(|b| b.is_ascii_hexdigit())
     {
         return Ok(digest.to_string());
     }

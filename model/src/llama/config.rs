@@ -79,10 +79,34 @@ impl LlamaConfig {
         if self.vocab_size == 0 || self.num_hidden_layers == 0 || self.intermediate_size == 0 {
             return Err("vocab_size, num_hidden_layers and intermediate_size must be positive".into());
         }
+        // A config.json may come with a downloaded checkpoint: bound every size before anything
+        // is allocated from it (the largest Llama models are far below these).
+        for (name, value, max) in [
+            ("vocab_size", self.vocab_size, 1 << 22),
+            ("hidden_size", self.hidden_size, 1 << 16),
+            ("intermediate_size", self.intermediate_size, 1 << 18),
+            ("num_hidden_layers", self.num_hidden_layers, 1 << 10),
+            ("num_attention_heads", self.num_attention_heads, 1 << 10),
+            ("max_position_embeddings", self.max_position_embeddings, 1 << 24),
+        ] {
+            if value > max {
+                return Err(format!("{name} = {value} is over the {max} this trainer accepts"));
+            }
+        }
+        if !(self.rope_theta.is_finite() && self.rope_theta > 0.0) {
+            return Err(format!("rope_theta = {} must be a positive number", self.rope_theta));
+        }
+        if !(self.rms_norm_eps.is_finite() && self.rms_norm_eps >= 0.0) {
+            return Err(format!(
+                "rms_norm_eps = {} must be a non-negative number",
+                self.rms_norm_eps
+            ));
+        }
         Ok(())
     }
 
-    /// Parameters (embeddings counted once: they are tied).
+    /// Parameters (embeddings counted once: they are tied). Cannot overflow on a validated
+    /// config: its bounds keep the count below 2^47.
     pub fn parameter_count(&self) -> usize {
         let (d, f) = (self.hidden_size, self.intermediate_size);
         let attention = d * d * 2 + d * self.kv_dim() * 2;
@@ -127,7 +151,7 @@ impl LlamaConfig {
         let int = |k: &str| {
             json.get(k)
                 .and_then(serde_json::Value::as_u64)
-                .map(|v| v as usize)
+                .and_then(|v| usize::try_from(v).ok())
                 .ok_or_else(|| format!("config.json has no integer {k}"))
         };
         let float = |k: &str, default: f64| json.get(k).and_then(serde_json::Value::as_f64).unwrap_or(default);

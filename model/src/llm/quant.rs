@@ -62,22 +62,34 @@ impl QMatrix {
         if !cols.is_multiple_of(BLOCK) {
             return Err(format!("{cols} columns is not a multiple of {BLOCK}"));
         }
-        let n = rows * cols / BLOCK;
+        let n = rows
+            .checked_mul(cols)
+            .ok_or_else(|| format!("{rows} x {cols} values do not fit in memory"))?
+            / BLOCK;
+        // The `n` blocks of `bytes` each, checked against the data before anything is allocated.
+        let blocks_of = |bytes: usize| {
+            n.checked_mul(bytes)
+                .and_then(|len| data.get(..len))
+                .ok_or("the tensor data is truncated")
+        };
         let half = |b: &[u8]| f16_to_f32(u16::from_le_bytes([b[0], b[1]]));
-        let mut d = Vec::with_capacity(n);
+        let mut d = Vec::new();
         let blocks = match kind {
             GGML_Q4_1 => {
-                let data = data.get(..n * 20).ok_or("the tensor data is truncated")?;
+                let data = blocks_of(20)?;
+                d.reserve_exact(n);
                 let (mut m, mut q) = (Vec::with_capacity(n), Vec::with_capacity(n));
                 for block in data.chunks_exact(20) {
                     d.push(half(&block[0..2]));
                     m.push(half(&block[2..4]));
+                    // cannot fail: chunks_exact(20) yields 20-byte blocks.
                     q.push(block[4..20].try_into().expect("16 bytes"));
                 }
                 Blocks::Q4_1 { m, q }
             }
             GGML_Q8_0 => {
-                let data = data.get(..n * 34).ok_or("the tensor data is truncated")?;
+                let data = blocks_of(34)?;
+                d.reserve_exact(n);
                 let mut q = Vec::with_capacity(n);
                 for block in data.chunks_exact(34) {
                     d.push(half(&block[0..2]));

@@ -1,7 +1,7 @@
 //! JSON Lines reading: a byte range of a plain file or a whole gzip/zstd file, one record per line.
 
 use super::sink::{Metadata, Reason, Sink, check_text};
-use super::{Codec, IngestBatch, IngestInput, IngestOptions};
+use super::{Codec, ExtraColumns, IngestBatch, IngestInput, IngestOptions};
 use crate::{OpError, OpResult};
 use async_compression::tokio::bufread::{GzipDecoder, ZstdDecoder};
 use futures::stream::{BoxStream, StreamExt, TryStreamExt};
@@ -171,6 +171,7 @@ impl Reader {
     /// Reads one line into `self.line`, keeping at most `max_record_bytes` of it.
     async fn next_line(&mut self) -> io::Result<LineRead> {
         let cap = self.opts.max_record_bytes();
+        // cannot fail: `next_batch` opens the stream before it reads a line.
         let mut lines = self.lines.as_mut().expect("opened before reading").as_mut();
         self.line.clear();
         let mut len = 0usize;
@@ -189,6 +190,7 @@ impl Reader {
                 None => (buf.len(), false),
             };
             if !too_long {
+                // cannot underflow: the line is filled to `cap` at most, then `too_long` is set.
                 let room = cap - self.line.len();
                 if take > room {
                     self.line.extend_from_slice(&buf[..room]);
@@ -287,6 +289,7 @@ impl Reader {
                 Some(other) => Some(other.to_string()),
             };
         }
+        // cannot fail: `metadata_columns` always holds the 7 mapped names (stages/ingest.rs).
         if let Some(Value::Number(n)) = fields.get(&columns[5]) {
             meta.language_score = n.as_f64();
             fields.remove(&columns[5]);
@@ -295,7 +298,7 @@ impl Reader {
             meta.token_count = Some(count);
             fields.remove(&columns[6]);
         }
-        if !fields.is_empty() {
+        if !fields.is_empty() && opts.extra_columns == ExtraColumns::Keep {
             meta.extra = Some(Value::Object(fields).to_string());
         }
         sink.accept(id, &text, meta);

@@ -21,6 +21,7 @@
 mod jsonl;
 mod parquet;
 mod sink;
+mod text_column;
 
 use crate::{OpResult, UnitCounts};
 use arrow::record_batch::RecordBatch;
@@ -75,6 +76,26 @@ pub struct IngestOptions {
     pub max_text_bytes: usize,
     /// Rows per output batch.
     pub batch_rows: usize,
+    /// A metadata field (or `extra` as a whole) longer than this is dropped from its record and
+    /// named in `extra.dropped_metadata`.
+    pub max_metadata_bytes: usize,
+    /// What happens to input fields that map to no `documents` column.
+    pub extra_columns: ExtraColumns,
+    /// Parquet: the decoded bytes one batch may hold. Rows per batch follow from the row group's
+    /// sizes in the footer; a page that inflates past this quarantines its row group
+    /// (`too_large`) before it is decoded.
+    pub max_batch_bytes: usize,
+}
+
+/// Input fields that map to no `documents` column.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ExtraColumns {
+    /// Kept as a JSON object in `metadata.extra`.
+    #[default]
+    Keep,
+    /// Not read at all (Parquet reads only the mapped columns).
+    Skip,
 }
 
 impl IngestOptions {
@@ -147,6 +168,9 @@ mod tests {
             .to_vec(),
             max_text_bytes: 64,
             batch_rows,
+            max_metadata_bytes: 1 << 10,
+            extra_columns: ExtraColumns::Keep,
+            max_batch_bytes: 1 << 20,
         })
     }
 

@@ -26,6 +26,7 @@ pub enum Reason {
     UnreadableFile,
     CorruptStream,
     UnreadableRowGroup,
+    TooLarge,
 }
 
 impl Reason {
@@ -44,6 +45,7 @@ impl Reason {
             Reason::UnreadableFile => "unreadable_file",
             Reason::CorruptStream => "corrupt_stream",
             Reason::UnreadableRowGroup => "unreadable_row_group",
+            Reason::TooLarge => "too_large",
         }
     }
 }
@@ -81,6 +83,8 @@ pub struct Metadata {
     pub token_count: Option<i64>,
     /// Other input fields as a JSON object.
     pub extra: Option<String>,
+    /// The bytes of `extra` when the reader already found it over the bound and never built it.
+    pub dropped_extra: usize,
 }
 
 const RAW_PREFIX_BYTES: usize = 1024;
@@ -96,6 +100,7 @@ pub struct Sink {
     file: String,
     unit: u32,
     batch_rows: usize,
+    max_metadata_bytes: usize,
     text_bytes: usize,
     // documents
     id: StringBuilder,
@@ -125,6 +130,7 @@ impl Sink {
             file: input.file.clone(),
             unit: input.unit,
             batch_rows: opts.batch_rows.max(1),
+            max_metadata_bytes: opts.max_metadata_bytes,
             text_bytes: 0,
             id: StringBuilder::new(),
             text: StringBuilder::new(),
@@ -147,8 +153,9 @@ impl Sink {
     }
 
     /// One usable record.
-    pub fn accept(&mut self, id: Option<String>, text: &str, meta: Metadata) {
+    pub fn accept(&mut self, id: Option<String>, text: &str, mut meta: Metadata) {
         let id = id.unwrap_or_else(|| derived_id(text));
+        self.bound_metadata(&mut meta);
         // Every string column counts against the batch's byte bound, not only the text: an
         // Arrow string column holds at most 2 GiB, and huge metadata fields must not pass it.
         let meta_bytes: usize =
@@ -166,6 +173,35 @@ impl Sink {
         self.text_bytes += text.len();
         self.counts.rows_in += 1;
         self.counts.rows_out += 1;
+    }
+
+    /// Drops each metadata field (and `extra` as a whole) longer than `max_metadata_bytes`, and
+    /// says so in `extra` under `dropped_metadata` (field name -> its bytes), so a record's
+    /// metadata costs a bounded amount whatever the input holds and nothing goes silently.
+    fn bound_metadata(&mut self, meta: &mut Metadata) {
+        let max = self.max_metadata_bytes;
+        let mut dropped = serde_json::Map::new();
+        for (slot, (name, _)) in meta.strings.iter_mut().zip(schema::METADATA_FIELDS.iter()) {
+            if slot.as_ref().is_some_and(|v| v.len() > max) {
+                dropped.insert(name.to_string(), slot.take().map_or(0, |v| v.len()).into());
+            }
+        }
+        if meta.extra.as_ref().is_some_and(|v| v.len() > max) {
+            meta.dropped_extra = meta.extra.take().map_or(0, |v| v.len());
+        }
+        if meta.dropped_extra > 0 {
+            dropped.insert("extra".into(), meta.dropped_extra.into());
+        }
+        if dropped.is_empty() {
+            return;
+        }
+        *self.counts.figures.entry("metadata_dropped".into()).or_default() += 1;
+        let mut extra = match meta.extra.as_deref().map(serde_json::from_str::<serde_json::Value>) {
+            Some(Ok(serde_json::Value::Object(fields))) => fields,
+            _ => serde_json::Map::new(),
+        };
+        extra.insert("dropped_metadata".into(), serde_json::Value::Object(dropped));
+        meta.extra = Some(serde_json::Value::Object(extra).to_string());
     }
 
     /// One unusable record at `offset`.

@@ -140,6 +140,7 @@ impl InputDrift {
 pub fn fingerprint(config: &Config) -> String {
     let identity: Vec<_> = config.inputs.iter().map(|i| (&i.name, &i.paths, i.format)).collect();
     // The split's version, not the file layout's: plans of either layout keep their fingerprint.
+    // cannot fail: strings, a unit enum and numbers always serialise.
     let json = serde_json::to_string(&(SPLIT_VERSION, identity, &config.plan)).expect("serialisable");
     hex::encode(Sha256::digest(json))[..16].to_string()
 }
@@ -409,48 +410,75 @@ async fn plan_file(config: &Config, input: &InputConfig, file: &InputFile, units
     let name = file.location.path.filename().unwrap_or_default().to_string();
     let kind =
         detect_format(input.format, &name).map_err(|e| Error::Config(format!("inputs '{}': {e}", input.name)))?;
-    let mut push = |slice: Slice| {
+    let slices = match kind {
+        FileKind::Parquet => {
+            let mut reader = ObjectReader::new(file.location.store.clone(), file.location.path.clone(), file.size);
+            match reader.get_metadata(None).await.map_err(storage_failure) {
+                Ok(meta) => row_groups(&meta).unwrap_or_else(|error| vec![Slice::Unreadable { error }]),
+                Err(Ok(storage)) => return Err(Error::Storage(storage)),
+                Err(Err(e)) => vec![Slice::Unreadable {
+                    error: format!("not a readable Parquet file: {e}"),
+                }],
+            }
+        }
+        FileKind::CompressedJsonl(codec) => vec![Slice::JsonlCompressed { codec }],
+        FileKind::Jsonl => split_lines(&file.location, file.size, config.plan.jsonl_unit_bytes)
+            .await?
+            .into_iter()
+            .map(|range| Slice::JsonlRange {
+                start: range.start,
+                end: range.end,
+            })
+            .collect(),
+    };
+    for slice in slices {
+        // Unit ids are u32: a plan of more units (row groups are the footer's claim) is refused.
+        let id = u32::try_from(units.len()).map_err(|_| {
+            Error::Config(format!(
+                "inputs '{}': {} makes the plan hold more than {} work units; split the inputs into several runs",
+                input.name,
+                file.location.display(),
+                u32::MAX
+            ))
+        })?;
         units.push(WorkUnit {
-            id: units.len() as u32,
+            id,
             input: input.name.clone(),
             file: file.location.display(),
             size: file.size,
             slice,
-        })
-    };
-    match kind {
-        FileKind::Parquet => {
-            let mut reader = ObjectReader::new(file.location.store.clone(), file.location.path.clone(), file.size);
-            match reader.get_metadata(None).await.map_err(storage_failure) {
-                Ok(meta) => {
-                    let mut first_row = 0u64;
-                    for (row_group, rg) in meta.row_groups().iter().enumerate() {
-                        let rows = rg.num_rows() as u64;
-                        push(Slice::ParquetRowGroup {
-                            row_group,
-                            first_row,
-                            rows,
-                        });
-                        first_row += rows;
-                    }
-                }
-                Err(Ok(storage)) => return Err(Error::Storage(storage)),
-                Err(Err(e)) => push(Slice::Unreadable {
-                    error: format!("not a readable Parquet file: {e}"),
-                }),
-            }
-        }
-        FileKind::CompressedJsonl(codec) => push(Slice::JsonlCompressed { codec }),
-        FileKind::Jsonl => {
-            for range in split_lines(&file.location, file.size, config.plan.jsonl_unit_bytes).await? {
-                push(Slice::JsonlRange {
-                    start: range.start,
-                    end: range.end,
-                });
-            }
-        }
+        });
     }
     Ok(())
+}
+
+/// Most rows a Parquet file may claim (2^40): its footer is untrusted, and its counts become
+/// row offsets and quarantine record counts.
+const MAX_FILE_ROWS: u64 = 1 << 40;
+
+/// One slice per row group, or why the footer's row counts cannot be believed.
+fn row_groups(meta: &parquet::file::metadata::ParquetMetaData) -> std::result::Result<Vec<Slice>, String> {
+    let mut first_row = 0u64;
+    let mut slices = Vec::with_capacity(meta.num_row_groups());
+    for (row_group, rg) in meta.row_groups().iter().enumerate() {
+        // cannot overflow: first_row <= MAX_FILE_ROWS (2^40) and rows <= i64::MAX.
+        let rows = u64::try_from(rg.num_rows())
+            .ok()
+            .filter(|rows| first_row + rows <= MAX_FILE_ROWS)
+            .ok_or_else(|| {
+                format!(
+                    "its footer claims {} rows for row group {row_group} (at most {MAX_FILE_ROWS} rows per file are believed)",
+                    rg.num_rows()
+                )
+            })?;
+        slices.push(Slice::ParquetRowGroup {
+            row_group,
+            first_row,
+            rows,
+        });
+        first_row += rows;
+    }
+    Ok(slices)
 }
 
 /// Splits `[0, size)` into ranges of about `target` bytes whose starts are line starts.
@@ -458,7 +486,8 @@ async fn split_lines(file: &Location, size: u64, target: u64) -> Result<Vec<Rang
     let mut ranges = Vec::new();
     let mut start = 0u64;
     while start < size {
-        let tentative = start + target;
+        // Saturating: the size is the store's claim.
+        let tentative = start.saturating_add(target);
         if tentative >= size {
             break;
         }
@@ -475,9 +504,10 @@ async fn split_lines(file: &Location, size: u64, target: u64) -> Result<Vec<Rang
 
 /// The first line start at or after `at` (the byte after a '\n' at `at - 1` or later), or `size`.
 async fn next_line_start(file: &Location, at: u64, size: u64) -> Result<u64> {
+    // cannot underflow: `at` is a start plus plan.jsonl_unit_bytes (checked at least 4096).
     let mut from = at - 1;
     while from < size {
-        let to = (from + BOUNDARY_WINDOW).min(size);
+        let to = from.saturating_add(BOUNDARY_WINDOW).min(size);
         let bytes = file.store.get_range(&file.path, from..to).await?;
         if let Some(i) = memchr_newline(&bytes) {
             return Ok(from + i as u64 + 1);

@@ -5,7 +5,7 @@ use crate::config::Config;
 use crate::config::{resolve, valid_name};
 use crate::error::{Error, Result};
 use futures::stream::{BoxStream, StreamExt, TryStreamExt};
-use safepipe_operators::ingest::IngestOptions;
+use safepipe_operators::ingest::{ExtraColumns, IngestOptions};
 use safepipe_operators::ingest::{IngestInput, ingest};
 use safepipe_operators::schema;
 use serde::{Deserialize, Serialize};
@@ -153,6 +153,13 @@ pub struct IngestConfig {
     pub max_text_bytes: usize,
     /// Rows per record batch.
     pub batch_rows: usize,
+    /// A metadata field (or all unmapped fields together) longer than this many bytes is
+    /// dropped from its record and named in `extra.dropped_metadata`.
+    pub max_metadata_bytes: usize,
+    /// Unmapped input fields: `keep` (as JSON in `metadata.extra`) or `skip` (not read).
+    pub extra_columns: ExtraColumns,
+    /// Parquet: decoded bytes per batch; a page inflating past it quarantines its row group.
+    pub max_batch_bytes: usize,
 }
 
 impl Default for IngestConfig {
@@ -160,6 +167,9 @@ impl Default for IngestConfig {
         IngestConfig {
             max_text_bytes: 4 << 20,
             batch_rows: 4096,
+            max_metadata_bytes: 64 << 10,
+            extra_columns: ExtraColumns::Keep,
+            max_batch_bytes: 128 << 20,
         }
     }
 }
@@ -174,6 +184,16 @@ impl IngestConfig {
             return Err(format!(
                 "ingest.batch_rows = {} must be between 1 and 1000000",
                 self.batch_rows
+            ));
+        }
+        if self.max_metadata_bytes == 0 {
+            return Err("ingest.max_metadata_bytes must be at least 1".into());
+        }
+        if self.max_batch_bytes < self.max_text_bytes {
+            return Err(format!(
+                "ingest.max_batch_bytes = {} is below ingest.max_text_bytes = {}: a page holding one \
+                 allowed text could not be read",
+                self.max_batch_bytes, self.max_text_bytes
             ));
         }
         Ok(())
@@ -199,6 +219,9 @@ impl IngestConfig {
             .to_vec(),
             max_text_bytes: self.max_text_bytes,
             batch_rows: self.batch_rows,
+            max_metadata_bytes: self.max_metadata_bytes,
+            extra_columns: self.extra_columns,
+            max_batch_bytes: self.max_batch_bytes,
         }
     }
 }

@@ -8,9 +8,11 @@
 //!
 //! ```text
 //! mod.rs      the command: shards -> batches -> the trainer -> checkpoints
+//! group.rs    the data-parallel group from the environment: ranks, rendezvous, job secret, timeouts
 //! metrics.rs  metrics.jsonl beside the checkpoints: one line per logged step, kept across --resume
 //! ```
 
+pub mod group;
 pub mod metrics;
 
 use crate::config::{Config, TrainConfig};
@@ -21,7 +23,7 @@ use arrow::array::{Array, AsArray};
 use arrow::datatypes::{DataType, UInt16Type, UInt32Type};
 use futures::TryStreamExt;
 use safepipe_model::llama::{Batch, LlamaConfig, Params};
-use safepipe_model::train::{Collective, OptimConfig, Schedule, Single, StepStats, TcpCollective, Trainer};
+use safepipe_model::train::{OptimConfig, Schedule, StepStats, Trainer};
 use safepipe_operators::pack::doc_hash;
 use std::collections::VecDeque;
 use std::path::{Path, PathBuf};
@@ -289,8 +291,10 @@ pub async fn train(config: &Config, resume: bool, until: Option<u64>) -> Result<
     let fail = |e: String| Error::Config(format!("train: {e}"));
     let checkpoint_dir = PathBuf::from(&t.checkpoint_dir);
     let latest = checkpoint_dir.join(LATEST);
-    let comm = connect()?;
-    let global = t.micro_batch * t.grad_accum * comm.world_size();
+    // Rank and world size now; the group forms once this rank knows what it trains (the
+    // handshake compares every rank's setup with rank 0's).
+    let group = group::Group::from_env()?;
+    let global = t.micro_batch * t.grad_accum * group.world;
     let mut trainer = if resume {
         let name = std::fs::read_to_string(&latest).map_err(|e| {
             Error::Config(format!(
@@ -336,7 +340,20 @@ pub async fn train(config: &Config, resume: bool, until: Option<u64>) -> Result<
             trainer.model.config.vocab_size
         )));
     }
-    trainer.sync_weights(comm.as_ref());
+    let stop = until.unwrap_or(t.steps).min(t.steps);
+    let fingerprint = group::fingerprint(
+        t,
+        &trainer.model.config,
+        &trainer.optim,
+        &manifest,
+        data.len(),
+        group.world,
+        trainer.step,
+        stop,
+    );
+    // Blocking socket work (the rendezvous, the weights' broadcast): off the async workers.
+    let comm = tokio::task::block_in_place(|| group.connect(fingerprint))?;
+    tokio::task::block_in_place(|| trainer.sync_weights(comm.as_ref())).map_err(|e| group.error(e))?;
     let flops_per_token = trainer.model.config.flops_per_token(manifest.seq_len);
     info!(
         model = %t.model,
@@ -358,7 +375,6 @@ pub async fn train(config: &Config, resume: bool, until: Option<u64>) -> Result<
     let clock = Instant::now();
     let (mut first, mut last, mut tokens_total) = (None, None, 0usize);
     let mut saved = None;
-    let stop = until.unwrap_or(t.steps).min(t.steps);
     while trainer.step < stop {
         let step = trainer.step;
         let mut micro: Vec<Batch> = Vec::with_capacity(t.grad_accum);
@@ -370,7 +386,8 @@ pub async fn train(config: &Config, resume: bool, until: Option<u64>) -> Result<
         // Read ahead the block the end of the next step needs while this one computes.
         data.prefetch((step + 2) * global as u64 - 1);
         let step_clock = Instant::now();
-        let stats = tokio::task::block_in_place(|| trainer.train_step(&micro, comm.as_ref()));
+        let stats =
+            tokio::task::block_in_place(|| trainer.train_step(&micro, comm.as_ref())).map_err(|e| group.error(e))?;
         let seconds = step_clock.elapsed().as_secs_f64();
         tokens_total += stats.tokens;
         let tokens_per_second = stats.tokens as f64 / seconds;
@@ -419,37 +436,6 @@ pub async fn train(config: &Config, resume: bool, until: Option<u64>) -> Result<
         tokens_per_second: tokens_total as f64 / clock.elapsed().as_secs_f64().max(1e-9),
         checkpoint: saved,
     })
-}
-
-/// The data-parallel group from the environment: torchrun-style `RANK` / `WORLD_SIZE`, else
-/// Slurm's `SLURM_PROCID` / `SLURM_NTASKS`, else one rank. Rank 0 listens at
-/// `MASTER_ADDR:MASTER_PORT` (default 127.0.0.1:29500); `SAFEPIPE_RENDEZVOUS_TIMEOUT` seconds
-/// (default 300) bound the wait for the others.
-fn connect() -> Result<Box<dyn Collective>> {
-    let var = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
-    let number = |k: &str, v: String| {
-        v.parse::<usize>()
-            .map_err(|_| Error::Config(format!("{k} = {v:?} is not a number")))
-    };
-    let (rank, world) = match (var("RANK"), var("WORLD_SIZE"), var("SLURM_PROCID"), var("SLURM_NTASKS")) {
-        (Some(r), Some(w), _, _) => (number("RANK", r)?, number("WORLD_SIZE", w)?),
-        (_, _, Some(r), Some(w)) => (number("SLURM_PROCID", r)?, number("SLURM_NTASKS", w)?),
-        _ => (0, 1),
-    };
-    if world <= 1 {
-        return Ok(Box::new(Single));
-    }
-    let host = var("MASTER_ADDR").unwrap_or_else(|| "127.0.0.1".into());
-    let port = var("MASTER_PORT").unwrap_or_else(|| "29500".into());
-    let timeout = var("SAFEPIPE_RENDEZVOUS_TIMEOUT").map_or(Ok(300), |v| number("SAFEPIPE_RENDEZVOUS_TIMEOUT", v))?;
-    let master = std::net::ToSocketAddrs::to_socket_addrs(&format!("{host}:{port}"))
-        .ok()
-        .and_then(|mut a| a.next())
-        .ok_or_else(|| Error::Config(format!("MASTER_ADDR:MASTER_PORT = {host}:{port} does not resolve")))?;
-    info!(rank, world_size = world, master = %master, "joining the data-parallel group");
-    let comm = TcpCollective::connect(rank, world, master, std::time::Duration::from_secs(timeout as u64))
-        .map_err(Error::Config)?;
-    Ok(Box::new(comm))
 }
 
 /// Saves `step-NNNNNNNN/` with the tokenizer beside the weights, then points `latest` at it.
