@@ -14,13 +14,14 @@ LLAMA_VENV := .venv-llama
 LLAMA_PY := $(LLAMA_VENV)/bin/python
 LLAMA_CPP := llama-cpp-python==0.3.36
 
-.PHONY: setup build demo test test-slow test-server lint fmt bench classifier clean help
+.PHONY: setup build demo test test-slow test-slurm test-server lint fmt bench classifier clean help
 
 help:
 	@echo "make setup   install everything a fresh machine needs (Python venv, sample corpus, SmolLM2 model, crates)"
 	@echo "make demo    run the pipeline on the bundled sample corpus (configs/demo.toml), export, train a tiny model, write the HTML report"
 	@echo "make test    the test suite (needs make setup first)"
 	@echo "make test-slow  slow end-to-end tests (the demo config scoring the whole sample)"
+	@echo "make test-slurm  the Slurm templates under a one-node Slurm started for the test (installs slurm-wlm + munge; root or sudo)"
 	@echo "make test-server  the HTTP backend against llama.cpp's server (builds llama-cpp-python once, ~9 min)"
 	@echo "make lint    rustfmt check + clippy -D warnings"
 	@echo "make bench   ingest, engine, tokenize and score benchmarks -> docs/BENCHMARKS.md (score: downloads PyTorch into .venv-torch)"
@@ -69,7 +70,15 @@ test:
 # Slow end-to-end tests (the demo config scoring the whole sample corpus): minutes on 2 cores.
 test-slow:
 	@test -d data/sample || { echo "test-slow: no sample corpus; run 'make setup' first" >&2; exit 1; }
-	$(CARGO) test --locked --workspace -- --ignored --skip llama_cpp_server
+	$(CARGO) test --locked --workspace -- --ignored --skip llama_cpp_server --skip under_slurm
+
+# The Slurm templates under a real one-node Slurm started for the test (installs slurm-wlm and
+# munge from Debian's packages if missing; needs root or sudo): an array with a preempted task,
+# the pack array, 2-task training; outputs equal local runs. Stops the daemons at the end.
+test-slurm:
+	@test -d data/sample || { echo "test-slurm: no sample corpus; run 'make setup' first" >&2; exit 1; }
+	$(CARGO) build --locked -p safepipe --tests
+	scripts/slurm_local.sh $(CARGO) test --locked -p safepipe --test slurm -- --ignored --nocapture
 
 # llama-cpp-python[server] from source into .venv-llama (the built wheel is cached), then the
 # test that runs `safepipe generate` and the synthesis stages against its server on 127.0.0.1.
