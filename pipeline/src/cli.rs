@@ -546,6 +546,10 @@ fn print_summary(summaries: &[StageSummary]) {
             s.seconds
         );
     }
+    let retried = crate::engine::retry::retries();
+    if retried > 0 {
+        eprintln!("storage: {retried} request(s) retried after transport errors");
+    }
     if let Some(peak) = crate::progress::peak_memory_bytes() {
         eprintln!("peak memory: {} MiB", peak >> 20);
     }

@@ -9,6 +9,7 @@
 //!   plan.rs       inputs -> work units (persisted), input drift, `plan --extend`
 //!   runner.rs     units -> committed outputs      records.rs  completion / failure records
 //!   writer.rs     batches -> Parquet files        storage.rs  paths and URLs -> object stores
+//!   retry.rs      remote requests retried after transport errors (GETs and listings resumed)
 //!   ranks.rs      rank / world size from flags, Slurm, Kubernetes
 //! stages/       the stage graph (graph.rs), each stage's adapter and its config section
 //! catalog.rs    committed outputs as SQL tables   sql.rs      `safepipe sql` / `shell`

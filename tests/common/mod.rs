@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod fake_llm;
+pub mod fault_proxy;
 
 use serde_json::Value;
 use std::collections::BTreeMap;

@@ -11,6 +11,7 @@ pub mod leases;
 pub mod plan;
 pub mod ranks;
 pub mod records;
+pub mod retry;
 pub mod run_dir;
 pub mod runner;
 pub mod storage;

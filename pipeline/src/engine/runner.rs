@@ -403,24 +403,37 @@ async fn produce(
             (t.name, TableWriter::new(staged, t.schema))
         })
         .collect();
-    let mut counts = UnitCounts::default();
-    let mut batches = stage.run(UnitInput {
-        unit: job.unit,
-        run_dir: env.run_dir.clone(),
-        upstream: job.inputs,
-    });
-    while let Some(batch) = batches.next().await {
-        let batch = batch?;
-        for (table, rows) in &batch.tables {
-            let (_, writer) = writers
-                .iter_mut()
-                .find(|(t, _)| t == table)
-                .ok_or_else(|| Error::Internal(format!("stage {name} produced undeclared table {table}")))?;
-            writer.write(rows).await?;
+    let streamed = async {
+        let mut counts = UnitCounts::default();
+        let mut batches = stage.run(UnitInput {
+            unit: job.unit,
+            run_dir: env.run_dir.clone(),
+            upstream: job.inputs,
+        });
+        while let Some(batch) = batches.next().await {
+            let batch = batch?;
+            for (table, rows) in &batch.tables {
+                let (_, writer) = writers
+                    .iter_mut()
+                    .find(|(t, _)| t == table)
+                    .ok_or_else(|| Error::Internal(format!("stage {name} produced undeclared table {table}")))?;
+                writer.write(rows).await?;
+            }
+            counts.merge(&batch.counts);
         }
-        counts.merge(&batch.counts);
+        Ok::<_, Error>(counts)
     }
-    drop(batches);
+    .await;
+    let counts = match streamed {
+        Ok(counts) => counts,
+        Err(e) => {
+            // A failed attempt leaves no multipart upload open on an object store.
+            for (_, writer) in writers {
+                writer.abort().await;
+            }
+            return Err(e);
+        }
+    };
     counts
         .check()
         .map_err(|e| Error::Internal(format!("stage {name}, unit {id}: {e}")))?;

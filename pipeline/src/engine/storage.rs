@@ -113,7 +113,7 @@ impl Stores {
                     )));
                 }
             };
-            Ok(store)
+            Ok(Arc::new(super::retry::RetryingStore::new(store)))
         })?;
         let path = Path::from_url_path(url.path()).map_err(|e| Error::Config(format!("{location}: {e}")))?;
         Ok(Location { store, path, base })

@@ -58,6 +58,17 @@ impl TableWriter {
         Ok(())
     }
 
+    /// Gives up the file: an object store's multipart upload, if one was started, is aborted
+    /// (best effort: a bucket lifecycle rule catches what a killed process leaves).
+    pub async fn abort(self) {
+        if let Some(writer) = self.writer {
+            let mut sink = writer.into_inner();
+            if let Err(e) = sink.abort().await {
+                tracing::warn!(file = %self.location.display(), error = %e, "could not abort an upload");
+            }
+        }
+    }
+
     /// Finishes the file; `None` when no row was written (no file is created).
     pub async fn finish(self) -> Result<Option<WrittenFile>> {
         let Some(writer) = self.writer else { return Ok(None) };
