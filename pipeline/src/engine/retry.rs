@@ -240,22 +240,39 @@ impl ObjectStore for RetryingStore {
         again("get ranges", location, || self.inner.get_ranges(location, ranges)).await
     }
 
+    /// Deletes in chunks of up to 1,000 paths (one S3 `DeleteObjects` request each, as the store
+    /// batches them); a chunk with a transport error is sent again whole (deleting is idempotent).
     fn delete_stream(&self, locations: BoxStream<'static, Result<Path>>) -> BoxStream<'static, Result<Path>> {
         let inner = self.inner.clone();
         locations
-            .then(move |path| {
+            .ready_chunks(1000)
+            .then(move |chunk| {
                 let inner = inner.clone();
                 async move {
-                    let path = path?;
-                    again("delete", &path, || {
-                        let one = futures::stream::once(std::future::ready(Ok(path.clone()))).boxed();
-                        let mut deleted = inner.delete_stream(one);
-                        let path = path.clone();
-                        async move { deleted.next().await.unwrap_or(Ok(path)) }
-                    })
-                    .await
+                    let (paths, mut failed): (Vec<_>, Vec<_>) = chunk.into_iter().partition(Result::is_ok);
+                    let paths: Vec<Path> = paths.into_iter().flatten().collect();
+                    let mut attempt = 0;
+                    loop {
+                        let batch = futures::stream::iter(paths.clone().into_iter().map(Ok)).boxed();
+                        let results: Vec<Result<Path>> = inner.delete_stream(batch).collect().await;
+                        let broken = results.iter().position(|r| r.as_ref().is_err_and(transient));
+                        match broken {
+                            Some(at) if attempt + 1 < ATTEMPTS => {
+                                if let Some(Err(e)) = results.into_iter().nth(at) {
+                                    let first = paths.first().cloned().unwrap_or_default();
+                                    pause("delete", &first, attempt, &e).await;
+                                }
+                                attempt += 1;
+                            }
+                            _ => {
+                                failed.extend(results);
+                                return futures::stream::iter(failed);
+                            }
+                        }
+                    }
                 }
             })
+            .flatten()
             .boxed()
     }
 
