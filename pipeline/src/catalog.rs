@@ -13,9 +13,15 @@ use crate::pack::ManifestState;
 use crate::stages::{Scope, StageGraph};
 use arrow::array::{ArrayRef, BooleanArray, Float64Array, RecordBatch, StringArray, UInt32Array, UInt64Array};
 use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
+use datafusion::catalog::Session;
 use datafusion::datasource::MemTable;
-use datafusion::datasource::file_format::parquet::ParquetFormat;
-use datafusion::datasource::listing::{ListingOptions, ListingTable, ListingTableConfig, ListingTableUrl};
+use datafusion::datasource::listing::PartitionedFile;
+use datafusion::datasource::physical_plan::{FileGroup, FileScanConfigBuilder, ParquetSource};
+use datafusion::datasource::source::DataSourceExec;
+use datafusion::datasource::{TableProvider, TableType};
+use datafusion::execution::object_store::ObjectStoreUrl;
+use datafusion::logical_expr::Expr;
+use datafusion::physical_plan::ExecutionPlan;
 use datafusion::prelude::{SessionConfig, SessionContext};
 use std::sync::{Arc, LazyLock};
 use tracing::warn;
@@ -122,12 +128,12 @@ pub async fn session(config: &Config) -> Result<SessionContext> {
         let mut done: Vec<_> = files.done.into_values().collect();
         done.sort_by_key(|c| c.record.unit);
         for table in stage.stage.outputs() {
-            let files: Vec<String> = done
+            let files: Vec<(crate::engine::storage::Location, u64)> = done
                 .iter()
                 .filter_map(|c| c.record.outputs.get(table.name))
-                .map(|f| run_dir.file(&f.file).map(|l| l.url()))
+                .map(|f| run_dir.file(&f.file).map(|l| (l, f.bytes)))
                 .collect::<Result<_>>()?;
-            register(&ctx, table.name, table.schema, &files)?;
+            register_committed(&ctx, table.name, table.schema, files)?;
         }
         all.extend(done.into_iter().map(|c| {
             let current = judged
@@ -149,18 +155,18 @@ pub async fn session(config: &Config) -> Result<SessionContext> {
             Some(m) => (
                 m.shards
                     .iter()
-                    .map(|f| run_dir.file(&f.file).map(|l| l.url()))
+                    .map(|f| run_dir.file(&f.file).map(|l| (l, f.bytes)))
                     .collect::<Result<Vec<_>>>()?,
                 m.id_type == "uint32",
             ),
             None => (Vec::new(), false),
         };
         let id_type = if wide { DataType::UInt32 } else { DataType::UInt16 };
-        register(
+        register_committed(
             &ctx,
             "shards",
             safepipe_operators::schema::shards_schema(id_type),
-            &files,
+            files,
         )?;
     }
     ctx.register_table(
@@ -169,21 +175,69 @@ pub async fn session(config: &Config) -> Result<SessionContext> {
     )?;
     Ok(ctx)
 }
-fn register(ctx: &SessionContext, name: &str, schema: SchemaRef, files: &[String]) -> Result<()> {
-    if files.is_empty() {
+/// Registers a table over exactly the committed files, whose sizes the records hold: no listing
+/// and no per-file request at planning, so 100,000 files cost what their reading costs (a
+/// listing table of one path per file lists and opens them all at once).
+fn register_committed(
+    ctx: &SessionContext,
+    name: &str,
+    schema: SchemaRef,
+    files: Vec<(crate::engine::storage::Location, u64)>,
+) -> Result<()> {
+    let Some((first, _)) = files.first() else {
         ctx.register_table(name, Arc::new(MemTable::try_new(schema, vec![vec![]])?))?;
         return Ok(());
-    }
-    let urls = files
-        .iter()
-        .map(ListingTableUrl::parse)
-        .collect::<datafusion::error::Result<Vec<_>>>()?;
-    let options = ListingOptions::new(Arc::new(ParquetFormat::default())).with_file_extension(".parquet");
-    let config = ListingTableConfig::new_with_multi_paths(urls)
-        .with_listing_options(options)
-        .with_schema(schema);
-    ctx.register_table(name, Arc::new(ListingTable::try_new(config)?))?;
+    };
+    let store = ObjectStoreUrl::parse(first.base.as_str())?;
+    let files = files
+        .into_iter()
+        .map(|(location, bytes)| PartitionedFile::new(location.path.to_string(), bytes))
+        .collect();
+    ctx.register_table(name, Arc::new(CommittedFiles { schema, store, files }))?;
     Ok(())
+}
+
+/// A table over a known list of Parquet files in one store.
+#[derive(Debug)]
+struct CommittedFiles {
+    schema: SchemaRef,
+    store: ObjectStoreUrl,
+    files: Vec<PartitionedFile>,
+}
+
+#[async_trait::async_trait]
+impl TableProvider for CommittedFiles {
+    fn schema(&self) -> SchemaRef {
+        self.schema.clone()
+    }
+
+    fn table_type(&self) -> TableType {
+        TableType::Base
+    }
+
+    async fn scan(
+        &self,
+        state: &dyn Session,
+        projection: Option<&Vec<usize>>,
+        _filters: &[Expr],
+        limit: Option<usize>,
+    ) -> datafusion::error::Result<Arc<dyn ExecutionPlan>> {
+        // Contiguous groups, one per partition: unit order is kept within each.
+        let partitions = state.config().target_partitions().max(1);
+        let per_group = self.files.len().div_ceil(partitions).max(1);
+        let groups = self
+            .files
+            .chunks(per_group)
+            .map(|c| FileGroup::new(c.to_vec()))
+            .collect();
+        let source = Arc::new(ParquetSource::new(self.schema.clone()));
+        let config = FileScanConfigBuilder::new(self.store.clone(), source)
+            .with_file_groups(groups)
+            .with_projection_indices(projection.cloned())?
+            .with_limit(limit)
+            .build();
+        Ok(DataSourceExec::from_data_source(config))
+    }
 }
 
 fn stats_batch(records: &[(CompletionRecord, Option<bool>)]) -> Result<RecordBatch> {
