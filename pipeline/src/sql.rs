@@ -153,6 +153,24 @@ pub async fn execute(ctx: &SessionContext, sql: &str, limits: &SqlConfig) -> Res
 
 /// Text columns (also inside structs) with control characters escaped (`\n`, `\t`,
 /// `\u{1b}`), for showing rows on a terminal.
+/// A list column with `escape` applied to its values (offsets and nulls kept).
+fn list<O: arrow::array::OffsetSizeTrait>(
+    array: &arrow::array::ArrayRef,
+    field: &arrow::datatypes::FieldRef,
+    escape: fn(&arrow::array::ArrayRef) -> Result<arrow::array::ArrayRef>,
+) -> Result<arrow::array::ArrayRef> {
+    use arrow::array::{Array, AsArray};
+    let list = array.as_list::<O>();
+    let values = escape(list.values())?;
+    let field = Arc::new(field.as_ref().clone().with_data_type(values.data_type().clone()));
+    Ok(Arc::new(arrow::array::GenericListArray::<O>::try_new(
+        field,
+        list.offsets().clone(),
+        values,
+        list.nulls().cloned(),
+    )?))
+}
+
 pub fn escape_controls(batch: &RecordBatch) -> Result<RecordBatch> {
     fn column(array: &arrow::array::ArrayRef) -> Result<arrow::array::ArrayRef> {
         use arrow::array::{Array, AsArray, StringArray, StructArray};
@@ -194,28 +212,8 @@ pub fn escape_controls(batch: &RecordBatch) -> Result<RecordBatch> {
                 Arc::new(StructArray::try_new(fields.into(), children, parts.nulls().cloned())?)
             }
             // Text inside lists and maps reaches the terminal too.
-            DataType::List(field) => {
-                let list = array.as_list::<i32>();
-                let values = column(list.values())?;
-                let field = Arc::new(field.as_ref().clone().with_data_type(values.data_type().clone()));
-                Arc::new(arrow::array::ListArray::try_new(
-                    field,
-                    list.offsets().clone(),
-                    values,
-                    list.nulls().cloned(),
-                )?)
-            }
-            DataType::LargeList(field) => {
-                let list = array.as_list::<i64>();
-                let values = column(list.values())?;
-                let field = Arc::new(field.as_ref().clone().with_data_type(values.data_type().clone()));
-                Arc::new(arrow::array::LargeListArray::try_new(
-                    field,
-                    list.offsets().clone(),
-                    values,
-                    list.nulls().cloned(),
-                )?)
-            }
+            DataType::List(field) => list::<i32>(array, field, column)?,
+            DataType::LargeList(field) => list::<i64>(array, field, column)?,
             DataType::Map(field, ordered) => {
                 let map = array.as_map();
                 let entries = column(&(Arc::new(map.entries().clone()) as arrow::array::ArrayRef))?;

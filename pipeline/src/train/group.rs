@@ -227,12 +227,14 @@ mod tests {
         let base = [("RANK", "0"), ("WORLD_SIZE", "2"), ("SAFEPIPE_JOB_SECRET", "x")];
         let g = group(&base).unwrap().tcp.unwrap();
         // The configured limit, read from the environment (no clock involved).
-        assert_eq!(g.peer_timeout.as_secs(), COLLECTIVE_TIMEOUT);
+        let limit = g.peer_timeout.as_secs();
+        assert_eq!(limit, COLLECTIVE_TIMEOUT);
         let g = group(&[base.as_slice(), &[("SAFEPIPE_COLLECTIVE_TIMEOUT", "2")]].concat())
             .unwrap()
             .tcp
             .unwrap();
-        assert_eq!(g.peer_timeout.as_secs(), 2);
+        let limit = g.peer_timeout.as_secs();
+        assert_eq!(limit, 2);
         for bad in [
             ("SAFEPIPE_COLLECTIVE_TIMEOUT", "0"),
             ("SAFEPIPE_RENDEZVOUS_TIMEOUT", "soon"),
