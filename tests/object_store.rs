@@ -107,7 +107,7 @@ fn pipeline_runs_with_inputs_and_run_dir_on_s3() {
         .join("\n");
     let remote = ws.config(
         "remote.toml",
-        &sample_config(&token_sections())
+        &sample_config(&format!("{}\n[runner]\nsnapshot_records = 1\n", token_sections()))
             .replace("run_dir = \"run\"", "run_dir = \"s3://corpus/runs/demo\"")
             .replace(&sample_inputs(), &format!("{remote_inputs}\n")),
     );
@@ -138,6 +138,22 @@ fn pipeline_runs_with_inputs_and_run_dir_on_s3() {
     assert!(shards > 1000, "{shards} shards rows");
     let status = text(&safepipe_s3(port, &["status", remote]).stdout);
     assert!(status.contains("s3://corpus/runs/demo"), "{status}");
+    // The record snapshots written by the first run serve every record: the tags S3 gave the
+    // records' PUTs are the ones its listings show.
+    let traced = Command::new(bin())
+        .args(["status", remote])
+        .envs(s3_env(port))
+        .env("RUST_LOG", "safepipe=debug")
+        .output()
+        .unwrap();
+    let traced = text(&traced.stderr);
+    for stage in ["ingest", "route", "tag", "tokenize"] {
+        let line = traced
+            .lines()
+            .find(|l| l.contains("completion records") && l.contains(&format!("stage=\"{stage}\"")))
+            .unwrap_or_else(|| panic!("no record line for {stage}:\n{traced}"));
+        assert!(line.contains(" read=0") && !line.contains("from_snapshot=0"), "{line}");
+    }
 
     // A local run directory moved to S3 as it is (every file uploaded) works there: nothing to
     // redo, the same tables.

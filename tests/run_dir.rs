@@ -394,3 +394,114 @@ fn a_stage_whose_upstream_is_not_configured_is_refused_at_load() {
         );
     }
 }
+
+/// The entries of a stage's record snapshot (`<stage>/_snapshot/records.jsonl.zst`), header first.
+fn snapshot_lines(run_dir: &Path, stage: &str) -> Vec<Value> {
+    let bytes = std::fs::read(run_dir.join(stage).join("_snapshot/records.jsonl.zst")).unwrap();
+    let plain = zstd::stream::decode_all(&bytes[..]).unwrap();
+    text(&plain).lines().map(|l| serde_json::from_str(l).unwrap()).collect()
+}
+
+fn write_snapshot_lines(run_dir: &Path, stage: &str, lines: &[Value]) {
+    let plain: String = lines.iter().map(|l| format!("{l}\n")).collect();
+    let bytes = zstd::stream::encode_all(plain.as_bytes(), 3).unwrap();
+    std::fs::write(run_dir.join(stage).join("_snapshot/records.jsonl.zst"), bytes).unwrap();
+}
+
+/// Issue 13, item 3: readers take a record from its stage's snapshot only while the listing shows
+/// the very file the entry was taken from, so a stale, doctored or corrupt snapshot never changes
+/// an answer; runs write snapshots once enough records are missing from them.
+#[test]
+fn record_snapshots_serve_only_the_files_they_were_taken_from() {
+    let ws = Workspace::new();
+    let config = ws.config("config.toml", &sample_config("[runner]\nsnapshot_records = 1\n"));
+    let run_dir = ws.path().join("run");
+    run_ok(&config, &[]);
+    let stages = ["ingest", "route", "tag"];
+    let units = sql_number(&config, "SELECT count(*) FROM stats WHERE stage = 'ingest'") as usize;
+    assert!(units > 3, "the sample needs several units: {units}");
+    for stage in stages {
+        let lines = snapshot_lines(&run_dir, stage);
+        assert_eq!(lines[0]["stage"], stage);
+        assert_eq!(lines.len(), units + 1, "{stage}: one entry per committed unit");
+    }
+    let tables = snapshot(&config);
+    let stats_query =
+        "SELECT stage, unit, rows_in, rows_out, rows_dropped, rows_quarantined, fingerprint, current FROM stats";
+    let stats = sql_rows(&config, stats_query);
+    assert!(predicted(&config).values().all(|&n| n == 0));
+
+    // A doctored entry whose file tag still matches is believed: proof that readers use it.
+    let mut lines = snapshot_lines(&run_dir, "ingest");
+    let unit = lines[2]["record"]["unit"].as_u64().unwrap();
+    let real = lines[2]["record"]["counts"]["rows_out"].clone();
+    lines[2]["record"]["counts"]["rows_out"] = 999_999.into();
+    write_snapshot_lines(&run_dir, "ingest", &lines);
+    let query = format!("SELECT rows_out FROM stats WHERE stage = 'ingest' AND unit = {unit}");
+    assert_eq!(sql_number(&config, &query), 999_999);
+
+    // Rewriting the record file with the same bytes gives it a new tag: the entry no longer
+    // serves it, and the record itself is read.
+    let record = run_dir.join(format!("ingest/_done/unit-{unit:06}.json"));
+    let bytes = std::fs::read(&record).unwrap();
+    let staged = record.with_extension("rewrite");
+    std::fs::write(&staged, &bytes).unwrap();
+    std::fs::rename(&staged, &record).unwrap();
+    assert_eq!(sql_number(&config, &query), real.as_i64().unwrap());
+    assert_eq!(sql_rows(&config, stats_query), stats);
+    assert_eq!(snapshot(&config), tables);
+
+    // A corrupt snapshot is ignored with a warning: every record is read.
+    std::fs::write(run_dir.join("route/_snapshot/records.jsonl.zst"), b"not a snapshot").unwrap();
+    let out = safepipe(&["sql", config.to_str().unwrap(), stats_query, "--format", "jsonl"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stderr).contains("ignoring the record snapshot"),
+        "{}",
+        text(&out.stderr)
+    );
+    let mut rows: Vec<String> = text(&out.stdout).lines().map(str::to_string).collect();
+    rows.sort();
+    assert_eq!(rows, stats);
+    assert!(predicted(&config).values().all(|&n| n == 0));
+
+    // A no-op run finds the records its snapshots lacked and writes whole ones again.
+    run_ok(&config, &[]);
+    for stage in stages {
+        let lines = snapshot_lines(&run_dir, stage);
+        assert_eq!(lines.len(), units + 1, "{stage}");
+        assert!(lines.iter().all(|l| l["record"]["counts"]["rows_out"] != 999_999));
+    }
+
+    // A redone stage makes its snapshot stale; with snapshots off, readers still see exactly the
+    // new records.
+    std::fs::write(
+        &config,
+        sample_config("[runner]\nsnapshot_records = 0\n").replace("< 20", "< 25"),
+    )
+    .unwrap();
+    let stale = snapshot_lines(&run_dir, "route");
+    run_ok(&config, &[]);
+    assert_eq!(snapshot_lines(&run_dir, "route"), stale, "snapshots off: none written");
+    let fresh = sql_rows(
+        &config,
+        "SELECT stage, unit, fingerprint FROM stats WHERE stage = 'route'",
+    );
+    let old: Vec<String> = stale[1..]
+        .iter()
+        .map(|l| l["record"]["fingerprint"].to_string())
+        .collect();
+    assert!(
+        fresh
+            .iter()
+            .all(|row| !old.iter().any(|f| row.contains(f.trim_matches('"')))),
+        "{fresh:?}"
+    );
+    assert!(predicted(&config).values().all(|&n| n == 0));
+    // gc leaves snapshots alone.
+    let gc = safepipe(&["gc", config.to_str().unwrap(), "--min-age-secs", "0"]);
+    assert!(gc.status.success(), "{}", text(&gc.stderr));
+    for stage in stages {
+        assert!(run_dir.join(stage).join("_snapshot/records.jsonl.zst").exists());
+    }
+}

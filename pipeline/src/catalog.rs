@@ -6,7 +6,7 @@
 use crate::config::Config;
 use crate::engine::freshness;
 use crate::engine::plan::Plan;
-use crate::engine::records::CompletionRecord;
+use crate::engine::records::{CompletionRecord, OutputFile};
 use crate::engine::run_dir::{RunDir, StageFiles};
 use crate::error::{Error, Result};
 use crate::pack::ManifestState;
@@ -14,6 +14,8 @@ use crate::stages::{Scope, StageGraph};
 use arrow::array::{ArrayRef, BooleanArray, Float64Array, RecordBatch, StringArray, UInt32Array, UInt64Array};
 use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
 use datafusion::catalog::Session;
+use datafusion::common::Statistics;
+use datafusion::common::stats::Precision;
 use datafusion::datasource::MemTable;
 use datafusion::datasource::listing::PartitionedFile;
 use datafusion::datasource::physical_plan::{FileGroup, FileScanConfigBuilder, ParquetSource};
@@ -128,10 +130,10 @@ pub async fn session(config: &Config) -> Result<SessionContext> {
         let mut done: Vec<_> = files.done.into_values().collect();
         done.sort_by_key(|c| c.record.unit);
         for table in stage.stage.outputs() {
-            let files: Vec<(crate::engine::storage::Location, u64)> = done
+            let files: Vec<(crate::engine::storage::Location, &OutputFile)> = done
                 .iter()
                 .filter_map(|c| c.record.outputs.get(table.name))
-                .map(|f| run_dir.file(&f.file).map(|l| (l, f.bytes)))
+                .map(|f| run_dir.file(&f.file).map(|l| (l, f)))
                 .collect::<Result<_>>()?;
             register_committed(&ctx, table.name, table.schema, files)?;
         }
@@ -155,7 +157,7 @@ pub async fn session(config: &Config) -> Result<SessionContext> {
             Some(m) => (
                 m.shards
                     .iter()
-                    .map(|f| run_dir.file(&f.file).map(|l| (l, f.bytes)))
+                    .map(|f| run_dir.file(&f.file).map(|l| (l, f)))
                     .collect::<Result<Vec<_>>>()?,
                 m.id_type == "uint32",
             ),
@@ -175,14 +177,15 @@ pub async fn session(config: &Config) -> Result<SessionContext> {
     )?;
     Ok(ctx)
 }
-/// Registers a table over exactly the committed files, whose sizes the records hold: no listing
-/// and no per-file request at planning, so 100,000 files cost what their reading costs (a
-/// listing table of one path per file lists and opens them all at once).
+/// Registers a table over exactly the committed files, whose sizes and row counts the records
+/// hold: no listing and no per-file request at planning, so 100,000 files cost what their
+/// reading costs (a listing table of one path per file lists and opens them all at once), and
+/// an unfiltered `count(*)` is answered from the recorded row counts without opening a file.
 fn register_committed(
     ctx: &SessionContext,
     name: &str,
     schema: SchemaRef,
-    files: Vec<(crate::engine::storage::Location, u64)>,
+    files: Vec<(crate::engine::storage::Location, &OutputFile)>,
 ) -> Result<()> {
     let Some((first, _)) = files.first() else {
         ctx.register_table(name, Arc::new(MemTable::try_new(schema, vec![vec![]])?))?;
@@ -191,18 +194,18 @@ fn register_committed(
     let store = ObjectStoreUrl::parse(first.base.as_str())?;
     let files = files
         .into_iter()
-        .map(|(location, bytes)| PartitionedFile::new(location.path.to_string(), bytes))
+        .map(|(location, f)| (PartitionedFile::new(location.path.to_string(), f.bytes), f.rows))
         .collect();
     ctx.register_table(name, Arc::new(CommittedFiles { schema, store, files }))?;
     Ok(())
 }
 
-/// A table over a known list of Parquet files in one store.
+/// A table over a known list of Parquet files in one store, with each file's row count.
 #[derive(Debug)]
 struct CommittedFiles {
     schema: SchemaRef,
     store: ObjectStoreUrl,
-    files: Vec<PartitionedFile>,
+    files: Vec<(PartitionedFile, u64)>,
 }
 
 #[async_trait::async_trait]
@@ -225,13 +228,19 @@ impl TableProvider for CommittedFiles {
         // Contiguous groups, one per partition: unit order is kept within each.
         let partitions = state.config().target_partitions().max(1);
         let per_group = self.files.len().div_ceil(partitions).max(1);
+        let rows = |files: &[(PartitionedFile, u64)]| {
+            let mut stats = Statistics::new_unknown(&self.schema);
+            stats.num_rows = Precision::Exact(files.iter().map(|(_, rows)| *rows as usize).sum());
+            stats
+        };
         let groups = self
             .files
             .chunks(per_group)
-            .map(|c| FileGroup::new(c.to_vec()))
+            .map(|c| FileGroup::new(c.iter().map(|(f, _)| f.clone()).collect()).with_statistics(Arc::new(rows(c))))
             .collect();
         let source = Arc::new(ParquetSource::new(self.schema.clone()));
         let config = FileScanConfigBuilder::new(self.store.clone(), source)
+            .with_statistics(rows(&self.files))
             .with_file_groups(groups)
             .with_projection_indices(projection.cloned())?
             .with_limit(limit)

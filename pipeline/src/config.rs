@@ -208,6 +208,9 @@ pub struct RunnerConfig {
     /// How long a unit's lease lasts without renewal before another process may take the unit
     /// over (its holder renews it every third of this while working).
     pub lease_seconds: u64,
+    /// A rank that ends a stage with at least this many of the stage's records missing from its
+    /// snapshot writes a new one (0: never).
+    pub snapshot_records: usize,
 }
 
 impl Default for RunnerConfig {
@@ -215,6 +218,7 @@ impl Default for RunnerConfig {
         RunnerConfig {
             jobs: 0,
             lease_seconds: 600,
+            snapshot_records: 1000,
         }
     }
 }
@@ -234,6 +238,8 @@ pub struct Config {
     pub jobs: usize,
     /// `runner.lease_seconds`.
     pub lease_seconds: u64,
+    /// `runner.snapshot_records`.
+    pub snapshot_records: usize,
     /// `[sql]`: limits of the SQL commands (`sql`, `shell`, `report`); its spill directory resolved.
     pub sql: SqlConfig,
     pub score: Option<ScoreSettings>,
@@ -341,6 +347,7 @@ impl Config {
             tagger,
             jobs,
             lease_seconds: raw.runner.lease_seconds,
+            snapshot_records: raw.runner.snapshot_records,
             sql: SqlConfig {
                 spill_dir: raw.sql.spill_dir.as_deref().map(|d| resolve(&dir, d)),
                 ..raw.sql

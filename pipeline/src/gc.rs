@@ -1,7 +1,7 @@
 //! `safepipe gc`: deletes files in the run directory that no completion record or manifest
 //! names — outputs of killed or superseded attempts (`<stage>/_attempts/`), files published by
-//! an attempt killed before its record, staging leftovers. Committed outputs, records, leases
-//! and the plan are never touched.
+//! an attempt killed before its record, staging leftovers. Committed outputs, records, record
+//! snapshots, leases and the plan are never touched.
 //!
 //! A unit being written right now is also unnamed until it commits, so only files older than a
 //! minimum age are deleted (default one hour); run gc when no rank is running, or keep the age
@@ -10,6 +10,7 @@
 use crate::config::Config;
 use crate::engine::records::{DONE_DIR, FAILED_DIR, LEASES_DIR};
 use crate::engine::run_dir::RunDir;
+use crate::engine::snapshot::SNAPSHOT_DIR;
 use crate::error::Result;
 use crate::stages::{Scope, StageGraph};
 use object_store::ObjectMeta;
@@ -62,7 +63,7 @@ pub async fn collect(config: &Config, min_age: Duration, dry_run: bool) -> Resul
             }
         }
     }
-    let bookkeeping = [DONE_DIR, FAILED_DIR, LEASES_DIR];
+    let bookkeeping = [DONE_DIR, FAILED_DIR, LEASES_DIR, SNAPSHOT_DIR];
     for (relative, meta) in listed {
         let second = relative.split('/').nth(1).unwrap_or_default();
         if bookkeeping.contains(&second)

@@ -70,8 +70,7 @@ pub async fn collect(config: &Config) -> Result<Option<Report>> {
         let Some((files, judged)) = surveyed else {
             let view = PackView::of_graph(&run_dir, &plan, &graph, &fingerprints, &survey).await?;
             let mut status = global_status(node.name(), &view);
-            let parts = run_dir.stage(node.name()).await?;
-            status.running = leases::held(&run_dir, &parts, lease_time).await?.len();
+            status.running = leases::held(&run_dir, node.name(), lease_time).await?.len();
             out.push(status);
             continue;
         };
@@ -79,7 +78,7 @@ pub async fn collect(config: &Config) -> Result<Option<Report>> {
             stage: node.name().to_string(),
             units: units.len(),
             committed: judged.current.len(),
-            running: leases::held(&run_dir, files, lease_time).await?.len(),
+            running: leases::held(&run_dir, node.name(), lease_time).await?.len(),
             ..Default::default()
         };
         for c in judged.current.values() {

@@ -15,7 +15,7 @@
 //! `runner.lease_seconds`.
 
 use crate::engine::records::LEASES_DIR;
-use crate::engine::run_dir::{RunDir, StageFiles, host_name};
+use crate::engine::run_dir::{RunDir, host_name};
 use crate::engine::storage::Location;
 use crate::error::{Error, Result};
 use object_store::{PutMode, PutOptions};
@@ -127,12 +127,23 @@ async fn generations(run_dir: &RunDir, dir: &Location) -> Result<Vec<u64>> {
 }
 
 /// The units of a stage whose lease is held right now (not released, not expired), with their
-/// holders: the units being worked on, on any rank. `files` is the stage's listing; only the
+/// holders: the units being worked on, on any rank. One listing of the stage's leases; only the
 /// newest generation of each unit, and only if written within `recent` (a live holder rewrites
 /// it every third of its lease time), is read, so a stage of many finished units costs no reads.
-pub async fn held(run_dir: &RunDir, files: &StageFiles, recent: Duration) -> Result<Vec<(u32, Holder)>> {
+pub async fn held(run_dir: &RunDir, stage: &str, recent: Duration) -> Result<Vec<(u32, Holder)>> {
+    let listed: Vec<(String, object_store::ObjectMeta)> = run_dir
+        .list(&format!("{stage}/{LEASES_DIR}"))
+        .await?
+        .into_iter()
+        .filter_map(|meta| {
+            Some((
+                run_dir.relative(&run_dir.root().with_path(meta.location.clone()))?,
+                meta,
+            ))
+        })
+        .collect();
     let mut newest: std::collections::BTreeMap<u32, (u64, &object_store::ObjectMeta, &str)> = Default::default();
-    for (name, meta) in &files.files {
+    for (name, meta) in &listed {
         let Some(rest) = name.split_once(&format!("/{LEASES_DIR}/unit-")).map(|(_, r)| r) else {
             continue;
         };

@@ -8,11 +8,13 @@
 
 pub mod freshness;
 pub mod leases;
+pub mod listing;
 pub mod plan;
 pub mod ranks;
 pub mod records;
 pub mod retry;
 pub mod run_dir;
 pub mod runner;
+pub mod snapshot;
 pub mod storage;
 pub mod writer;

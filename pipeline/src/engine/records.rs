@@ -12,6 +12,7 @@
 //! (`safepipe sql`, the next stage, other tools) never see a half-written unit, and a copied or
 //! moved run directory reads only its own files.
 
+use crate::engine::snapshot::FileTag;
 use crate::error::{Error, Result};
 use safepipe_operators::UnitCounts;
 use serde::{Deserialize, Serialize};
@@ -89,6 +90,9 @@ pub struct CompletionRecord {
 pub struct Committed {
     pub record: CompletionRecord,
     pub digest: String,
+    /// Which stored file the record was read from or written as (for the stage's snapshot,
+    /// [`crate::engine::snapshot`]); `None` when the store gave no ETag.
+    pub tag: Option<FileTag>,
 }
 
 impl Committed {
@@ -108,6 +112,7 @@ impl Committed {
         Ok(Committed {
             record,
             digest: digest(bytes),
+            tag: None,
         })
     }
 }

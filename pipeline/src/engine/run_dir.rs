@@ -9,9 +9,11 @@
 //! Writes that commit something (records, the plan, the manifest) are atomic, and on local disk
 //! synced before the rename, so a crash leaves the old file or the new one, never an empty one.
 
+use crate::engine::listing;
 use crate::engine::records::{
     ATTEMPTS_DIR, Committed, DONE_DIR, FAILED_DIR, FailureRecord, LEASES_DIR, unit_file, unit_of,
 };
+use crate::engine::snapshot::{self, FileTag, SNAPSHOT_FILE, Snapshot};
 use crate::engine::storage::{Location, Stores};
 use crate::error::{Error, Result};
 use futures::{StreamExt, TryStreamExt};
@@ -19,7 +21,7 @@ use object_store::{ObjectMeta, ObjectStoreExt};
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use tracing::warn;
+use tracing::{debug, warn};
 
 pub const PLAN_FILE: &str = "plan.json";
 pub const MANIFEST: &str = "pack/manifest.json";
@@ -43,8 +45,11 @@ pub struct StageFiles {
     pub damaged: HashMap<u32, String>,
     /// Committed files that are missing (their units are also in `damaged`).
     pub missing: Vec<String>,
-    /// Every object under the stage's folder, by path relative to the run directory.
+    /// Every object under the stage's folder except its leases, by path relative to the run
+    /// directory.
     pub files: BTreeMap<String, ObjectMeta>,
+    /// How many of `done` came from the stage's snapshot (the rest were read one by one).
+    pub from_snapshot: usize,
 }
 
 impl RunDir {
@@ -146,8 +151,8 @@ impl RunDir {
     }
 
     /// Writes `bytes` at `location` atomically; on local disk the file is synced before the
-    /// rename and the directory after it.
-    pub async fn put(&self, location: &Location, bytes: Vec<u8>) -> Result<()> {
+    /// rename and the directory after it. Returns the tag the new file is listed with.
+    pub async fn put(&self, location: &Location, bytes: Vec<u8>) -> Result<Option<FileTag>> {
         if !self.is_local() {
             return location.write(bytes).await;
         }
@@ -217,40 +222,67 @@ impl RunDir {
 
     /// Lists every object under `prefix` (relative to the run directory).
     pub async fn list(&self, prefix: &str) -> Result<Vec<ObjectMeta>> {
-        let at = self.root.child(prefix);
-        Ok(at.store.list(Some(&at.path)).try_collect().await?)
+        listing::list(&self.root.child(prefix), &[]).await
     }
 
     /// One listing of a stage's folder and its records: what is committed, failed or damaged
-    /// (every file a record names is checked for presence).
+    /// (every file a record names is checked for presence). Records the stage's snapshot holds
+    /// under the listed tag are taken from it; the others are read one by one.
     pub async fn stage(&self, stage: &str) -> Result<StageFiles> {
         let mut found = StageFiles::default();
         let mut records = Vec::new();
         let mut failures = Vec::new();
-        for meta in self.list(stage).await? {
+        let mut snapshot = None;
+        // Leases are not listed: one folder per unit, read only by `status` ([`leases::held`]).
+        for meta in listing::list(&self.root.child(stage), &[LEASES_DIR]).await? {
             let Some(relative) = self.relative(&self.root.with_path(meta.location.clone())) else {
                 continue;
             };
             // `<stage>/_done/unit-N.json` and `<stage>/_failed/unit-N.json`.
             let mut parts = relative.split('/').skip(1);
             match (parts.next(), parts.next().and_then(unit_of), parts.next()) {
-                (Some(DONE_DIR), Some(unit), None) => records.push((unit, meta.location.clone())),
+                (Some(DONE_DIR), Some(unit), None) => records.push((unit, meta.clone())),
                 (Some(FAILED_DIR), Some(unit), None) => failures.push((unit, meta.location.clone())),
+                _ if relative == format!("{stage}/{SNAPSHOT_FILE}") => snapshot = Some(meta.location.clone()),
                 _ => {}
             }
             found.files.insert(relative, meta);
         }
-        let read = |items: Vec<(u32, object_store::path::Path)>| {
-            let reads = items.into_iter().map(|(unit, path)| {
-                let location = self.root.with_path(path);
-                async move { Ok::<_, Error>((unit, location.read().await?.unwrap_or_default())) }
-            });
+        let mut snapshot = match snapshot {
+            Some(path) if !records.is_empty() => self.load_snapshot(stage, path).await,
+            _ => Snapshot::default(),
+        };
+        let mut unread = Vec::new();
+        let mut parsed = Vec::new();
+        for (unit, meta) in records {
+            match snapshot.take(unit, &meta) {
+                Some(c) => parsed.push((unit, Ok(c))),
+                None => unread.push((unit, meta.location)),
+            }
+        }
+        found.from_snapshot = parsed.len();
+        debug!(
+            stage,
+            from_snapshot = parsed.len(),
+            read = unread.len(),
+            "completion records"
+        );
+        let reads = unread.into_iter().map(|(unit, path)| {
+            let location = self.root.with_path(path);
+            async move {
+                let (bytes, tag) = location.read_tagged().await?.unwrap_or_default();
+                let parsed = Committed::parse(&bytes).map(|c| Committed { tag, ..c });
+                Ok::<_, Error>((unit, parsed))
+            }
+        });
+        parsed.extend(
             futures::stream::iter(reads)
                 .buffer_unordered(32)
                 .try_collect::<Vec<_>>()
-        };
-        for (unit, bytes) in read(records).await? {
-            match Committed::parse(&bytes) {
+                .await?,
+        );
+        for (unit, parsed) in parsed {
+            match parsed {
                 Ok(c) => {
                     let missing = c.record.outputs.values().find(|f| !found.files.contains_key(&f.file));
                     match missing {
@@ -270,7 +302,12 @@ impl RunDir {
                 }
             }
         }
-        for (unit, bytes) in read(failures).await? {
+        let reads = failures.into_iter().map(|(unit, path)| {
+            let location = self.root.with_path(path);
+            async move { Ok::<_, Error>((unit, location.read().await?.unwrap_or_default())) }
+        });
+        let failures: Vec<_> = futures::stream::iter(reads).buffer_unordered(32).try_collect().await?;
+        for (unit, bytes) in failures {
             match serde_json::from_slice::<FailureRecord>(&bytes) {
                 Ok(f) => {
                     found.failed.insert(unit, f);
@@ -279,6 +316,33 @@ impl RunDir {
             }
         }
         Ok(found)
+    }
+
+    /// The stage's snapshot, or none (with a warning) when it cannot be read or used.
+    async fn load_snapshot(&self, stage: &str, path: object_store::path::Path) -> Snapshot {
+        let location = self.root.with_path(path);
+        let parsed = match location.read().await {
+            Ok(Some(bytes)) => Snapshot::parse(stage, &bytes),
+            Ok(None) => return Snapshot::default(),
+            Err(e) => Err(e.to_string()),
+        };
+        parsed.unwrap_or_else(|why| {
+            warn!(stage, file = %location.display(), problem = %why, "ignoring the record snapshot: every record is read");
+            Snapshot::default()
+        })
+    }
+
+    /// Writes the snapshot of `stage` holding `records` (those with a tag); returns how many it
+    /// holds.
+    pub async fn save_snapshot<'a>(
+        &self,
+        stage: &str,
+        records: impl IntoIterator<Item = &'a Committed>,
+    ) -> Result<usize> {
+        let (bytes, held) = snapshot::encode(stage, records)?;
+        self.put(&self.root.child(&format!("{stage}/{SNAPSHOT_FILE}")), bytes)
+            .await?;
+        Ok(held)
     }
 }
 
@@ -305,7 +369,7 @@ pub fn host_name() -> String {
         .unwrap_or_else(|| "localhost".into())
 }
 
-fn local_put(path: &std::path::Path, bytes: &[u8]) -> std::io::Result<()> {
+fn local_put(path: &std::path::Path, bytes: &[u8]) -> std::io::Result<Option<FileTag>> {
     use std::io::Write;
     let parent = path.parent().unwrap_or(std::path::Path::new("/"));
     std::fs::create_dir_all(parent)?;
@@ -319,13 +383,25 @@ fn local_put(path: &std::path::Path, bytes: &[u8]) -> std::io::Result<()> {
         let mut file = std::fs::File::create(&staging)?;
         file.write_all(bytes)?;
         file.sync_all()?;
+        let tag = local_tag(&file.metadata()?);
         std::fs::rename(&staging, path)?;
-        sync_dir(Some(parent))
+        sync_dir(Some(parent))?;
+        Ok(tag)
     })();
     if result.is_err() {
         let _ = std::fs::remove_file(&staging);
     }
     result
+}
+
+#[cfg(unix)]
+fn local_tag(metadata: &std::fs::Metadata) -> Option<FileTag> {
+    Some(FileTag::of_local(metadata))
+}
+
+#[cfg(not(unix))]
+fn local_tag(_: &std::fs::Metadata) -> Option<FileTag> {
+    None
 }
 
 fn sync_dir(dir: Option<&std::path::Path>) -> std::io::Result<()> {

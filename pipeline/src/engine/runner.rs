@@ -234,10 +234,46 @@ pub async fn run(config: Arc<Config>, options: RunOptions, reporter: Arc<dyn Rep
         }
         summary.seconds = clock.elapsed().as_secs_f64();
         env.reporter.stage_finished(&summary);
+        let threshold = config.snapshot_records;
+        save_snapshot(
+            &env.run_dir,
+            stage.name(),
+            &files,
+            &now_current,
+            summary.done_total(),
+            threshold,
+        )
+        .await;
         current.push(now_current);
         summaries.push(summary);
     }
     Ok(summaries)
+}
+
+/// Writes the stage's record snapshot when at least `threshold` of its records were not in the
+/// old one (read one by one at the start, or committed by this rank since): the records listed
+/// at the start, overlaid with those current now. Best effort: a failure is a warning (the
+/// snapshot is a cache).
+async fn save_snapshot(
+    run_dir: &RunDir,
+    stage: &str,
+    listed: &crate::engine::run_dir::StageFiles,
+    current: &HashMap<u32, Committed>,
+    committed_now: usize,
+    threshold: usize,
+) {
+    let unsnapshotted = listed.done.len() - listed.from_snapshot + committed_now;
+    if threshold == 0 || unsnapshotted < threshold {
+        return;
+    }
+    let mut records: HashMap<u32, &Committed> = listed.done.iter().map(|(u, c)| (*u, c)).collect();
+    records.extend(current.iter().map(|(u, c)| (*u, c)));
+    match run_dir.save_snapshot(stage, records.into_values()).await {
+        Ok(held) => info!(stage, records = held, "wrote the stage's record snapshot"),
+        Err(e) => {
+            warn!(stage, error = %e, "could not write the stage's record snapshot (a cache: records are read one by one)")
+        }
+    }
 }
 
 /// The files of each unit in a stage's table folders (`<stage>/<table>/unit-NNNNNN-…`), from one
@@ -483,10 +519,11 @@ async fn produce(
             "stage {name}, unit {id}: another process took the unit over while this one published; its result is kept"
         )));
     }
-    env.run_dir.put(&record_at, bytes.clone()).await?;
+    let tag = env.run_dir.put(&record_at, bytes.clone()).await?;
     let committed = Committed {
         digest: records::digest(&bytes),
         record,
+        tag,
     };
     // From here on the unit is committed: cleanup is best effort (leftovers are gc's).
     if let Err(e) = env.run_dir.delete(&env.run_dir.failure(name, id)).await {
@@ -649,11 +686,26 @@ mod tests {
             files.files.keys().collect::<Vec<_>>()
         );
         // Every lease is released (a tombstone with expiry 0), the panicked unit's too.
-        for lease in files.files.keys().filter(|f| f.contains("/_leases/")) {
-            let bytes = env.run_dir.file(lease).unwrap().read().await.unwrap().unwrap();
+        let leases = env.run_dir.list("boom/_leases").await.unwrap();
+        assert_eq!(leases.len(), 3, "one lease per unit: {leases:?}");
+        for lease in leases {
+            let bytes = env
+                .run_dir
+                .root()
+                .with_path(lease.location.clone())
+                .read()
+                .await
+                .unwrap()
+                .unwrap();
             let holder: leases::Holder = serde_json::from_slice(&bytes).unwrap();
-            assert_eq!(holder.expires_at, 0, "{lease} is still held");
+            assert_eq!(holder.expires_at, 0, "{} is still held", lease.location);
         }
+        assert!(
+            leases::held(&env.run_dir, "boom", Duration::from_secs(3600))
+                .await
+                .unwrap()
+                .is_empty()
+        );
         // The table folder holds exactly the committed files.
         let tables: Vec<_> = files.files.keys().filter(|f| f.starts_with("boom/rows/")).collect();
         assert_eq!(tables.len(), 2, "{tables:?}");

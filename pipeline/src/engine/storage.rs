@@ -2,6 +2,7 @@
 //! an `object_store` store (one per bucket, credentials from the standard environment variables)
 //! plus the object's path in it.
 
+use crate::engine::snapshot::FileTag;
 use crate::error::{Error, Result};
 use object_store::aws::AmazonS3Builder;
 use object_store::azure::MicrosoftAzureBuilder;
@@ -63,10 +64,24 @@ impl Location {
         }
     }
 
+    /// The object's bytes with the tag (ETag and size) of the very object this response read.
+    pub async fn read_tagged(&self) -> Result<Option<(bytes::Bytes, Option<FileTag>)>> {
+        match self.store.get(&self.path).await {
+            Ok(body) => {
+                let tag = FileTag::of(&body.meta);
+                Ok(Some((body.bytes().await?, tag)))
+            }
+            Err(object_store::Error::NotFound { .. }) => Ok(None),
+            Err(e) => Err(e.into()),
+        }
+    }
+
     /// One atomic PUT (a rename on local disk): readers see the old object or the new one.
-    pub async fn write(&self, bytes: Vec<u8>) -> Result<()> {
-        self.store.put(&self.path, bytes.into()).await?;
-        Ok(())
+    /// Returns the tag the store gave the new object (`None` when it gives no ETag).
+    pub async fn write(&self, bytes: Vec<u8>) -> Result<Option<FileTag>> {
+        let size = bytes.len() as u64;
+        let put = self.store.put(&self.path, bytes.into()).await?;
+        Ok(put.e_tag.map(|e_tag| FileTag { e_tag, size }))
     }
 }
 
