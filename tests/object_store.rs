@@ -250,18 +250,24 @@ fn pipeline_completes_through_an_unreliable_object_store() {
         "every kind of fault happened: {}",
         proxy.summary()
     );
-    let retried: u64 = stderr
-        .lines()
-        .find_map(|l| l.strip_prefix("storage: "))
-        .and_then(|l| l.split_whitespace().next())
-        .and_then(|n| n.parse().ok())
-        .unwrap_or_else(|| panic!("no retry count in:\n{stderr}"));
+    let storage_figure = |what: &str| -> u64 {
+        stderr
+            .lines()
+            .filter(|l| l.contains(what))
+            .find_map(|l| l.strip_prefix("storage: "))
+            .and_then(|l| l.split_whitespace().next())
+            .and_then(|n| n.parse().ok())
+            .unwrap_or_else(|| panic!("no {what:?} figure in:\n{stderr}"))
+    };
+    let retried = storage_figure("retried after transport errors");
     eprintln!("safepipe retried {retried} requests after transport errors");
     let requests = faults.requests.load(std::sync::atomic::Ordering::Relaxed);
     assert!(
         retried >= 1 && retried <= requests,
         "{retried} retries for {requests} requests"
     );
+    // The requests safepipe counts are the ones that reached the server, retries included.
+    assert_eq!(storage_figure("sent to object stores"), requests, "{stderr}");
 
     // Read back without faults: the same tables as the fault-free run, the same shards.
     for query in [DOCUMENTS, QUARANTINE, ROUTES, TOKENS, SHARDS] {

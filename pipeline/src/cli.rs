@@ -546,6 +546,10 @@ fn print_summary(summaries: &[StageSummary]) {
             s.seconds
         );
     }
+    let sent = crate::engine::requests::requests();
+    if sent.total() > 0 {
+        eprintln!("storage: {sent} sent to object stores");
+    }
     let retried = crate::engine::retry::retries();
     if retried > 0 {
         eprintln!("storage: {retried} request(s) retried after transport errors");

@@ -9,7 +9,10 @@
 //!   plan.rs       inputs -> work units (persisted), input drift, `plan --extend`
 //!   runner.rs     units -> committed outputs      records.rs  completion / failure records
 //!   writer.rs     batches -> Parquet files        storage.rs  paths and URLs -> object stores
+//!   snapshot.rs   per-stage record snapshots, used only for the files they were taken from
+//!   listing.rs    folder listings (local folders walked with one stat per file)
 //!   retry.rs      remote requests retried after transport errors (GETs and listings resumed)
+//!   requests.rs   HTTP requests sent to object stores, counted by kind
 //!   ranks.rs      rank / world size from flags, Slurm, Kubernetes
 //! stages/       the stage graph (graph.rs), each stage's adapter and its config section
 //! catalog.rs    committed outputs as SQL tables   sql.rs      `safepipe sql` / `shell`

@@ -70,15 +70,20 @@ pub async fn collect(config: &Config) -> Result<Option<Report>> {
         let Some((files, judged)) = surveyed else {
             let view = PackView::of_graph(&run_dir, &plan, &graph, &fingerprints, &survey).await?;
             let mut status = global_status(node.name(), &view);
-            status.running = leases::held(&run_dir, node.name(), lease_time).await?.len();
+            status.running = leases::held(&run_dir, node.name(), None, lease_time).await?.len();
             out.push(status);
             continue;
         };
+        // Units being worked on: those the next run would do (a `--force` redo of a committed
+        // unit elsewhere shows as committed until it commits).
+        let todo: Vec<u32> = judged.todo.iter().map(|(unit, _, _)| *unit).collect();
         let mut status = StageStatus {
             stage: node.name().to_string(),
             units: units.len(),
             committed: judged.current.len(),
-            running: leases::held(&run_dir, node.name(), lease_time).await?.len(),
+            running: leases::held(&run_dir, node.name(), Some(&todo), lease_time)
+                .await?
+                .len(),
             ..Default::default()
         };
         for c in judged.current.values() {

@@ -18,6 +18,7 @@ use crate::engine::records::LEASES_DIR;
 use crate::engine::run_dir::{RunDir, host_name};
 use crate::engine::storage::Location;
 use crate::error::{Error, Result};
+use futures::{StreamExt, TryStreamExt};
 use object_store::{PutMode, PutOptions};
 use serde::{Deserialize, Serialize};
 use std::sync::Arc;
@@ -126,14 +127,36 @@ async fn generations(run_dir: &RunDir, dir: &Location) -> Result<Vec<u64>> {
     Ok(found)
 }
 
+/// Up to this many units, [`held`] lists their lease folders one by one; above it, the
+/// stage's whole lease folder at once.
+const LIST_ONE_BY_ONE: usize = 256;
+
 /// The units of a stage whose lease is held right now (not released, not expired), with their
-/// holders: the units being worked on, on any rank. One listing of the stage's leases; only the
-/// newest generation of each unit, and only if written within `recent` (a live holder rewrites
-/// it every third of its lease time), is read, so a stage of many finished units costs no reads.
-pub async fn held(run_dir: &RunDir, stage: &str, recent: Duration) -> Result<Vec<(u32, Holder)>> {
-    let listed: Vec<(String, object_store::ObjectMeta)> = run_dir
-        .list(&format!("{stage}/{LEASES_DIR}"))
-        .await?
+/// holders: the units being worked on, on any rank. `among`: only these units (`None`: every
+/// unit). Their leases are listed (a few unit folders one by one, else the stage's whole lease
+/// folder); only the newest generation of each unit, and only if written within `recent` (a
+/// live holder rewrites it every third of its lease time), is read, so a stage of many finished
+/// units costs no reads.
+pub async fn held(
+    run_dir: &RunDir,
+    stage: &str,
+    among: Option<&[u32]>,
+    recent: Duration,
+) -> Result<Vec<(u32, Holder)>> {
+    let metas = match among {
+        Some(units) if units.len() <= LIST_ONE_BY_ONE => {
+            let lists = units.iter().map(|&unit| {
+                let dir = format!("{stage}/{LEASES_DIR}/unit-{unit:06}");
+                async move { run_dir.list(&dir).await }
+            });
+            let lists: Vec<Vec<object_store::ObjectMeta>> =
+                futures::stream::iter(lists).buffer_unordered(32).try_collect().await?;
+            lists.into_iter().flatten().collect()
+        }
+        _ => run_dir.list(&format!("{stage}/{LEASES_DIR}")).await?,
+    };
+    let wanted: Option<std::collections::HashSet<u32>> = among.map(|u| u.iter().copied().collect());
+    let listed: Vec<(String, object_store::ObjectMeta)> = metas
         .into_iter()
         .filter_map(|meta| {
             Some((
@@ -156,6 +179,9 @@ pub async fn held(run_dir: &RunDir, stage: &str, recent: Duration) -> Result<Vec
         ) else {
             continue;
         };
+        if wanted.as_ref().is_some_and(|w| !w.contains(&unit)) {
+            continue;
+        }
         if newest.get(&unit).is_none_or(|(g, _, _)| *g < generation) {
             newest.insert(unit, (generation, meta, name.as_str()));
         }
@@ -371,7 +397,19 @@ mod tests {
             Acquired::Owned(_) => panic!("two owners"),
         }
         assert!(first.still_held().await.unwrap());
+        // `held` sees the live lease whether it lists every unit, a few, or many by name.
+        let recent = Duration::from_secs(60);
+        let many: Vec<u32> = (0..1000).collect();
+        for among in [None, Some(&[3u32][..]), Some(&many[..])] {
+            let held = held(&run_dir, "ingest", among, recent).await.unwrap();
+            assert_eq!(
+                held.iter().map(|(u, h)| (*u, h.attempt.as_str())).collect::<Vec<_>>(),
+                [(3, "a1")]
+            );
+        }
+        assert!(held(&run_dir, "ingest", Some(&[4]), recent).await.unwrap().is_empty());
         first.release().await;
+        assert!(held(&run_dir, "ingest", None, recent).await.unwrap().is_empty());
         let Acquired::Owned(second) = acquire(&run_dir, "ingest", 3, 1, "a2", ttl).await.unwrap() else {
             panic!("a released unit can be taken");
         };

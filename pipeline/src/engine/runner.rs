@@ -700,8 +700,9 @@ mod tests {
             let holder: leases::Holder = serde_json::from_slice(&bytes).unwrap();
             assert_eq!(holder.expires_at, 0, "{} is still held", lease.location);
         }
+        let recent = Duration::from_secs(3600);
         assert!(
-            leases::held(&env.run_dir, "boom", Duration::from_secs(3600))
+            leases::held(&env.run_dir, "boom", None, recent)
                 .await
                 .unwrap()
                 .is_empty()

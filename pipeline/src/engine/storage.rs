@@ -2,6 +2,7 @@
 //! an `object_store` store (one per bucket, credentials from the standard environment variables)
 //! plus the object's path in it.
 
+use crate::engine::requests::CountingConnector;
 use crate::engine::snapshot::FileTag;
 use crate::error::{Error, Result};
 use object_store::aws::AmazonS3Builder;
@@ -113,15 +114,24 @@ impl Stores {
         let base = Url::parse(&format!("{scheme}://{bucket}")).map_err(|e| Error::Internal(e.to_string()))?;
         let store = self.cached(base.as_str(), || {
             let store: Arc<dyn ObjectStore> = match scheme.as_str() {
-                "s3" | "s3a" => Arc::new(AmazonS3Builder::from_env().with_bucket_name(&bucket).build()?),
+                "s3" | "s3a" => Arc::new(
+                    AmazonS3Builder::from_env()
+                        .with_bucket_name(&bucket)
+                        .with_http_connector(CountingConnector)
+                        .build()?,
+                ),
                 "gs" => Arc::new(
                     GoogleCloudStorageBuilder::from_env()
                         .with_bucket_name(&bucket)
+                        .with_http_connector(CountingConnector)
                         .build()?,
                 ),
-                "az" | "abfs" | "abfss" | "azure" => {
-                    Arc::new(MicrosoftAzureBuilder::from_env().with_url(location).build()?)
-                }
+                "az" | "abfs" | "abfss" | "azure" => Arc::new(
+                    MicrosoftAzureBuilder::from_env()
+                        .with_url(location)
+                        .with_http_connector(CountingConnector)
+                        .build()?,
+                ),
                 other => {
                     return Err(Error::Config(format!(
                         "{location}: unsupported scheme '{other}://'; use a local path, file://, s3://, gs:// or az://"
