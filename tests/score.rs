@@ -345,13 +345,24 @@ fn classifier_train_writes_a_head_the_score_stage_loads() {
     let out = train_head(&out_dir, &["--name", "tiny-head", "--limit", "12", "--epochs", "100"]);
     assert!(out.status.success(), "{}", text(&out.stderr));
     let stdout = text(&out.stdout);
-    assert!(stdout.contains("macro F1") && stdout.contains("recall@3"), "{stdout}");
+    assert!(
+        stdout.contains("macro F1") && stdout.contains("top-3 accuracy"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("R@1 ") && stdout.contains("R@5 "), "{stdout}");
     let metrics: Value = serde_json::from_str(&std::fs::read_to_string(out_dir.join("metrics.json")).unwrap()).unwrap();
     let m = &metrics["metrics"];
     assert_eq!(m["per_label"].as_array().unwrap().len(), 6);
-    assert!(m["recall_at_3"].as_f64().unwrap() >= m["recall_at_1"].as_f64().unwrap());
+    assert!(m["top3_accuracy"].as_f64().unwrap() >= m["top1_accuracy"].as_f64().unwrap());
     // Better than chance (1/6) on held-out examples even with 12 per label.
-    assert!(m["recall_at_1"].as_f64().unwrap() > 0.4, "{metrics}");
+    assert!(m["top1_accuracy"].as_f64().unwrap() > 0.4, "{metrics}");
+    // The paper's recall@k for k = 1..5, each a fraction.
+    let recalls = m["recall_at_k"].as_array().unwrap();
+    assert_eq!(recalls.len(), 5);
+    assert!(
+        recalls.iter().all(|r| (0.0..=1.0).contains(&r.as_f64().unwrap())),
+        "{metrics}"
+    );
     assert_eq!(metrics["train_per_label"].as_array().unwrap().len(), 6);
 
     // The written directory is a classifier the pipeline loads by path.

@@ -356,8 +356,18 @@ pub fn print_report(r: &TrainReport) {
             println!("{label:>5}  {p:>9.3}  {rc:>6.3}  {n:>7}");
         }
         println!(
-            "macro F1 {:.3}  recall@1 {:.3}  recall@3 {:.3}  unsafe (score > 0) precision {:.3} recall {:.3}",
-            m.macro_f1, m.recall_at_1, m.recall_at_3, m.unsafe_precision, m.unsafe_recall
+            "macro F1 {:.3}  top-1 accuracy {:.3}  top-3 accuracy {:.3}  unsafe (score > 0) precision {:.3} recall {:.3}",
+            m.macro_f1, m.top1_accuracy, m.top3_accuracy, m.unsafe_precision, m.unsafe_recall
+        );
+        let recalls: Vec<String> = m
+            .recall_at_k
+            .iter()
+            .enumerate()
+            .map(|(i, r)| format!("R@{} {r:.3}", i + 1))
+            .collect();
+        println!(
+            "recall of score >= k, predicted >= k (the paper's R@k): {}",
+            recalls.join("  ")
         );
     }
 }

@@ -133,9 +133,13 @@ pub struct HeadMetrics {
     /// unlike scikit-learn's default).
     pub macro_f1: f64,
     /// Top-1 accuracy: the fraction of examples whose true label is the most probable one.
-    pub recall_at_1: f64,
+    pub top1_accuracy: f64,
     /// Top-3 accuracy: the true label is among the 3 most probable.
-    pub recall_at_3: f64,
+    pub top3_accuracy: f64,
+    /// The paper's recall@k for k = 1, 2, ... (index 0 is k = 1): of the examples whose true
+    /// score is at least k, the fraction predicted (most probable label) at least k; 0 where
+    /// no held-out example reaches k.
+    pub recall_at_k: Vec<f64>,
     /// Unsafe (label > 0) vs safe as a binary decision: precision and recall of "unsafe".
     pub unsafe_precision: f64,
     pub unsafe_recall: f64,
@@ -241,6 +245,7 @@ pub fn evaluate(head: &LinearHead, normalize: bool, xs: &[Vec<f32>], ys: &[usize
         }
         per_label.push((p, r, support));
     }
+    let recall_at_k = recall_at_k(&confusion);
     let unsafe_tp: usize = (1..k).map(|r| (1..k).map(|c| confusion[r][c]).sum::<usize>()).sum();
     let predicted_unsafe: usize = (0..k).map(|r| (1..k).map(|c| confusion[r][c]).sum::<usize>()).sum();
     let actual_unsafe: usize = (1..k).map(|r| confusion[r].iter().sum::<usize>()).sum();
@@ -252,18 +257,41 @@ pub fn evaluate(head: &LinearHead, normalize: bool, xs: &[Vec<f32>], ys: &[usize
         } else {
             f1_sum / with_support as f64
         },
-        recall_at_1: ratio(top1, ys.len()),
-        recall_at_3: ratio(top3, ys.len()),
+        top1_accuracy: ratio(top1, ys.len()),
+        top3_accuracy: ratio(top3, ys.len()),
+        recall_at_k,
         unsafe_precision: ratio(unsafe_tp, predicted_unsafe),
         unsafe_recall: ratio(unsafe_tp, actual_unsafe),
         final_loss,
     }
 }
 
+/// The paper's recall@k for k = 1..labels-1 from a confusion matrix (`confusion[true][predicted]`):
+/// of the examples whose true label is at least k, the fraction predicted at least k.
+fn recall_at_k(confusion: &[Vec<usize>]) -> Vec<f64> {
+    let k = confusion.len();
+    (1..k)
+        .map(|t| {
+            let hit: usize = (t..k).map(|r| confusion[r][t..].iter().sum::<usize>()).sum();
+            let actual: usize = (t..k).map(|r| confusion[r].iter().sum::<usize>()).sum();
+            if actual == 0 { 0.0 } else { hit as f64 / actual as f64 }
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::rng::Normal;
+
+    #[test]
+    fn recall_at_k_counts_examples_at_or_above_each_threshold() {
+        // Rows: true label 0..2; columns: predicted.
+        let confusion = vec![vec![5, 1, 0], vec![2, 3, 1], vec![0, 1, 3]];
+        // k = 1: true >= 1 are 10 examples, 8 of them predicted >= 1; k = 2: 4 true, 3 predicted.
+        assert_eq!(recall_at_k(&confusion), vec![0.8, 0.75]);
+        assert_eq!(recall_at_k(&[vec![4, 0], vec![0, 0]]), vec![0.0]);
+    }
 
     #[test]
     fn learns_separable_clusters_and_round_trips() {
@@ -291,8 +319,10 @@ mod tests {
             ..Default::default()
         };
         let (head, metrics) = train_head(&tx, &ty, &vx, &vy, &settings).unwrap();
-        assert!(metrics.recall_at_1 > 0.95, "{metrics:?}");
-        assert_eq!(metrics.recall_at_3, 1.0);
+        assert!(metrics.top1_accuracy > 0.95, "{metrics:?}");
+        assert_eq!(metrics.top3_accuracy, 1.0);
+        assert_eq!(metrics.recall_at_k.len(), 2);
+        assert!(metrics.recall_at_k.iter().all(|r| *r > 0.9), "{metrics:?}");
         assert!(metrics.macro_f1 > 0.95);
         let again = train_head(&tx, &ty, &vx, &vy, &settings).unwrap().0;
         assert_eq!(head, again, "training is deterministic");

@@ -141,4 +141,23 @@ mod tests {
             .is_err()
         );
     }
+
+    /// The RefuseWeb prompt names every harm category of the paper's prompt (its section 3).
+    #[test]
+    fn the_refusal_prompt_names_the_papers_harm_categories() {
+        let t = Template::builtin("refuse", "{document}").unwrap();
+        for category in [
+            "harassment",
+            "discrimination",
+            "hacking",
+            "physical harm",
+            "economic harm",
+            "fraud",
+            "disinformation",
+            "adult content",
+            "private data",
+        ] {
+            assert!(t.user.contains(category), "{category} missing: {}", t.user);
+        }
+    }
 }
