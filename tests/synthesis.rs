@@ -460,3 +460,65 @@ fn documents_the_llm_could_not_rate_are_routed_by_an_explicit_rule() {
     let dropped = sql_rows(&config, "SELECT dropped_by_rule FROM stats WHERE stage = 'route'");
     assert_eq!(dropped, vec![r#"{"dropped_by_rule":"{\"unjudged\":2}"}"#.to_string()]);
 }
+
+/// Issue 17, item 6: `rollouts` asks for several generations per input, each with its own seed
+/// and cache entry: here 2 rephrasings per document and 3 Moral Education articles per dialogue.
+#[test]
+fn rollouts_make_several_generations_per_input_each_with_its_own_seed() {
+    let ws = Workspace::new();
+    let server = FakeLlm::start();
+    let docs = vec![
+        ("a".to_string(), "DOC-1 a story about a river.".to_string()),
+        ("b".to_string(), "DOC-2 refuse-me please.".to_string()),
+    ];
+    let input = corpus(&ws, "docs.jsonl", &docs);
+    let config = synthesis_config(&input, &fake_llm_section(&server, ""))
+        + "\n[synthesize.rephrase]\nrollouts = 2\n\n[synthesize.moral]\nrollouts = 3\n";
+    let config = ws.config("config.toml", &config);
+    let stderr = run_ok(&config, &[]);
+    assert!(summary_line(&stderr, "synthesize").contains("dropped 0"), "{stderr}");
+    let ids = sql_rows(&config, "SELECT id, kind FROM synthetic WHERE keep");
+    let expected = [
+        ("a#safeweb", "safeweb"),
+        ("a#safeweb#1", "safeweb"),
+        ("b#refuseweb", "refuseweb"),
+        ("b#moral", "moral"),
+        ("b#moral#1", "moral"),
+        ("b#moral#2", "moral"),
+    ];
+    let mut want: Vec<String> = expected
+        .iter()
+        .map(|(id, kind)| serde_json::json!({"id": id, "kind": kind}).to_string())
+        .collect();
+    want.sort();
+    assert_eq!(ids, want);
+    // One request per generation, each with its own seed.
+    let seen = server.seen();
+    let seeds =
+        |kind: &str| -> BTreeSet<u64> { seen.iter().filter(|s| s.kind == kind).filter_map(|s| s.seed).collect() };
+    assert_eq!(seen.iter().filter(|s| s.kind == "rephrase").count(), 2);
+    assert_eq!(seeds("rephrase").len(), 2);
+    assert_eq!(seeds("moral").len(), 3);
+    // The accounting holds with rollouts: 2 + 1 first-level tasks and 3 articles.
+    assert_eq!(
+        sql_number(&config, "SELECT rows_in FROM stats WHERE stage = 'synthesize'"),
+        6
+    );
+    // A rerun finds every generation in the cache.
+    let before = server.seen().len();
+    run_ok(&config, &["--force", "synthesize"]);
+    assert_eq!(server.seen().len(), before, "no request resent");
+    assert_eq!(figures(&config)["cache_hits"], 6);
+    // Out-of-range rollouts are refused at load, naming the key.
+    let bad = ws.config(
+        "bad.toml",
+        &(synthesis_config(&input, &fake_llm_section(&server, "")) + "\n[synthesize.moral]\nrollouts = 0\n"),
+    );
+    let out = safepipe(&["plan", bad.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stderr).contains("synthesize.moral.rollouts"),
+        "{}",
+        text(&out.stderr)
+    );
+}

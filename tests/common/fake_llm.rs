@@ -51,6 +51,8 @@ pub struct Seen {
     pub at: Instant,
     /// A full 200 response with a completion was written.
     pub answered: bool,
+    /// The request's sampling seed.
+    pub seed: Option<u64>,
 }
 
 pub struct FakeLlm {
@@ -180,11 +182,15 @@ fn serve(
         };
         let index = {
             let mut l = log.lock().unwrap();
+            let seed = serde_json::from_str::<serde_json::Value>(&body)
+                .ok()
+                .and_then(|v| v["seed"].as_u64());
             l.push(Seen {
                 doc: doc.clone(),
                 kind: kind.clone(),
                 at: Instant::now(),
                 answered: false,
+                seed,
             });
             l.len() - 1
         };

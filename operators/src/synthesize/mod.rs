@@ -36,6 +36,8 @@ pub struct KindParams {
     pub max_tokens: usize,
     pub temperature: f32,
     pub top_p: f32,
+    /// Generations per input (each with its own seed and cache entry; at least 1).
+    pub rollouts: u32,
 }
 
 impl Default for KindParams {
@@ -44,9 +46,13 @@ impl Default for KindParams {
             max_tokens: 512,
             temperature: 0.7,
             top_p: 0.9,
+            rollouts: 1,
         }
     }
 }
+
+/// The most generations per input `rollouts` may ask for.
+pub const MAX_ROLLOUTS: u32 = 16;
 
 /// Everything that decides the `synthetic` rows (part of the stage fingerprint).
 #[derive(Debug, Clone, Serialize)]
@@ -113,13 +119,19 @@ impl SynthesisSettings {
     }
 }
 
-fn params(k: &KindParams, seed: u64, kind: &str, id: &str) -> SamplingParams {
+/// The sampling parameters of rollout `rollout` of `kind` for document `id` (rollout 0 keeps the
+/// seed it had before rollouts existed, so earlier cached generations still match).
+fn params(k: &KindParams, seed: u64, kind: &str, id: &str, rollout: u32) -> SamplingParams {
+    let purpose = match rollout {
+        0 => kind.to_string(),
+        r => format!("{kind}#{r}"),
+    };
     SamplingParams {
         max_tokens: k.max_tokens,
         temperature: k.temperature,
         top_p: k.top_p,
         stop: Vec::new(),
-        seed: seeded_u64(seed, kind, id),
+        seed: seeded_u64(seed, &purpose, id),
     }
 }
 
@@ -127,6 +139,8 @@ fn params(k: &KindParams, seed: u64, kind: &str, id: &str) -> SamplingParams {
 struct Task {
     parent_id: String,
     source: String,
+    /// Which generation of this (document, kind) it is: 0, 1, ... (part of the row's id).
+    rollout: u32,
     template: Template,
     request: ChatRequest,
     key: String,
@@ -188,6 +202,7 @@ fn run_tasks(
 struct Parent<'a> {
     id: &'a str,
     source: &'a str,
+    rollout: u32,
 }
 
 fn task(
@@ -208,11 +223,12 @@ fn task(
         request.prefill,
         request.params,
         parent_id,
-        0
+        parent.rollout
     ]));
     Task {
         parent_id: parent_id.to_string(),
         source: parent.source.to_string(),
+        rollout: parent.rollout,
         template: template.clone(),
         request,
         key,
@@ -222,6 +238,7 @@ fn task(
 /// One `synthetic` row.
 struct Row {
     parent_id: String,
+    rollout: u32,
     source: String,
     kind: String,
     style: String,
@@ -237,6 +254,14 @@ struct Row {
 }
 
 impl Row {
+    /// The row's id: `<document id>#<kind>`, and `#<n>` after it for rollout n >= 1.
+    fn id(&self) -> String {
+        match self.rollout {
+            0 => format!("{}#{}", self.parent_id, self.kind),
+            n => format!("{}#{}#{n}", self.parent_id, self.kind),
+        }
+    }
+
     /// Goes to training: generated, and no dropping gate failed.
     fn keep(&self) -> bool {
         self.error.is_none() && self.dropped_by.is_none()
@@ -303,22 +328,25 @@ pub fn synthesize(
             "refuse" => (&settings.refuse, &settings.refuse_params),
             _ => continue,
         };
-        counts.rows_in += 1;
         if !sampled(settings.seed, "synthesize", id, settings.sample) {
+            counts.rows_in += 1;
             counts.drop("not_sampled", 1);
             continue;
         }
-        let p = params(kind_params, settings.seed, &template.kind, id);
-        let parent = Parent { id, source };
-        first.push(task(
-            generator,
-            template,
-            "{document}",
-            parent,
-            text,
-            settings.max_input_chars,
-            p,
-        ));
+        for rollout in 0..kind_params.rollouts {
+            counts.rows_in += 1;
+            let p = params(kind_params, settings.seed, &template.kind, id, rollout);
+            let parent = Parent { id, source, rollout };
+            first.push(task(
+                generator,
+                template,
+                "{document}",
+                parent,
+                text,
+                settings.max_input_chars,
+                p,
+            ));
+        }
     }
     let total = Mutex::new((0u64, first.len() as u64));
     let report = |done: u64| {
@@ -347,13 +375,20 @@ pub fn synthesize(
         });
         if is_refusal && row.keep() {
             let dialogue = row.text.clone().unwrap_or_default();
-            let p = params(
-                &settings.moral_params,
-                settings.seed,
-                &settings.moral.kind,
-                &task.parent_id,
-            );
-            morals.push(task_for_moral(generator, settings, task, &dialogue, p));
+            // Every dialogue of the document gets its own articles: rollout numbers run on
+            // across the document's dialogues, so each article's id is unique.
+            let per_dialogue = settings.moral_params.rollouts;
+            for r in 0..per_dialogue {
+                let rollout = task.rollout * per_dialogue + r;
+                let p = params(
+                    &settings.moral_params,
+                    settings.seed,
+                    &settings.moral.kind,
+                    &task.parent_id,
+                    rollout,
+                );
+                morals.push(task_for_moral(generator, settings, task, &dialogue, p, rollout));
+            }
             let (user, assistant) = settings.speakers_for(&task.parent_id);
             row.text = Some(relabel(&dialogue, &user, &assistant));
         }
@@ -382,10 +417,12 @@ fn task_for_moral(
     refusal: &Task,
     dialogue: &str,
     p: SamplingParams,
+    rollout: u32,
 ) -> Task {
     let parent = Parent {
         id: &refusal.parent_id,
         source: &refusal.source,
+        rollout,
     };
     task(
         generator,
@@ -406,6 +443,7 @@ fn finish_row(
 ) -> Row {
     let base = Row {
         parent_id: task.parent_id.clone(),
+        rollout: task.rollout,
         source: task.source.clone(),
         kind: task.template.kind.clone(),
         style: task.template.style.clone(),
@@ -453,7 +491,7 @@ fn synthetic_batch(rows: &[Row], model: &str) -> OpResult<RecordBatch> {
         Arc::new(StringArray::from(rows.iter().map(f).collect::<Vec<_>>())) as ArrayRef
     };
     let columns: Vec<ArrayRef> = vec![
-        strings(&|r| Some(format!("{}#{}", r.parent_id, r.kind))),
+        strings(&|r| Some(r.id())),
         strings(&|r| Some(r.parent_id.clone())),
         strings(&|r| Some(r.source.clone())),
         strings(&|r| Some(r.kind.clone())),
@@ -489,9 +527,13 @@ pub fn annotate(
     let mut task_of = Vec::with_capacity(documents.len());
     for (id, text, _) in documents {
         if sampled(settings.seed, "annotate", id, settings.sample) {
-            let p = params(&settings.params, settings.seed, "annotate", id);
+            let p = params(&settings.params, settings.seed, "annotate", id, 0);
             task_of.push(Some(tasks.len()));
-            let parent = Parent { id, source: "" };
+            let parent = Parent {
+                id,
+                source: "",
+                rollout: 0,
+            };
             tasks.push(task(
                 generator,
                 &settings.template,
@@ -577,6 +619,7 @@ mod tests {
         let task = Task {
             parent_id: "d".into(),
             source: "s".into(),
+            rollout: 0,
             template: Template::builtin("moral", "{dialogue}").unwrap(),
             request: ChatRequest {
                 messages: Vec::new(),

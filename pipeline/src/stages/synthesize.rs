@@ -22,7 +22,7 @@ use safepipe_model::llm::{GenerationStats, Generator};
 use safepipe_operators::synthesize::gates::GateSettings;
 use safepipe_operators::synthesize::template::REPHRASE_STYLES;
 use safepipe_operators::synthesize::{
-    AnnotateSettings, KindParams, Routed, SynthesisSettings, Template, annotate, synthesize,
+    AnnotateSettings, KindParams, MAX_ROLLOUTS, Routed, SynthesisSettings, Template, annotate, synthesize,
 };
 use safepipe_operators::{UnitCounts, schema};
 use serde::{Deserialize, Serialize};
@@ -415,6 +415,18 @@ impl SynthesizeConfig {
         self.gates
             .validate()
             .map_err(|e| format!("synthesize.gates.drop: {e}"))?;
+        for (kind, params) in [
+            ("rephrase", &self.rephrase),
+            ("refuse", &self.refuse),
+            ("moral", &self.moral),
+        ] {
+            if !(1..=MAX_ROLLOUTS).contains(&params.rollouts) {
+                return Err(format!(
+                    "synthesize.{kind}.rollouts = {} is out of range; use 1 to {MAX_ROLLOUTS} generations per input",
+                    params.rollouts
+                ));
+            }
+        }
         Ok(SynthesisSettings {
             seed: self.seed,
             sample: self.sample,
@@ -443,6 +455,7 @@ impl AnnotateConfig {
                 max_tokens: self.max_tokens.max(1),
                 temperature: 0.0,
                 top_p: 1.0,
+                rollouts: 1,
             },
         })
     }
