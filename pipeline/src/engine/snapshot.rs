@@ -129,14 +129,6 @@ impl Snapshot {
             tag: Some(entry.tag),
         })
     }
-
-    pub fn len(&self) -> usize {
-        self.entries.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.entries.is_empty()
-    }
 }
 
 /// The snapshot file of `stage` holding every record of `records` that has a tag, by unit
