@@ -10,7 +10,9 @@ data/sample/spamassassin-ham.jsonl, ids unique), plans it with `plan.jsonl_unit_
 its peak resident memory (GNU time): `plan`, the first `run`, a no-op `run`, `status`,
 `sql "SELECT count(*) FROM documents"` and `gc --dry-run`. The count is checked against the
 corpus. With `--reuse`, an existing run directory is not rebuilt (only the read-side commands
-are timed): a first run at 100,000 units takes ~12 minutes on 2 cores.
+are timed): a first run at 100,000 units takes ~12 minutes on 2 cores. With `--s3`, the run
+directory is then copied to a local moto S3 server (it is relocatable) and the read-side commands
+are timed there too.
 
 The section between `<!-- bench:units:start -->` and `<!-- bench:units:end -->` of --out is
 replaced (or appended) when --out is given.
@@ -83,6 +85,11 @@ def main() -> None:
     ap.add_argument("--run-dir", help="run directory (default: DIR/run; an s3:// URL works)")
     ap.add_argument("--reuse", action="store_true", help="time the read-side commands only")
     ap.add_argument("--out", help="markdown file whose bench:units section is replaced")
+    ap.add_argument(
+        "--s3",
+        action="store_true",
+        help="then copy the run directory to a local moto S3 server and time the read-side commands there",
+    )
     args = ap.parse_args()
 
     work = Path(args.dir)
@@ -116,6 +123,10 @@ def main() -> None:
         sys.exit(f"documents holds {n} rows, the corpus {records}")
     step("`gc --dry-run`", ["gc", str(config), "--dry-run"])
 
+    if args.s3:
+        s3_rows = on_s3(bin_, work, Path(run_dir), corpus, records, env)
+        rows.extend(s3_rows)
+
     units = sum(1 for _ in open(corpus, "rb")) // RECORDS_PER_UNIT
     table = "\n".join(f"| {label} | {seconds:.1f} | {mib} MiB |" for label, seconds, mib in rows)
     section = f"""{START}
@@ -135,6 +146,73 @@ Command: `.venv/bin/python scripts/bench_units.py --bin {args.bin} --units {args
     print(section)
     if args.out:
         replace_section(Path(args.out), section)
+
+
+def on_s3(bin_: str, work: Path, local_run: Path, corpus: Path, records: int, env: dict) -> list:
+    """Uploads the local run directory to a moto S3 server as it is (run directories are
+    relocatable) and times the read-side commands against it; the no-op run's `storage:` line
+    gives the requests it sent."""
+    import concurrent.futures
+    import socket
+    import time
+
+    import boto3
+
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    sock.close()
+    server = subprocess.Popen(
+        [str(REPO / ".venv" / "bin" / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    s3_env = dict(
+        env,
+        AWS_ACCESS_KEY_ID="test",
+        AWS_SECRET_ACCESS_KEY="test",
+        AWS_REGION="us-east-1",
+        AWS_ENDPOINT=f"http://127.0.0.1:{port}",
+        AWS_ALLOW_HTTP="true",
+    )
+    rows = []
+    try:
+        client = None
+        for _ in range(150):
+            try:
+                client = boto3.client("s3", endpoint_url=s3_env["AWS_ENDPOINT"], aws_access_key_id="test",
+                                      aws_secret_access_key="test", region_name="us-east-1")
+                client.create_bucket(Bucket="units")
+                break
+            except Exception:
+                time.sleep(0.2)
+        files = [p for p in local_run.rglob("*") if p.is_file()]
+        with concurrent.futures.ThreadPoolExecutor(16) as pool:
+            list(pool.map(lambda p: client.upload_file(str(p), "units", "run/" + str(p.relative_to(local_run))), files))
+        print(f"uploaded {len(files):,} files to S3", flush=True)
+        config = work / "units_s3.toml"
+        config.write_text(CONFIG.format(run_dir="s3://units/run", corpus=corpus))
+        for label, cmd in [
+            ("no-op `run`, S3", ["run", str(config)]),
+            ("`status`, S3", ["status", str(config)]),
+            ("`sql \"SELECT count(*) FROM documents\"`, S3", ["sql", str(config), "SELECT count(*) AS n FROM documents", "--format", "csv"]),
+            ("`gc --dry-run`, S3", ["gc", str(config), "--dry-run"]),
+        ]:
+            cmd_line = ["/usr/bin/time", "-f", "TIME %e %M", bin_, *cmd]
+            out = subprocess.run(cmd_line, capture_output=True, text=True, env=s3_env)
+            if out.returncode != 0:
+                sys.exit(f"{cmd} on S3 failed:\n{out.stderr[-3000:]}")
+            seconds, kib = re.findall(r"^TIME ([0-9.]+) ([0-9]+)$", out.stderr, re.M)[-1]
+            storage = [l for l in out.stderr.splitlines() if "sent to object stores" in l]
+            if storage:
+                label += f" ({storage[0].removeprefix('storage: ').removesuffix(' sent to object stores')})"
+            if "count(*)" in label and int(out.stdout.strip().splitlines()[-1]) != records:
+                sys.exit(f"documents on S3 holds the wrong count: {out.stdout}")
+            rows.append((label, float(seconds), int(kib) // 1024))
+            print(f"{label}: {seconds} s", flush=True)
+    finally:
+        server.kill()
+    return rows
 
 
 def git_head() -> str:

@@ -8,6 +8,7 @@
 //!   leases.rs     one owner per (stage, unit): create-if-absent leases with expiry
 //!   plan.rs       inputs -> work units (persisted), input drift, `plan --extend`
 //!   runner.rs     units -> committed outputs      records.rs  completion / failure records
+//!   runner/       the runner's tests (tests.rs)
 //!   writer.rs     batches -> Parquet files        storage.rs  paths and URLs -> object stores
 //!   snapshot.rs   per-stage record snapshots, used only for the files they were taken from
 //!   listing.rs    folder listings (local folders walked with one stat per file)

@@ -233,6 +233,7 @@ impl RunDir {
         let mut records = Vec::new();
         let mut failures = Vec::new();
         let mut snapshot = None;
+        let snapshot_name = format!("{stage}/{SNAPSHOT_FILE}");
         // Leases are not listed: one folder per unit, read only by `status` ([`leases::held`]).
         for meta in listing::list(&self.root.child(stage), &[LEASES_DIR]).await? {
             let Some(relative) = self.relative(&self.root.with_path(meta.location.clone())) else {
@@ -243,7 +244,7 @@ impl RunDir {
             match (parts.next(), parts.next().and_then(unit_of), parts.next()) {
                 (Some(DONE_DIR), Some(unit), None) => records.push((unit, meta.clone())),
                 (Some(FAILED_DIR), Some(unit), None) => failures.push((unit, meta.location.clone())),
-                _ if relative == format!("{stage}/{SNAPSHOT_FILE}") => snapshot = Some(meta.location.clone()),
+                _ if relative == snapshot_name => snapshot = Some(meta.location.clone()),
                 _ => {}
             }
             found.files.insert(relative, meta);
