@@ -43,6 +43,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from bench_common import fineweb_schema
+
 REPO = Path(__file__).resolve().parent.parent
 SAMPLE = REPO / "data" / "sample" / "spamassassin-ham.jsonl"
 START = "<!-- bench:ingest:start -->"
@@ -90,19 +92,7 @@ def child_plain(corpus: str, out_dir: str) -> dict:
     import pyarrow.parquet as pq
 
     t0 = time.perf_counter()
-    schema = pa.schema(
-        [
-            ("text", pa.string()),
-            ("id", pa.string()),
-            ("dump", pa.string()),
-            ("url", pa.string()),
-            ("date", pa.string()),
-            ("file_path", pa.string()),
-            ("language", pa.string()),
-            ("language_score", pa.float64()),
-            ("token_count", pa.int64()),
-        ]
-    )
+    schema = fineweb_schema()
     names = schema.names
     rows = 0
     os.makedirs(out_dir, exist_ok=True)

@@ -66,15 +66,15 @@ def write_corpus(path: Path, records: int) -> None:
             out.write(json.dumps(record) + "\n")
 
 
-def timed(bin_: str, args: list[str], env: dict[str, str]) -> tuple[float, int, str]:
-    """(wall seconds, peak MiB, stdout) of one command under GNU time."""
+def timed(bin_: str, args: list[str], env: dict[str, str]) -> tuple[float, int, str, str]:
+    """(wall seconds, peak MiB, stdout, stderr) of one command under GNU time."""
     cmd = ["/usr/bin/time", "-f", "TIME %e %M", bin_, *args]
     out = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if out.returncode != 0:
         sys.exit(f"{args} failed ({out.returncode}):\n{out.stderr[-3000:]}")
     match = re.findall(r"^TIME ([0-9.]+) ([0-9]+)$", out.stderr, re.M)
     seconds, kib = match[-1]
-    return float(seconds), int(kib) // 1024, out.stdout
+    return float(seconds), int(kib) // 1024, out.stdout, out.stderr
 
 
 def main() -> None:
@@ -106,7 +106,7 @@ def main() -> None:
     rows: list[tuple[str, float, int]] = []
 
     def step(label: str, cmd: list[str]) -> str:
-        seconds, mib, stdout = timed(bin_, cmd, env)
+        seconds, mib, stdout, _ = timed(bin_, cmd, env)
         rows.append((label, seconds, mib))
         print(f"{label}: {seconds:.1f} s, {mib} MiB", flush=True)
         return stdout
@@ -153,39 +153,11 @@ def on_s3(bin_: str, work: Path, local_run: Path, corpus: Path, records: int, en
     relocatable) and times the read-side commands against it; the no-op run's `storage:` line
     gives the requests it sent."""
     import concurrent.futures
-    import socket
-    import time
 
-    import boto3
+    from bench_common import local_s3
 
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    sock.close()
-    server = subprocess.Popen(
-        [str(REPO / ".venv" / "bin" / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    s3_env = dict(
-        env,
-        AWS_ACCESS_KEY_ID="test",
-        AWS_SECRET_ACCESS_KEY="test",
-        AWS_REGION="us-east-1",
-        AWS_ENDPOINT=f"http://127.0.0.1:{port}",
-        AWS_ALLOW_HTTP="true",
-    )
     rows = []
-    try:
-        client = None
-        for _ in range(150):
-            try:
-                client = boto3.client("s3", endpoint_url=s3_env["AWS_ENDPOINT"], aws_access_key_id="test",
-                                      aws_secret_access_key="test", region_name="us-east-1")
-                client.create_bucket(Bucket="units")
-                break
-            except Exception:
-                time.sleep(0.2)
+    with local_s3("units", env) as (s3_env, client):
         files = [p for p in local_run.rglob("*") if p.is_file()]
         with concurrent.futures.ThreadPoolExecutor(16) as pool:
             list(pool.map(lambda p: client.upload_file(str(p), "units", "run/" + str(p.relative_to(local_run))), files))
@@ -201,20 +173,14 @@ def on_s3(bin_: str, work: Path, local_run: Path, corpus: Path, records: int, en
             ("`sql \"SELECT count(*) FROM documents\"`, S3", ["sql", str(config), "SELECT count(*) AS n FROM documents", "--format", "csv"]),
             ("`gc --dry-run`, S3", ["gc", str(config), "--dry-run"]),
         ]:
-            cmd_line = ["/usr/bin/time", "-f", "TIME %e %M", bin_, *cmd]
-            out = subprocess.run(cmd_line, capture_output=True, text=True, env=s3_env)
-            if out.returncode != 0:
-                sys.exit(f"{cmd} on S3 failed:\n{out.stderr[-3000:]}")
-            seconds, kib = re.findall(r"^TIME ([0-9.]+) ([0-9]+)$", out.stderr, re.M)[-1]
-            storage = [l for l in out.stderr.splitlines() if "sent to object stores" in l]
+            seconds, mib, stdout, stderr = timed(bin_, cmd, s3_env)
+            storage = [l for l in stderr.splitlines() if "sent to object stores" in l]
             if storage:
                 label += f" ({storage[0].removeprefix('storage: ').removesuffix(' sent to object stores')})"
-            if "count(*)" in label and int(out.stdout.strip().splitlines()[-1]) != records:
-                sys.exit(f"documents on S3 holds the wrong count: {out.stdout}")
-            rows.append((label, float(seconds), int(kib) // 1024))
+            if "count(*)" in label and int(stdout.strip().splitlines()[-1]) != records:
+                sys.exit(f"documents on S3 holds the wrong count: {stdout}")
+            rows.append((label, seconds, mib))
             print(f"{label}: {seconds} s", flush=True)
-    finally:
-        server.kill()
     return rows
 
 

@@ -38,6 +38,8 @@ import sys
 import time
 from pathlib import Path
 
+from bench_common import fineweb_schema
+
 REPO = Path(__file__).resolve().parent.parent
 SAMPLE = REPO / "data" / "sample"
 GGUF = REPO / "models" / "smollm2" / "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -73,19 +75,7 @@ def write_corpus(out: Path, tokens: int, file_text_mb: int, rows_per_group: int,
     rng = random.Random(seed)
     target_chars = int(tokens * CHARS_PER_TOKEN)
     file_chars = file_text_mb * 1_000_000
-    schema = pa.schema(
-        [
-            ("text", pa.string()),
-            ("id", pa.string()),
-            ("dump", pa.string()),
-            ("url", pa.string()),
-            ("date", pa.string()),
-            ("file_path", pa.string()),
-            ("language", pa.string()),
-            ("language_score", pa.float64()),
-            ("token_count", pa.int64()),
-        ]
-    )
+    schema = fineweb_schema()
     out.mkdir(parents=True, exist_ok=True)
     written, docs, files, n_flagged = 0, 0, [], 0
     while written < target_chars:
@@ -233,43 +223,16 @@ def s3_slice(bin_: str, work: Path, source: str, row_groups: int, logs: Path) ->
     """Phases A and B again over `row_groups` row groups of one corpus file, with the input and
     the run directory on a local moto S3 server: the object-store requests per unit (each
     rank's `storage:` line counts the HTTP requests it sent)."""
-    import socket
-
     import pyarrow.parquet as pq
+
+    from bench_common import local_s3
 
     sliced = work / "s3_slice.parquet"
     f = pq.ParquetFile(source)
     with pq.ParquetWriter(sliced, f.schema_arrow, compression="zstd") as w:
         for g in range(row_groups):
             w.write_table(f.read_row_group(g))
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    sock.close()
-    server = subprocess.Popen(
-        [str(REPO / ".venv" / "bin" / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    env = dict(
-        os.environ,
-        AWS_ACCESS_KEY_ID="test",
-        AWS_SECRET_ACCESS_KEY="test",
-        AWS_REGION="us-east-1",
-        AWS_ENDPOINT=f"http://127.0.0.1:{port}",
-        AWS_ALLOW_HTTP="true",
-    )
-    try:
-        import boto3
-
-        for _ in range(100):
-            try:
-                s3 = boto3.client("s3", endpoint_url=env["AWS_ENDPOINT"], aws_access_key_id="test",
-                                  aws_secret_access_key="test", region_name="us-east-1")
-                s3.create_bucket(Bucket="scale")
-                break
-            except Exception:
-                time.sleep(0.2)
+    with local_s3("scale") as (env, s3):
         s3.upload_file(str(sliced), "scale", "input/slice.parquet")
         run_dir = "s3://scale/run"
         paths = json.dumps("s3://scale/input/slice.parquet")
@@ -299,8 +262,6 @@ def s3_slice(bin_: str, work: Path, source: str, row_groups: int, logs: Path) ->
                 lines += [l for l in err.splitlines() if "sent to object stores" in l]
             out[label] = lines
         return out
-    finally:
-        server.kill()
 
 
 def main() -> None:

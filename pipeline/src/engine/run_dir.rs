@@ -384,7 +384,7 @@ fn local_put(path: &std::path::Path, bytes: &[u8]) -> std::io::Result<Option<Fil
         let mut file = std::fs::File::create(&staging)?;
         file.write_all(bytes)?;
         file.sync_all()?;
-        let tag = local_tag(&file.metadata()?);
+        let tag = Some(FileTag::of_local(&file.metadata()?));
         std::fs::rename(&staging, path)?;
         sync_dir(Some(parent))?;
         Ok(tag)
@@ -393,16 +393,6 @@ fn local_put(path: &std::path::Path, bytes: &[u8]) -> std::io::Result<Option<Fil
         let _ = std::fs::remove_file(&staging);
     }
     result
-}
-
-#[cfg(unix)]
-fn local_tag(metadata: &std::fs::Metadata) -> Option<FileTag> {
-    Some(FileTag::of_local(metadata))
-}
-
-#[cfg(not(unix))]
-fn local_tag(_: &std::fs::Metadata) -> Option<FileTag> {
-    None
 }
 
 fn sync_dir(dir: Option<&std::path::Path>) -> std::io::Result<()> {

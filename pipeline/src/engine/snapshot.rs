@@ -50,8 +50,7 @@ impl FileTag {
     /// The tag `object_store`'s local file system lists for a file with this metadata
     /// (inode, modification time in microseconds, size; the scheme of common HTTP servers).
     /// A rename keeps all three, so the tag taken from a written file before it is renamed into
-    /// place is the one listed after.
-    #[cfg(unix)]
+    /// place is the one listed after. (Unix only, as the rest of the engine's local layer.)
     pub fn of_local(metadata: &std::fs::Metadata) -> FileTag {
         use std::os::unix::fs::MetadataExt;
         let mtime = metadata
