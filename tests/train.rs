@@ -99,6 +99,86 @@ fn loss_falls_and_a_stopped_run_resumes_bit_exactly() {
     assert_eq!(steps("ckpt-stopped"), straight_steps);
 }
 
+/// `safepipe generate --checkpoint` decodes what `safepipe train` wrote, with every decoder; the
+/// tag never appears in a safe-beam continuation; a model without the tag refuses safe-beam.
+#[test]
+fn generate_decodes_a_trained_checkpoint_with_every_decoder() {
+    let ws = Workspace::new();
+    let config = config(&ws, "gen", 6);
+    run_ok(&config, &[]);
+    train(&config, &[]);
+    let ckpt = ws.path().join("ckpt-gen/step-00000006");
+    let ckpt = ckpt.to_str().unwrap();
+    let prompts = ["How do I", "Dear friend, I write to"];
+    for (decoder, extra) in [
+        ("greedy", vec![]),
+        ("sample", vec!["--temperature", "0.8", "--seed", "3"]),
+        ("beam", vec!["--beams", "3"]),
+        ("safe-beam", vec!["--beams", "2", "--candidates", "4"]),
+    ] {
+        let mut args = vec![
+            "generate",
+            "--checkpoint",
+            ckpt,
+            "--max-tokens",
+            "8",
+            "--decoder",
+            decoder,
+        ];
+        args.extend(extra.iter().copied());
+        args.extend(prompts);
+        let out = safepipe(&args);
+        let stderr = text(&out.stderr);
+        assert!(out.status.success(), "{decoder}: {stderr}");
+        let named = if decoder == "greedy" { "sample" } else { decoder };
+        assert!(stderr.contains(&format!("decoder {named}")), "{stderr}");
+        let lines: Vec<serde_json::Value> = text(&out.stdout)
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        assert_eq!(lines.len(), 2, "{decoder}: {lines:?}");
+        for (i, line) in lines.iter().enumerate() {
+            assert_eq!(line["prompt"], i);
+            let tokens = line["completion_tokens"].as_u64().unwrap();
+            assert!((1..=8).contains(&tokens) || line["finish_reason"] == "stop", "{line}");
+            if decoder == "safe-beam" {
+                assert!(
+                    !line["text"].as_str().unwrap().contains("<potentially unsafe content>"),
+                    "{line}"
+                );
+            }
+        }
+    }
+    // The tiny preset's feed-forward width (172) has no whole Q8_0 blocks: a clear error.
+    let out = safepipe(&["generate", "--checkpoint", ckpt, "--precision", "q8_0", "x"]);
+    assert!(text(&out.stderr).contains("multiple of 32"), "{}", text(&out.stderr));
+    // The SmolLM2 GGUF has no tag token: safe-beam is refused per prompt, naming the tag.
+    let out = safepipe(&[
+        "generate",
+        "--model",
+        &gguf(),
+        "--decoder",
+        "safe-beam",
+        "--max-tokens",
+        "2",
+        "hi",
+    ]);
+    assert!(!out.status.success());
+    assert!(text(&out.stdout).contains("tag token"), "{}", text(&out.stdout));
+    // Bad decoder settings are configuration errors.
+    let out = safepipe(&[
+        "generate",
+        "--checkpoint",
+        ckpt,
+        "--decoder",
+        "safe-beam",
+        "--candidates",
+        "1",
+        "x",
+    ]);
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out.stderr));
+}
+
 /// Our logits on a checkpoint equal an independent numpy implementation of Hugging Face's Llama
 /// forward, and `transformers`' own where PyTorch is installed (skipped cleanly otherwise).
 #[test]

@@ -38,6 +38,10 @@ pub enum TokenizerError {
 
 pub type Result<T> = std::result::Result<T, TokenizerError>;
 
+/// The paper's harmfulness tag: one special token after the base vocabulary (49152 for
+/// SmolLM2), inserted by the tag stage and steered away from by safe beam search.
+pub const DEFAULT_TAG: &str = "<potentially unsafe content>";
+
 /// What to load and which special tokens to use.
 #[derive(Debug, Clone, PartialEq)]
 pub struct TokenizerOptions {

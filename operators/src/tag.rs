@@ -26,7 +26,7 @@ pub const SELECT_TAGGED: &str = "WITH d AS (SELECT id, text, source, row_number(
      SELECT d.id, d.text, d.source FROM d JOIN r ON d.n = r.n AND d.id = r.id WHERE r.also_tag ORDER BY d.n";
 
 /// The paper's tag string.
-pub const DEFAULT_TAG: &str = "<potentially unsafe content>";
+pub use safepipe_model::tokenizer::DEFAULT_TAG;
 
 /// Tags texts with probability `probability` per word boundary.
 #[derive(Clone, Debug, PartialEq)]

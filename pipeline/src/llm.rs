@@ -3,10 +3,11 @@
 //! backends) for trying a model or a server.
 
 use crate::error::{Error, Result};
+use safepipe_model::llm::checkpoint::{self, Precision};
 use safepipe_model::llm::endpoint::{credentials_at_risk, redact_url};
 use safepipe_model::llm::http::{Api, HttpConfig, OpenAiClient};
 use safepipe_model::llm::{
-    ChatRequest, ChatTemplate, GenerationStats, Generator, InProcess, LlamaEngine, Message, SamplingParams,
+    ChatRequest, ChatTemplate, Decoder, GenerationStats, Generator, InProcess, LlamaEngine, Message, SamplingParams,
 };
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
@@ -37,8 +38,12 @@ pub enum ApiKind {
 pub struct LlmConfig {
     #[serde(default)]
     pub backend: Backend,
-    /// in-process: the GGUF file; openai: the served model's name.
+    /// in-process: a GGUF file or a checkpoint directory (`safepipe train`'s); openai: the
+    /// served model's name.
     pub model: String,
+    /// in-process, checkpoint directories: `f32` (as trained) or `q8_0` (quantised at load).
+    #[serde(default = "default_precision")]
+    pub precision: String,
     /// in-process: sequences decoded together.
     #[serde(default = "default_max_batch")]
     pub max_batch: usize,
@@ -82,6 +87,9 @@ pub struct LlmConfig {
     pub cache_dir: Option<String>,
 }
 
+fn default_precision() -> String {
+    "f32".into()
+}
 fn default_max_batch() -> usize {
     8
 }
@@ -155,6 +163,7 @@ impl LlmConfig {
         match self.backend {
             Backend::InProcess => {
                 self.model = resolve(&self.model);
+                Precision::parse(&self.precision).map_err(|e| format!("llm.precision: {e}"))?;
                 if self.max_batch == 0 {
                     return Err("llm.max_batch must be at least 1".into());
                 }
@@ -219,9 +228,14 @@ impl LlmConfig {
     pub fn identity(&self) -> std::result::Result<String, String> {
         match self.backend {
             Backend::InProcess => {
-                let digest =
-                    safepipe_model::classifier::file_digest(Path::new(&self.model)).map_err(|e| e.to_string())?;
-                Ok(format!("in-process:{}", &digest[..16]))
+                let weights = checkpoint::weights_file(Path::new(&self.model));
+                let digest = safepipe_model::classifier::file_digest(&weights).map_err(|e| e.to_string())?;
+                // Quantising a checkpoint at load changes its outputs; a GGUF is used as stored.
+                let suffix = match Path::new(&self.model).is_dir() && self.precision != "f32" {
+                    true => format!("+{}", self.precision),
+                    false => String::new(),
+                };
+                Ok(format!("in-process:{}{suffix}", &digest[..16]))
             }
             Backend::Openai => Ok(format!(
                 "openai:{}@{}",
@@ -235,8 +249,9 @@ impl LlmConfig {
     pub fn build(&self) -> Result<Arc<dyn Generator>> {
         match self.backend {
             Backend::InProcess => {
-                let engine =
-                    LlamaEngine::load(Path::new(&self.model)).map_err(|e| Error::Config(format!("llm.model: {e}")))?;
+                let precision = Precision::parse(&self.precision).map_err(Error::Config)?;
+                let engine = LlamaEngine::load_with(Path::new(&self.model), precision)
+                    .map_err(|e| Error::Config(format!("llm.model: {e}")))?;
                 Ok(Arc::new(InProcess::new(engine, self.max_batch)))
             }
             Backend::Openai => {
@@ -296,10 +311,17 @@ pub fn progress_message(stats: &GenerationStats, started: Instant, cache_hits: u
 #[derive(Debug, clap::Args)]
 pub struct GenerateFlags {
     /// A GGUF file (in-process engine), or the served model's name with --server.
-    #[arg(long)]
-    model: String,
+    #[arg(long, required_unless_present = "checkpoint", conflicts_with = "checkpoint")]
+    model: Option<String>,
+    /// A checkpoint directory written by `safepipe train` (config.json, model.safetensors,
+    /// tokenizer.json), or any Hugging Face Llama checkpoint with tied embeddings.
+    #[arg(long, conflicts_with = "server")]
+    checkpoint: Option<PathBuf>,
+    /// Checkpoints: `f32` (as trained) or `q8_0` (quantised at load).
+    #[arg(long, default_value = "f32")]
+    precision: String,
     /// An OpenAI-compatible server's base URL (e.g. http://127.0.0.1:8080/v1); default: run
-    /// the GGUF in this process.
+    /// the model in this process.
     #[arg(long)]
     server: Option<String>,
     /// Sequences decoded together (in-process) or requests in flight (server).
@@ -307,6 +329,15 @@ pub struct GenerateFlags {
     batch: usize,
     #[arg(long, default_value_t = 128)]
     max_tokens: usize,
+    /// How tokens are chosen: `sample` (greedy at --temperature 0, the default), `greedy`,
+    /// `beam` (--beams) or `safe-beam` (--beams, --candidates; the model needs the tag token).
+    #[arg(long, default_value = "sample")]
+    decoder: String,
+    #[arg(long, default_value_t = 4)]
+    beams: usize,
+    /// Safe Beam Search: next tokens looked past per beam (half of all are discarded).
+    #[arg(long, default_value_t = 8)]
+    candidates: usize,
     #[arg(long, default_value_t = 0.0)]
     temperature: f32,
     #[arg(long, default_value_t = 1.0)]
@@ -315,23 +346,56 @@ pub struct GenerateFlags {
     seed: u64,
     #[arg(long)]
     system: Option<String>,
-    /// Prompts (user messages); `-` reads one JSON string per line from stdin.
+    /// Prompts (user messages; a checkpoint without a chat template continues them as text);
+    /// `-` reads one JSON string per line from stdin.
     #[arg(required = true)]
     pub prompts: Vec<String>,
+}
+
+impl GenerateFlags {
+    /// The decoder and temperature the flags ask for.
+    fn decoder(&self) -> Result<(Decoder, f32)> {
+        let decoder = match self.decoder.as_str() {
+            "sample" => Decoder::Sample,
+            "greedy" => return Ok((Decoder::Sample, 0.0)),
+            "beam" => Decoder::Beam { beams: self.beams },
+            "safe-beam" => Decoder::SafeBeam {
+                beams: self.beams,
+                candidates: self.candidates,
+            },
+            other => {
+                return Err(Error::Config(format!(
+                    "--decoder {other:?}: expected sample, greedy, beam or safe-beam"
+                )));
+            }
+        };
+        decoder
+            .validate()
+            .map_err(|e| Error::Config(format!("--decoder: {e}")))?;
+        Ok((decoder, self.temperature))
+    }
 }
 
 /// Runs `safepipe generate`: one JSON object per prompt on stdout (in prompt order), a summary
 /// with tokens/s on stderr.
 pub fn generate(flags: GenerateFlags, prompts: Vec<String>) -> Result<()> {
+    let (decoder, temperature) = flags.decoder()?;
+    let model = match (&flags.model, &flags.checkpoint) {
+        (_, Some(dir)) => dir.to_string_lossy().into_owned(),
+        (Some(model), None) => model.clone(),
+        // cannot happen: clap requires one of the two.
+        (None, None) => return Err(Error::Config("--model or --checkpoint is required".into())),
+    };
     let mut config = match &flags.server {
         Some(url) => LlmConfig {
             base_url: Some(url.clone()),
             max_in_flight: flags.batch.max(1),
-            ..LlmConfig::new(Backend::Openai, &flags.model)
+            ..LlmConfig::new(Backend::Openai, &model)
         },
         None => LlmConfig {
             max_batch: flags.batch.max(1),
-            ..LlmConfig::new(Backend::InProcess, &flags.model)
+            precision: flags.precision.clone(),
+            ..LlmConfig::new(Backend::InProcess, &model)
         },
     };
     config = config.validate(&PathBuf::from(".")).map_err(Error::Config)?;
@@ -349,10 +413,11 @@ pub fn generate(flags: GenerateFlags, prompts: Vec<String>) -> Result<()> {
                 prefill: String::new(),
                 params: SamplingParams {
                     max_tokens: flags.max_tokens,
-                    temperature: flags.temperature,
+                    temperature,
                     top_p: flags.top_p,
                     stop: Vec::new(),
                     seed: flags.seed,
+                    decoder,
                 },
             }
         })
@@ -380,10 +445,11 @@ pub fn generate(flags: GenerateFlags, prompts: Vec<String>) -> Result<()> {
         println!("{line}");
     }
     eprintln!(
-        "generate: {} prompts, {tokens} tokens in {seconds:.2}s = {:.1} tokens/s ({} failed; model {})",
+        "generate: {} prompts, {tokens} tokens in {seconds:.2}s = {:.1} tokens/s ({} failed; decoder {}; model {})",
         requests.len(),
         tokens as f64 / seconds.max(1e-9),
         failed,
+        decoder.name(),
         generator.model_id()
     );
     if failed > 0 {

@@ -198,6 +198,12 @@ impl OpenAiClient {
     /// The endpoint and JSON body of a request, message contents defused.
     fn body(&self, request: &ChatRequest) -> Result<(Url, serde_json::Value), String> {
         let p = &request.params;
+        if !p.decoder.is_sample() {
+            return Err(format!(
+                "the {} decoder runs in the in-process engine only (it reads every candidate's next-token distribution)",
+                p.decoder.name()
+            ));
+        }
         let mut body = serde_json::json!({
             "model": self.config.model,
             "max_tokens": p.max_tokens,

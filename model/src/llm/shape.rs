@@ -114,6 +114,22 @@ impl EngineShape {
         Ok(shape)
     }
 
+    /// The shape of a checkpoint described by a validated `config.json`.
+    pub fn from_config(c: &crate::llama::LlamaConfig) -> EngineShape {
+        EngineShape {
+            hidden: c.hidden_size,
+            intermediate: c.intermediate_size,
+            layers: c.num_hidden_layers,
+            heads: c.num_attention_heads,
+            kv_heads: c.num_key_value_heads,
+            head_dim: c.head_dim(),
+            vocab: c.vocab_size,
+            context: c.max_position_embeddings,
+            rope_base: c.rope_theta as f32,
+            rms_eps: c.rms_norm_eps as f32,
+        }
+    }
+
     /// Every tensor the engine reads: present, a supported type, and the shape this model needs
     /// (ggml order: the contiguous dimension first).
     fn check_tensors(&self, meta: &Metadata) -> Result<(), String> {

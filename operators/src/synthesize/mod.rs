@@ -133,6 +133,7 @@ fn params(k: &KindParams, seed: u64, kind: &str, id: &str, rollout: u32) -> Samp
         top_p: k.top_p,
         stop: Vec::new(),
         seed: seeded_u64(seed, &purpose, id),
+        ..SamplingParams::default()
     }
 }
 
