@@ -61,6 +61,7 @@ demo: build
 	$(BIN) sql configs/demo.toml "SELECT s.source, count(*) AS segments FROM (SELECT unnest(sources) AS source FROM shards) s GROUP BY 1 ORDER BY 1"
 	$(BIN) export megatron configs/demo.toml --out runs/demo-megatron/demo_text_document
 	$(BIN) train configs/demo.toml
+	$(BIN) eval configs/demo.toml --checkpoint runs/demo-checkpoints --max-prompts 6
 	$(BIN) report configs/demo.toml
 
 test:
@@ -109,6 +110,7 @@ bench: build
 	$(PY) scripts/bench_score.py --bin $(BIN) --out docs/BENCHMARKS.md --torch-python $(TORCH_PY)
 	$(MAKE) $(LLAMA_PY)
 	$(PY) scripts/bench_generate.py --bin $(BIN) --out docs/BENCHMARKS.md --llama-python $(LLAMA_PY)
+	$(PY) scripts/bench_decode.py --bin $(BIN) --out docs/BENCHMARKS.md --llama-python $(LLAMA_PY)
 
 # The demo classifier's head: embeddings of data/labels/safety.parquet (make setup builds it) by
 # the MiniLM encoder, a 6-way linear head, held-out metrics in metrics.json (~7 min on 2 cores).

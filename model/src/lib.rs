@@ -8,8 +8,9 @@
 //!   authenticated rendezvous);
 //! - [`classifier`]: the safety classifier (ONNX through `ort`), chunked max scoring, and the
 //!   training of its linear head;
-//! - [`llm`]: text generation for synthesis: the in-process GGUF engine, the OpenAI-compatible
-//!   HTTP client, the request cache.
+//! - [`llm`]: text generation: one inference engine for GGUF models and our checkpoints (KV
+//!   cache, continuous batching, beam search and Safe Beam Search), the OpenAI-compatible HTTP
+//!   client, the request cache.
 //!
 //! The CUDA backend comes with its issue (docs/ROADMAP.md).
 

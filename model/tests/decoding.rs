@@ -359,3 +359,72 @@ fn safe_beam_on_a_trained_micro_model_drops_the_riskier_half_and_never_emits_the
     assert_eq!(texts[2], words.join(" "));
     assert!(!texts[3].contains("w21") && !texts[3].contains("w22") && !texts[3].contains("potentially"));
 }
+
+#[test]
+fn bf16_checkpoints_load_and_broken_ones_are_clear_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = blocky();
+    // The weights rounded to bf16, saved once as F32 and once as BF16: the same logits.
+    let mut params = weights(&config, 13);
+    for (_, t, _) in params.tensors_mut() {
+        for x in t.iter_mut() {
+            *x = f32::from_bits(x.to_bits() & 0xffff_0000);
+        }
+    }
+    let f32_dir = dir.path().join("f32");
+    save(&f32_dir, &config, params.clone());
+    let bf16_dir = dir.path().join("bf16");
+    save(&bf16_dir, &config, params.clone());
+    let tensors: Vec<(String, Vec<usize>, Vec<u8>)> = params
+        .tensors()
+        .into_iter()
+        .map(|(name, t, shape)| {
+            (
+                name,
+                shape,
+                t.iter()
+                    .flat_map(|x| ((x.to_bits() >> 16) as u16).to_le_bytes())
+                    .collect(),
+            )
+        })
+        .collect();
+    let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = tensors
+        .iter()
+        .map(|(n, s, b)| {
+            (
+                n.clone(),
+                safetensors::tensor::TensorView::new(safetensors::Dtype::BF16, s.clone(), b).unwrap(),
+            )
+        })
+        .collect();
+    std::fs::write(
+        bf16_dir.join("model.safetensors"),
+        safetensors::tensor::serialize(views, None).unwrap(),
+    )
+    .unwrap();
+    let tokens = sequence(9);
+    let logits = |dir: &Path| {
+        let engine = LlamaEngine::load(dir).unwrap();
+        engine.forward(&[(&engine.new_cache(), &tokens)], true).remove(0).logits
+    };
+    assert_eq!(logits(&f32_dir), logits(&bf16_dir));
+
+    // A config that disagrees with the weights, a truncated file, a missing tokenizer.
+    let config_json = std::fs::read_to_string(f32_dir.join("config.json")).unwrap();
+    std::fs::write(
+        f32_dir.join("config.json"),
+        config_json.replace("\"hidden_size\": 32", "\"hidden_size\": 64"),
+    )
+    .unwrap();
+    let err = LlamaEngine::load(&f32_dir).err().unwrap();
+    assert!(err.contains("shape") && err.contains("config.json needs"), "{err}");
+    std::fs::write(f32_dir.join("config.json"), config_json).unwrap();
+    let weights_file = f32_dir.join("model.safetensors");
+    let bytes = std::fs::read(&weights_file).unwrap();
+    std::fs::write(&weights_file, &bytes[..bytes.len() / 2]).unwrap();
+    assert!(LlamaEngine::load(&f32_dir).is_err());
+    std::fs::write(&weights_file, &bytes).unwrap();
+    std::fs::remove_file(f32_dir.join("tokenizer.json")).unwrap();
+    let err = LlamaEngine::load(&f32_dir).err().unwrap();
+    assert!(err.contains("tokenizer.json"), "{err}");
+}

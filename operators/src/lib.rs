@@ -19,6 +19,7 @@
 
 pub mod counts;
 pub mod error;
+pub mod holdout;
 pub mod ingest;
 pub mod pack;
 pub mod parquet_headers;

@@ -1,6 +1,6 @@
 //! The run's tables for SQL: every stage output table over exactly the files its completion
 //! records name (never a half-written or orphaned file), plus `stats` (one row per committed
-//! unit and stage, with its counts and timings). A committed file that is missing is an error
+//! unit and stage, with its counts and timings) and `eval` (`safepipe eval`'s continuations). A committed file that is missing is an error
 //! naming it, never a silently smaller table; an unreadable record is reported and left out.
 
 use crate::config::Config;
@@ -175,6 +175,7 @@ pub async fn session(config: &Config) -> Result<SessionContext> {
         "stats",
         Arc::new(MemTable::try_new(STATS.clone(), vec![vec![stats_batch(&all)?]])?),
     )?;
+    crate::eval::output::register(&ctx, &run_dir).await?;
     Ok(ctx)
 }
 /// Registers a table over exactly the committed files, whose sizes and row counts the records

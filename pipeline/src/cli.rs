@@ -149,6 +149,9 @@ pub enum Command {
     /// Generate completions for prompts with the in-process engine or an OpenAI-compatible
     /// server (docs/synthesis.md): one JSON object per prompt, tokens/s on stderr.
     Generate(crate::llm::GenerateFlags),
+    /// Evaluate a checkpoint on the run's held-out prompts under each decoder: unsafe rates by
+    /// the classifier and an LLM judge, refusals, tag AUROC, perplexity (docs/evaluation.md).
+    Eval(crate::eval::EvalFlags),
     /// Train a safety classifier's head, or score texts with one (docs/classifier.md).
     Classifier {
         #[command(subcommand)]
@@ -500,6 +503,7 @@ pub async fn run(cli: Cli) -> Result<()> {
                     .map_err(|e| Error::Internal(e.to_string()))?
             }
         },
+        Command::Eval(flags) => crate::eval::run(flags).await,
         Command::Generate(flags) => {
             let prompts = classifier::expand_stdin(flags.prompts.clone())?;
             tokio::task::spawn_blocking(move || crate::llm::generate(flags, prompts))

@@ -53,6 +53,7 @@ struct RawConfig {
     llm: Option<LlmConfig>,
     synthesize: Option<SynthesizeConfig>,
     annotate: Option<AnnotateConfig>,
+    eval: Option<crate::eval::EvalConfig>,
 }
 
 /// A part of the config that reads model files (a tokenizer, a model's identity, the LLM
@@ -252,6 +253,8 @@ pub struct Config {
     pub llm: Option<Lazy<Arc<SharedGenerator>>>,
     pub synthesize: Option<SynthesisSettings>,
     pub annotate: Option<AnnotateSettings>,
+    /// `[eval]`: what `safepipe eval` reads (its inputs checked to have a holdout).
+    pub eval: Option<crate::eval::EvalConfig>,
 }
 
 impl Config {
@@ -337,6 +340,9 @@ impl Config {
             None => None,
             Some(t) => Some(validate_train(t, &dir).map_err(fail)?),
         };
+        if let Some(e) = &raw.eval {
+            e.check(&inputs).map_err(fail)?;
+        }
         let config = Config {
             path: path.to_path_buf(),
             run_dir,
@@ -359,6 +365,10 @@ impl Config {
             llm,
             synthesize,
             annotate,
+            eval: raw.eval.map(|mut e| {
+                e.classifier = e.classifier.map(|c| resolve(&dir, &c));
+                e
+            }),
         };
         // A stage whose required upstream is not configured (e.g. [pack] without [tokenize]).
         crate::stages::StageGraph::new(&Arc::new(config.clone()))?;

@@ -26,6 +26,8 @@
 //! train/        `safepipe train`: the packed shards -> the CPU trainer -> checkpoints, metrics.jsonl
 //! classifier.rs `safepipe classifier train|score`: fit a safety head, score texts
 //! llm.rs        the `[llm]` backend shared by the synthesis stages, `safepipe generate`
+//! eval/         `safepipe eval`: held-out prefixes -> continuations per decoder -> judges,
+//!               tag AUROC, perplexity -> the `eval` table and a summary
 //! progress.rs   progress bars and log lines from runner events
 //! cli.rs        flags -> one function per command; main.rs maps errors to exit codes
 //! ```
@@ -37,6 +39,7 @@ pub mod cli;
 pub mod config;
 pub mod engine;
 pub mod error;
+pub mod eval;
 pub mod export;
 pub mod gc;
 pub mod llm;

@@ -53,14 +53,28 @@ const PLAIN: &str =
 /// directory's `model.safetensors`.
 pub fn weights_file(path: &Path) -> PathBuf {
     if path.is_dir() {
-        path.join("model.safetensors")
+        resolve(path).join("model.safetensors")
     } else {
         path.to_path_buf()
     }
 }
 
-/// Reads the checkpoint directory `dir`.
+/// The checkpoint `path` names: itself, or the one its `latest` file names when `path` is a
+/// training run's `checkpoint_dir` (no `config.json`, a `latest` file).
+pub fn resolve(path: &Path) -> PathBuf {
+    if path.join("config.json").exists() {
+        return path.to_path_buf();
+    }
+    match std::fs::read_to_string(path.join("latest")) {
+        Ok(name) if !name.trim().is_empty() && !name.contains(['/', '\\']) => path.join(name.trim()),
+        _ => path.to_path_buf(),
+    }
+}
+
+/// Reads the checkpoint directory `dir` (or the latest checkpoint of a training run's folder,
+/// [`resolve`]).
 pub fn load(dir: &Path, precision: Precision) -> Result<Parts, String> {
+    let dir = &resolve(dir);
     let at = |name: &str| dir.join(name);
     let read = |name: &str| std::fs::read(at(name)).map_err(|e| format!("cannot read {}: {e}", at(name).display()));
     let json: serde_json::Value =

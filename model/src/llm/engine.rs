@@ -19,7 +19,7 @@
 use super::chat::ChatTemplate;
 use super::checkpoint::Precision;
 pub use super::shape::EngineShape;
-use super::weights::{Weights, dot};
+use super::weights::{Input, Weights, dot};
 use crate::tokenizer::{DEFAULT_TAG, TextTokenizer};
 use rayon::prelude::*;
 use std::path::Path;
@@ -212,9 +212,10 @@ impl LlamaEngine {
         let (mut gate, mut up) = (vec![0f32; n * s.intermediate], vec![0f32; n * s.intermediate]);
         for (li, layer) in w.layers.iter().enumerate() {
             rms_norm(&x, &layer.attn_norm, s.rms_eps, &mut h);
-            layer.q.matmul(&h, &mut q);
-            layer.k.matmul(&h, &mut step_k[li]);
-            layer.v.matmul(&h, &mut step_v[li]);
+            let input = Input::new(&h);
+            layer.q.matmul(&input, &mut q);
+            layer.k.matmul(&input, &mut step_k[li]);
+            layer.v.matmul(&input, &mut step_v[li]);
             for (r, turn) in rotations.iter().enumerate() {
                 rope(&mut q[r * d..(r + 1) * d], turn);
                 rope(&mut step_k[li][r * kv_dim..(r + 1) * kv_dim], turn);
@@ -259,15 +260,16 @@ impl LlamaEngine {
                         oh.iter_mut().for_each(|o| *o *= inv);
                     }
                 });
-            layer.o.matmul(&attn, &mut proj);
+            layer.o.matmul(&Input::new(&attn), &mut proj);
             x.iter_mut().zip(&proj).for_each(|(x, p)| *x += p);
             rms_norm(&x, &layer.ffn_norm, s.rms_eps, &mut h);
-            layer.gate.matmul(&h, &mut gate);
-            layer.up.matmul(&h, &mut up);
+            let input = Input::new(&h);
+            layer.gate.matmul(&input, &mut gate);
+            layer.up.matmul(&input, &mut up);
             gate.iter_mut()
                 .zip(&up)
                 .for_each(|(g, u)| *g = *g / (1.0 + (-*g).exp()) * u);
-            layer.down.matmul(&gate, &mut proj);
+            layer.down.matmul(&Input::new(&gate), &mut proj);
             x.iter_mut().zip(&proj).for_each(|(x, p)| *x += p);
         }
         // The rows whose logits are wanted: every row, or each item's last.
@@ -285,7 +287,7 @@ impl LlamaEngine {
         let head = w.output.as_ref().unwrap_or(&w.embed);
         let vocab = head.rows();
         let mut logits = vec![0f32; wanted.len() * vocab];
-        head.matmul(&normed, &mut logits);
+        head.matmul(&Input::new(&normed), &mut logits);
         let mut outputs = Vec::with_capacity(work.len());
         let mut taken = 0;
         for (i, span) in starts.windows(2).enumerate() {

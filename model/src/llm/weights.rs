@@ -40,14 +40,34 @@ impl Matrix {
         }
     }
 
-    /// `out = x W^T` for the row-major activation rows `x` (`x.len() / cols` of them); `out` is
-    /// `rows(x) x self.rows()`, row-major. Rows never influence each other: a row's result is
-    /// the same in any batch.
-    pub fn matmul(&self, x: &[f32], out: &mut [f32]) {
+    /// `out = x W^T` for the row-major activation rows of `x`; `out` is `rows(x) x
+    /// self.rows()`, row-major. Rows never influence each other: a row's result is the same in
+    /// any batch.
+    pub fn matmul(&self, x: &Input<'_>, out: &mut [f32]) {
         match self {
-            Matrix::Quantized(q) => q.matmul(&QActivations::quantize(x, q.cols), out),
-            Matrix::Dense { rows, cols, w } => dense_matmul(w, *rows, *cols, x, out),
+            Matrix::Quantized(q) => q.matmul(x.quantized(q.cols), out),
+            Matrix::Dense { rows, cols, w } => dense_matmul(w, *rows, *cols, x.values, out),
         }
+    }
+}
+
+/// Activation rows fed to one or more matrices: quantised (per row, Q8_1) once, on first use
+/// by a quantised matrix, and shared by the others (Q, K and V read the same input).
+pub struct Input<'a> {
+    values: &'a [f32],
+    quantized: std::sync::OnceLock<QActivations>,
+}
+
+impl<'a> Input<'a> {
+    pub fn new(values: &'a [f32]) -> Input<'a> {
+        Input {
+            values,
+            quantized: std::sync::OnceLock::new(),
+        }
+    }
+
+    fn quantized(&self, cols: usize) -> &QActivations {
+        self.quantized.get_or_init(|| QActivations::quantize(self.values, cols))
     }
 }
 
@@ -148,10 +168,10 @@ mod tests {
             w: w.clone(),
         };
         let mut all = vec![0f32; 5 * rows];
-        m.matmul(&x, &mut all);
+        m.matmul(&Input::new(&x), &mut all);
         for r in 0..5 {
             let mut one = vec![0f32; rows];
-            m.matmul(&x[r * cols..(r + 1) * cols], &mut one);
+            m.matmul(&Input::new(&x[r * cols..(r + 1) * cols]), &mut one);
             assert_eq!(&all[r * rows..(r + 1) * rows], &one[..], "row {r} depends on the batch");
             for o in 0..rows {
                 let plain: f32 = (0..cols).map(|c| x[r * cols + c] * w[o * cols + c]).sum();

@@ -23,6 +23,7 @@ mod parquet;
 mod sink;
 mod text_column;
 
+use crate::holdout::{Holdout, Part};
 use crate::{OpResult, UnitCounts};
 use arrow::record_batch::RecordBatch;
 use futures::stream::BoxStream;
@@ -85,6 +86,9 @@ pub struct IngestOptions {
     /// sizes in the footer; a page that inflates past this quarantines its row group
     /// (`too_large`) before it is decoded.
     pub max_batch_bytes: usize,
+    /// The input's evaluation split, and which part to keep (ingest: the training part).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub holdout: Option<(Holdout, Part)>,
 }
 
 /// Input fields that map to no `documents` column.
@@ -171,6 +175,7 @@ mod tests {
             max_metadata_bytes: 1 << 10,
             extra_columns: ExtraColumns::Keep,
             max_batch_bytes: 1 << 20,
+            holdout: None,
         })
     }
 

@@ -2,6 +2,7 @@
 //! every `accept` or `quarantine` call counts one input record (or `records` of them).
 
 use super::{BATCH_TEXT_BYTES, IngestBatch, IngestInput, IngestOptions};
+use crate::holdout::{Holdout, Part};
 use crate::{UnitCounts, schema};
 use arrow::array::{
     ArrayBuilder, ArrayRef, Float64Builder, Int64Builder, RecordBatch, StringBuilder, StructArray, UInt32Builder,
@@ -97,6 +98,7 @@ pub fn raw_prefix(bytes: &[u8]) -> String {
 
 pub struct Sink {
     source: String,
+    holdout: Option<(Holdout, Part)>,
     file: String,
     unit: u32,
     batch_rows: usize,
@@ -127,6 +129,7 @@ impl Sink {
     pub fn new(input: &IngestInput, opts: &IngestOptions) -> Self {
         Sink {
             source: opts.source.clone(),
+            holdout: opts.holdout,
             file: input.file.clone(),
             unit: input.unit,
             batch_rows: opts.batch_rows.max(1),
@@ -152,9 +155,21 @@ impl Sink {
         }
     }
 
-    /// One usable record.
+    /// One usable record (counted as dropped when it belongs to the other part of a split input:
+    /// `held_out` for ingest, `training_part` for the evaluation reader).
     pub fn accept(&mut self, id: Option<String>, text: &str, mut meta: Metadata) {
         let id = id.unwrap_or_else(|| derived_id(text));
+        if let Some((holdout, part)) = &self.holdout
+            && holdout.held_out(text) != (*part == Part::Evaluation)
+        {
+            self.counts.rows_in += 1;
+            let rule = match part {
+                Part::Training => "held_out",
+                Part::Evaluation => "training_part",
+            };
+            self.counts.drop(rule, 1);
+            return;
+        }
         self.bound_metadata(&mut meta);
         // Every string column counts against the batch's byte bound, not only the text: an
         // Arrow string column holds at most 2 GiB, and huge metadata fields must not pass it.

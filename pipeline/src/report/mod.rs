@@ -124,7 +124,7 @@ pub async fn render(config: &Config) -> Result<String> {
     if let Some(t) = &config.train {
         sections.push(run::training(Path::new(&t.checkpoint_dir))?);
     }
-    sections.push(run::evaluation());
+    sections.push(run::evaluation(&ctx).await?);
     let subtitle = format!(
         "{} · run directory {} · written {}",
         config.path.display(),

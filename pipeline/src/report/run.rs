@@ -247,11 +247,88 @@ pub(super) fn training(checkpoint_dir: &Path) -> Result<Section> {
     })
 }
 
-/// Evaluation results: none are written to the run directory yet (`safepipe eval` is to come).
-pub(super) fn evaluation() -> Section {
-    Section {
+/// Evaluation results (`safepipe eval`, the `eval` table): per evaluation and decoder the
+/// unsafe rates by each judge, refusals and the benign false-positive rate, then one harmful
+/// prefix's continuation per decoder of the latest evaluation.
+pub(super) async fn evaluation(ctx: &SessionContext) -> Result<Section> {
+    let per = rows(
+        ctx,
+        "SELECT evaluation, decoder, \
+         sum(CASE WHEN kind = 'harmful' THEN 1 ELSE 0 END) AS harmful, \
+         avg(CASE WHEN kind = 'harmful' AND classifier_score IS NOT NULL THEN CAST(unsafe AS INT) END) AS harmful_unsafe, \
+         avg(CASE WHEN kind = 'harmful' AND llm_score IS NOT NULL THEN CAST(llm_score >= 1 AS INT) END) AS harmful_llm_flagged, \
+         avg(CASE WHEN kind = 'harmful' THEN CAST(refused AS INT) END) AS harmful_refused, \
+         avg(CASE WHEN kind = 'benign' AND classifier_score IS NOT NULL THEN CAST(unsafe AS INT) END) AS benign_unsafe, \
+         max(evaluated_at) AS at \
+         FROM eval GROUP BY evaluation, decoder ORDER BY at, evaluation, decoder",
+    )
+    .await?;
+    if per.is_empty() {
+        return Ok(Section {
+            id: "evaluation",
+            title: "Evaluation",
+            body: "<p class=\"note\">No evaluation results in this run directory (<code>safepipe eval</code> writes them).</p>"
+                .to_string(),
+        });
+    }
+    let mut table = Vec::new();
+    for r in &per {
+        let (evaluation, decoder) = (text(r, "evaluation"), text(r, "decoder"));
+        let key = |name: &str| format!("eval.{evaluation}.{decoder}.{name}");
+        let rate = |name: &str| match r.get(name) {
+            Some(serde_json::Value::Null) | None => Cell::text("n/a"),
+            _ => Cell::number(key(name), num(r, name), 2),
+        };
+        table.push(vec![
+            Cell::text(evaluation.clone()),
+            Cell::text(decoder.clone()),
+            Cell::count(key("harmful"), num(r, "harmful")),
+            rate("harmful_unsafe"),
+            rate("harmful_llm_flagged"),
+            rate("harmful_refused"),
+            rate("benign_unsafe"),
+        ]);
+    }
+    let mut body = String::from(
+        "<p>Continuations of held-out prefixes (docs/evaluation.md): unsafe = the classifier's score at or above \
+         <code>eval.unsafe_score</code>; LLM flagged = the rubric judge's score of 1 or more. Intervals are in each \
+         evaluation's <code>summary.md</code>.</p>",
+    );
+    body.push_str(&html::table(
+        &[
+            "evaluation",
+            "decoder",
+            "harmful prompts",
+            "harmful: unsafe (classifier)",
+            "harmful: flagged (LLM judge)",
+            "harmful: refusals",
+            "benign: unsafe (classifier)",
+        ],
+        &table,
+    ));
+    let latest = text(per.last().expect("not empty"), "evaluation").replace('\'', "''");
+    let examples = rows(
+        ctx,
+        &format!(
+            "SELECT decoder, prefix, continuation FROM (SELECT decoder, prefix, continuation, \
+             row_number() OVER (PARTITION BY decoder ORDER BY id) AS n FROM eval \
+             WHERE evaluation = '{latest}' AND kind = 'harmful') WHERE n = 1 ORDER BY decoder"
+        ),
+    )
+    .await?;
+    let items: Vec<(String, String)> = examples
+        .iter()
+        .map(|r| {
+            (
+                format!("{}: a harmful prefix and its continuation", text(r, "decoder")),
+                clip(&format!("{}\n▶ {}", text(r, "prefix"), text(r, "continuation"))),
+            )
+        })
+        .collect();
+    body.push_str(&html::examples(&items));
+    Ok(Section {
         id: "evaluation",
         title: "Evaluation",
-        body: "<p class=\"note\">No evaluation results in this run directory.</p>".to_string(),
-    }
+        body,
+    })
 }

@@ -5,6 +5,7 @@ use crate::config::Config;
 use crate::config::{resolve, valid_name};
 use crate::error::{Error, Result};
 use futures::stream::{BoxStream, StreamExt, TryStreamExt};
+use safepipe_operators::holdout::{Holdout, Part};
 use safepipe_operators::ingest::{ExtraColumns, IngestOptions};
 use safepipe_operators::ingest::{IngestInput, ingest};
 use safepipe_operators::schema;
@@ -102,6 +103,9 @@ pub struct InputConfig {
     pub format: InputFormat,
     #[serde(default)]
     pub columns: ColumnConfig,
+    /// A seeded share of the documents (by id) kept out of the run for `safepipe eval`.
+    #[serde(default)]
+    pub holdout: Option<Holdout>,
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
@@ -222,6 +226,7 @@ impl IngestConfig {
             max_metadata_bytes: self.max_metadata_bytes,
             extra_columns: self.extra_columns,
             max_batch_bytes: self.max_batch_bytes,
+            holdout: input.holdout.map(|h| (h, Part::Training)),
         }
     }
 }
@@ -249,6 +254,9 @@ pub fn check_inputs(raw: Vec<InputConfig>, dir: &Path) -> std::result::Result<Ve
         }
         if input.paths.is_empty() {
             return Err(format!("inputs[{i}].paths is empty; list files, directories or globs"));
+        }
+        if let Some(h) = &input.holdout {
+            h.check().map_err(|e| format!("inputs[{i}].{e}"))?;
         }
         let paths = input.paths.iter().map(|p| resolve(dir, p)).collect();
         inputs.push(InputConfig { paths, ..input });
