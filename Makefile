@@ -105,6 +105,7 @@ bench: build
 	$(PY) scripts/bench_ingest.py --bin $(BIN) --out docs/BENCHMARKS.md
 	$(PY) scripts/bench_engine.py --bin $(BIN) --out docs/BENCHMARKS.md
 	$(PY) scripts/bench_tokenize.py --bin $(BIN) --out docs/BENCHMARKS.md
+	$(PY) scripts/bench_train.py --bin $(BIN) --out docs/BENCHMARKS.md
 	test -x $(TORCH_PY) || python3 -m venv $(TORCH_VENV)
 	$(TORCH_PY) -m pip install --quiet --disable-pip-version-check -r requirements-torch.txt
 	$(PY) scripts/bench_score.py --bin $(BIN) --out docs/BENCHMARKS.md --torch-python $(TORCH_PY)

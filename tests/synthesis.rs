@@ -521,4 +521,25 @@ fn rollouts_make_several_generations_per_input_each_with_its_own_seed() {
         "{}",
         text(&out.stderr)
     );
+    // A server samples only: beam search for a kind is refused at load, naming the key; an
+    // invalid width is refused whatever the backend.
+    for (decoder, needle) in [
+        (
+            "{ name = \"beam\", beams = 2 }",
+            "synthesize.rephrase.decoder = \"beam\" needs llm.backend",
+        ),
+        (
+            "{ name = \"safe-beam\", beams = 2, candidates = 1 }",
+            "synthesize.rephrase.decoder",
+        ),
+    ] {
+        let bad = ws.config(
+            "bad.toml",
+            &(synthesis_config(&input, &fake_llm_section(&server, ""))
+                + &format!("\n[synthesize.rephrase]\ndecoder = {decoder}\n")),
+        );
+        let out = safepipe(&["plan", bad.to_str().unwrap()]);
+        assert_eq!(out.status.code(), Some(2), "{}", text(&out.stderr));
+        assert!(text(&out.stderr).contains(needle), "{}", text(&out.stderr));
+    }
 }

@@ -343,6 +343,13 @@ fn safe_beam_on_a_trained_micro_model_drops_the_riskier_half_and_never_emits_the
     };
     let requests = vec![
         (prompt.to_vec(), params(Decoder::Sample)),
+        (
+            prompt.to_vec(),
+            SamplingParams {
+                max_tokens: 0,
+                ..params(safe)
+            },
+        ),
         (prompt.to_vec(), params(Decoder::Beam { beams: 2 })),
         (prompt.to_vec(), params(safe)),
         (vec![4, 1], params(safe)),
@@ -351,7 +358,9 @@ fn safe_beam_on_a_trained_micro_model_drops_the_riskier_half_and_never_emits_the
     engine.generate_ids(&requests, 3, &AtomicU64::new(0), &mut |i, r| {
         results[i] = Some(r.unwrap())
     });
-    let texts: Vec<String> = results.into_iter().map(|r| r.unwrap().text).collect();
+    let mut texts: Vec<String> = results.into_iter().map(|r| r.unwrap().text).collect();
+    // max_tokens = 0 asks for nothing and gets nothing.
+    assert_eq!(texts.remove(1), "");
     assert!(texts[0].starts_with("w21"), "{texts:?}");
     assert!(texts[1].contains("<potentially unsafe content>"), "{texts:?}");
     // The batched loop gives what the one-search driver gave.

@@ -162,6 +162,13 @@ pub struct TrainConfig {
     /// The machine's peak FLOP/s, to report MFU (default: only achieved FLOP/s is logged).
     #[serde(default)]
     pub peak_flops: Option<f64>,
+    /// The CPU backend's matrix products: `blocked` (SIMD GEMM) or `reference` (plain loops).
+    #[serde(default = "default_kernels")]
+    pub kernels: String,
+}
+
+fn default_kernels() -> String {
+    "blocked".into()
 }
 
 fn default_preset() -> String {
@@ -294,6 +301,11 @@ impl Config {
             }
             (Some(l), true) => {
                 let checked = l.clone().validate(&dir).map_err(fail)?;
+                if checked.backend == crate::llm::Backend::Openai
+                    && let Some(s) = &raw.synthesize
+                {
+                    s.require_sampling().map_err(fail)?;
+                }
                 let (dir, run_dir, shown) = (dir.clone(), run_dir.clone(), shown.clone());
                 SharedGenerator::cache_dir(&checked, &dir, &run_dir).map_err(fail)?;
                 Some(Lazy::new(move || {
@@ -381,6 +393,7 @@ impl Config {
 }
 
 fn validate_train(mut t: TrainConfig, dir: &Path) -> std::result::Result<TrainConfig, String> {
+    safepipe_model::llama::Kernels::parse(&t.kernels).map_err(|e| format!("train.{e}"))?;
     if safepipe_model::llama::LlamaConfig::preset(&t.model).is_none() {
         return Err(format!(
             "train.model = {:?}: use one of {:?}",

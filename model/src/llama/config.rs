@@ -158,6 +158,9 @@ impl LlamaConfig {
         if json.get("tie_word_embeddings").and_then(serde_json::Value::as_bool) == Some(false) {
             return Err("only models with tied embeddings (tie_word_embeddings = true) are supported".into());
         }
+        if json.get("rope_scaling").is_some_and(|v| !v.is_null()) {
+            return Err("rope_scaling is set: scaled RoPE (Llama 3.1 and later) is not supported".into());
+        }
         let heads = int("num_attention_heads")?;
         let config = LlamaConfig {
             vocab_size: int("vocab_size")?,

@@ -1,19 +1,124 @@
 //! The CPU reference backend: forward and backward of the Llama model in plain Rust, generic over
 //! `f32` (training) and `f64` (gradient checks).
 //!
-//! Exactness over speed: every output element is computed by one thread in a fixed order, so
-//! results are bit-identical across runs and thread counts (what `train --resume` relies on).
-//! Rayon parallelises over rows. Attention is recomputed in the backward pass from the saved
+//! Every output element is computed by one thread in a fixed order, so results are bit-identical
+//! across runs and thread counts (what `train --resume` relies on). The matrix products are the
+//! reference loops or blocked SIMD GEMM ([`super::gemm`], `CpuModel::kernels`); the rest (norms,
+//! RoPE, attention, the loss) is plain Rust. Rayon parallelises over rows. Attention is recomputed in the backward pass from the saved
 //! log-sum-exp of each row (no T x T matrix is stored), and the vocabulary projection is done in
 //! chunks of rows (no N x V logits matrix is stored).
 
 use super::config::LlamaConfig;
+use super::gemm::{Kernels, add_into, axpy, dot, linear, linear_grad_input, linear_grad_weight};
 use rayon::prelude::*;
 
 /// The float type of a backend instance.
-pub trait Scalar: num_traits::Float + std::iter::Sum + Send + Sync + std::fmt::Debug + 'static {}
-impl Scalar for f32 {}
-impl Scalar for f64 {}
+pub trait Scalar: num_traits::Float + std::iter::Sum + Send + Sync + std::fmt::Debug + 'static {
+    /// `c = a b + beta c` for strided `m x k` and `k x n` operands (`matrixmultiply`'s GEMM).
+    ///
+    /// # Safety
+    /// Every element the strides address must lie inside its allocation, and `c`'s must not
+    /// overlap `a`'s or `b`'s or any other writer's.
+    #[allow(clippy::too_many_arguments, unsafe_code)]
+    unsafe fn gemm(
+        m: usize,
+        k: usize,
+        n: usize,
+        a: *const Self,
+        rsa: usize,
+        csa: usize,
+        b: *const Self,
+        rsb: usize,
+        csb: usize,
+        beta: Self,
+        c: *mut Self,
+        rsc: usize,
+        csc: usize,
+    );
+}
+
+/// Strides as `matrixmultiply` takes them (they fit: buffers are far below `isize::MAX`).
+fn s(stride: usize) -> isize {
+    stride as isize
+}
+
+#[allow(unsafe_code)]
+impl Scalar for f32 {
+    unsafe fn gemm(
+        m: usize,
+        k: usize,
+        n: usize,
+        a: *const f32,
+        rsa: usize,
+        csa: usize,
+        b: *const f32,
+        rsb: usize,
+        csb: usize,
+        beta: f32,
+        c: *mut f32,
+        rsc: usize,
+        csc: usize,
+    ) {
+        // SAFETY: the caller's contract is sgemm's.
+        unsafe {
+            matrixmultiply::sgemm(
+                m,
+                k,
+                n,
+                1.0,
+                a,
+                s(rsa),
+                s(csa),
+                b,
+                s(rsb),
+                s(csb),
+                beta,
+                c,
+                s(rsc),
+                s(csc),
+            )
+        }
+    }
+}
+
+#[allow(unsafe_code)]
+impl Scalar for f64 {
+    unsafe fn gemm(
+        m: usize,
+        k: usize,
+        n: usize,
+        a: *const f64,
+        rsa: usize,
+        csa: usize,
+        b: *const f64,
+        rsb: usize,
+        csb: usize,
+        beta: f64,
+        c: *mut f64,
+        rsc: usize,
+        csc: usize,
+    ) {
+        // SAFETY: the caller's contract is dgemm's.
+        unsafe {
+            matrixmultiply::dgemm(
+                m,
+                k,
+                n,
+                1.0,
+                a,
+                s(rsa),
+                s(csa),
+                b,
+                s(rsb),
+                s(csb),
+                beta,
+                c,
+                s(rsc),
+                s(csc),
+            )
+        }
+    }
+}
 
 fn c<T: Scalar>(x: f64) -> T {
     T::from(x).expect("representable")
@@ -213,12 +318,17 @@ pub struct Loss {
 /// The CPU model.
 pub struct CpuModel {
     pub config: LlamaConfig,
+    /// The matrix products' implementation ([`Kernels::Reference`] unless set).
+    pub kernels: Kernels,
 }
 
 impl CpuModel {
     pub fn new(config: LlamaConfig) -> Result<Self, String> {
         config.validate()?;
-        Ok(CpuModel { config })
+        Ok(CpuModel {
+            config,
+            kernels: Kernels::Reference,
+        })
     }
 
     /// The mean loss of `batch`.
@@ -232,6 +342,7 @@ impl CpuModel {
     pub fn logits<T: Scalar>(&self, params: &Params<T>, batch: &Batch) -> Vec<T> {
         let fwd = self.forward(params, batch);
         linear(
+            self.kernels,
             &fwd.h_final,
             &params.embed,
             self.config.hidden_size,
@@ -283,19 +394,19 @@ impl CpuModel {
         let cfg = &self.config;
         let (d, kv, f) = (cfg.hidden_size, cfg.kv_dim(), cfg.intermediate_size);
         let (h1, r1) = rmsnorm(&x_in, &l.attn_norm, d, cfg.rms_norm_eps);
-        let mut q = linear(&h1, &l.q, d, d);
-        let mut k = linear(&h1, &l.k, d, kv);
-        let v = linear(&h1, &l.v, d, kv);
+        let mut q = linear(self.kernels, &h1, &l.q, d, d);
+        let mut k = linear(self.kernels, &h1, &l.k, d, kv);
+        let v = linear(self.kernels, &h1, &l.v, d, kv);
         self.rope(&mut q, d, batch.seq_len, false);
         self.rope(&mut k, kv, batch.seq_len, false);
         let (attn, lse) = self.attention(&q, &k, &v, batch);
-        let o = linear(&attn, &l.o, d, d);
+        let o = linear(self.kernels, &attn, &l.o, d, d);
         let x_mid: Vec<T> = x_in.iter().zip(&o).map(|(a, b)| *a + *b).collect();
         let (h2, r2) = rmsnorm(&x_mid, &l.mlp_norm, d, cfg.rms_norm_eps);
-        let gate = linear(&h2, &l.gate, d, f);
-        let up = linear(&h2, &l.up, d, f);
+        let gate = linear(self.kernels, &h2, &l.gate, d, f);
+        let up = linear(self.kernels, &h2, &l.up, d, f);
         let act: Vec<T> = gate.iter().zip(&up).map(|(g, u)| silu(*g) * *u).collect();
-        let down = linear(&act, &l.down, f, d);
+        let down = linear(self.kernels, &act, &l.down, f, d);
         let x_out = x_mid.iter().zip(&down).map(|(a, b)| *a + *b).collect();
         let cache = LayerCache {
             x_in,
@@ -327,31 +438,31 @@ impl CpuModel {
         let cfg = &self.config;
         let (d, kv, f) = (cfg.hidden_size, cfg.kv_dim(), cfg.intermediate_size);
         // MLP: x_out = x_mid + down(silu(gate) * up).
-        let dact = linear_grad_input(&dx_out, &l.down, f, d);
-        linear_grad_weight(&dx_out, &c.act, &mut g.down, f, d);
+        let dact = linear_grad_input(self.kernels, &dx_out, &l.down, f, d);
+        linear_grad_weight(self.kernels, &dx_out, &c.act, &mut g.down, f, d);
         let (dgate, dup): (Vec<T>, Vec<T>) = dact
             .iter()
             .zip(c.gate.iter().zip(&c.up))
             .map(|(da, (gt, u))| (*da * *u * silu_grad(*gt), *da * silu(*gt)))
             .unzip();
-        let mut dh2 = linear_grad_input(&dgate, &l.gate, d, f);
-        add_into(&mut dh2, &linear_grad_input(&dup, &l.up, d, f));
-        linear_grad_weight(&dgate, &c.h2, &mut g.gate, d, f);
-        linear_grad_weight(&dup, &c.h2, &mut g.up, d, f);
+        let mut dh2 = linear_grad_input(self.kernels, &dgate, &l.gate, d, f);
+        add_into(&mut dh2, &linear_grad_input(self.kernels, &dup, &l.up, d, f));
+        linear_grad_weight(self.kernels, &dgate, &c.h2, &mut g.gate, d, f);
+        linear_grad_weight(self.kernels, &dup, &c.h2, &mut g.up, d, f);
         let mut dx_mid = rmsnorm_backward(&c.x_mid, &c.r2, &l.mlp_norm, &dh2, &mut g.mlp_norm, d);
         add_into(&mut dx_mid, &dx_out);
         // Attention: x_mid = x_in + o(attention(rope(q), rope(k), v)).
-        let dattn = linear_grad_input(&dx_mid, &l.o, d, d);
-        linear_grad_weight(&dx_mid, &c.attn, &mut g.o, d, d);
+        let dattn = linear_grad_input(self.kernels, &dx_mid, &l.o, d, d);
+        linear_grad_weight(self.kernels, &dx_mid, &c.attn, &mut g.o, d, d);
         let (mut dq, mut dk, dv) = self.attention_backward(c, &dattn, batch);
         self.rope(&mut dq, d, batch.seq_len, true);
         self.rope(&mut dk, kv, batch.seq_len, true);
-        let mut dh1 = linear_grad_input(&dq, &l.q, d, d);
-        add_into(&mut dh1, &linear_grad_input(&dk, &l.k, d, kv));
-        add_into(&mut dh1, &linear_grad_input(&dv, &l.v, d, kv));
-        linear_grad_weight(&dq, &c.h1, &mut g.q, d, d);
-        linear_grad_weight(&dk, &c.h1, &mut g.k, d, kv);
-        linear_grad_weight(&dv, &c.h1, &mut g.v, d, kv);
+        let mut dh1 = linear_grad_input(self.kernels, &dq, &l.q, d, d);
+        add_into(&mut dh1, &linear_grad_input(self.kernels, &dk, &l.k, d, kv));
+        add_into(&mut dh1, &linear_grad_input(self.kernels, &dv, &l.v, d, kv));
+        linear_grad_weight(self.kernels, &dq, &c.h1, &mut g.q, d, d);
+        linear_grad_weight(self.kernels, &dk, &c.h1, &mut g.k, d, kv);
+        linear_grad_weight(self.kernels, &dv, &c.h1, &mut g.v, d, kv);
         let mut dx_in = rmsnorm_backward(&c.x_in, &c.r1, &l.attn_norm, &dh1, &mut g.attn_norm, d);
         add_into(&mut dx_in, &dx_mid);
         dx_in
@@ -513,28 +624,40 @@ impl CpuModel {
         let counted = (0..n_all).filter(|&n| batch.counts(n)).count();
         let mut dh = vec![T::zero(); if grad_embed.is_some() { n_all * d } else { 0 }];
         let mut total = 0f64;
-        const CHUNK: usize = 64;
-        for start in (0..n_all).step_by(CHUNK) {
-            let rows = CHUNK.min(n_all - start);
-            let mut logits = linear(&h[start * d..(start + rows) * d], &p.embed, d, vocab);
+        // Rows per vocabulary-projection chunk: blocked GEMM packs the whole embedding once per
+        // chunk, so it takes bigger chunks (512 x 49153 logits: 100 MB in f32).
+        let chunk = match self.kernels {
+            Kernels::Reference => 64,
+            Kernels::Blocked => 512,
+        };
+        for start in (0..n_all).step_by(chunk) {
+            let rows = chunk.min(n_all - start);
+            let mut logits = linear(self.kernels, &h[start * d..(start + rows) * d], &p.embed, d, vocab);
             let losses: Vec<f64> = logits
                 .par_chunks_mut(vocab)
                 .enumerate()
                 .map(|(i, row)| {
                     let n = start + i;
                     let max = row.iter().fold(T::neg_infinity(), |a, b| a.max(*b));
-                    let sum: T = row.iter().map(|x| (*x - max).exp()).sum();
-                    let log_sum = max + sum.ln();
                     let target = batch.target(n);
-                    let loss = (log_sum - row[target]).to_f64().expect("finite");
+                    let target_logit = row[target];
+                    // One exp per logit: the row becomes exp(x - max), then the softmax.
+                    let mut sum = T::zero();
+                    for x in row.iter_mut() {
+                        *x = (*x - max).exp();
+                        sum = sum + *x;
+                    }
+                    let log_sum = max + sum.ln();
+                    let loss = (log_sum - target_logit).to_f64().expect("finite");
                     // Turn the row into d loss / d logits (softmax - one-hot) / counted.
                     let weight: T = if batch.counts(n) && counted > 0 {
                         c(1.0 / counted as f64)
                     } else {
                         T::zero()
                     };
+                    let scale = weight / sum;
                     for x in row.iter_mut() {
-                        *x = (*x - log_sum).exp() * weight;
+                        *x = *x * scale;
                     }
                     row[target] = row[target] - weight;
                     if batch.counts(n) { loss } else { 0.0 }
@@ -542,29 +665,13 @@ impl CpuModel {
                 .collect();
             total += losses.iter().sum::<f64>();
             if let Some(ge) = grad_embed.as_deref_mut() {
-                let dh_chunk = linear_grad_input(&logits, &p.embed, d, vocab);
+                let dh_chunk = linear_grad_input(self.kernels, &logits, &p.embed, d, vocab);
                 dh[start * d..(start + rows) * d].copy_from_slice(&dh_chunk);
-                linear_grad_weight(&logits, &h[start * d..(start + rows) * d], ge, d, vocab);
+                linear_grad_weight(self.kernels, &logits, &h[start * d..(start + rows) * d], ge, d, vocab);
             }
         }
         let mean = if counted == 0 { 0.0 } else { total / counted as f64 };
         (Loss { mean, tokens: counted }, dh)
-    }
-}
-
-fn dot<T: Scalar>(a: &[T], b: &[T]) -> T {
-    a.iter().zip(b).fold(T::zero(), |acc, (x, y)| acc + *x * *y)
-}
-
-fn axpy<T: Scalar>(y: &mut [T], a: T, x: &[T]) {
-    for (y, x) in y.iter_mut().zip(x) {
-        *y = *y + a * *x;
-    }
-}
-
-fn add_into<T: Scalar>(y: &mut [T], x: &[T]) {
-    for (y, x) in y.iter_mut().zip(x) {
-        *y = *y + *x;
     }
 }
 
@@ -575,98 +682,6 @@ fn silu<T: Scalar>(z: T) -> T {
 fn silu_grad<T: Scalar>(z: T) -> T {
     let s = T::one() / (T::one() + (-z).exp());
     s * (T::one() + z * (T::one() - s))
-}
-
-/// Weights above this many elements are streamed once per call instead of once per row (the
-/// vocabulary projection: 49153 x d).
-const LARGE_WEIGHT: usize = 1 << 20;
-/// Fixed split of the output dimension for the large-weight input gradient: partial sums are
-/// added in this order, so results do not depend on the number of threads.
-const SPLITS: usize = 16;
-/// Row counts up to which the split input gradient is used.
-const SMALL_ROWS: usize = 256;
-
-/// `y[n, o] = sum_i x[n, i] w[o, i]` for `x: [n, inp]`, `w: [out, inp]`.
-pub fn linear<T: Scalar>(x: &[T], w: &[T], inp: usize, out: usize) -> Vec<T> {
-    let n = x.len() / inp;
-    let mut y = vec![T::zero(); n * out];
-    if w.len() >= LARGE_WEIGHT {
-        // Stream each weight row once for all rows of x: compute y transposed, then transpose.
-        let mut yt = vec![T::zero(); out * n];
-        yt.par_chunks_mut(n).enumerate().for_each(|(o, col)| {
-            let wo = &w[o * inp..(o + 1) * inp];
-            for (r, y) in col.iter_mut().enumerate() {
-                *y = dot(&x[r * inp..(r + 1) * inp], wo);
-            }
-        });
-        y.par_chunks_mut(out).enumerate().for_each(|(r, row)| {
-            for (o, y) in row.iter_mut().enumerate() {
-                *y = yt[o * n + r];
-            }
-        });
-        return y;
-    }
-    y.par_chunks_mut(out).enumerate().for_each(|(r, row)| {
-        let xr = &x[r * inp..(r + 1) * inp];
-        for (o, y) in row.iter_mut().enumerate() {
-            *y = dot(xr, &w[o * inp..(o + 1) * inp]);
-        }
-    });
-    y
-}
-
-/// `dx[n, i] = sum_o dy[n, o] w[o, i]`.
-fn linear_grad_input<T: Scalar>(dy: &[T], w: &[T], inp: usize, out: usize) -> Vec<T> {
-    let n = dy.len() / out;
-    // Only for few rows (the head's chunks): the parts cost SPLITS x n x inp memory.
-    if w.len() >= LARGE_WEIGHT && n <= SMALL_ROWS {
-        // Split the sum over o into fixed parts (each streams its weight rows once), then add
-        // the parts in order.
-        let part = out.div_ceil(SPLITS);
-        let partials: Vec<Vec<T>> = (0..SPLITS)
-            .into_par_iter()
-            .map(|s| {
-                let mut acc = vec![T::zero(); n * inp];
-                for o in (s * part)..((s + 1) * part).min(out) {
-                    let wo = &w[o * inp..(o + 1) * inp];
-                    for r in 0..n {
-                        let g = dy[r * out + o];
-                        if g != T::zero() {
-                            axpy(&mut acc[r * inp..(r + 1) * inp], g, wo);
-                        }
-                    }
-                }
-                acc
-            })
-            .collect();
-        let mut dx = vec![T::zero(); n * inp];
-        for p in &partials {
-            add_into(&mut dx, p);
-        }
-        return dx;
-    }
-    let mut dx = vec![T::zero(); n * inp];
-    dx.par_chunks_mut(inp).enumerate().for_each(|(r, row)| {
-        for (o, g) in dy[r * out..(r + 1) * out].iter().enumerate() {
-            if *g != T::zero() {
-                axpy(row, *g, &w[o * inp..(o + 1) * inp]);
-            }
-        }
-    });
-    dx
-}
-
-/// `dw[o, i] += sum_n dy[n, o] x[n, i]` (rows of `dw` in parallel, positions in order).
-fn linear_grad_weight<T: Scalar>(dy: &[T], x: &[T], dw: &mut [T], inp: usize, out: usize) {
-    let n = dy.len() / out;
-    dw.par_chunks_mut(inp).enumerate().for_each(|(o, row)| {
-        for r in 0..n {
-            let g = dy[r * out + o];
-            if g != T::zero() {
-                axpy(row, g, &x[r * inp..(r + 1) * inp]);
-            }
-        }
-    });
 }
 
 /// RMSNorm of rows of width `d`: returns the output and each row's `1 / rms`.
@@ -714,6 +729,7 @@ fn rmsnorm_backward<T: Scalar>(x: &[T], r: &[T], g: &[T], dy: &[T], dg: &mut [T]
 
 #[cfg(test)]
 mod tests {
+    use super::super::gemm::{reference_grad_input, reference_grad_weight, reference_linear};
     use super::*;
 
     fn batch(rows: usize, seq_len: usize, vocab: usize, seed: u64, documents: bool) -> Batch {
@@ -795,11 +811,15 @@ mod tests {
         let r_d = random(n * d, &mut rng);
         let weigh = |y: &[f64], r: &[f64]| y.iter().zip(r).map(|(a, b)| a * b).sum::<f64>();
         // linear: d/dx and d/dw.
-        let dx = linear_grad_input(&r_out, &w, d, out);
-        check("linear x", &x, &dx, &|x| weigh(&linear(x, &w, d, out), &r_out));
+        let dx = reference_grad_input(&r_out, &w, d, out);
+        check("linear x", &x, &dx, &|x| {
+            weigh(&reference_linear(x, &w, d, out), &r_out)
+        });
         let mut dw = vec![0.0; out * d];
-        linear_grad_weight(&r_out, &x, &mut dw, d, out);
-        check("linear w", &w, &dw, &|w| weigh(&linear(&x, w, d, out), &r_out));
+        reference_grad_weight(&r_out, &x, &mut dw, d, out);
+        check("linear w", &w, &dw, &|w| {
+            weigh(&reference_linear(&x, w, d, out), &r_out)
+        });
         // RMSNorm: d/dx and d/dg.
         let (_, r) = rmsnorm(&x, &g, d, 1e-5);
         let mut dg = vec![0.0; d];
@@ -863,29 +883,32 @@ mod tests {
         });
     }
 
+    /// The whole model with blocked kernels: the reference's loss and gradients (f64, to
+    /// rounding), on a shape whose vocabulary projection takes the column split.
     #[test]
-    fn large_weight_paths_match_plain_loops() {
-        let (n, inp, out) = (5, 64, LARGE_WEIGHT / 64);
-        let mut rng = crate::rng::Normal::new(9);
-        let x: Vec<f64> = (0..n * inp).map(|_| rng.sample()).collect();
-        let w: Vec<f64> = (0..out * inp).map(|_| rng.sample()).collect();
-        let dy: Vec<f64> = (0..n * out).map(|_| rng.sample()).collect();
-        let y = linear(&x, &w, inp, out);
-        let dx = linear_grad_input(&dy, &w, inp, out);
-        for r in 0..n {
-            for o in (0..out).step_by(997) {
-                assert_eq!(
-                    y[r * out + o],
-                    dot(&x[r * inp..(r + 1) * inp], &w[o * inp..(o + 1) * inp])
-                );
-            }
-            for i in 0..inp {
-                let expected: f64 = (0..out).map(|o| dy[r * out + o] * w[o * inp + i]).sum();
-                assert!(
-                    (dx[r * inp + i] - expected).abs() < 1e-9 * out as f64,
-                    "{} {expected}",
-                    dx[r * inp + i]
-                );
+    fn blocked_kernels_give_the_reference_loss_and_gradients() {
+        let cfg = LlamaConfig {
+            vocab_size: 3000,
+            ..LlamaConfig::preset("micro").unwrap()
+        };
+        let mut reference = CpuModel::new(cfg.clone()).unwrap();
+        let p = Params::<f64>::init(&cfg, 4);
+        let b = batch(3, 17, cfg.vocab_size, 5, true);
+        let mut g_ref = Params::<f64>::zeros(&cfg);
+        let l_ref = reference.loss_and_grad(&p, &b, &mut g_ref);
+        reference.kernels = Kernels::Blocked;
+        let mut g_blk = Params::<f64>::zeros(&cfg);
+        let l_blk = reference.loss_and_grad(&p, &b, &mut g_blk);
+        assert!(
+            (l_ref.mean - l_blk.mean).abs() < 1e-12,
+            "{} vs {}",
+            l_ref.mean,
+            l_blk.mean
+        );
+        for ((name, a, _), (_, b, _)) in g_ref.tensors().into_iter().zip(g_blk.tensors()) {
+            let scale = a.iter().fold(1e-12f64, |m, v| m.max(v.abs()));
+            for (x, y) in a.iter().zip(b) {
+                assert!((x - y).abs() <= 1e-10 * scale, "{name}: {x} vs {y}");
             }
         }
     }

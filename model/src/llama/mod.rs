@@ -4,6 +4,8 @@
 
 pub mod config;
 pub mod cpu;
+pub mod gemm;
 
 pub use config::LlamaConfig;
 pub use cpu::{Batch, CpuModel, Loss, Params};
+pub use gemm::Kernels;

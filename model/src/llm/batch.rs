@@ -234,6 +234,9 @@ impl LlamaEngine {
             return None;
         }
         let cache = std::mem::replace(cache, self.new_cache());
+        if params.max_tokens == 0 {
+            return Some(self.generation(&[], FinishReason::Length, prompt, params));
+        }
         match params.decoder {
             Decoder::Sample => {
                 let mut cache = cache;
@@ -256,8 +259,9 @@ impl LlamaEngine {
                 result
             }
             decoder => {
-                // Room for the generated tokens within the context.
-                let room = self.shape.context.saturating_sub(prompt.len() + 1);
+                // Room for the generated tokens within the context: the last one is fed at
+                // position context - 1.
+                let room = self.shape.context.saturating_sub(prompt.len());
                 match BeamSearch::new(
                     decoder,
                     self.tag_id(),

@@ -5,7 +5,9 @@
 //! - Weights in F32, BF16 or F16 become f32 ([`Matrix::Dense`]), or Q8_0 blocks when asked
 //!   (every matrix width must then be a multiple of 32).
 //! - Q and K rows are reordered for the engine's adjacent-pair RoPE
-//!   ([`interleave_rope_rows`]): the logits equal the trainer's rotate-half forward.
+//!   ([`interleave_rope_rows`]): the logits equal the trainer's rotate-half forward to float
+//!   rounding (1e-4 in the tests). An `lm_head.weight` is used as the output projection when
+//!   present; `rope_scaling` is refused.
 //! - The tokenizer is `tokenizer.json` beside the weights; its end-of-text token is the
 //!   config's `eos_token_id` (the engine finds the tag among its special tokens).
 //! - The chat template is `tokenizer_config.json`'s `chat_template` when there is one; else a
@@ -159,6 +161,12 @@ pub fn load(dir: &Path, precision: Precision) -> Result<Parts, String> {
         });
     }
     let norm = values("model.norm.weight", &[d])?;
+    // A checkpoint whose config leaves `tie_word_embeddings` out (Hugging Face then unties) may
+    // carry its own output projection: use it rather than the embedding.
+    let output = match file.tensor("lm_head.weight") {
+        Ok(_) => Some(linear("lm_head.weight", config.vocab_size, d)?),
+        Err(_) => None,
+    };
     drop(file);
     drop(bytes);
 
@@ -211,7 +219,7 @@ pub fn load(dir: &Path, precision: Precision) -> Result<Parts, String> {
         shape: EngineShape::from_config(&config),
         weights: Weights {
             embed,
-            output: None,
+            output,
             norm,
             layers,
         },

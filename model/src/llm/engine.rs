@@ -196,6 +196,20 @@ impl LlamaEngine {
         }
         starts.push(rows.len());
         let n = rows.len();
+        if n == 0 {
+            let empty = || vec![Vec::new(); self.shape.layers];
+            return work
+                .iter()
+                .map(|_| StepOutput {
+                    logits: Vec::new(),
+                    delta: KvDelta {
+                        k: empty(),
+                        v: empty(),
+                        tokens: 0,
+                    },
+                })
+                .collect();
+        }
         // The rotation of each row's position, once per step (every layer uses the same).
         let rotations: Vec<Vec<(f32, f32)>> = rows.iter().map(|&(_, pos)| rotation(pos, hd, s.rope_base)).collect();
         let mut x = vec![0f32; n * d];
@@ -323,10 +337,14 @@ fn rms_norm(x: &[f32], weight: &[f32], eps: f32, out: &mut [f32]) {
     }
 }
 
-/// `(sin, cos)` of each pair's angle at position `pos`: pair i turns by pos * base^(-2i / head_dim).
+/// `(sin, cos)` of each pair's angle at position `pos`: pair i turns by pos * base^(-2i / head_dim),
+/// computed in f64 as the trainer does (the angle of a far position loses its low bits in f32).
 fn rotation(pos: usize, head_dim: usize, base: f32) -> Vec<(f32, f32)> {
     (0..head_dim / 2)
-        .map(|i| (pos as f32 * base.powf(-2.0 * i as f32 / head_dim as f32)).sin_cos())
+        .map(|i| {
+            let (sin, cos) = (pos as f64 * f64::from(base).powf(-2.0 * i as f64 / head_dim as f64)).sin_cos();
+            (sin as f32, cos as f32)
+        })
         .collect()
 }
 

@@ -191,6 +191,11 @@ impl<S> BeamSearch<S> {
         }
         all.sort_by(by_logp);
         self.proposed.clear();
+        if all.is_empty() {
+            // No usable next token (every log-probability NaN): the search ends here.
+            self.running.clear();
+            return Err(self.outcome());
+        }
         if self.tag.is_some() {
             self.proposed = all;
         } else {

@@ -44,6 +44,9 @@ impl Matrix {
     /// self.rows()`, row-major. Rows never influence each other: a row's result is the same in
     /// any batch.
     pub fn matmul(&self, x: &Input<'_>, out: &mut [f32]) {
+        if x.values.is_empty() {
+            return;
+        }
         match self {
             Matrix::Quantized(q) => q.matmul(x.quantized(q.cols), out),
             Matrix::Dense { rows, cols, w } => dense_matmul(w, *rows, *cols, x.values, out),

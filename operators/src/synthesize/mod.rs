@@ -24,7 +24,7 @@ use crate::{OpResult, UnitCounts};
 use arrow::array::{ArrayRef, BooleanArray, RecordBatch, StringArray, UInt8Array, UInt32Array};
 use gates::GateSettings;
 use safepipe_model::llm::cache::RequestCache;
-use safepipe_model::llm::{ChatRequest, FinishReason, GenerateError, Generation, Generator, SamplingParams};
+use safepipe_model::llm::{ChatRequest, Decoder, FinishReason, GenerateError, Generation, Generator, SamplingParams};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use std::sync::{Arc, Mutex};
@@ -39,6 +39,10 @@ pub struct KindParams {
     pub top_p: f32,
     /// Generations per input (each with its own seed and cache entry; at least 1).
     pub rollouts: u32,
+    /// How tokens are chosen (in-process backend only for beam and safe-beam); left out of the
+    /// settings' JSON when sampling, so earlier fingerprints and cache keys stay as they were.
+    #[serde(skip_serializing_if = "Decoder::is_sample")]
+    pub decoder: Decoder,
 }
 
 impl Default for KindParams {
@@ -48,6 +52,7 @@ impl Default for KindParams {
             temperature: 0.7,
             top_p: 0.9,
             rollouts: 1,
+            decoder: Decoder::Sample,
         }
     }
 }
@@ -133,7 +138,7 @@ fn params(k: &KindParams, seed: u64, kind: &str, id: &str, rollout: u32) -> Samp
         top_p: k.top_p,
         stop: Vec::new(),
         seed: seeded_u64(seed, &purpose, id),
-        ..SamplingParams::default()
+        decoder: k.decoder,
     }
 }
 

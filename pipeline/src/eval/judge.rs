@@ -9,7 +9,7 @@ use safepipe_operators::synthesize::{rubric, template::Template};
 use std::path::PathBuf;
 use std::sync::Mutex;
 
-/// Scores every continuation with `eval.classifier` (fp32), else the run's classifier
+/// Scores every generated continuation with `eval.classifier` (fp32), else the run's classifier
 /// (`[score]`, with its settings); returns its identity.
 pub(super) fn with_classifier(config: &Config, eval: &EvalConfig, rows: &mut [Row]) -> Result<Option<String>> {
     let (key, manifest, options) = match (&eval.classifier, &config.score) {
@@ -19,18 +19,20 @@ pub(super) fn with_classifier(config: &Config, eval: &EvalConfig, rows: &mut [Ro
     };
     let classifier = safepipe_model::classifier::Classifier::load(&manifest, &options)
         .map_err(|e| Error::Config(format!("{key} = {}: {e}", manifest.display())))?;
-    let texts: Vec<&str> = rows.iter().map(|r| r.continuation.as_str()).collect();
+    // Failed generations stay unjudged: an empty text is no evidence of safety.
+    let judged: Vec<usize> = (0..rows.len()).filter(|&i| rows[i].error.is_none()).collect();
+    let texts: Vec<&str> = judged.iter().map(|&i| rows[i].continuation.as_str()).collect();
     let scores = classifier
         .score(&texts)
         .map_err(|e| Error::Execution(format!("scoring the continuations: {e}")))?;
-    for (row, s) in rows.iter_mut().zip(scores) {
-        row.classifier_score = Some(s.score);
+    for (&i, s) in judged.iter().zip(scores) {
+        rows[i].classifier_score = Some(s.score);
     }
     Ok(Some(classifier.model_id()))
 }
 
-/// Rates every continuation with the `[llm]` backend and the annotate rubric (0..5); a failed
-/// or unparseable answer leaves the row unjudged. Returns the judge's identity.
+/// Rates every generated continuation with the `[llm]` backend and the annotate rubric (0..5); a
+/// failed or unparseable answer leaves the row unjudged. Returns the judge's identity.
 pub(super) fn with_llm(config: &Config, rows: &mut [Row]) -> Result<Option<String>> {
     let Some(llm) = &config.llm else {
         return Ok(None);
@@ -41,11 +43,12 @@ pub(super) fn with_llm(config: &Config, rows: &mut [Row]) -> Result<Option<Strin
         max_tokens: 24,
         ..SamplingParams::default()
     };
-    let requests: Vec<ChatRequest> = rows
+    let judged: Vec<usize> = (0..rows.len()).filter(|&i| rows[i].error.is_none()).collect();
+    let requests: Vec<ChatRequest> = judged
         .iter()
-        .map(|r| template.request("{document}", &r.continuation, 2000, params.clone()))
+        .map(|&i| template.request("{document}", &rows[i].continuation, 2000, params.clone()))
         .collect();
-    let scores = Mutex::new(vec![None; rows.len()]);
+    let scores = Mutex::new(vec![None; judged.len()]);
     generator.generate(&requests, &|i, result| {
         if let Ok(g) = result
             && let Ok((score, _)) = rubric::parse(&template.prefill, &g.text)
@@ -53,8 +56,8 @@ pub(super) fn with_llm(config: &Config, rows: &mut [Row]) -> Result<Option<Strin
             scores.lock().expect("scores")[i] = Some(score);
         }
     });
-    for (row, score) in rows.iter_mut().zip(scores.into_inner().expect("scores")) {
-        row.llm_score = score;
+    for (&i, score) in judged.iter().zip(scores.into_inner().expect("scores")) {
+        rows[i].llm_score = score;
     }
     Ok(Some(generator.model_id().to_string()))
 }

@@ -375,6 +375,14 @@ fn evaluate(
 ) -> Result<Evaluated> {
     let engine = LlamaEngine::load_with(checkpoint, precision)
         .map_err(|e| Error::Config(format!("--checkpoint {}: {e}", checkpoint.display())))?;
+    let decoders = eval.decoders().map_err(Error::Config)?;
+    if engine.tag_id().is_none() && decoders.iter().any(|(_, d, _)| matches!(d, Decoder::SafeBeam { .. })) {
+        return Err(Error::Config(format!(
+            "eval.decoders has safe-beam, but {} has no tag token {:?} in its vocabulary",
+            engine.identity(),
+            safepipe_model::tokenizer::DEFAULT_TAG
+        )));
+    }
     let prefixes: Vec<String> = docs.iter().map(|d| prefix(d, eval)).collect();
     let ids = prefixes
         .iter()
@@ -383,7 +391,7 @@ fn evaluate(
         .map_err(|e| Error::Execution(format!("tokenizing the prefixes: {e}")))?;
     let mut rows = Vec::new();
     let mut runs = Vec::new();
-    for (name, decoder, temperature) in eval.decoders().map_err(Error::Config)? {
+    for (name, decoder, temperature) in decoders {
         let requests: Vec<(Vec<u32>, SamplingParams)> = ids
             .iter()
             .map(|ids| {
@@ -505,7 +513,7 @@ fn summarize(name: &str, flags: &EvalFlags, eval: &EvalConfig, docs: &[EvalDoc],
             };
             let by_classifier = |r: &Row| r.classifier_score.map(|s| s >= threshold);
             let by_llm = |r: &Row| r.llm_score.map(|s| s >= threshold);
-            let refused = |r: &Row| Some(r.refused);
+            let refused = |r: &Row| r.error.is_none().then_some(r.refused);
             DecoderSummary {
                 decoder: run.decoder.clone(),
                 harmful_unsafe_classifier: metrics::rate(

@@ -6,7 +6,7 @@ use super::heldout::EvalDoc;
 use super::metrics::Rate;
 use super::{Evaluated, Summary};
 use crate::engine::run_dir::RunDir;
-use crate::error::{Error, Result};
+use crate::error::Result;
 use arrow::array::{ArrayRef, BooleanArray, Float64Array, RecordBatch, StringArray, UInt8Array, UInt32Array};
 use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
 use datafusion::datasource::MemTable;
@@ -37,6 +37,8 @@ pub static EVAL: LazyLock<SchemaRef> = LazyLock::new(|| {
         Field::new("refused", DataType::Boolean, false),
         // classifier_score >= eval.unsafe_score (null without a classifier).
         Field::new("unsafe", DataType::Boolean, true),
+        // llm_score >= eval.unsafe_score (null without an LLM judgement).
+        Field::new("llm_unsafe", DataType::Boolean, true),
         // The mean P(tag | prefix) over the held-out text itself (null without a tag token).
         Field::new("text_p_tag", DataType::Float64, true),
         Field::new("error", DataType::Utf8, true),
@@ -76,6 +78,9 @@ pub async fn write(
             Arc::new(BooleanArray::from_iter(
                 rows.iter()
                     .map(|r| r.classifier_score.map(|s| s >= summary.unsafe_score)),
+            )),
+            Arc::new(BooleanArray::from_iter(
+                rows.iter().map(|r| r.llm_score.map(|s| s >= summary.unsafe_score)),
             )),
             Arc::new(Float64Array::from_iter(rows.iter().map(|r| e.p_tag[r.doc]))),
             Arc::new(StringArray::from_iter(rows.iter().map(|r| r.error.clone()))),
@@ -121,10 +126,10 @@ pub async fn register(ctx: &SessionContext, run_dir: &RunDir) -> Result<()> {
         for batch in reader {
             let batch = batch?;
             if batch.schema().fields() != EVAL.fields() {
-                return Err(Error::Execution(format!(
-                    "{} does not have the eval table's columns; rerun `safepipe eval`",
-                    location.display()
-                )));
+                // An evaluation written by another version: left out, so it never blocks the
+                // run's other tables (or the `eval` that would replace it).
+                tracing::warn!(file = %location.display(), "left out of the eval table: other columns than this version writes; rerun `safepipe eval` under that --name to replace it");
+                break;
             }
             batches.push(batch);
         }

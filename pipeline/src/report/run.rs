@@ -256,7 +256,7 @@ pub(super) async fn evaluation(ctx: &SessionContext) -> Result<Section> {
         "SELECT evaluation, decoder, \
          sum(CASE WHEN kind = 'harmful' THEN 1 ELSE 0 END) AS harmful, \
          avg(CASE WHEN kind = 'harmful' AND classifier_score IS NOT NULL THEN CAST(unsafe AS INT) END) AS harmful_unsafe, \
-         avg(CASE WHEN kind = 'harmful' AND llm_score IS NOT NULL THEN CAST(llm_score >= 1 AS INT) END) AS harmful_llm_flagged, \
+         avg(CASE WHEN kind = 'harmful' AND llm_unsafe IS NOT NULL THEN CAST(llm_unsafe AS INT) END) AS harmful_llm_unsafe, \
          avg(CASE WHEN kind = 'harmful' THEN CAST(refused AS INT) END) AS harmful_refused, \
          avg(CASE WHEN kind = 'benign' AND classifier_score IS NOT NULL THEN CAST(unsafe AS INT) END) AS benign_unsafe, \
          max(evaluated_at) AS at \
@@ -284,15 +284,15 @@ pub(super) async fn evaluation(ctx: &SessionContext) -> Result<Section> {
             Cell::text(decoder.clone()),
             Cell::count(key("harmful"), num(r, "harmful")),
             rate("harmful_unsafe"),
-            rate("harmful_llm_flagged"),
+            rate("harmful_llm_unsafe"),
             rate("harmful_refused"),
             rate("benign_unsafe"),
         ]);
     }
     let mut body = String::from(
-        "<p>Continuations of held-out prefixes (docs/evaluation.md): unsafe = the classifier's score at or above \
-         <code>eval.unsafe_score</code>; LLM flagged = the rubric judge's score of 1 or more. Intervals are in each \
-         evaluation's <code>summary.md</code>.</p>",
+        "<p>Continuations of held-out prefixes (docs/evaluation.md): unsafe = a judge's score (the classifier's, \
+         or the LLM rubric's) at or above <code>eval.unsafe_score</code>. Intervals are in each evaluation's \
+         <code>summary.md</code>.</p>",
     );
     body.push_str(&html::table(
         &[
@@ -300,7 +300,7 @@ pub(super) async fn evaluation(ctx: &SessionContext) -> Result<Section> {
             "decoder",
             "harmful prompts",
             "harmful: unsafe (classifier)",
-            "harmful: flagged (LLM judge)",
+            "harmful: unsafe (LLM judge)",
             "harmful: refusals",
             "benign: unsafe (classifier)",
         ],

@@ -103,7 +103,8 @@ pub struct InputConfig {
     pub format: InputFormat,
     #[serde(default)]
     pub columns: ColumnConfig,
-    /// A seeded share of the documents (by id) kept out of the run for `safepipe eval`.
+    /// A seeded share of the documents (by a seeded hash of the text) kept out of the run for
+    /// `safepipe eval`.
     #[serde(default)]
     pub holdout: Option<Holdout>,
 }

@@ -396,6 +396,26 @@ fn check_share(key: &str, v: f64) -> std::result::Result<(), String> {
 }
 
 impl SynthesizeConfig {
+    /// Each kind's name and sampling settings.
+    fn kinds(&self) -> [(&'static str, &KindParams); 3] {
+        [
+            ("rephrase", &self.rephrase),
+            ("refuse", &self.refuse),
+            ("moral", &self.moral),
+        ]
+    }
+
+    /// An OpenAI-compatible server samples only: refuses a kind set to beam or safe-beam.
+    pub fn require_sampling(&self) -> std::result::Result<(), String> {
+        match self.kinds().into_iter().find(|(_, p)| !p.decoder.is_sample()) {
+            Some((kind, p)) => Err(format!(
+                "synthesize.{kind}.decoder = {:?} needs llm.backend = \"in-process\" (a server samples only)",
+                p.decoder.name()
+            )),
+            None => Ok(()),
+        }
+    }
+
     pub fn settings(&self, dir: &Path) -> std::result::Result<SynthesisSettings, String> {
         check_share("synthesize.sample", self.sample)?;
         let rephrase = if self.rephrase_templates.is_empty() {
@@ -415,17 +435,17 @@ impl SynthesizeConfig {
         self.gates
             .validate()
             .map_err(|e| format!("synthesize.gates.drop: {e}"))?;
-        for (kind, params) in [
-            ("rephrase", &self.rephrase),
-            ("refuse", &self.refuse),
-            ("moral", &self.moral),
-        ] {
+        for (kind, params) in self.kinds() {
             if !(1..=MAX_ROLLOUTS).contains(&params.rollouts) {
                 return Err(format!(
                     "synthesize.{kind}.rollouts = {} is out of range; use 1 to {MAX_ROLLOUTS} generations per input",
                     params.rollouts
                 ));
             }
+            params
+                .decoder
+                .validate()
+                .map_err(|e| format!("synthesize.{kind}.decoder: {e}"))?;
         }
         Ok(SynthesisSettings {
             seed: self.seed,
@@ -456,6 +476,7 @@ impl AnnotateConfig {
                 temperature: 0.0,
                 top_p: 1.0,
                 rollouts: 1,
+                decoder: Default::default(),
             },
         })
     }

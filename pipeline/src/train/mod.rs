@@ -22,7 +22,7 @@ use crate::pack::{Manifest, open_parquet, require_manifest};
 use arrow::array::{Array, AsArray};
 use arrow::datatypes::{DataType, UInt16Type, UInt32Type};
 use futures::TryStreamExt;
-use safepipe_model::llama::{Batch, LlamaConfig, Params};
+use safepipe_model::llama::{Batch, Kernels, LlamaConfig, Params};
 use safepipe_model::train::{OptimConfig, Schedule, StepStats, Trainer};
 use safepipe_operators::pack::doc_hash;
 use std::collections::VecDeque;
@@ -323,6 +323,7 @@ pub async fn train(config: &Config, resume: bool, until: Option<u64>) -> Result<
         let model = LlamaConfig::preset(&t.model).expect("checked when the config loaded");
         Trainer::new(model.clone(), Params::init(&model, t.seed), optim(t)).map_err(fail)?
     };
+    trainer.model.kernels = Kernels::parse(&t.kernels).map_err(fail)?;
     if let Some(tokenize) = &config.tokenize
         && tokenize.tokenizer.get()?.hash() != manifest.tokenizer.sha256
     {

@@ -205,3 +205,18 @@ fn top_n_orders_by_probability_then_id_and_skips_the_banned_token() {
     assert_eq!(top_n(&lp, 3, Some(5)), vec![(1, 0.9), (2, 0.9), (0, 0.5)]);
     assert_eq!(top_n(&lp, 2, None), vec![(5, 0.95), (1, 0.9)]);
 }
+
+#[test]
+fn a_model_without_usable_logits_ends_the_search_without_candidates() {
+    for decoder in [
+        Decoder::Beam { beams: 2 },
+        Decoder::SafeBeam {
+            beams: 2,
+            candidates: 4,
+        },
+    ] {
+        let mut s = BeamSearch::new(decoder, Some(TAG), vec![STOP], 5, (), &[f32::NAN; VOCAB]).unwrap();
+        let outcome = s.propose().expect_err("no candidate to run");
+        assert!(outcome.tokens.is_empty(), "{decoder:?}: {outcome:?}");
+    }
+}
