@@ -75,3 +75,13 @@ def local_s3(bucket: str, base_env: dict | None = None):
     finally:
         server.kill()
         server.wait()
+
+
+def generate_rate(args: list[str], stdin: str | None = None) -> dict:
+    """Runs `safepipe generate` with `args`; returns the tokens and seconds of its summary line
+    (`N tokens in S s`: decoding only, model load excluded)."""
+    import re
+
+    run = subprocess.run(args, input=stdin, capture_output=True, text=True, check=True)
+    m = re.search(r"(\d+) tokens in ([\d.]+)s", run.stderr)
+    return {"tokens": int(m.group(1)), "seconds": float(m.group(2))}

@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import subprocess
 import sys
 import tempfile
@@ -30,6 +29,7 @@ from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import bench_ingest as common  # noqa: E402  (machine, git_rev, write_section)
+from bench_common import generate_rate  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 START, END = "<!-- bench:decode:start -->", "<!-- bench:decode:end -->"
@@ -123,11 +123,8 @@ def write_safetensors(path: Path, tensors: dict) -> None:
 
 
 def ours(binary: str, checkpoint: Path, precision: str, decoder: list[str]) -> dict:
-    args = [binary, "generate", "--checkpoint", str(checkpoint), "--precision", precision,
-            "--max-tokens", str(MAX_TOKENS), "--batch", str(BATCH), *decoder, *PROMPTS]
-    r = subprocess.run(args, capture_output=True, text=True, check=True)
-    m = re.search(r"(\d+) tokens in ([\d.]+)s", r.stderr)
-    return {"tokens": int(m.group(1)), "seconds": float(m.group(2))}
+    return generate_rate([binary, "generate", "--checkpoint", str(checkpoint), "--precision", precision,
+                          "--max-tokens", str(MAX_TOKENS), "--batch", str(BATCH), *decoder, *PROMPTS])
 
 
 def main() -> None:

@@ -21,13 +21,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import subprocess
 import sys
 from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import bench_ingest as common  # noqa: E402  (machine, git_rev, write_section)
+from bench_common import generate_rate  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 START, END = "<!-- bench:generate:start -->", "<!-- bench:generate:end -->"
@@ -74,12 +74,10 @@ def prompts() -> list[str]:
 
 def ours(binary: str, batch: int, items: list[str], max_tokens: int) -> dict:
     stdin = "\n".join(json.dumps(p) for p in items) + "\n"
-    run = subprocess.run(
+    return generate_rate(
         [binary, "generate", "--model", str(GGUF), "--batch", str(batch), "--max-tokens", str(max_tokens), "-"],
-        input=stdin, capture_output=True, text=True, check=True,
+        stdin,
     )
-    m = re.search(r"(\d+) tokens in ([\d.]+)s", run.stderr)
-    return {"tokens": int(m.group(1)), "seconds": float(m.group(2))}
 
 
 def main() -> None:

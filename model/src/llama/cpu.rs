@@ -42,83 +42,52 @@ fn s(stride: usize) -> isize {
     stride as isize
 }
 
-#[allow(unsafe_code)]
-impl Scalar for f32 {
-    unsafe fn gemm(
-        m: usize,
-        k: usize,
-        n: usize,
-        a: *const f32,
-        rsa: usize,
-        csa: usize,
-        b: *const f32,
-        rsb: usize,
-        csb: usize,
-        beta: f32,
-        c: *mut f32,
-        rsc: usize,
-        csc: usize,
-    ) {
-        // SAFETY: the caller's contract is sgemm's.
-        unsafe {
-            matrixmultiply::sgemm(
-                m,
-                k,
-                n,
-                1.0,
-                a,
-                s(rsa),
-                s(csa),
-                b,
-                s(rsb),
-                s(csb),
-                beta,
-                c,
-                s(rsc),
-                s(csc),
-            )
+/// `Scalar` for a float type whose GEMM is `matrixmultiply::$gemm`.
+macro_rules! scalar_with_gemm {
+    ($t:ty, $gemm:ident) => {
+        #[allow(unsafe_code)]
+        impl Scalar for $t {
+            unsafe fn gemm(
+                m: usize,
+                k: usize,
+                n: usize,
+                a: *const $t,
+                rsa: usize,
+                csa: usize,
+                b: *const $t,
+                rsb: usize,
+                csb: usize,
+                beta: $t,
+                c: *mut $t,
+                rsc: usize,
+                csc: usize,
+            ) {
+                // SAFETY: the caller's contract is the GEMM's.
+                unsafe {
+                    matrixmultiply::$gemm(
+                        m,
+                        k,
+                        n,
+                        1.0,
+                        a,
+                        s(rsa),
+                        s(csa),
+                        b,
+                        s(rsb),
+                        s(csb),
+                        beta,
+                        c,
+                        s(rsc),
+                        s(csc),
+                    )
+                }
+            }
         }
-    }
+    };
 }
 
-#[allow(unsafe_code)]
-impl Scalar for f64 {
-    unsafe fn gemm(
-        m: usize,
-        k: usize,
-        n: usize,
-        a: *const f64,
-        rsa: usize,
-        csa: usize,
-        b: *const f64,
-        rsb: usize,
-        csb: usize,
-        beta: f64,
-        c: *mut f64,
-        rsc: usize,
-        csc: usize,
-    ) {
-        // SAFETY: the caller's contract is dgemm's.
-        unsafe {
-            matrixmultiply::dgemm(
-                m,
-                k,
-                n,
-                1.0,
-                a,
-                s(rsa),
-                s(csa),
-                b,
-                s(rsb),
-                s(csb),
-                beta,
-                c,
-                s(rsc),
-                s(csc),
-            )
-        }
-    }
-}
+scalar_with_gemm!(f32, sgemm);
+scalar_with_gemm!(f64, dgemm);
 
 fn c<T: Scalar>(x: f64) -> T {
     T::from(x).expect("representable")

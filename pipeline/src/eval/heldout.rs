@@ -8,13 +8,14 @@ use crate::config::Config;
 use crate::engine::plan::Plan;
 use crate::engine::run_dir::RunDir;
 use crate::error::{Error, Result};
+use crate::stages::ingest::unit_input;
 use arrow::array::{AsArray, RecordBatch, StringArray};
 use arrow::datatypes::{DataType, Field, Schema};
 use arrow::util::display::array_value_to_string;
 use datafusion::datasource::MemTable;
 use futures::TryStreamExt;
 use safepipe_operators::holdout::Part;
-use safepipe_operators::ingest::{IngestInput, ingest};
+use safepipe_operators::ingest::ingest;
 use std::sync::Arc;
 
 /// Harmful requests or safe text.
@@ -60,16 +61,9 @@ pub async fn read(config: &Config, run_dir: &RunDir, plan: &Plan, eval: &EvalCon
             ..config.ingest.options(input)
         });
         for unit in plan.units.iter().filter(|u| &u.input == name) {
-            let location = run_dir.stores().resolve(&unit.file)?;
-            let slice = IngestInput {
-                store: location.store,
-                path: location.path,
-                file: unit.file.clone(),
-                size: unit.size,
-                unit: unit.id,
-                slice: unit.slice.clone(),
-            };
-            let batches: Vec<_> = ingest(slice, options.clone()).try_collect().await?;
+            let batches: Vec<_> = ingest(unit_input(run_dir, unit)?, options.clone())
+                .try_collect()
+                .await?;
             for b in batches {
                 let ids = b.documents.column_by_name("id").map(|c| c.as_string::<i32>().clone());
                 let texts = b.documents.column_by_name("text").map(|c| c.as_string::<i32>().clone());

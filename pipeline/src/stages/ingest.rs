@@ -3,6 +3,8 @@
 use super::{OutputTable, Stage, StageBatch, UnitInput, UnitStage, Upstream};
 use crate::config::Config;
 use crate::config::{resolve, valid_name};
+use crate::engine::plan::WorkUnit;
+use crate::engine::run_dir::RunDir;
 use crate::error::{Error, Result};
 use futures::stream::{BoxStream, StreamExt, TryStreamExt};
 use safepipe_operators::holdout::{Holdout, Part};
@@ -69,16 +71,7 @@ impl UnitStage for IngestStage {
                 ))
             })?;
             let options = Arc::new(config.ingest.options(source));
-            let location = input.run_dir.stores().resolve(&unit.file)?;
-            let slice = IngestInput {
-                store: location.store,
-                path: location.path,
-                file: unit.file.clone(),
-                size: unit.size,
-                unit: unit.id,
-                slice: unit.slice.clone(),
-            };
-            let batches = ingest(slice, options).map_ok(|b| StageBatch {
+            let batches = ingest(unit_input(&input.run_dir, &unit)?, options).map_ok(|b| StageBatch {
                 tables: vec![("documents", b.documents), ("quarantine", b.quarantine)],
                 counts: b.counts,
             });
@@ -87,6 +80,20 @@ impl UnitStage for IngestStage {
         .try_flatten()
         .boxed()
     }
+}
+
+/// The ingest operator's input for a planned unit: its slice of its file, in the store the file
+/// lives in (the ingest stage's, and `safepipe eval`'s reading of the evaluation part).
+pub fn unit_input(run_dir: &RunDir, unit: &WorkUnit) -> Result<IngestInput> {
+    let location = run_dir.stores().resolve(&unit.file)?;
+    Ok(IngestInput {
+        store: location.store,
+        path: location.path,
+        file: unit.file.clone(),
+        size: unit.size,
+        unit: unit.id,
+        slice: unit.slice.clone(),
+    })
 }
 
 // ---- `[[inputs]]` and `[ingest]`: the config sections of this stage.
