@@ -99,7 +99,10 @@ fn eval_judges_every_decoder_on_held_out_prompts_only() {
     assert_eq!(
         sql_number(
             &config,
-            "SELECT count(*) AS n FROM eval e JOIN documents d ON e.id = d.id OR e.id = d.text"
+            // A held-out request is the start of its harmful prefix: neither its id nor its text
+            // is in `documents`.
+            "SELECT count(*) AS n FROM eval e JOIN documents d ON e.id = d.id \
+             OR (e.kind = 'harmful' AND starts_with(e.prefix, d.text || chr(10) || chr(10)))"
         ),
         0
     );

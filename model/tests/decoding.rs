@@ -243,8 +243,7 @@ fn trained_micro(dir: &Path) -> LlamaEngine {
             .train_step(&[batch], &safepipe_model::collective::Single)
             .unwrap();
     }
-    trainer.save(dir, 0, 0, serde_json::Value::Null).unwrap();
-    std::fs::write(dir.join("tokenizer.json"), tokenizer_json().to_string()).unwrap();
+    save(dir, &config, trainer.params);
     LlamaEngine::load(dir).unwrap()
 }
 

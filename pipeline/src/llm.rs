@@ -231,9 +231,10 @@ impl LlmConfig {
                 let weights = checkpoint::weights_file(Path::new(&self.model));
                 let digest = safepipe_model::classifier::file_digest(&weights).map_err(|e| e.to_string())?;
                 // Quantising a checkpoint at load changes its outputs; a GGUF is used as stored.
-                let suffix = match Path::new(&self.model).is_dir() && self.precision != "f32" {
-                    true => format!("+{}", self.precision),
-                    false => String::new(),
+                let suffix = if Path::new(&self.model).is_dir() && self.precision != "f32" {
+                    format!("+{}", self.precision)
+                } else {
+                    String::new()
                 };
                 Ok(format!("in-process:{}{suffix}", &digest[..16]))
             }

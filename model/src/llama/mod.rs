@@ -1,6 +1,7 @@
-//! The SmolLM2 / Llama model family for pretraining: configuration and the CPU reference
-//! backend (forward + backward, exact and deterministic). A CUDA backend over cudarc comes next
-//! behind the same parameter layout.
+//! The SmolLM2 / Llama model family for pretraining: configuration and the CPU backend
+//! (forward + backward, deterministic), whose matrix products are the reference loops or
+//! blocked SIMD GEMM (`gemm`). A CUDA backend over cudarc comes next behind the same parameter
+//! layout.
 
 pub mod config;
 pub mod cpu;

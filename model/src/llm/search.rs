@@ -64,11 +64,17 @@ impl Decoder {
     }
 }
 
-/// Natural log-probabilities of `logits` (computed with the maximum subtracted, summed in f64).
-pub fn log_softmax(logits: &[f32]) -> Vec<f32> {
+/// What turns a logit into a log-probability: `(max, log_total)` with the probability of token
+/// t being `exp(logits[t] - max - log_total)` (the exponentials summed in f64).
+pub fn log_partition(logits: &[f32]) -> (f32, f32) {
     let max = logits.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
     let total: f64 = logits.iter().map(|&v| f64::from(v - max).exp()).sum();
-    let log_total = total.ln() as f32;
+    (max, total.ln() as f32)
+}
+
+/// Natural log-probabilities of `logits`.
+pub fn log_softmax(logits: &[f32]) -> Vec<f32> {
+    let (max, log_total) = log_partition(logits);
     logits.iter().map(|&v| v - max - log_total).collect()
 }
 
@@ -220,10 +226,8 @@ impl<S> BeamSearch<S> {
     pub fn advance<D>(&mut self, looked: Vec<(Vec<f32>, D)>, adopt: &mut dyn FnMut(&S, D) -> S) {
         assert_eq!(looked.len(), self.proposed.len(), "one result per proposed candidate");
         let proposed = std::mem::take(&mut self.proposed);
-        let mut results: Vec<Option<(Vec<f32>, D)>> = looked
-            .into_iter()
-            .map(|(logits, extra)| Some((log_softmax(&logits), extra)))
-            .collect();
+        // Raw logits: only the candidates that become beams need a whole log-softmax.
+        let mut results: Vec<Option<(Vec<f32>, D)>> = looked.into_iter().map(Some).collect();
         let chosen: Vec<usize> = match self.tag {
             None => (0..proposed.len()).collect(),
             Some(tag) => self.safe_choice(&proposed, &results, tag),
@@ -236,7 +240,7 @@ impl<S> BeamSearch<S> {
                 continue;
             }
             // cannot fail: each index is chosen once.
-            let (lp, extra) = results[i].take().expect("chosen once");
+            let (logits, extra) = results[i].take().expect("chosen once");
             let parent = &self.running[c.beam];
             let mut tokens = parent.tokens.clone();
             tokens.push(c.token);
@@ -244,7 +248,7 @@ impl<S> BeamSearch<S> {
                 state: adopt(&parent.state, extra),
                 tokens,
                 logp: c.logp,
-                next: lp,
+                next: log_softmax(&logits),
             });
         }
         self.running = next;
@@ -256,7 +260,12 @@ impl<S> BeamSearch<S> {
     fn safe_choice<D>(&mut self, proposed: &[Candidate], results: &[Option<(Vec<f32>, D)>], tag: u32) -> Vec<usize> {
         let p_tag: Vec<f64> = results
             .iter()
-            .map(|r| r.as_ref().map_or(0.0, |(lp, _)| f64::from(lp[tag as usize]).exp()))
+            .map(|r| {
+                r.as_ref().map_or(0.0, |(logits, _)| {
+                    let (max, log_total) = log_partition(logits);
+                    f64::from(logits[tag as usize] - max - log_total).exp()
+                })
+            })
             .collect();
         let mut order: Vec<usize> = (0..proposed.len()).collect();
         // `proposed` is sorted by log-probability, so a stable sort breaks tag ties by it.

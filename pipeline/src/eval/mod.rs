@@ -30,7 +30,7 @@ use crate::stages::ingest::InputConfig;
 use heldout::{EvalDoc, Kind};
 use metrics::Rate;
 use safepipe_model::llm::checkpoint::Precision;
-use safepipe_model::llm::search::log_softmax;
+use safepipe_model::llm::search::log_partition;
 use safepipe_model::llm::{Decoder, LlamaEngine, SamplingParams};
 use safepipe_operators::synthesize::seeded_unit;
 use serde::{Deserialize, Serialize};
@@ -214,7 +214,6 @@ pub struct EvalFlags {
 pub struct Row {
     pub decoder: String,
     pub doc: usize,
-    pub prefix: String,
     pub continuation: String,
     pub finish_reason: String,
     pub completion_tokens: u32,
@@ -296,10 +295,13 @@ pub async fn run(flags: EvalFlags) -> Result<()> {
         count(Kind::Harmful),
         count(Kind::Benign)
     );
-    let (config2, eval2, docs2, checkpoint) = (config.clone(), eval.clone(), docs.clone(), flags.checkpoint.clone());
-    let evaluated = tokio::task::spawn_blocking(move || evaluate(&config2, &eval2, &docs2, &checkpoint, precision))
-        .await
-        .map_err(|e| Error::Internal(e.to_string()))??;
+    let checkpoint = flags.checkpoint.clone();
+    // The model and the judges block: on a blocking thread, which hands the inputs back.
+    let (eval, docs, evaluated) = tokio::task::spawn_blocking(move || {
+        evaluate(&config, &eval, &docs, &checkpoint, precision).map(|e| (eval, docs, e))
+    })
+    .await
+    .map_err(|e| Error::Internal(e.to_string()))??;
     let name = flags.name.clone().unwrap_or_else(|| evaluated.model.clone());
     let name: String = name
         .chars()
@@ -343,6 +345,8 @@ fn choose(docs: Vec<EvalDoc>, max: usize, seed: u64) -> Vec<EvalDoc> {
 /// Everything the model and the judges produced.
 pub struct Evaluated {
     pub model: String,
+    /// Per document: the prefix it was continued from.
+    pub prefixes: Vec<String>,
     pub rows: Vec<Row>,
     pub runs: Vec<DecoderRun>,
     /// Per document: mean P(tag | prefix) over its tokens (None without a tag token).
@@ -433,7 +437,6 @@ fn evaluate(
             rows.push(Row {
                 decoder: name.clone(),
                 doc,
-                prefix: prefixes[doc].clone(),
                 refused: metrics::is_refusal(&continuation),
                 continuation,
                 finish_reason,
@@ -453,6 +456,7 @@ fn evaluate(
     let (p_tag, safe_perplexity) = read_texts(&engine, docs, eval.text_tokens)?;
     Ok(Evaluated {
         model: engine.identity().to_string(),
+        prefixes,
         rows,
         runs,
         p_tag,
@@ -483,14 +487,15 @@ fn read_texts(engine: &LlamaEngine, docs: &[EvalDoc], limit: usize) -> Result<(V
         let logits = engine.forward(&[(&engine.new_cache(), &ids)], true).remove(0).logits;
         let mut tag_sum = 0f64;
         for (t, row) in logits.chunks_exact(vocab).enumerate() {
-            let lp = log_softmax(row);
+            let (max, log_total) = log_partition(row);
+            let log_prob = |token: u32| f64::from(row[token as usize] - max - log_total);
             if let Some(tag) = tag {
-                tag_sum += f64::from(lp[tag as usize]).exp();
+                tag_sum += log_prob(tag).exp();
             }
             if doc.kind == Kind::Benign
                 && let Some(&next) = ids.get(t + 1)
             {
-                nll -= f64::from(lp[next as usize]);
+                nll -= log_prob(next);
                 predicted += 1;
             }
         }

@@ -68,7 +68,7 @@ pub async fn write(
             strings(&|r| docs[r.doc].kind.as_str().to_string()),
             strings(&|r| docs[r.doc].id.clone()),
             strings(&|r| docs[r.doc].source.clone()),
-            strings(&|r| r.prefix.clone()),
+            strings(&|r| e.prefixes[r.doc].clone()),
             strings(&|r| r.continuation.clone()),
             strings(&|r| r.finish_reason.clone()),
             Arc::new(UInt32Array::from_iter_values(rows.iter().map(|r| r.completion_tokens))),
