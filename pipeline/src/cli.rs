@@ -206,19 +206,57 @@ pub struct TrainFlags {
     split_column: String,
     #[arg(long, default_value_t = 0.2)]
     test_fraction: f64,
-    /// At most this many examples per label in each split (0 = all), for quick runs.
+    /// Folds of the training rows: the threshold is chosen on out-of-fold judgements.
+    #[arg(long, default_value_t = 5)]
+    folds: usize,
+    /// A column naming each text's kind (e.g. mail, request): false-positive rates are bounded
+    /// and reported per kind (optional).
+    #[arg(long, default_value = "group")]
+    group_column: String,
+    /// The threshold keeps every group's false-positive rate on safe out-of-fold documents at
+    /// or below this.
+    #[arg(long, default_value_t = 0.04)]
+    max_fpr: f64,
+    /// A target for one group, GROUP=RATE (repeatable), e.g. request=0.08.
+    #[arg(long, value_parser = group_target)]
+    group_max_fpr: Vec<(String, f64)>,
+    /// Cache the chunk embeddings in this file, so a retrain with other settings skips the
+    /// encoder.
+    #[arg(long)]
+    embeddings_cache: Option<PathBuf>,
+    /// At most this many examples per label in each part (0 = all), for quick runs.
     #[arg(long, default_value_t = 0)]
     limit: usize,
     /// Loss weight of examples with score > 0 (the paper upweights them).
     #[arg(long, default_value_t = HeadTraining::default().upweight)]
     upweight: f32,
+    /// Units of the head's hidden layer (0: a linear head).
+    #[arg(long, default_value_t = HeadTraining::default().hidden)]
+    hidden: usize,
     #[arg(long, default_value_t = HeadTraining::default().epochs)]
     epochs: usize,
+    /// Examples per Adam step.
+    #[arg(long, default_value_t = HeadTraining::default().batch)]
+    batch: usize,
     #[arg(long, default_value_t = HeadTraining::default().lr)]
     lr: f32,
+    /// Seeds the head's initial weights and the order of examples.
+    #[arg(long, default_value_t = HeadTraining::default().seed)]
+    seed: u64,
+    /// Multiple-instance rounds: refits where each unsafe document keeps only its most
+    /// unsafe-looking chunk (0: every chunk carries its document's label).
+    #[arg(long, default_value_t = 1)]
+    instance_rounds: usize,
     /// Embed with the int8 encoder.
     #[arg(long)]
     int8: bool,
+}
+
+/// `GROUP=RATE` of `--group-max-fpr`.
+fn group_target(s: &str) -> Result<(String, f64), String> {
+    let (group, rate) = s.split_once('=').ok_or_else(|| format!("{s:?} is not GROUP=RATE"))?;
+    let rate: f64 = rate.parse().map_err(|e| format!("{s:?}: {e}"))?;
+    Ok((group.to_string(), rate))
 }
 
 impl TrainFlags {
@@ -228,15 +266,30 @@ impl TrainFlags {
             data: self.data,
             out: self.out,
             name: self.name,
-            text_column: self.text_column,
-            score_column: self.score_column,
-            split_column: self.split_column,
-            test_fraction: self.test_fraction,
-            limit: self.limit,
+            columns: classifier::LabelColumns {
+                text: self.text_column,
+                score: self.score_column,
+                split: self.split_column,
+                group: self.group_column,
+            },
+            division: classifier::Division {
+                test_fraction: self.test_fraction,
+                folds: self.folds,
+                limit: self.limit,
+            },
+            targets: classifier::Targets {
+                default: self.max_fpr,
+                groups: self.group_max_fpr.into_iter().collect(),
+            },
+            embeddings_cache: self.embeddings_cache,
+            instance_rounds: self.instance_rounds,
             training: HeadTraining {
+                hidden: self.hidden,
                 upweight: self.upweight,
                 epochs: self.epochs,
+                batch: self.batch,
                 lr: self.lr,
+                seed: self.seed,
                 ..Default::default()
             },
             options: ClassifierOptions {
@@ -249,9 +302,10 @@ impl TrainFlags {
 
 #[derive(Debug, Subcommand)]
 pub enum ClassifierCommand {
-    /// Fit a linear head on frozen encoder embeddings of a labelled Parquet table and write a
-    /// classifier directory (classifier.toml, head.safetensors, metrics.json).
-    Train(TrainFlags),
+    /// Fit a head on frozen encoder embeddings of a labelled Parquet table, choose its threshold
+    /// out of fold, and write a classifier directory (classifier.toml, head.safetensors,
+    /// metrics.json).
+    Train(Box<TrainFlags>),
     /// Score texts with a classifier manifest: one JSON object per text.
     Score {
         manifest: PathBuf,

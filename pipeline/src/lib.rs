@@ -24,7 +24,9 @@
 //!               packed on every rank (its own module map)
 //! export.rs     `safepipe export megatron`, `safepipe tokenizer export`
 //! train/        `safepipe train`: the packed shards -> the CPU trainer -> checkpoints, metrics.jsonl
-//! classifier.rs `safepipe classifier train|score`: fit a safety head, score texts
+//! classifier/   `safepipe classifier train|score`: labels.rs (parts, folds, groups),
+//!               embeddings.rs (every chunk, cached), calibrate.rs (the out-of-fold threshold,
+//!               per-group rates), mod.rs (fit per fold, average, report; score texts)
 //! llm.rs        the `[llm]` backend shared by the synthesis stages, `safepipe generate`
 //! eval/         `safepipe eval`: held-out prefixes -> continuations per decoder -> judges,
 //!               tag AUROC, perplexity -> the `eval` table and a summary

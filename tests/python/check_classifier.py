@@ -20,16 +20,22 @@ from tokenizers import Tokenizer
 
 
 def read_head(path):
+    """The head's layers as a function: the optional hidden layer (ReLU), then the output."""
     with open(path, "rb") as f:
         n = struct.unpack("<Q", f.read(8))[0]
         header = json.loads(f.read(n))
         data = f.read()
-    out = {}
-    for name in ("classifier.weight", "classifier.bias"):
-        meta = header[name]
-        a, b = meta["data_offsets"]
-        out[name] = np.frombuffer(data[a:b], dtype=np.float32).reshape(meta["shape"])
-    return out["classifier.weight"], out["classifier.bias"]
+    t = {}
+    for name, meta in header.items():
+        if name != "__metadata__":
+            a, b = meta["data_offsets"]
+            t[name] = np.frombuffer(data[a:b], dtype=np.float32).reshape(meta["shape"])
+
+    def apply(x):
+        if "hidden.weight" in t:
+            x = np.maximum(t["hidden.weight"] @ x + t["hidden.bias"], 0.0)
+        return t["classifier.weight"] @ x + t["classifier.bias"]
+    return apply
 
 
 def main():
@@ -47,7 +53,7 @@ def main():
     names = m.get("inputs", {})
     kind = m.get("output_kind", "hidden_states")
     head = m.get("head")
-    weight, bias = read_head(os.path.join(base, head["path"])) if head else (None, None)
+    apply_head = read_head(os.path.join(base, head["path"])) if head else None
 
     scored = [json.loads(line) for line in open(scored_path)]
     texts = [json.loads(line) for line in open(texts_path)]
@@ -76,7 +82,7 @@ def main():
             if head:
                 if head.get("normalize"):
                     out = out / np.linalg.norm(out)
-                out = weight @ out + bias
+                out = apply_head(out)
             max_diff = max(max_diff, float(np.abs(out - np.array(c["logits"])).max()))
             p = np.exp(out - out.max())
             p /= p.sum()

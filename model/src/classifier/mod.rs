@@ -22,7 +22,7 @@ mod head;
 mod manifest;
 mod runtime;
 
-pub use head::{HeadMetrics, HeadTraining, LinearHead, evaluate, train_head};
+pub use head::{Dense, Head, HeadMetrics, HeadTraining, evaluate, train_head};
 pub use manifest::{HeadSpec, Inputs, Manifest, OutputKind, Pooling};
 pub use runtime::{BUNDLED_LIBRARY, Device, library_candidates};
 
@@ -151,7 +151,7 @@ pub struct Classifier {
     suffix: Vec<u32>,
     pad_id: u32,
     session: Mutex<Session>,
-    head: Option<LinearHead>,
+    head: Option<Head>,
     library: PathBuf,
 }
 
@@ -205,7 +205,7 @@ impl Classifier {
             )));
         }
         let head = match &manifest.head {
-            Some(spec) => Some(LinearHead::load(&spec.path)?),
+            Some(spec) => Some(Head::load(&spec.path)?),
             None => None,
         };
         if let Some(h) = &head
@@ -375,47 +375,31 @@ impl Classifier {
             .collect())
     }
 
-    /// The pooled embedding of each text's first chunk (what a head is trained on); `None` for
-    /// a text without tokens.
-    pub fn embed_first_chunks(&self, texts: &[&str]) -> Result<Vec<Option<Vec<f32>>>> {
-        let prepared = self.prepare(texts)?;
-        let mut first: Vec<Option<usize>> = vec![None; texts.len()];
-        for (i, (doc, _)) in prepared.chunks.iter().enumerate() {
-            first[*doc].get_or_insert(i);
-        }
-        let rows: Vec<&[u32]> = first
-            .iter()
-            .flatten()
-            .map(|&i| prepared.chunks[i].1.as_slice())
-            .collect();
-        let mut embeddings = self.batched(&rows, |batch| self.embed(batch))?.into_iter();
-        Ok(first
-            .iter()
-            // cannot fail: `batched` returns one output per row, and `rows` has one per `Some`.
-            .map(|f| f.map(|_| embeddings.next().expect("one per picked chunk")))
-            .collect())
-    }
-
-    /// For each text, the embedding of the chunk that `head` judges worst (highest score, then
-    /// highest expected score, as the score stage does), or `None` for a text without tokens:
-    /// document-level evaluation of a head before it is written to a manifest.
-    pub fn worst_chunk_embeddings(
-        &self,
-        texts: &[&str],
-        head: &LinearHead,
-        normalize: bool,
-    ) -> Result<Vec<Option<Vec<f32>>>> {
+    /// The pooled embedding of every chunk of every text, per text in chunk order (empty for a
+    /// text without tokens): what a head is trained and calibrated on.
+    pub fn embed_chunks(&self, texts: &[&str]) -> Result<Vec<Vec<Vec<f32>>>> {
         let prepared = self.prepare(texts)?;
         let rows: Vec<&[u32]> = prepared.chunks.iter().map(|(_, c)| c.as_slice()).collect();
         let embeddings = self.batched(&rows, |batch| self.embed(batch))?;
-        let mut worst: Vec<Option<(u8, f32, Vec<f32>)>> = vec![None; texts.len()];
+        let mut out = vec![Vec::new(); texts.len()];
         for ((doc, _), e) in prepared.chunks.iter().zip(embeddings) {
-            let (score, expected) = self.judge(&softmax(&head.apply(&e, normalize)));
-            if is_worse((score, expected), worst[*doc].as_ref().map(|(s, x, _)| (*s, *x))) {
-                worst[*doc] = Some((score, expected, e));
+            out[*doc].push(e);
+        }
+        Ok(out)
+    }
+
+    /// The chunk the score stage would judge worst among one document's chunk logits (highest
+    /// score, then highest expected score, the earlier chunk on ties), with its score; `None`
+    /// for a document without chunks. For evaluating a head before it is written to a manifest.
+    pub fn worst_chunk(&self, chunk_logits: &[Vec<f32>]) -> Option<(usize, u8)> {
+        let mut worst: Option<(usize, u8, f32)> = None;
+        for (i, logits) in chunk_logits.iter().enumerate() {
+            let (score, expected) = self.judge(&softmax(logits));
+            if is_worse((score, expected), worst.map(|(_, s, e)| (s, e))) {
+                worst = Some((i, score, expected));
             }
         }
-        Ok(worst.into_iter().map(|w| w.map(|(_, _, e)| e)).collect())
+        worst.map(|(i, s, _)| (i, s))
     }
 
     /// `run` over `rows` in batches planned by [`plan_batches`] (length-sorted, token budget);
@@ -459,9 +443,9 @@ impl Classifier {
         let out = self.run(rows)?;
         let width = out.first().map_or(0, Vec::len);
         match &self.head {
-            Some(head) if width != head.hidden => Err(ClassifierError::Invalid(format!(
+            Some(head) if width != head.input_width() => Err(ClassifierError::Invalid(format!(
                 "the encoder's embeddings have {width} dimensions but the head expects {}",
-                head.hidden
+                head.input_width()
             ))),
             Some(head) => Ok(out.iter().map(|x| head.apply(x, self.normalize())).collect()),
             None if self.manifest.output_kind == OutputKind::Logits && width != self.manifest.labels() => {
@@ -698,6 +682,14 @@ fn onnx_file(manifest: &Manifest, path: &Path, precision: Precision) -> Result<P
 /// Reads the files and checks the options, loads no model.
 pub fn model_identity(path: &Path, options: &RunOptions) -> Result<String> {
     let manifest = Manifest::load(path)?;
+    check_options(&manifest, path, options)?;
+    identity(path, &manifest, options)
+}
+
+/// The identity of an encoder manifest (head optional) as run with `options`, computed as
+/// [`model_identity`] does: keys caches of embeddings, which change with any of those files.
+pub fn encoder_identity(path: &Path, options: &RunOptions) -> Result<String> {
+    let manifest = Manifest::load_encoder(path)?;
     check_options(&manifest, path, options)?;
     identity(path, &manifest, options)
 }
