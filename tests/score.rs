@@ -396,7 +396,16 @@ fn classifier_train_writes_a_head_the_score_stage_loads() {
     let again_dir = ws.path().join("head-again");
     let out = train_head(&again_dir, &flags);
     assert!(out.status.success(), "{}", text(&out.stderr));
-    assert!(text(&out.stderr).contains("from"), "{}", text(&out.stderr));
+    let stderr = text(&out.stderr);
+    let counts: Vec<usize> = stderr
+        .split_once("embeddings: ")
+        .and_then(|(_, rest)| rest.split_once(" texts from"))
+        .map(|(counts, _)| counts.split(" of ").map(|n| n.parse().unwrap()).collect())
+        .unwrap_or_default();
+    assert!(
+        counts.len() == 2 && counts[0] == counts[1],
+        "every text from the cache: {stderr}"
+    );
     assert_eq!(std::fs::read(again_dir.join("head.safetensors")).unwrap(), head);
     std::fs::write(&cache, b"not a safetensors file").unwrap();
     let out = train_head(&again_dir, &flags);

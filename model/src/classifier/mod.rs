@@ -20,10 +20,12 @@
 
 mod head;
 mod manifest;
+mod metrics;
 mod runtime;
 
-pub use head::{Dense, Head, HeadMetrics, HeadTraining, evaluate, train_head};
+pub use head::{Dense, Head, HeadTraining, train_head};
 pub use manifest::{HeadSpec, Inputs, Manifest, OutputKind, Pooling};
+pub use metrics::{HeadMetrics, evaluate};
 pub use runtime::{BUNDLED_LIBRARY, Device, library_candidates};
 
 use ort::session::Session;

@@ -1,5 +1,5 @@
-//! The decision threshold of a trained head, chosen on calibration documents, and the
-//! per-group rates `safepipe classifier train` reports.
+//! The decision threshold of a trained head, chosen on calibration documents (in
+//! `safepipe classifier train`, the out-of-fold judgements), and the per-group rates it reports.
 //!
 //! A document is flagged (score >= 1) when its worst chunk's most probable label is not the
 //! safe one (label 0). Adding `offset` to the safe label's bias flags exactly the documents

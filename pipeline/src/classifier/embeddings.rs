@@ -1,11 +1,14 @@
 //! Chunk embeddings of the labelled texts, optionally cached in one safetensors file
-//! (`classifier train --embeddings-cache FILE`), so retraining a head with other settings does
-//! not re-run the encoder (minutes on CPU).
+//! (`classifier train --embeddings-cache FILE`), so retraining a head with other settings, or
+//! on a table with a few rows added, does not re-run the encoder over every text (minutes on
+//! CPU).
 //!
-//! The file holds `embeddings` (F32 `[chunks, hidden]`) and `chunks` (I64 `[texts]`, chunks per
-//! text), and in its metadata a `key`: the SHA-256 of the encoder's identity (its files,
-//! precision and chunk overlap) and of every text in order. A file with another key, or one that
-//! cannot be read, is recomputed and replaced: a cache can cost time, never change a result.
+//! The file holds `embeddings` (F32 `[chunks, hidden]`), `chunks` (I64 `[texts]`, chunks per
+//! text) and `digests` (U8 `[texts, 32]`, the SHA-256 of each text), and in its metadata the
+//! encoder's identity (its files, precision and chunk overlap). A text is taken from the file
+//! only when its digest is there under the same encoder identity; the rest are embedded, and the
+//! file is rewritten with exactly the current texts. A file that cannot be read is ignored and
+//! replaced: a cache can cost time, never change a result.
 
 use crate::error::{Error, Result};
 use crate::progress::step_bar;
@@ -21,61 +24,73 @@ pub type ChunkEmbeddings = Vec<Vec<Vec<f32>>>;
 /// Texts embedded per call (progress granularity).
 const WINDOW: usize = 256;
 
-/// The embeddings of `texts`, from `cache` when it holds exactly these texts under this encoder.
+type Digest32 = [u8; 32];
+
+/// The embeddings of `texts`, from `cache` for the texts it holds under this encoder.
 pub fn embed(classifier: &Classifier, identity: &str, texts: &[&str], cache: Option<&Path>) -> Result<ChunkEmbeddings> {
-    let key = cache_key(identity, texts);
-    if let Some(path) = cache.filter(|p| p.exists()) {
-        match read(path, &key, texts.len()) {
-            Ok(found) => {
-                eprintln!("embeddings: {} texts from {}", texts.len(), path.display());
-                return Ok(found);
-            }
-            Err(why) => eprintln!("embeddings: not using {} ({why}); embedding again", path.display()),
+    let digests: Vec<Digest32> = texts.iter().map(|t| Sha256::digest(t.as_bytes()).into()).collect();
+    let mut known: HashMap<Digest32, Vec<Vec<f32>>> = match cache.filter(|p| p.exists()) {
+        Some(path) => read(path, identity).unwrap_or_else(|why| {
+            eprintln!("embeddings: not using {} ({why}); embedding again", path.display());
+            HashMap::new()
+        }),
+        None => HashMap::new(),
+    };
+    // Each distinct missing text once.
+    let mut missing: Vec<usize> = Vec::new();
+    let mut queued = std::collections::HashSet::new();
+    for (i, d) in digests.iter().enumerate() {
+        if !known.contains_key(d) && queued.insert(*d) {
+            missing.push(i);
         }
     }
-    let bar = step_bar(texts.len() as u64, "embed");
-    let mut out = Vec::with_capacity(texts.len());
-    for window in texts.chunks(WINDOW) {
-        out.extend(
-            classifier
-                .embed_chunks(window)
-                .map_err(|e| Error::Execution(e.to_string()))?,
-        );
+    if let Some(path) = cache {
+        let cached = digests.iter().filter(|d| known.contains_key(*d)).count();
+        eprintln!("embeddings: {cached} of {} texts from {}", texts.len(), path.display());
+    }
+    let bar = step_bar(missing.len() as u64, "embed");
+    for window in missing.chunks(WINDOW) {
+        let batch: Vec<&str> = window.iter().map(|&i| texts[i]).collect();
+        let embedded = classifier
+            .embed_chunks(&batch)
+            .map_err(|e| Error::Execution(e.to_string()))?;
+        for (&i, chunks) in window.iter().zip(embedded) {
+            known.insert(digests[i], chunks);
+        }
         bar.inc(window.len() as u64);
     }
     bar.finish_and_clear();
-    if let Some(path) = cache {
-        write(path, &key, &out)?;
+    // cannot fail: every digest was either in the cache or embedded just now.
+    let out: ChunkEmbeddings = digests.iter().map(|d| known[d].clone()).collect();
+    // Rewritten when it gained texts or holds texts no longer asked for.
+    let distinct: std::collections::HashSet<&Digest32> = digests.iter().collect();
+    if let Some(path) = cache.filter(|_| !missing.is_empty() || known.len() != distinct.len()) {
+        write(path, identity, &digests, &out)?;
     }
     Ok(out)
 }
 
-fn cache_key(identity: &str, texts: &[&str]) -> String {
-    let mut h = Sha256::new();
-    h.update(identity.as_bytes());
-    for t in texts {
-        h.update((t.len() as u64).to_le_bytes());
-        h.update(t.as_bytes());
-    }
-    hex::encode(h.finalize())
-}
-
-fn read(path: &Path, key: &str, texts: usize) -> std::result::Result<ChunkEmbeddings, String> {
+fn read(path: &Path, identity: &str) -> std::result::Result<HashMap<Digest32, Vec<Vec<f32>>>, String> {
     let bytes = std::fs::read(path).map_err(|e| e.to_string())?;
     let (_, meta) = SafeTensors::read_metadata(&bytes).map_err(|e| e.to_string())?;
-    if meta.metadata().as_ref().and_then(|m| m.get("key")).map(String::as_str) != Some(key) {
-        return Err("made for other texts or another encoder".into());
+    if meta
+        .metadata()
+        .as_ref()
+        .and_then(|m| m.get("encoder"))
+        .map(String::as_str)
+        != Some(identity)
+    {
+        return Err("made with another encoder".into());
     }
     let file = SafeTensors::deserialize(&bytes).map_err(|e| e.to_string())?;
-    let (embeddings, counts) = (
-        file.tensor("embeddings").map_err(|e| e.to_string())?,
-        file.tensor("chunks").map_err(|e| e.to_string())?,
-    );
-    let (&[rows, hidden], &[n]) = (embeddings.shape(), counts.shape()) else {
-        return Err("tensor shapes are not [chunks, hidden] and [texts]".into());
+    let tensor = |name: &str| file.tensor(name).map_err(|e| e.to_string());
+    let (embeddings, counts, digests) = (tensor("embeddings")?, tensor("chunks")?, tensor("digests")?);
+    let (&[rows, hidden], &[n], &[n2, 32]) = (embeddings.shape(), counts.shape(), digests.shape()) else {
+        return Err("tensor shapes are not [chunks, hidden], [texts] and [texts, 32]".into());
     };
-    if embeddings.dtype() != Dtype::F32 || counts.dtype() != Dtype::I64 || n != texts || (hidden == 0 && rows > 0) {
-        return Err("tensor types or the number of texts do not match".into());
+    let types = (embeddings.dtype(), counts.dtype(), digests.dtype());
+    if types != (Dtype::F32, Dtype::I64, Dtype::U8) || n != n2 || (hidden == 0 && rows > 0) {
+        return Err("tensor types or sizes do not match".into());
     }
     let counts: Vec<usize> = counts
         .data()
@@ -93,10 +108,17 @@ fn read(path: &Path, key: &str, texts: usize) -> std::result::Result<ChunkEmbedd
         .map(|b| f32::from_le_bytes(b.try_into().expect("4 bytes")))
         .collect();
     let mut rows_iter = values.chunks_exact(hidden.max(1)).map(<[f32]>::to_vec);
-    Ok(counts.iter().map(|&c| rows_iter.by_ref().take(c).collect()).collect())
+    Ok(digests
+        .data()
+        .chunks_exact(32)
+        // cannot fail: chunks_exact(32) yields 32-byte slices.
+        .map(|d| <Digest32>::try_from(d).expect("32 bytes"))
+        .zip(counts)
+        .map(|(d, c)| (d, rows_iter.by_ref().take(c).collect()))
+        .collect())
 }
 
-fn write(path: &Path, key: &str, embeddings: &ChunkEmbeddings) -> Result<()> {
+fn write(path: &Path, identity: &str, digests: &[Digest32], embeddings: &ChunkEmbeddings) -> Result<()> {
     let hidden = embeddings.iter().flatten().map(Vec::len).next().unwrap_or(0);
     let values: Vec<u8> = embeddings
         .iter()
@@ -107,6 +129,7 @@ fn write(path: &Path, key: &str, embeddings: &ChunkEmbeddings) -> Result<()> {
         .iter()
         .flat_map(|chunks| (chunks.len() as i64).to_le_bytes())
         .collect();
+    let digest_bytes: Vec<u8> = digests.iter().flatten().copied().collect();
     let rows = embeddings.iter().map(Vec::len).sum::<usize>();
     let internal = |e: safetensors::SafeTensorError| Error::Internal(format!("embeddings cache: {e}"));
     let tensors = vec![
@@ -118,8 +141,12 @@ fn write(path: &Path, key: &str, embeddings: &ChunkEmbeddings) -> Result<()> {
             "chunks",
             TensorView::new(Dtype::I64, vec![embeddings.len()], &counts).map_err(internal)?,
         ),
+        (
+            "digests",
+            TensorView::new(Dtype::U8, vec![digests.len(), 32], &digest_bytes).map_err(internal)?,
+        ),
     ];
-    let metadata = HashMap::from([("key".to_string(), key.to_string())]);
+    let metadata = HashMap::from([("encoder".to_string(), identity.to_string())]);
     let bytes = safetensors::serialize(tensors, Some(metadata)).map_err(internal)?;
     let io = |e: std::io::Error| Error::Config(format!("embeddings cache {}: {e}", path.display()));
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {

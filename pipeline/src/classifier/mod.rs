@@ -1,19 +1,20 @@
-//! `safepipe classifier`: bootstrap a safety classifier (train a linear head on frozen encoder
+//! `safepipe classifier`: bootstrap a safety classifier (train a head on frozen encoder
 //! embeddings of a labelled table) and score texts from the command line.
 //!
-//! `train` reads a labelled Parquet table ([`labels`]), embeds **every chunk** of every text
-//! ([`embeddings`], optionally cached), fits the head on the chunks of the fitting part (first
-//! each chunk carries its document's label: the score stage judges a document by its worst
-//! chunk, so every chunk of a safe document must look safe; then multiple-instance rounds keep
-//! only the most unsafe-looking chunk of each unsafe document), chooses the decision threshold on the
-//! calibration part ([`calibrate`]: the safe-label offset that flags the most unsafe documents
-//! while each group's false-positive rate stays at or below its target) and folds it into the
-//! head's bias, then reports
-//! on the test part. It writes a directory the score stage loads: `classifier.toml` (the
-//! encoder's manifest plus the `[head]`, paths relative to it), `head.safetensors` and
-//! `metrics.json` (held-out metrics per example on its first chunk, per document on its worst
-//! chunk as the score stage judges it, and per group the false-positive rate on safe documents
-//! next to the recall of unsafe ones; also printed).
+//! `train` reads a labelled Parquet table ([`labels`]: train/test parts, training folds,
+//! groups), embeds **every chunk** of every text ([`embeddings`], optionally cached per text),
+//! and per fold fits a head on the other folds ([`fit`]: first each chunk carries its document's
+//! label, since the score stage judges a document by its worst chunk and every chunk of a safe
+//! document must look safe; then multiple-instance rounds keep only the most unsafe-looking
+//! chunk of each unsafe document). On the out-of-fold judgements it chooses the decision
+//! threshold ([`calibrate`]: the safe-label offset that flags the most unsafe documents while
+//! each group's false-positive rate stays at or below its target), writes the fold heads'
+//! average with the offset folded into its bias, and reports on the test part. The directory it
+//! writes is what the score stage loads: `classifier.toml` (the encoder's manifest plus the
+//! `[head]`, paths relative to it), `head.safetensors` and `metrics.json` (held-out metrics per
+//! example on its first chunk, per document on its worst chunk as the score stage judges it, and
+//! per group the false-positive rate on safe documents next to the recall of unsafe ones; also
+//! printed).
 
 mod calibrate;
 mod embeddings;
@@ -41,7 +42,7 @@ pub struct TrainArgs {
     pub name: String,
     pub columns: LabelColumns,
     pub division: Division,
-    /// The false-positive rates on each group's safe calibration documents the threshold keeps.
+    /// The false-positive rates on each group's safe out-of-fold documents the threshold keeps.
     pub targets: Targets,
     /// Multiple-instance rounds after the first fit (see `train`).
     pub instance_rounds: usize,
@@ -141,9 +142,9 @@ pub fn train(args: &TrainArgs) -> Result<TrainReport> {
             test.len(),
         )));
     }
-    // Out-of-fold judgements: each fold judged by a head fitted on the others.
-    // The head written is the average of the fold heads (one head with their hidden units side
-    // by side), so the threshold is chosen on judgements of the same kind of model.
+    // Out-of-fold judgements: each fold judged by a head fitted on the others. The head written
+    // is the average of these fold heads (its logits are their mean), so the threshold is chosen
+    // on judgements by the very heads it is applied to, each on texts it was not fitted on.
     let mut out_of_fold = Vec::with_capacity(train_docs.len());
     let (mut fold_heads, mut losses, mut fitted_chunks) = (Vec::new(), 0.0, 0);
     for f in 0..folds {
