@@ -313,7 +313,9 @@ fn read_safetensors(path: &Path, p: &mut Params<f32>, prefix: &str) -> Result<()
     Ok(())
 }
 
-pub(crate) fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), String> {
+/// Writes `bytes` to `path.partial`, then renames it over `path`: readers see the old file or the
+/// whole new one.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), String> {
     let partial = PathBuf::from(format!("{}.partial", path.display()));
     std::fs::write(&partial, bytes).map_err(|e| format!("cannot write {}: {e}", partial.display()))?;
     std::fs::rename(&partial, path).map_err(|e| format!("cannot write {}: {e}", path.display()))

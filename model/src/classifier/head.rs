@@ -293,15 +293,15 @@ fn adam(params: &mut [f32], grad: &[f32], state: &mut Moments, lr: f32, l2: f32,
 /// Fits a head on `(embedding, label)` pairs; returns it with the weighted training loss of the
 /// last epoch (each batch's loss computed before its update). Deterministic: the same pairs and
 /// settings give the same head bit for bit, on any number of threads.
-pub fn train_head(xs: &[Vec<f32>], ys: &[usize], settings: &HeadTraining) -> Result<(Head, f64)> {
-    let Some(width) = xs.first().map(Vec::len) else {
+pub fn train_head<X: AsRef<[f32]>>(xs: &[X], ys: &[usize], settings: &HeadTraining) -> Result<(Head, f64)> {
+    let Some(width) = xs.first().map(|x| x.as_ref().len()) else {
         return Err(ClassifierError::Invalid("no training examples".into()));
     };
     let k = settings.labels;
     if let Some(bad) = ys.iter().find(|&&y| y >= k) {
         return Err(ClassifierError::Invalid(format!("label {bad} is out of range 0..{k}")));
     }
-    if let Some(x) = xs.iter().find(|x| x.len() != width) {
+    if let Some(x) = xs.iter().map(AsRef::as_ref).find(|x| x.len() != width) {
         return Err(ClassifierError::Invalid(format!(
             "embeddings of {} and {width} dimensions in one training set",
             x.len()
@@ -315,8 +315,10 @@ pub fn train_head(xs: &[Vec<f32>], ys: &[usize], settings: &HeadTraining) -> Res
             settings.batch
         )));
     }
+    // One contiguous, normalised copy: batches are gathered from it.
     let xs: Vec<f32> = xs
         .iter()
+        .map(AsRef::as_ref)
         .flat_map(|x| {
             let s = if settings.normalize { inverse_norm(x) } else { 1.0 };
             x.iter().map(move |v| v * s)

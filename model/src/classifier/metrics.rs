@@ -29,12 +29,12 @@ pub struct HeadMetrics {
 }
 
 /// Held-out metrics of `head` on `(xs, ys)`.
-pub fn evaluate(head: &Head, normalize: bool, xs: &[Vec<f32>], ys: &[usize], final_loss: f64) -> HeadMetrics {
+pub fn evaluate<X: AsRef<[f32]>>(head: &Head, normalize: bool, xs: &[X], ys: &[usize], final_loss: f64) -> HeadMetrics {
     let k = head.labels();
     let mut confusion = vec![vec![0usize; k]; k];
     let (mut top1, mut top3) = (0usize, 0usize);
     for (x, &y) in xs.iter().zip(ys) {
-        let logits = head.apply(x, normalize);
+        let logits = head.apply(x.as_ref(), normalize);
         let mut order: Vec<usize> = (0..k).collect();
         order.sort_by(|&a, &b| logits[b].total_cmp(&logits[a]).then(a.cmp(&b)));
         confusion[y][order[0]] += 1;

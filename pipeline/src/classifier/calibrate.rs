@@ -18,17 +18,22 @@ pub struct Judged<'a> {
     pub label: usize,
     pub group: &'a str,
     /// The largest `max(unsafe logits) - safe logit` over the document's chunks (negative
-    /// infinity for a document without chunks, which is never flagged).
+    /// infinity for a document without chunks, which is never flagged). The score stage gives
+    /// the document a score >= 1 exactly when this exceeds 0 (on ties the safe label, first,
+    /// wins), so the document is flagged at offset `t` when it exceeds `t`.
     pub margin: f32,
-    /// Whether the score stage would give it a score >= 1 (its worst chunk is not safe).
-    pub flagged: bool,
+}
+
+/// `max(unsafe logits) - safe logit` of one chunk.
+pub fn chunk_margin(logits: &[f32]) -> f32 {
+    logits[1..].iter().copied().fold(f32::NEG_INFINITY, f32::max) - logits[0]
 }
 
 /// The margin of one document from its chunks' logits.
 pub fn margin(chunk_logits: &[Vec<f32>]) -> f32 {
     chunk_logits
         .iter()
-        .map(|l| l[1..].iter().copied().fold(f32::NEG_INFINITY, f32::max) - l[0])
+        .map(|l| chunk_margin(l))
         .fold(f32::NEG_INFINITY, f32::max)
 }
 
@@ -96,25 +101,25 @@ pub struct GroupRates {
     pub unsafe_recall: f64,
 }
 
-/// Rates per group (sorted by name), then over all documents as group `"all"` when there is
-/// more than one group.
-pub fn group_rates(docs: &[Judged]) -> Vec<GroupRates> {
+/// Rates per group (sorted by name) with documents flagged when their margin exceeds
+/// `offset`, then over all documents as group `"all"` when there is more than one group.
+pub fn group_rates(docs: &[Judged], offset: f32) -> Vec<GroupRates> {
     let mut by_group: BTreeMap<&str, Vec<&Judged>> = BTreeMap::new();
     for d in docs {
         by_group.entry(d.group).or_default().push(d);
     }
-    let mut out: Vec<GroupRates> = by_group.iter().map(|(g, ds)| rates(g, ds)).collect();
+    let mut out: Vec<GroupRates> = by_group.iter().map(|(g, ds)| rates(g, ds, offset)).collect();
     if by_group.len() > 1 {
-        out.push(rates("all", &docs.iter().collect::<Vec<_>>()));
+        out.push(rates("all", &docs.iter().collect::<Vec<_>>(), offset));
     }
     out
 }
 
-fn rates(group: &str, docs: &[&Judged]) -> GroupRates {
+fn rates(group: &str, docs: &[&Judged], offset: f32) -> GroupRates {
     let ratio = |a: usize, b: usize| if b == 0 { 0.0 } else { a as f64 / b as f64 };
     let count = |unsafe_: bool, flagged: bool| {
         docs.iter()
-            .filter(|d| (d.label > 0) == unsafe_ && (!flagged || d.flagged))
+            .filter(|d| (d.label > 0) == unsafe_ && (!flagged || d.margin > offset))
             .count()
     };
     let (safe, false_positives) = (count(false, false), count(false, true));
@@ -135,12 +140,7 @@ mod tests {
     use super::*;
 
     fn doc(label: usize, group: &str, margin: f32) -> Judged<'_> {
-        Judged {
-            label,
-            group,
-            margin,
-            flagged: margin > 0.0,
-        }
+        Judged { label, group, margin }
     }
 
     #[test]
@@ -173,9 +173,8 @@ mod tests {
         // Now the offset stops just below the least unsafe margin above 0.8 (1.0); 0.6 is lost.
         let offset = choose_offset(&docs, &uniform(0.1));
         assert!((offset - (1.0 - CLEARANCE)).abs() < 1e-6, "{offset}");
-        // Shifting every margin by the offset leaves one mail and no request flagged.
-        let shifted: Vec<Judged> = docs.iter().map(|d| doc(d.label, d.group, d.margin - offset)).collect();
-        let rates = group_rates(&shifted);
+        // At that offset one mail and no request is flagged.
+        let rates = group_rates(&docs, offset);
         assert_eq!(rates[0].false_positives, 1);
         assert_eq!((rates[0].unsafe_documents, rates[0].caught), (2, 1));
         assert_eq!(rates[1].false_positives, 0);

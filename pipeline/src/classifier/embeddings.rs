@@ -148,11 +148,8 @@ fn write(path: &Path, identity: &str, digests: &[Digest32], embeddings: &ChunkEm
     ];
     let metadata = HashMap::from([("encoder".to_string(), identity.to_string())]);
     let bytes = safetensors::serialize(tensors, Some(metadata)).map_err(internal)?;
-    let io = |e: std::io::Error| Error::Config(format!("embeddings cache {}: {e}", path.display()));
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-        std::fs::create_dir_all(dir).map_err(io)?;
+        std::fs::create_dir_all(dir).map_err(|e| Error::Config(format!("embeddings cache {}: {e}", dir.display())))?;
     }
-    let tmp = path.with_extension("tmp");
-    std::fs::write(&tmp, bytes).map_err(io)?;
-    std::fs::rename(&tmp, path).map_err(io)
+    safepipe_model::train::write_atomic(path, &bytes).map_err(|e| Error::Config(format!("embeddings cache: {e}")))
 }

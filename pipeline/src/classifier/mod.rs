@@ -151,7 +151,7 @@ pub fn train(args: &TrainArgs) -> Result<TrainReport> {
         eprintln!("fitting without fold {}/{folds}", f + 1);
         let (inside, outside): (Vec<_>, Vec<_>) = train_docs.iter().partition(|(e, _)| e.fold == f);
         let fitted = fit(&outside, &training, args.instance_rounds).map_err(exec)?;
-        out_of_fold.extend(judge(&classifier, &fitted.head, &training, &inside));
+        out_of_fold.extend(judge(&fitted.head, &training, &inside));
         losses += fitted.final_loss / folds as f64;
         fitted_chunks += fitted.chunks;
         fold_heads.push(fitted.head);
@@ -160,19 +160,15 @@ pub fn train(args: &TrainArgs) -> Result<TrainReport> {
     let offset = calibrate::choose_offset(&out_of_fold, &args.targets);
     let mut head = Head::average(&fold_heads).ok_or_else(|| Error::Internal("fold heads differ in shape".into()))?;
     head.output.bias[0] += offset;
-    // The out-of-fold documents as the offset flags them.
-    for d in &mut out_of_fold {
-        d.flagged = d.margin > offset;
-    }
     // The test part, per example on its first chunk and per document on its worst chunk.
-    let first: Vec<Vec<f32>> = test.iter().map(|(_, c)| c[0].clone()).collect();
+    let first: Vec<&[f32]> = test.iter().map(|(_, c)| c[0].as_slice()).collect();
     let test_y: Vec<usize> = test.iter().map(|(e, _)| e.label).collect();
     let metrics = evaluate(&head, training.normalize, &first, &test_y, final_loss);
-    let worst: Vec<Vec<f32>> = test
+    let worst: Vec<&[f32]> = test
         .iter()
         .map(|(_, c)| {
             let logits: Vec<Vec<f32>> = c.iter().map(|x| head.apply(x, training.normalize)).collect();
-            c[classifier.worst_chunk(&logits).map_or(0, |(i, _)| i)].clone()
+            c[classifier.worst_chunk(&logits).map_or(0, |(i, _)| i)].as_slice()
         })
         .collect();
     let document_metrics = evaluate(&head, training.normalize, &worst, &test_y, final_loss);
@@ -201,8 +197,9 @@ pub fn train(args: &TrainArgs) -> Result<TrainReport> {
         safe_logit_offset: offset,
         metrics,
         document_metrics,
-        test_groups: calibrate::group_rates(&judge(&classifier, &head, &training, &test)),
-        out_of_fold_groups: calibrate::group_rates(&out_of_fold),
+        // The written head holds the offset, so its own decision (margin > 0) is the flag.
+        test_groups: calibrate::group_rates(&judge(&head, &training, &test), 0.0),
+        out_of_fold_groups: calibrate::group_rates(&out_of_fold, offset),
         embed_seconds,
     };
     let json = serde_json::to_string_pretty(&report).map_err(|e| Error::Internal(e.to_string()))?;
@@ -230,8 +227,7 @@ fn fit(
 ) -> safepipe_model::classifier::Result<Fitted> {
     let (mut xs, mut ys): (Vec<&Vec<f32>>, Vec<usize>) =
         docs.iter().flat_map(|(e, c)| c.iter().map(|x| (x, e.label))).unzip();
-    let owned = |xs: &[&Vec<f32>]| xs.iter().map(|x| (*x).clone()).collect::<Vec<_>>();
-    let (mut head, mut final_loss) = train_head(&owned(&xs), &ys, training)?;
+    let (mut head, mut final_loss) = train_head(&xs, &ys, training)?;
     for _ in 0..instance_rounds {
         (xs, ys) = docs
             .iter()
@@ -241,7 +237,7 @@ fn fit(
                 } else {
                     let margins = c
                         .iter()
-                        .map(|x| calibrate::margin(&[head.apply(x, training.normalize)]));
+                        .map(|x| calibrate::chunk_margin(&head.apply(x, training.normalize)));
                     let best = margins
                         .enumerate()
                         .fold((0, f32::NEG_INFINITY), |b, (i, m)| if m > b.1 { (i, m) } else { b });
@@ -250,7 +246,7 @@ fn fit(
                 keep.into_iter().map(|x| (x, e.label))
             })
             .unzip();
-        (head, final_loss) = train_head(&owned(&xs), &ys, training)?;
+        (head, final_loss) = train_head(&xs, &ys, training)?;
     }
     Ok(Fitted {
         head,
@@ -259,13 +255,8 @@ fn fit(
     })
 }
 
-/// Each document's margin and whether the score stage would flag it, under `head`.
-fn judge<'a>(
-    classifier: &Classifier,
-    head: &Head,
-    training: &HeadTraining,
-    docs: &[(&'a Example, &Vec<Vec<f32>>)],
-) -> Vec<Judged<'a>> {
+/// Each document's label, group and margin under `head`.
+fn judge<'a>(head: &Head, training: &HeadTraining, docs: &[(&'a Example, &Vec<Vec<f32>>)]) -> Vec<Judged<'a>> {
     docs.iter()
         .map(|(e, c)| {
             let logits: Vec<Vec<f32>> = c.iter().map(|x| head.apply(x, training.normalize)).collect();
@@ -273,7 +264,6 @@ fn judge<'a>(
                 label: e.label,
                 group: &e.group,
                 margin: calibrate::margin(&logits),
-                flagged: classifier.worst_chunk(&logits).is_some_and(|(_, score)| score > 0),
             }
         })
         .collect()
