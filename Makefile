@@ -14,7 +14,7 @@ LLAMA_VENV := .venv-llama
 LLAMA_PY := $(LLAMA_VENV)/bin/python
 LLAMA_CPP := llama-cpp-python==0.3.36
 
-.PHONY: setup build demo test test-slow test-slurm test-server lint fmt bench classifier clean help
+.PHONY: setup build demo test test-slow test-slurm test-server lint fmt bench classifier gpu-bundle clean help
 
 help:
 	@echo "make setup   install everything a fresh machine needs (Python venv, sample corpus, SmolLM2 model, crates)"
@@ -26,6 +26,7 @@ help:
 	@echo "make lint    rustfmt check + clippy -D warnings"
 	@echo "make bench   ingest, engine, tokenize and score benchmarks -> docs/BENCHMARKS.md (score: downloads PyTorch into .venv-torch)"
 	@echo "make classifier  retrain the demo classifier's head (classifiers/minilm-l6-safety) on data/labels"
+	@echo "make gpu-bundle  the stripped binary, xz-compressed, to carry to a GPU machine for scripts/gpu_check.sh"
 
 setup:
 	@command -v $(CARGO) >/dev/null || { echo "setup: cargo not found; install Rust (rustup) first" >&2; exit 1; }
@@ -121,6 +122,14 @@ classifier: build
 	$(BIN) classifier train --encoder models/minilm-l6/encoder.toml --data data/labels/safety.parquet \
 		--out classifiers/minilm-l6-safety --name minilm-l6-safety-demo \
 		--group-max-fpr request=0.08 --embeddings-cache .cache/classifier/minilm-l6-embeddings.safetensors
+
+# The binary for a GPU machine without Rust (scripts/gpu_check.sh, docs/training.md): stripped and
+# xz-compressed (~118 MB -> ~22 MB), so it fits a 64 MiB transfer.
+gpu-bundle: build
+	mkdir -p target/gpu-bundle
+	strip -o target/gpu-bundle/safepipe $(BIN)
+	xz -T0 -6 -f target/gpu-bundle/safepipe
+	ls -l target/gpu-bundle/safepipe.xz
 
 clean:
 	rm -rf runs target/debug/safepipe

@@ -311,6 +311,113 @@ fn two_processes_match_one_process_with_twice_the_batch() {
         }
     }
     assert!(worst < 1e-5, "max weight difference {worst}");
+
+    // The same two ranks started by `--nproc-per-node 2` (issue 14): bit-identical weights, and
+    // every line of theirs comes out under its rank.
+    let launched = ranks_config(&ws, &one, "launched", 3);
+    let out = std::process::Command::new(bin())
+        .args(["train", launched.to_str().unwrap(), "--nproc-per-node", "2"])
+        .env("RUST_LOG", "info")
+        .env_remove("RANK")
+        .env_remove("WORLD_SIZE")
+        .env_remove("LOCAL_RANK")
+        .env_remove("MASTER_PORT")
+        .output()
+        .unwrap();
+    let stderr = text(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(stderr.contains("[rank 0] train: steps 1..3"), "{stderr}");
+    assert!(stderr.contains("[rank 1]"), "{stderr}");
+    let launched = load("ckpt-launched");
+    for ((name, x, _), (_, y, _)) in b.params.tensors().into_iter().zip(launched.params.tensors()) {
+        assert!(x == y, "{name} differs between hand-started and launched ranks");
+    }
+}
+
+/// Issue 14: under `--nproc-per-node`, a rank that dies stops the others at once (rank 0 would
+/// otherwise wait for it until the collective timeout, 30 minutes by default), and the launcher
+/// fails naming it.
+#[cfg(unix)]
+#[test]
+fn a_dead_rank_stops_the_others_under_the_launcher() {
+    use std::io::BufRead;
+    let ws = Workspace::new();
+    let one = config(&ws, "one", 3);
+    run_ok(&one, &[]);
+    let long = ranks_config(&ws, &one, "long", 100_000);
+    let mut launcher = std::process::Command::new(bin())
+        .args(["train", long.to_str().unwrap(), "--nproc-per-node", "2"])
+        .env("RUST_LOG", "info")
+        .env_remove("RANK")
+        .env_remove("WORLD_SIZE")
+        .env_remove("LOCAL_RANK")
+        .env_remove("MASTER_PORT")
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let lines = std::io::BufReader::new(launcher.stderr.take().unwrap());
+    let mut stderr = String::new();
+    let mut killed = None;
+    for line in lines.lines() {
+        let line = line.unwrap();
+        if killed.is_none() && line.starts_with("[rank 0]") && line.contains("rank 1 joined") {
+            // Rank 1 is the launcher's child whose environment says RANK=1.
+            let pid = children_of(launcher.id())
+                .into_iter()
+                .find(|pid| environ(*pid).iter().any(|v| v == "RANK=1"))
+                .expect("rank 1 runs under the launcher");
+            assert!(
+                std::process::Command::new("kill")
+                    .args(["-KILL", &pid.to_string()])
+                    .status()
+                    .unwrap()
+                    .success()
+            );
+            killed = Some(pid);
+        }
+        stderr.push_str(&line);
+        stderr.push('\n');
+    }
+    let status = launcher.wait().unwrap();
+    assert!(killed.is_some(), "rank 1 never joined:\n{stderr}");
+    assert_eq!(status.code(), Some(3), "{stderr}");
+    assert!(
+        stderr.contains("rank 1 was killed by signal 9; stopped rank(s) 0"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    // Rank 0 is gone too: no child of the launcher outlives it.
+    assert!(children_of(launcher.id()).is_empty());
+}
+
+/// The pids whose parent is `parent` (from /proc).
+fn children_of(parent: u32) -> Vec<u32> {
+    let mut pids = Vec::new();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else {
+            continue;
+        };
+        // pid (comm) state ppid ...: comm may hold spaces, so split after its closing parenthesis.
+        let after = &stat[stat.rfind(')').map_or(0, |i| i + 1)..];
+        if after.split_whitespace().nth(1).and_then(|p| p.parse::<u32>().ok()) == Some(parent) {
+            pids.push(pid);
+        }
+    }
+    pids
+}
+
+/// A process's environment as `KEY=value` strings.
+fn environ(pid: u32) -> Vec<String> {
+    std::fs::read(format!("/proc/{pid}/environ"))
+        .map(|b| {
+            b.split(|&c| c == 0)
+                .map(|v| String::from_utf8_lossy(v).into_owned())
+                .collect()
+        })
+        .unwrap_or_default()
 }
 
 /// The rendezvous preamble of protocol 1 (model/src/collective/tcp.rs).

@@ -11,11 +11,12 @@
 //! - [`llm`]: text generation: one inference engine for GGUF models and our checkpoints (KV
 //!   cache, continuous batching, beam search and Safe Beam Search), the OpenAI-compatible HTTP
 //!   client, the request cache.
-//!
-//! The CUDA backend comes with its issue (docs/ROADMAP.md).
+//! - [`cuda`]: the CUDA backend's foundation: finding the CUDA libraries, our kernels compiled
+//!   by NVRTC for the GPU's architecture, opening a device (the GPU trainer builds on it).
 
 pub mod classifier;
 pub mod collective;
+pub mod cuda;
 pub mod gguf;
 pub mod llama;
 pub mod llm;

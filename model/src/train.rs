@@ -96,6 +96,37 @@ pub struct StepStats {
     pub tokens: usize,
 }
 
+/// One AdamW update of one tensor (fp32 weights and moments, arithmetic in f64): the CPU
+/// backend's, and the oracle of the GPU's fused kernel.
+#[derive(Debug, Clone, Copy)]
+pub struct AdamStep {
+    pub lr: f64,
+    pub beta1: f64,
+    pub beta2: f64,
+    /// Bias corrections 1 - beta^t.
+    pub c1: f64,
+    pub c2: f64,
+    pub eps: f64,
+    /// Decoupled weight decay (0 for norm weights).
+    pub decay: f64,
+}
+
+impl AdamStep {
+    /// Updates `p`, `m` and `v` from the gradient `g` (all the same length).
+    pub fn apply(&self, p: &mut [f32], g: &[f32], m: &mut [f32], v: &mut [f32]) {
+        let (b1, b2) = (self.beta1, self.beta2);
+        for i in 0..p.len() {
+            let g = f64::from(g[i]);
+            let mi = b1 * f64::from(m[i]) + (1.0 - b1) * g;
+            let vi = b2 * f64::from(v[i]) + (1.0 - b2) * g * g;
+            m[i] = mi as f32;
+            v[i] = vi as f32;
+            let update = (mi / self.c1) / ((vi / self.c2).sqrt() + self.eps) + self.decay * f64::from(p[i]);
+            p[i] = (f64::from(p[i]) - self.lr * update) as f32;
+        }
+    }
+}
+
 /// Model, fp32 master weights and AdamW state.
 pub struct Trainer {
     pub model: CpuModel,
@@ -166,17 +197,17 @@ impl Trainer {
         for (((_, p, shape), (_, m, _)), (_, v, _)) in
             self.params.tensors_mut().into_iter().zip(m_tensors).zip(v_tensors)
         {
-            // Decoupled weight decay on matrices only (not on norm weights).
-            let decay = if shape.len() == 2 { wd } else { 0.0 };
-            for i in 0..p.len() {
-                let g = f64::from(flat[offset + i]);
-                let mi = b1 * f64::from(m[i]) + (1.0 - b1) * g;
-                let vi = b2 * f64::from(v[i]) + (1.0 - b2) * g * g;
-                m[i] = mi as f32;
-                v[i] = vi as f32;
-                let update = (mi / c1) / ((vi / c2).sqrt() + eps) + decay * f64::from(p[i]);
-                p[i] = (f64::from(p[i]) - lr * update) as f32;
-            }
+            let adam = AdamStep {
+                lr,
+                beta1: b1,
+                beta2: b2,
+                c1,
+                c2,
+                eps,
+                // Decoupled weight decay on matrices only (not on norm weights).
+                decay: if shape.len() == 2 { wd } else { 0.0 },
+            };
+            adam.apply(p, &flat[offset..offset + p.len()], m, v);
             offset += p.len();
         }
         Ok(StepStats {

@@ -140,6 +140,10 @@ pub enum Command {
         /// `--resume` later continues exactly where it stopped.
         #[arg(long, value_name = "STEP")]
         until: Option<u64>,
+        /// Start N ranks on this machine (one per GPU) and supervise them: a failed rank stops
+        /// the others. Across machines, start one process per GPU with the scheduler instead.
+        #[arg(long, value_name = "N")]
+        nproc_per_node: Option<usize>,
     },
     /// Write the packed shards in another trainer's format.
     Export {
@@ -156,6 +160,12 @@ pub enum Command {
     Classifier {
         #[command(subcommand)]
         command: ClassifierCommand,
+    },
+    /// The CUDA backend on this machine: libraries found, kernels compiled, kernels checked
+    /// against the CPU backend on a GPU (docs/training.md).
+    Gpu {
+        #[command(subcommand)]
+        command: crate::gpu::GpuCommand,
     },
 }
 
@@ -515,7 +525,15 @@ pub async fn run(cli: Cli) -> Result<()> {
                 Ok(())
             }
         },
-        Command::Train { config, resume, until } => {
+        Command::Train {
+            config,
+            resume,
+            until,
+            nproc_per_node: Some(n),
+        } => crate::train::launch::launch(&config, n, resume, until).await,
+        Command::Train {
+            config, resume, until, ..
+        } => {
             let config = Config::load(&config).await?;
             let summary = crate::train::train(&config, resume, until).await?;
             match (&summary.first, &summary.last) {
@@ -536,6 +554,7 @@ pub async fn run(cli: Cli) -> Result<()> {
             }
             Ok(())
         }
+        Command::Gpu { command } => tokio::task::block_in_place(|| crate::gpu::run(command)),
         Command::Classifier { command } => match command {
             ClassifierCommand::Train(flags) => {
                 let args = flags.into_args();

@@ -23,7 +23,9 @@
 //! pack/         the global stage: tokens -> mixture, shuffle -> shards + manifest.json,
 //!               packed on every rank (its own module map)
 //! export.rs     `safepipe export megatron`, `safepipe tokenizer export`
-//! train/        `safepipe train`: the packed shards -> the CPU trainer -> checkpoints, metrics.jsonl
+//! train/        `safepipe train`: the packed shards -> the CPU trainer -> checkpoints, metrics.jsonl;
+//!               `--nproc-per-node` (launch.rs) starts and supervises one machine's ranks
+//! gpu.rs        `safepipe gpu info|compile|check`: the CUDA backend's libraries, kernels, checks
 //! classifier/   `safepipe classifier train|score`: labels.rs (parts, folds, groups),
 //!               embeddings.rs (every chunk, cached), calibrate.rs (the out-of-fold threshold,
 //!               per-group rates), mod.rs (fit per fold, average, report; score texts)
@@ -44,6 +46,7 @@ pub mod error;
 pub mod eval;
 pub mod export;
 pub mod gc;
+pub mod gpu;
 pub mod llm;
 pub mod pack;
 pub mod progress;

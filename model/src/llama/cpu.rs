@@ -267,6 +267,29 @@ struct LayerCache<T> {
     act: Vec<T>,
 }
 
+/// What attention's backward pass reads: its inputs (after the rotary embedding), the saved
+/// log-sum-exp and its output. Public, with the ops it feeds, as the GPU kernels' oracle.
+#[derive(Clone, Copy)]
+pub struct AttentionSaved<'a, T> {
+    pub q: &'a [T],
+    pub k: &'a [T],
+    pub v: &'a [T],
+    pub lse: &'a [T],
+    pub out: &'a [T],
+}
+
+impl<'a, T> AttentionSaved<'a, T> {
+    fn of(c: &'a LayerCache<T>) -> Self {
+        AttentionSaved {
+            q: &c.q,
+            k: &c.k,
+            v: &c.v,
+            lse: &c.lse,
+            out: &c.attn,
+        }
+    }
+}
+
 /// What the forward pass keeps: per layer caches, the last residual and the final norm.
 struct Forward<T> {
     layers: Vec<LayerCache<T>>,
@@ -423,7 +446,7 @@ impl CpuModel {
         // Attention: x_mid = x_in + o(attention(rope(q), rope(k), v)).
         let dattn = linear_grad_input(self.kernels, &dx_mid, &l.o, d, d);
         linear_grad_weight(self.kernels, &dx_mid, &c.attn, &mut g.o, d, d);
-        let (mut dq, mut dk, dv) = self.attention_backward(c, &dattn, batch);
+        let (mut dq, mut dk, dv) = self.attention_backward(AttentionSaved::of(c), &dattn, batch);
         self.rope(&mut dq, d, batch.seq_len, true);
         self.rope(&mut dk, kv, batch.seq_len, true);
         let mut dh1 = linear_grad_input(self.kernels, &dq, &l.q, d, d);
@@ -440,7 +463,7 @@ impl CpuModel {
     /// Rotary embedding in place on rows of `width` = heads x head_dim (Hugging Face's
     /// rotate-half layout, positions 0..seq_len within each row of the batch). `inverse`
     /// applies the transposed rotation (the backward pass).
-    fn rope<T: Scalar>(&self, x: &mut [T], width: usize, seq_len: usize, inverse: bool) {
+    pub fn rope<T: Scalar>(&self, x: &mut [T], width: usize, seq_len: usize, inverse: bool) {
         let hd = self.config.head_dim();
         let half = hd / 2;
         let theta = self.config.rope_theta;
@@ -461,7 +484,7 @@ impl CpuModel {
 
     /// Causal (and, with segments, document-masked) grouped-query attention. Returns the output
     /// `[n, heads * head_dim]` and the log-sum-exp of every (position, head) row of scores.
-    fn attention<T: Scalar>(&self, q: &[T], k: &[T], v: &[T], batch: &Batch) -> (Vec<T>, Vec<T>) {
+    pub fn attention<T: Scalar>(&self, q: &[T], k: &[T], v: &[T], batch: &Batch) -> (Vec<T>, Vec<T>) {
         let cfg = &self.config;
         let (d, hd, heads, kv) = (cfg.hidden_size, cfg.head_dim(), cfg.num_attention_heads, cfg.kv_dim());
         let group = heads / cfg.num_key_value_heads;
@@ -506,12 +529,17 @@ impl CpuModel {
 
     /// Gradients of q, k and v (before the rotary embedding is undone) from the gradient of the
     /// attention output. Probabilities are recomputed from the saved log-sum-exp.
-    fn attention_backward<T: Scalar>(&self, c_: &LayerCache<T>, dout: &[T], batch: &Batch) -> (Vec<T>, Vec<T>, Vec<T>) {
+    pub fn attention_backward<T: Scalar>(
+        &self,
+        saved: AttentionSaved<'_, T>,
+        dout: &[T],
+        batch: &Batch,
+    ) -> (Vec<T>, Vec<T>, Vec<T>) {
         let cfg = &self.config;
         let (d, hd, heads, kv) = (cfg.hidden_size, cfg.head_dim(), cfg.num_attention_heads, cfg.kv_dim());
         let group = heads / cfg.num_key_value_heads;
         let scale: T = c(1.0 / (hd as f64).sqrt());
-        let (q, k, v, lse, out) = (&c_.q, &c_.k, &c_.v, &c_.lse, &c_.attn);
+        let AttentionSaved { q, k, v, lse, out } = saved;
         let n_all = batch.rows * batch.seq_len;
         let t_len = batch.seq_len;
         // delta[n, h] = dout . out (the softmax backward's row term).
@@ -644,17 +672,17 @@ impl CpuModel {
     }
 }
 
-fn silu<T: Scalar>(z: T) -> T {
+pub fn silu<T: Scalar>(z: T) -> T {
     z / (T::one() + (-z).exp())
 }
 
-fn silu_grad<T: Scalar>(z: T) -> T {
+pub fn silu_grad<T: Scalar>(z: T) -> T {
     let s = T::one() / (T::one() + (-z).exp());
     s * (T::one() + z * (T::one() - s))
 }
 
 /// RMSNorm of rows of width `d`: returns the output and each row's `1 / rms`.
-fn rmsnorm<T: Scalar>(x: &[T], g: &[T], d: usize, eps: f64) -> (Vec<T>, Vec<T>) {
+pub fn rmsnorm<T: Scalar>(x: &[T], g: &[T], d: usize, eps: f64) -> (Vec<T>, Vec<T>) {
     let mut y = vec![T::zero(); x.len()];
     let mut r = vec![T::zero(); x.len() / d];
     y.par_chunks_mut(d)
@@ -672,7 +700,7 @@ fn rmsnorm<T: Scalar>(x: &[T], g: &[T], d: usize, eps: f64) -> (Vec<T>, Vec<T>) 
 }
 
 /// Backward of [`rmsnorm`]: returns dx, adds dg.
-fn rmsnorm_backward<T: Scalar>(x: &[T], r: &[T], g: &[T], dy: &[T], dg: &mut [T], d: usize) -> Vec<T> {
+pub fn rmsnorm_backward<T: Scalar>(x: &[T], r: &[T], g: &[T], dy: &[T], dg: &mut [T], d: usize) -> Vec<T> {
     let mut dx = vec![T::zero(); x.len()];
     dx.par_chunks_mut(d).enumerate().for_each(|(n, row)| {
         let (xr, dyr, rn) = (&x[n * d..(n + 1) * d], &dy[n * d..(n + 1) * d], r[n]);
@@ -840,7 +868,7 @@ mod tests {
             up: vec![],
             act: vec![],
         };
-        let (gq, gk, gv) = model.attention_backward(&cache, &rq, &b);
+        let (gq, gk, gv) = model.attention_backward(AttentionSaved::of(&cache), &rq, &b);
         check("attention q", &q, &gq, &|q| {
             weigh(&model.attention(q, &k, &v, &b).0, &rq)
         });

@@ -9,10 +9,12 @@
 //! ```text
 //! mod.rs      the command: shards -> batches -> the trainer -> checkpoints
 //! group.rs    the data-parallel group from the environment: ranks, rendezvous, job secret, timeouts
+//! launch.rs   --nproc-per-node: starts this machine's ranks and stops them all when one fails
 //! metrics.rs  metrics.jsonl beside the checkpoints: one line per logged step, kept across --resume
 //! ```
 
 pub mod group;
+pub mod launch;
 pub mod metrics;
 
 use crate::config::{Config, TrainConfig};

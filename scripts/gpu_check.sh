@@ -1,0 +1,54 @@
+#!/usr/bin/env bash
+# The GPU check (issue 14): one command for a machine with an NVIDIA GPU, built to fit a short
+# device loan (well under 9 minutes). It needs no Rust and no network: carry a binary built
+# elsewhere, compressed (`make gpu-bundle` writes target/gpu-bundle/safepipe.xz).
+#
+#   scripts/gpu_check.sh [SAFEPIPE_BINARY_OR_.xz] [OUT_DIR]
+#
+# Steps, each with its own time limit so one stuck step cannot eat the loan; each writes JSON:
+#   1. `safepipe gpu info`      where the CUDA libraries were found, NVRTC, the GPU
+#   2. `safepipe gpu compile`   every kernel compiled for the GPU's architecture (cached)
+#   3. `safepipe gpu check`     every kernel against the CPU backend (kernels.json)
+#   4. the PyTorch baseline     tokens/s and MFU at 135M, 360M, 1.7B, seq 2048 (baseline.json)
+# Results: OUT_DIR/gpu_check.json gathers them (OUT_DIR defaults to $OUT, else ./gpu-check).
+set -uo pipefail
+
+binary="${1:-target/gpu-bundle/safepipe.xz}"
+out="${2:-${OUT:-gpu-check}}"
+mkdir -p "$out"
+here="$(cd "$(dirname "$0")" && pwd)"
+
+if [[ "$binary" == *.xz ]]; then
+  xz -dc "$binary" > "$out/safepipe" && chmod +x "$out/safepipe" || { echo "cannot unpack $binary" >&2; exit 2; }
+  binary="$out/safepipe"
+fi
+export SAFEPIPE_KERNEL_CACHE="$out/kernel-cache"
+
+step() {  # step NAME SECONDS COMMAND...: runs it, keeps its output and status
+  local name="$1" limit="$2"; shift 2
+  local start=$SECONDS
+  timeout "$limit" "$@" > "$out/$name.log" 2>&1
+  local rc=$?
+  echo "{\"step\": \"$name\", \"exit\": $rc, \"seconds\": $((SECONDS - start))}" >> "$out/steps.jsonl"
+  echo "== $name: exit $rc in $((SECONDS - start)) s"; tail -n 40 "$out/$name.log"
+}
+
+: > "$out/steps.jsonl"
+step info 60 "$binary" gpu info
+arch="$(nvidia-smi --query-gpu=compute_cap --format=csv,noheader 2>/dev/null | head -1 | tr -d .)"
+step compile 120 "$binary" gpu compile --arch "${arch:-sm_80,sm_90}"
+step kernels 120 "$binary" gpu check --json "$out/kernels.json"
+step baseline 300 python3 "$here/gpu_baseline.py" "$out/baseline.json"
+
+python3 - "$out" <<'PY'
+import json, pathlib, sys
+out = pathlib.Path(sys.argv[1])
+def load(name):
+    p = out / name
+    return json.loads(p.read_text()) if p.exists() else None
+steps = [json.loads(l) for l in (out / "steps.jsonl").read_text().splitlines() if l.strip()]
+summary = {"steps": steps, "kernels": load("kernels.json"), "baseline": load("baseline.json"),
+           "trainer": "not built yet: the GPU trainer (cuBLASLt GEMMs, flash attention) is the next step of issue 14"}
+(out / "gpu_check.json").write_text(json.dumps(summary, indent=2))
+print(f"wrote {out / 'gpu_check.json'}")
+PY
