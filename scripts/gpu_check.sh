@@ -9,7 +9,12 @@
 #   1. `safepipe gpu info`      where the CUDA libraries were found, NVRTC, the GPU
 #   2. `safepipe gpu compile`   every kernel compiled for the GPU's architecture (cached)
 #   3. `safepipe gpu check`     every kernel against the CPU backend (kernels.json)
-#   4. the PyTorch baseline     tokens/s and MFU at 135M, 360M, 1.7B, seq 2048 (baseline.json)
+#   4. `safepipe gpu bench`     our trainer's tokens/s and MFU at 135M, 360M, 1.7B, seq 2048
+#                               (bench-*.json); the 135M run also saves its first batch and
+#                               checkpoints for step 5
+#   5. the PyTorch loss         our first-step loss against `transformers` on that batch and
+#                               checkpoint (pytorch_loss.json)
+#   6. the PyTorch baseline     tokens/s and MFU of the same shapes in PyTorch (baseline.json)
 # Results: OUT_DIR/gpu_check.json gathers them (OUT_DIR defaults to $OUT, else ./gpu-check).
 set -uo pipefail
 
@@ -38,7 +43,12 @@ step info 60 "$binary" gpu info
 arch="$(nvidia-smi --query-gpu=compute_cap --format=csv,noheader 2>/dev/null | head -1 | tr -d .)"
 step compile 120 "$binary" gpu compile --arch "${arch:-sm_80,sm_90}"
 step kernels 120 "$binary" gpu check --json "$out/kernels.json"
-step baseline 300 python3 "$here/gpu_baseline.py" "$out/baseline.json"
+mkdir -p "$out/first"
+step bench-135m 90 "$binary" gpu bench --model smollm2-135m --micro-batch 16 --steps 5 --json "$out/bench-135m.json" --save "$out/first"
+step bench-360m 90 "$binary" gpu bench --model smollm2-360m --micro-batch 16 --steps 5 --json "$out/bench-360m.json"
+step bench-1.7b 120 "$binary" gpu bench --model smollm2-1.7b --micro-batch 8 --steps 5 --json "$out/bench-1.7b.json"
+step pytorch-loss 90 python3 "$here/gpu_pytorch_loss.py" "$out/first" "$out/bench-135m.json" "$out/pytorch_loss.json"
+step baseline 240 python3 "$here/gpu_baseline.py" "$out/baseline.json" --steps 5
 
 python3 - "$out" <<'PY'
 import json, pathlib, sys
@@ -48,7 +58,8 @@ def load(name):
     return json.loads(p.read_text()) if p.exists() else None
 steps = [json.loads(l) for l in (out / "steps.jsonl").read_text().splitlines() if l.strip()]
 summary = {"steps": steps, "kernels": load("kernels.json"), "baseline": load("baseline.json"),
-           "trainer": "not built yet: the GPU trainer (cuBLASLt GEMMs, flash attention) is the next step of issue 14"}
+           "ours": [load(f"bench-{m}.json") for m in ("135m", "360m", "1.7b")],
+           "pytorch_loss": load("pytorch_loss.json")}
 (out / "gpu_check.json").write_text(json.dumps(summary, indent=2))
 print(f"wrote {out / 'gpu_check.json'}")
 PY

@@ -152,6 +152,25 @@ impl Trainer {
         })
     }
 
+    /// A trainer from saved state (the GPU backend hands its state back this way to save it).
+    pub fn from_state(
+        config: LlamaConfig,
+        params: Params<f32>,
+        moments: (Params<f32>, Params<f32>),
+        step: u64,
+        optim: OptimConfig,
+    ) -> Result<Trainer, String> {
+        let mut trainer = Trainer::new(config, params, optim)?;
+        (trainer.m, trainer.v) = moments;
+        trainer.step = step;
+        Ok(trainer)
+    }
+
+    /// The AdamW moments (first, second).
+    pub fn moments(&self) -> (&Params<f32>, &Params<f32>) {
+        (&self.m, &self.v)
+    }
+
     /// Makes every rank hold rank 0's weights (after init or loading).
     pub fn sync_weights(&mut self, comm: &dyn Collective) -> Result<(), CollectiveError> {
         if comm.world_size() == 1 {

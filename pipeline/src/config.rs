@@ -165,6 +165,20 @@ pub struct TrainConfig {
     /// The CPU backend's matrix products: `blocked` (SIMD GEMM) or `reference` (plain loops).
     #[serde(default = "default_kernels")]
     pub kernels: String,
+    /// `cpu` (the reference backend) or `cuda` (one GPU per rank: LOCAL_RANK picks it).
+    #[serde(default = "default_backend")]
+    pub backend: String,
+    /// The CUDA backend's storage of weights and activations: `bf16` or `fp32` (checks).
+    #[serde(default = "default_precision")]
+    pub precision: String,
+}
+
+fn default_backend() -> String {
+    "cpu".into()
+}
+
+fn default_precision() -> String {
+    "bf16".into()
 }
 
 fn default_kernels() -> String {
@@ -394,6 +408,12 @@ impl Config {
 
 fn validate_train(mut t: TrainConfig, dir: &Path) -> std::result::Result<TrainConfig, String> {
     safepipe_model::llama::Kernels::parse(&t.kernels).map_err(|e| format!("train.{e}"))?;
+    if !matches!(t.backend.as_str(), "cpu" | "cuda") {
+        return Err(format!("train.backend = {:?}: use \"cpu\" or \"cuda\"", t.backend));
+    }
+    if safepipe_model::cuda::Precision::parse(&t.precision).is_none() {
+        return Err(format!("train.precision = {:?}: use \"bf16\" or \"fp32\"", t.precision));
+    }
     if safepipe_model::llama::LlamaConfig::preset(&t.model).is_none() {
         return Err(format!(
             "train.model = {:?}: use one of {:?}",

@@ -70,6 +70,18 @@ impl From<OpError> for Error {
     }
 }
 
+impl From<safepipe_model::cuda::CudaError> for Error {
+    /// A missing GPU, driver or library is the setup's to fix (exit 2); a failure on the GPU
+    /// fails the run (exit 3).
+    fn from(e: safepipe_model::cuda::CudaError) -> Self {
+        use safepipe_model::cuda::CudaError;
+        match e {
+            CudaError::Library { .. } | CudaError::NoDevice(_) => Error::Config(e.to_string()),
+            other => Error::Execution(other.to_string()),
+        }
+    }
+}
+
 impl From<datafusion::error::DataFusionError> for Error {
     fn from(e: datafusion::error::DataFusionError) -> Self {
         Error::Execution(e.to_string())

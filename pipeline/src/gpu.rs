@@ -3,7 +3,7 @@
 //! (docs/training.md, "The GPU backend").
 
 use crate::error::{Error, Result};
-use safepipe_model::cuda::{Arch, CudaError, Gpu, Lib, check, kernels, libs, nvrtc};
+use safepipe_model::cuda::{Arch, Gpu, Lib, check, kernels, libs, nvrtc};
 use std::path::PathBuf;
 
 #[derive(Debug, clap::Subcommand)]
@@ -25,18 +25,64 @@ pub enum GpuCommand {
         #[arg(long)]
         json: Option<PathBuf>,
     },
-}
-
-/// A CUDA error as the command's: a missing GPU or library is the user's setup (exit 2).
-fn setup(e: CudaError) -> Error {
-    match e {
-        CudaError::Library { .. } | CudaError::NoDevice(_) => Error::Config(e.to_string()),
-        other => Error::Execution(other.to_string()),
-    }
+    /// Training throughput on random tokens: tokens/s and MFU of one GPU for a model preset.
+    Bench {
+        /// A model preset (smollm2-135m, smollm2-360m, smollm2-1.7b, tiny, micro).
+        #[arg(long, default_value = "smollm2-135m")]
+        model: String,
+        #[arg(long, default_value_t = 8)]
+        micro_batch: usize,
+        #[arg(long, default_value_t = 2048)]
+        seq_len: usize,
+        /// Timed steps (after 2 warm-up steps).
+        #[arg(long, default_value_t = 5)]
+        steps: usize,
+        /// bf16 or fp32.
+        #[arg(long, default_value = "bf16")]
+        precision: String,
+        /// The GPU's dense bf16 peak, FLOP/s, for MFU (989e12: H100/H200 SXM).
+        #[arg(long, default_value_t = 989e12)]
+        peak_flops: f64,
+        #[arg(long, default_value_t = 0)]
+        device: usize,
+        /// Also write the result as JSON here.
+        #[arg(long)]
+        json: Option<PathBuf>,
+        /// Write DIR/init (the initial checkpoint), DIR/batch.json (the first batch) and
+        /// DIR/after (the checkpoint after the run, reloaded on the CPU to check it), for
+        /// scripts/gpu_pytorch_loss.py's comparison with `transformers`.
+        #[arg(long, value_name = "DIR")]
+        save: Option<PathBuf>,
+    },
 }
 
 pub fn run(command: GpuCommand) -> Result<()> {
     match command {
+        GpuCommand::Bench {
+            model,
+            micro_batch,
+            seq_len,
+            steps,
+            precision,
+            peak_flops,
+            device,
+            json,
+            save,
+        } => {
+            let shape = BenchShape {
+                model,
+                micro_batch,
+                seq_len,
+                steps,
+            };
+            let result = bench(&shape, &precision, peak_flops, device, save.as_deref())?;
+            println!("{}", serde_json::to_string(&result).expect("serialisable"));
+            if let Some(path) = json {
+                std::fs::write(&path, serde_json::to_string_pretty(&result).expect("serialisable"))
+                    .map_err(|e| Error::Config(format!("{}: {e}", path.display())))?;
+            }
+            Ok(())
+        }
         GpuCommand::Info => {
             for (lib, path) in libs::report() {
                 let at = path.map_or_else(|| "not found".to_string(), |p| p.display().to_string());
@@ -66,7 +112,7 @@ pub fn run(command: GpuCommand) -> Result<()> {
                 let arch = Arch::parse(name)
                     .ok_or_else(|| Error::Config(format!("--arch {name}: expected sm_XY, e.g. sm_90")))?;
                 for kernel in kernels::SOURCES {
-                    let cubin = nvrtc::cubin(kernel, arch, &cache).map_err(setup)?;
+                    let cubin = nvrtc::cubin(kernel, arch, &cache)?;
                     println!("{:<14} {:<6} {:>8} bytes", kernel.name, arch.sm(), cubin.len());
                 }
             }
@@ -74,9 +120,9 @@ pub fn run(command: GpuCommand) -> Result<()> {
             Ok(())
         }
         GpuCommand::Check { device, json } => {
-            libs::require(Lib::Driver).map_err(setup)?;
-            let gpu = Gpu::open(device, &nvrtc::cache_dir()).map_err(setup)?;
-            let results = check::run(&gpu).map_err(setup)?;
+            libs::require(Lib::Driver)?;
+            let gpu = Gpu::open(device, &nvrtc::cache_dir())?;
+            let results = check::run(&gpu)?;
             println!(
                 "{:<48} {:>5} {:>12} {:>10}  ok",
                 "kernel", "", "rel. error", "tolerance"
@@ -109,4 +155,116 @@ pub fn run(command: GpuCommand) -> Result<()> {
             }
         }
     }
+}
+
+/// What `gpu bench` trains.
+struct BenchShape {
+    model: String,
+    micro_batch: usize,
+    seq_len: usize,
+    steps: usize,
+}
+
+/// Trains the shape's model on random tokens for `steps` timed steps after two warm-up steps.
+fn bench(
+    shape: &BenchShape,
+    precision: &str,
+    peak_flops: f64,
+    device: usize,
+    save: Option<&std::path::Path>,
+) -> Result<serde_json::Value> {
+    let BenchShape {
+        model,
+        micro_batch,
+        seq_len,
+        steps,
+    } = shape;
+    let (model, micro_batch, seq_len, steps) = (model.as_str(), *micro_batch, *seq_len, *steps);
+    use safepipe_model::cuda::memory::MemoryPlan;
+    use safepipe_model::cuda::trainer::GpuTrainer;
+    use safepipe_model::llama::{Batch, LlamaConfig, Params};
+    use safepipe_model::train::{OptimConfig, Single, Trainer};
+    let config = LlamaConfig::preset(model)
+        .ok_or_else(|| Error::Config(format!("--model {model}: use one of {:?}", LlamaConfig::PRESETS)))?;
+    let precision = safepipe_model::cuda::Precision::parse(precision)
+        .ok_or_else(|| Error::Config(format!("--precision {precision}: use bf16 or fp32")))?;
+    if micro_batch == 0 || seq_len == 0 || steps == 0 {
+        return Err(Error::Config("--micro-batch, --seq-len and --steps must be at least 1".into()));
+    }
+    let gpu = Gpu::open(device, &nvrtc::cache_dir())?;
+    let name = gpu.name.clone();
+    let tokens = micro_batch * seq_len;
+    let plan = MemoryPlan::of(&config, tokens, precision, safepipe_model::cuda::model::logits_rows(&config, tokens, precision));
+    eprintln!("gpu bench: {model} on {name}, memory plan {}", plan.describe());
+    let optim = OptimConfig {
+        total_steps: (steps + 2) as u64,
+        ..OptimConfig::default()
+    };
+    let start = Trainer::new(config.clone(), Params::init(&config, 0), optim).map_err(Error::Config)?;
+    let mut trainer = GpuTrainer::from_cpu(gpu, &start, precision)?;
+    if let Some(dir) = save {
+        start.save(&dir.join("init"), 0, 0, serde_json::json!({})).map_err(Error::Config)?;
+    }
+    drop(start);
+    let mut state = 0x9e37_79b9_7f4a_7c15u64;
+    let mut batch = || {
+        let ids = (0..micro_batch * (seq_len + 1))
+            .map(|_| {
+                state ^= state << 13;
+                state ^= state >> 7;
+                state ^= state << 17;
+                (state % config.vocab_size as u64) as u32
+            })
+            .collect();
+        Batch {
+            rows: micro_batch,
+            seq_len,
+            tokens: ids,
+            segments: None,
+            loss_mask: None,
+        }
+    };
+    let mut first_loss = None;
+    for _ in 0..2 {
+        let b = batch();
+        if let (Some(dir), None) = (save, first_loss) {
+            let body = serde_json::json!({ "rows": b.rows, "seq_len": b.seq_len, "tokens": b.tokens });
+            std::fs::write(dir.join("batch.json"), body.to_string()).map_err(|e| Error::Config(format!("{}: {e}", dir.display())))?;
+        }
+        let stats = trainer.train_step(&[b], &Single)?;
+        first_loss.get_or_insert(stats.loss);
+    }
+    let clock = std::time::Instant::now();
+    let mut last = None;
+    for _ in 0..steps {
+        last = Some(trainer.train_step(&[batch()], &Single)?);
+    }
+    let seconds = clock.elapsed().as_secs_f64();
+    let tokens_per_second = (steps * tokens) as f64 / seconds;
+    let flops = config.flops_per_token(seq_len);
+    // The GPU's checkpoint, reloaded by the CPU backend: the same weights bit for bit.
+    let reloaded = match save {
+        Some(dir) => {
+            let after = trainer.to_cpu()?;
+            after.save(&dir.join("after"), 0, 0, serde_json::json!({})).map_err(Error::Config)?;
+            let (back, _) = Trainer::load(&dir.join("after"), after.optim.clone()).map_err(Error::Config)?;
+            Some(back.params == after.params)
+        }
+        None => None,
+    };
+    Ok(serde_json::json!({
+        "checkpoint_reloads_identically": reloaded,
+        "model": model,
+        "device": name,
+        "precision": format!("{precision:?}").to_lowercase(),
+        "micro_batch": micro_batch,
+        "seq_len": seq_len,
+        "steps": steps,
+        "tokens_per_second": tokens_per_second,
+        "flops_per_token": flops,
+        "mfu": tokens_per_second * flops / peak_flops,
+        "first_loss": first_loss,
+        "last_loss": last.map(|s| s.loss),
+        "memory_plan_gib": plan.total() as f64 / (1u64 << 30) as f64,
+    }))
 }

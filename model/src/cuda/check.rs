@@ -6,7 +6,7 @@
 //!
 //! Needs a GPU: on a machine without one, [`run`] fails at [`Gpu::open`] with the reason.
 
-use super::{CudaError, Gpu};
+use super::{CudaError, Gpu, Precision};
 use crate::llama::cpu::{AttentionSaved, rmsnorm, rmsnorm_backward, silu, silu_grad};
 use crate::llama::{Batch, CpuModel, LlamaConfig};
 use crate::rng::Normal;
@@ -14,29 +14,12 @@ use crate::train::AdamStep;
 use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
 use serde::Serialize;
 
-/// Storage precision of a check.
-#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Precision {
-    F32,
-    Bf16,
-}
-
-impl Precision {
-    fn suffix(self) -> &'static str {
-        match self {
-            Precision::F32 => "f32",
-            Precision::Bf16 => "bf16",
-        }
-    }
-
-    /// The largest error allowed, relative to the largest reference value: fp32 storage is
-    /// limited by fp32 arithmetic, bf16 storage by its 8-bit mantissa (2^-8 = 0.4% per rounding).
-    fn tolerance(self) -> f64 {
-        match self {
-            Precision::F32 => 1e-4,
-            Precision::Bf16 => 2e-2,
-        }
+/// The largest error allowed, relative to the largest reference value: fp32 storage is limited
+/// by fp32 arithmetic, bf16 storage by its 8-bit mantissa (2^-8 = 0.4% per rounding).
+fn tolerance(precision: Precision) -> f64 {
+    match precision {
+        Precision::F32 => 1e-4,
+        Precision::Bf16 => 2e-2,
     }
 }
 
@@ -139,7 +122,7 @@ pub fn compare(kernel: &str, precision: Precision, got: &[f32], want: &[f64]) ->
         f64::INFINITY
     };
     let relative_error = max_abs_error / max_abs_reference.max(1e-30);
-    let tolerance = precision.tolerance();
+    let tolerance = tolerance(precision);
     KernelCheck {
         kernel: kernel.to_string(),
         precision,
@@ -190,6 +173,7 @@ pub fn run(gpu: &Gpu) -> Result<Vec<KernelCheck>, CudaError> {
         results.extend(attention(&bench)?);
     }
     results.extend(optimizer(gpu)?);
+    results.extend(model_checks(gpu)?);
     Ok(results)
 }
 
@@ -577,6 +561,68 @@ fn attention(b: &Bench) -> Result<Vec<KernelCheck>, CudaError> {
     // SAFETY: matches attention_backward_key.
     unsafe { l.launch(launch_config((n as u32, kvh as u32), 64, 0)) }.map_err(driver)?;
 
+    // The fused kernels (bf16 only) on the same inputs, into their own outputs.
+    let mut flash = Vec::new();
+    if b.precision == Precision::Bf16 {
+        let doc_start: Vec<i32> = (0..n)
+            .scan(0i32, |start, i| {
+                let t = i % SEQ;
+                if t == 0 || segments[i] != segments[i - 1] {
+                    *start = t as i32;
+                }
+                Some(*start)
+            })
+            .collect();
+        let doc_d = b.i32s(&doc_start)?;
+        let (fo, fdq, fdk, fdv) = (b.upload(&vec![0.0; n * d])?, b.upload(&vec![0.0; n * d])?, b.upload(&vec![0.0; n * kv])?, b.upload(&vec![0.0; n * kv])?);
+        let (flse, fdelta) = (b.f32s(&vec![0.0; n * heads])?, b.f32s(&vec![0.0; n * heads])?);
+        let tiles = SEQ.div_ceil(64) as u32;
+        let grid = |y: usize| LaunchConfig {
+            grid_dim: (tiles, y as u32, ROWS as u32),
+            block_dim: (128, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let mut l = s.launch_builder(b.gpu.function("flash_forward_bf16")?);
+        buf_arg!(l, &q_d);
+        buf_arg!(l, &k_d);
+        buf_arg!(l, &v_d);
+        buf_arg!(l, &fo);
+        l.arg(&flse).arg(&doc_d).arg(&seq_i).arg(&heads_i).arg(&kvh_i).arg(&q_stride).arg(&kv_stride).arg(&scale);
+        // SAFETY: matches flash_forward_bf16.
+        unsafe { l.launch(grid(heads)) }.map_err(driver)?;
+        let mut l = s.launch_builder(b.gpu.function("attention_delta_bf16")?);
+        buf_arg!(l, &fo);
+        buf_arg!(l, &dout_d);
+        l.arg(&fdelta).arg(&heads_i).arg(&hd_i);
+        // SAFETY: matches attention_delta.
+        unsafe { l.launch(launch_config((n as u32, 1), 64, 0)) }.map_err(driver)?;
+        let mut l = s.launch_builder(b.gpu.function("flash_backward_query_bf16")?);
+        for x in [&q_d, &k_d, &v_d, &dout_d] {
+            buf_arg!(l, x);
+        }
+        l.arg(&flse).arg(&fdelta);
+        buf_arg!(l, &fdq);
+        l.arg(&doc_d).arg(&seq_i).arg(&heads_i).arg(&kvh_i).arg(&q_stride).arg(&kv_stride).arg(&scale);
+        // SAFETY: matches flash_backward_query_bf16.
+        unsafe { l.launch(grid(heads)) }.map_err(driver)?;
+        let mut l = s.launch_builder(b.gpu.function("flash_backward_key_bf16")?);
+        for x in [&q_d, &k_d, &v_d, &dout_d] {
+            buf_arg!(l, x);
+        }
+        l.arg(&flse).arg(&fdelta);
+        buf_arg!(l, &fdk);
+        buf_arg!(l, &fdv);
+        l.arg(&doc_d).arg(&seq_i).arg(&heads_i).arg(&kvh_i).arg(&q_stride).arg(&kv_stride).arg(&scale);
+        // SAFETY: matches flash_backward_key_bf16.
+        unsafe { l.launch(grid(kvh)) }.map_err(driver)?;
+        flash = vec![
+            ("flash_forward_bf16", b.download(&fo)?),
+            ("flash_forward_bf16 (log-sum-exp)", s.clone_dtoh(&flse).map_err(driver)?),
+            ("flash_backward_query_bf16", b.download(&fdq)?),
+            ("flash_backward_key_bf16 (dk)", b.download(&fdk)?),
+            ("flash_backward_key_bf16 (dv)", b.download(&fdv)?),
+        ];
+    }
     let (q64, k64, v64) = (f64s(&q), f64s(&k), f64s(&v));
     let (want_out, want_lse) = model.attention(&q64, &k64, &v64, &batch);
     let saved = AttentionSaved {
@@ -587,7 +633,9 @@ fn attention(b: &Bench) -> Result<Vec<KernelCheck>, CudaError> {
         out: &want_out,
     };
     let (want_dq, want_dk, want_dv) = model.attention_backward(saved, &f64s(&dout), &batch);
-    Ok(vec![
+    let wants = [&want_out, &want_lse, &want_dq, &want_dk, &want_dv];
+    let mut checks: Vec<KernelCheck> = flash.iter().zip(wants).map(|((name, got), want)| b.compare(name, got, want)).collect();
+    checks.extend([
         b.compare(&b.name("attention_forward"), &b.download(&out_d)?, &want_out),
         b.compare(
             &format!("{} (log-sum-exp)", b.name("attention_forward")),
@@ -605,7 +653,8 @@ fn attention(b: &Bench) -> Result<Vec<KernelCheck>, CudaError> {
             &b.download(&dv_d)?,
             &want_dv,
         ),
-    ])
+    ]);
+    Ok(checks)
 }
 
 /// The global norm's two-pass sum and AdamW (fp32 master weights; the bf16 copy) against the
@@ -709,6 +758,96 @@ fn optimizer(gpu: &Gpu) -> Result<Vec<KernelCheck>, CudaError> {
             &f64s(&wv),
         ),
     ])
+}
+
+/// A two-layer model's loss and every weight gradient against the CPU backend (f64), in both
+/// precisions; then determinism: the same two steps twice give the same bits, and a run stopped
+/// after one step and resumed (through the CPU trainer's state, as a checkpoint does) too.
+fn model_checks(gpu: &Gpu) -> Result<Vec<KernelCheck>, CudaError> {
+    use super::model::GpuModel;
+    use super::trainer::GpuTrainer;
+    use crate::llama::Params;
+    use crate::train::{OptimConfig, Single, Trainer};
+    let mut cfg = shape();
+    cfg.num_hidden_layers = 2;
+    let params = Params::<f32>::init(&cfg, 5);
+    let batch = |seed: u64| {
+        let mut rng = Normal::new(seed);
+        let tokens: Vec<u32> = (0..ROWS * (SEQ + 1)).map(|_| (rng.sample().abs() * 300.0) as u32 % cfg.vocab_size as u32).collect();
+        let segments: Vec<u32> = (0..ROWS * SEQ).map(|i| ((i % SEQ) >= 10) as u32 + 2 * (i / SEQ) as u32).collect();
+        let loss_mask: Vec<bool> = (0..ROWS * SEQ).map(|i| i % 7 != 3).collect();
+        Batch {
+            rows: ROWS,
+            seq_len: SEQ,
+            tokens,
+            segments: Some(segments),
+            loss_mask: Some(loss_mask),
+        }
+    };
+    let first = batch(21);
+    let cpu = CpuModel::new(cfg.clone()).map_err(CudaError::Driver)?;
+    let params64 = params.cast::<f64>(&cfg);
+    let mut grads64 = Params::<f64>::zeros(&cfg);
+    let want = cpu.loss_and_grad(&params64, &first, &mut grads64);
+    let want_grads: Vec<f64> = grads64.tensors().into_iter().flat_map(|(_, t, _)| t.to_vec()).collect();
+    let mut out = Vec::new();
+    for precision in [Precision::F32, Precision::Bf16] {
+        let mut model = GpuModel::new(gpu, cfg.clone(), &params, precision)?;
+        super::memory::zero(gpu, model.grads.ptr, model.layout.total * 4)?;
+        let loss = model.forward_backward(gpu, &first)?;
+        let mut flat = vec![0f32; model.layout.total];
+        super::memory::download(gpu, &mut flat, model.grads.ptr)?;
+        let got_grads: Vec<f32> = model.layout.unflatten(&flat, &cfg).tensors().into_iter().flat_map(|(_, t, _)| t.to_vec()).collect();
+        let mut loss_check = compare("model loss (2 layers)", precision, &[(loss.sum / loss.counted as f64) as f32], &[want.mean]);
+        // bf16 activations through two layers: the loss within 1e-2 (the PyTorch target's bound).
+        loss_check.tolerance = if precision == Precision::F32 { 1e-5 } else { 1e-2 };
+        loss_check.ok = loss_check.relative_error <= loss_check.tolerance;
+        out.push(loss_check);
+        let mut grad_check = compare("model gradients (2 layers, all tensors)", precision, &got_grads, &want_grads);
+        if precision == Precision::Bf16 {
+            grad_check.tolerance = 5e-2;
+            grad_check.ok = grad_check.relative_error <= grad_check.tolerance;
+        }
+        out.push(grad_check);
+    }
+    // Determinism and resume, in bf16 (the training mode).
+    let optim = OptimConfig {
+        total_steps: 10,
+        ..OptimConfig::default()
+    };
+    let batches = [vec![first.clone()], vec![batch(22), batch(23)]];
+    let straight = |gpu: Gpu| -> Result<Vec<f32>, CudaError> {
+        let start = Trainer::new(cfg.clone(), params.clone(), optim.clone()).map_err(CudaError::Driver)?;
+        let mut t = GpuTrainer::from_cpu(gpu, &start, Precision::Bf16)?;
+        for b in &batches {
+            t.train_step(b, &Single)?;
+        }
+        Ok(t.to_cpu()?.params.tensors().into_iter().flat_map(|(_, x, _)| x.to_vec()).collect())
+    };
+    let reopen = || Gpu::open(gpu.context.ordinal(), &super::nvrtc::cache_dir());
+    let a = straight(reopen()?)?;
+    let b = straight(reopen()?)?;
+    let start = Trainer::new(cfg.clone(), params.clone(), optim.clone()).map_err(CudaError::Driver)?;
+    let mut t = GpuTrainer::from_cpu(reopen()?, &start, Precision::Bf16)?;
+    t.train_step(&batches[0], &Single)?;
+    let saved = t.to_cpu()?;
+    drop(t);
+    let mut resumed = GpuTrainer::from_cpu(reopen()?, &saved, Precision::Bf16)?;
+    resumed.train_step(&batches[1], &Single)?;
+    let r: Vec<f32> = resumed.to_cpu()?.params.tensors().into_iter().flat_map(|(_, x, _)| x.to_vec()).collect();
+    for (name, other) in [("same two steps twice: identical weights", &b), ("one step, resume, one step: identical weights", &r)] {
+        let differing = a.iter().zip(other.iter()).filter(|(x, y)| x.to_bits() != y.to_bits()).count();
+        out.push(KernelCheck {
+            kernel: name.into(),
+            precision: Precision::Bf16,
+            max_abs_error: differing as f64,
+            max_abs_reference: a.len() as f64,
+            relative_error: differing as f64 / a.len() as f64,
+            tolerance: 0.0,
+            ok: differing == 0,
+        });
+    }
+    Ok(out)
 }
 
 #[cfg(test)]

@@ -10,6 +10,7 @@
 //! kernels/cross_entropy.cu  softmax cross-entropy over a chunk of logits, gradient in place
 //! kernels/optimizer.cu      gradient scale, global norm (two-pass fp64), AdamW + bf16 cast
 //! kernels/attention.cu      reference attention (causal, document masks, GQA), forward/backward
+//! kernels/flash_attention.cu fused attention on tensor cores (bf16, head_dim 64), no atomics
 //! ```
 
 use super::KernelSource;
@@ -66,6 +67,11 @@ pub const SOURCES: &[KernelSource] = &[
             "attention_backward_query_T",
             "attention_backward_key_T",
         ],
+    },
+    KernelSource {
+        name: "flash_attention",
+        source: include_str!("kernels/flash_attention.cu"),
+        entries: &["flash_forward_bf16", "flash_backward_query_bf16", "flash_backward_key_bf16"],
     },
 ];
 

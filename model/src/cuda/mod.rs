@@ -8,7 +8,11 @@
 //! cuda/libs.rs      where the CUDA libraries are found, and the check before cudarc opens one
 //! cuda/nvrtc.rs     run-time compilation to CUBIN per architecture, cached on disk
 //! cuda/kernels.rs   the kernel sources (kernels/*.cu) and their entry points
+//! cuda/blas.rs      cuBLASLt GEMMs in row-major terms, descriptors and algorithm cached per shape
 //! cuda/check.rs     `safepipe gpu check`: every kernel on the GPU against the CPU backend
+//! cuda/memory.rs    device buffers, raw-pointer kernel launches, the memory plan
+//! cuda/model.rs     the Llama model on the GPU: flat parameter layout, forward + backward
+//! cuda/trainer.rs   the optimiser step (NCCL average, global norm, fused AdamW), checkpoints
 //! cuda/nccl.rs      the NCCL group: its id sent from rank 0 over the TCP group, device all-reduce
 //! ```
 // The CUDA libraries are C APIs reached through cudarc's raw layers where its safe API falls
@@ -16,11 +20,15 @@
 // only, and every block says why it is sound.
 #![allow(unsafe_code)]
 
+pub mod blas;
 pub mod check;
 pub mod kernels;
 pub mod libs;
+pub mod memory;
+pub mod model;
 pub mod nccl;
 pub mod nvrtc;
+pub mod trainer;
 
 pub use libs::Lib;
 pub use nvrtc::Arch;
@@ -41,6 +49,43 @@ pub enum CudaError {
     Compile { kernel: String, arch: String, log: String },
     #[error("CUDA: {0}")]
     Driver(String),
+}
+
+/// How activations and the weights' working copy are stored (master weights, gradients and
+/// AdamW moments are fp32 in both).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Precision {
+    /// Everything fp32: slow, for checks against the CPU backend.
+    F32,
+    /// bf16 weights and activations, fp32 accumulation: the training mode.
+    Bf16,
+}
+
+impl Precision {
+    /// The kernels' symbol suffix.
+    pub fn suffix(self) -> &'static str {
+        match self {
+            Precision::F32 => "f32",
+            Precision::Bf16 => "bf16",
+        }
+    }
+
+    /// Bytes per stored element.
+    pub fn bytes(self) -> usize {
+        match self {
+            Precision::F32 => 4,
+            Precision::Bf16 => 2,
+        }
+    }
+
+    pub fn parse(text: &str) -> Option<Precision> {
+        match text {
+            "fp32" | "f32" => Some(Precision::F32),
+            "bf16" => Some(Precision::Bf16),
+            _ => None,
+        }
+    }
 }
 
 /// One CUDA C source of the backend.

@@ -10,7 +10,7 @@
 use super::libs::{Lib, require};
 use super::{CudaError, Gpu};
 use crate::collective::Collective;
-use cudarc::driver::CudaSlice;
+use cudarc::driver::DevicePtrMut;
 use cudarc::nccl::{Comm, Id, ReduceOp};
 
 /// The size of NCCL's unique id (`ncclUniqueId`).
@@ -74,8 +74,16 @@ impl NcclGroup {
         self.comm.world_size()
     }
 
+    /// Replaces `data` with rank 0's (queued on the GPU's stream).
+    pub fn broadcast(&self, data: &mut impl DevicePtrMut<f32>) -> Result<(), CudaError> {
+        self.comm
+            .broadcast_in_place(data, 0)
+            .map(|_| ())
+            .map_err(|e| CudaError::Driver(format!("NCCL broadcast: {e:?}")))
+    }
+
     /// Replaces `data` with its mean over the ranks (queued on the GPU's stream).
-    pub fn all_reduce_mean(&self, data: &mut CudaSlice<f32>) -> Result<(), CudaError> {
+    pub fn all_reduce_mean(&self, data: &mut impl DevicePtrMut<f32>) -> Result<(), CudaError> {
         self.comm
             .all_reduce_in_place(data, &ReduceOp::Avg)
             .map(|_| ())

@@ -152,6 +152,26 @@ impl<T: Scalar> Params<T> {
         p
     }
 
+    /// The names and shapes [`Params::tensors`] gives for `config`, without allocating.
+    pub fn shapes(c: &LlamaConfig) -> Vec<(String, Vec<usize>)> {
+        let (d, f, kv) = (c.hidden_size, c.intermediate_size, c.kv_dim());
+        let mut out = vec![("model.embed_tokens.weight".to_string(), vec![c.vocab_size, d])];
+        for i in 0..c.num_hidden_layers {
+            let p = format!("model.layers.{i}");
+            out.push((format!("{p}.input_layernorm.weight"), vec![d]));
+            out.push((format!("{p}.self_attn.q_proj.weight"), vec![d, d]));
+            out.push((format!("{p}.self_attn.k_proj.weight"), vec![kv, d]));
+            out.push((format!("{p}.self_attn.v_proj.weight"), vec![kv, d]));
+            out.push((format!("{p}.self_attn.o_proj.weight"), vec![d, d]));
+            out.push((format!("{p}.post_attention_layernorm.weight"), vec![d]));
+            out.push((format!("{p}.mlp.gate_proj.weight"), vec![f, d]));
+            out.push((format!("{p}.mlp.up_proj.weight"), vec![f, d]));
+            out.push((format!("{p}.mlp.down_proj.weight"), vec![d, f]));
+        }
+        out.push(("model.norm.weight".to_string(), vec![d]));
+        out
+    }
+
     /// Every tensor with its Hugging Face name and shape, in a fixed order.
     pub fn tensors(&self) -> Vec<(String, &[T], Vec<usize>)> {
         let mut out: Vec<(String, &[T], Vec<usize>)> = Vec::new();

@@ -8,11 +8,13 @@
 //!
 //! ```text
 //! mod.rs      the command: shards -> batches -> the trainer -> checkpoints
+//! backend.rs  the CPU or CUDA backend behind one interface; the memory plan; NCCL's library path
 //! group.rs    the data-parallel group from the environment: ranks, rendezvous, job secret, timeouts
 //! launch.rs   --nproc-per-node: starts this machine's ranks and stops them all when one fails
 //! metrics.rs  metrics.jsonl beside the checkpoints: one line per logged step, kept across --resume
 //! ```
 
+pub mod backend;
 pub mod group;
 pub mod launch;
 pub mod metrics;
@@ -296,6 +298,7 @@ pub async fn train(config: &Config, resume: bool, until: Option<u64>) -> Result<
     // Rank and world size now; the group forms once this rank knows what it trains (the
     // handshake compares every rank's setup with rank 0's).
     let group = group::Group::from_env()?;
+    backend::ensure_nccl_loadable(t, group.world)?;
     let global = t.micro_batch * t.grad_accum * group.world;
     let mut trainer = if resume {
         let name = std::fs::read_to_string(&latest).map_err(|e| {
@@ -337,49 +340,42 @@ pub async fn train(config: &Config, resume: bool, until: Option<u64>) -> Result<
         )));
     }
     let vocab = manifest.tokenizer.vocab_size;
-    if trainer.model.config.vocab_size < vocab {
+    let mut trainer = backend::Backend::open(t, trainer, t.micro_batch * manifest.seq_len)?;
+    if trainer.config().vocab_size < vocab {
         return Err(fail(format!(
             "the model's vocabulary ({}) is smaller than the tokenizer's ({vocab})",
-            trainer.model.config.vocab_size
+            trainer.config().vocab_size
         )));
     }
     let stop = until.unwrap_or(t.steps).min(t.steps);
-    let fingerprint = group::fingerprint(
-        t,
-        &trainer.model.config,
-        &trainer.optim,
-        &manifest,
-        data.len(),
-        group.world,
-        trainer.step,
-        stop,
-    );
+    let fingerprint = group::fingerprint(t, trainer.config(), &optim(t), &manifest, data.len(), group.world, trainer.step(), stop);
     // Blocking socket work (the rendezvous, the weights' broadcast): off the async workers.
     let comm = tokio::task::block_in_place(|| group.connect(fingerprint))?;
-    tokio::task::block_in_place(|| trainer.sync_weights(comm.as_ref())).map_err(|e| group.error(e))?;
-    let flops_per_token = trainer.model.config.flops_per_token(manifest.seq_len);
+    tokio::task::block_in_place(|| trainer.join(comm.as_ref(), &group))?;
+    let flops_per_token = trainer.config().flops_per_token(manifest.seq_len);
     info!(
         model = %t.model,
-        parameters = trainer.model.config.parameter_count(),
+        parameters = trainer.config().parameter_count(),
+        backend = t.backend.as_str(),
         rows = data.len(),
         seq_len = manifest.seq_len,
         global_batch = global,
-        from_step = trainer.step,
+        from_step = trainer.step(),
         steps = t.steps,
         "training"
     );
     let mut metrics = match comm.rank() {
-        0 => Some(metrics::MetricsLog::open(&checkpoint_dir, trainer.step)?),
+        0 => Some(metrics::MetricsLog::open(&checkpoint_dir, trainer.step())?),
         _ => None,
     };
     let bar = crate::progress::step_bar(t.steps, "train");
-    bar.set_position(trainer.step);
-    let start_step = trainer.step;
+    bar.set_position(trainer.step());
+    let start_step = trainer.step();
     let clock = Instant::now();
     let (mut first, mut last, mut tokens_total) = (None, None, 0usize);
     let mut saved = None;
-    while trainer.step < stop {
-        let step = trainer.step;
+    while trainer.step() < stop {
+        let step = trainer.step();
         let mut micro: Vec<Batch> = Vec::with_capacity(t.grad_accum);
         for j in 0..t.grad_accum {
             let base = step * global as u64 + ((j * comm.world_size() + comm.rank()) * t.micro_batch) as u64;
@@ -389,8 +385,7 @@ pub async fn train(config: &Config, resume: bool, until: Option<u64>) -> Result<
         // Read ahead the block the end of the next step needs while this one computes.
         data.prefetch((step + 2) * global as u64 - 1);
         let step_clock = Instant::now();
-        let stats =
-            tokio::task::block_in_place(|| trainer.train_step(&micro, comm.as_ref())).map_err(|e| group.error(e))?;
+        let stats = tokio::task::block_in_place(|| trainer.train_step(&micro, comm.as_ref(), &group))?;
         let seconds = step_clock.elapsed().as_secs_f64();
         tokens_total += stats.tokens;
         let tokens_per_second = stats.tokens as f64 / seconds;
@@ -442,15 +437,16 @@ pub async fn train(config: &Config, resume: bool, until: Option<u64>) -> Result<
 }
 
 /// Saves `step-NNNNNNNN/` with the tokenizer beside the weights, then points `latest` at it.
-fn save(trainer: &Trainer, config: &Config, dir: &Path, global: usize) -> Result<PathBuf> {
-    let name = format!("step-{:08}", trainer.step);
+fn save(trainer: &backend::Backend, config: &Config, dir: &Path, global: usize) -> Result<PathBuf> {
+    let step = trainer.step();
+    let name = format!("step-{step:08}");
     let target = dir.join(&name);
     let tokenizer = match &config.tokenize {
         Some(t) => Some(t.tokenizer.get()?),
         None => None,
     };
     let (bos, eos) = tokenizer.map_or((0, 0), |t| (t.eos_id(), t.eos_id()));
-    let extra = serde_json::json!({ "rows_seen": trainer.step * global as u64, "global_batch": global });
+    let extra = serde_json::json!({ "rows_seen": step * global as u64, "global_batch": global });
     trainer
         .save(&target, bos, eos, extra)
         .map_err(|e| Error::Config(format!("saving a checkpoint: {e}")))?;
@@ -461,7 +457,7 @@ fn save(trainer: &Trainer, config: &Config, dir: &Path, global: usize) -> Result
     let partial = dir.join(format!("{LATEST}.partial"));
     std::fs::write(&partial, &name).map_err(|e| Error::Config(format!("{}: {e}", partial.display())))?;
     std::fs::rename(&partial, dir.join(LATEST)).map_err(|e| Error::Config(format!("{}: {e}", dir.display())))?;
-    info!(checkpoint = %target.display(), step = trainer.step, "saved");
+    info!(checkpoint = %target.display(), step, "saved");
     Ok(target)
 }
 

@@ -1,0 +1,149 @@
+//! Training on the GPU: the optimiser step around [`GpuModel`]'s passes, data parallelism over
+//! NCCL, and checkpoints in the CPU backend's format (through [`Trainer`], so a GPU checkpoint
+//! loads in the CPU backend and in `transformers`, and the other way round).
+//!
+//! One step, as the CPU backend's (train.rs), so the two agree:
+//! 1. weight gradients of each micro-batch's mean loss accumulate in fp32, then are scaled by
+//!    1 / micro-batches;
+//! 2. with several ranks, NCCL averages them;
+//! 3. the global norm is summed in fp64 in a fixed order (two passes, no atomics) and the
+//!    gradients clipped to `clip`;
+//! 4. fused AdamW per tensor (decay on matrices only) updates the fp32 master weights and
+//!    writes their bf16 copy.
+
+use super::memory::{download, launch, zero};
+use super::model::GpuModel;
+use super::nccl::NcclGroup;
+use super::{CudaError, Gpu, Precision};
+use crate::collective::Collective;
+use crate::llama::{Batch, LlamaConfig, Params};
+use crate::train::{OptimConfig, StepStats, Trainer};
+
+/// Blocks of the gradient-norm sum: fixed, so the sum's order never changes.
+const NORM_BLOCKS: usize = 1024;
+
+pub struct GpuTrainer {
+    pub gpu: Gpu,
+    pub model: GpuModel,
+    /// Optimiser steps taken.
+    pub step: u64,
+    pub optim: OptimConfig,
+    nccl: Option<NcclGroup>,
+    norm_partials: super::memory::DevBuf,
+}
+
+impl GpuTrainer {
+    /// A trainer on `gpu` starting from the CPU trainer's state (fresh or loaded).
+    pub fn from_cpu(gpu: Gpu, trainer: &Trainer, precision: Precision) -> Result<GpuTrainer, CudaError> {
+        let config = trainer.model.config.clone();
+        let model = GpuModel::new(&gpu, config, &trainer.params, precision)?;
+        let (m, v) = trainer.moments();
+        super::memory::upload(&gpu, model.m.ptr, &model.layout.flatten(m))?;
+        super::memory::upload(&gpu, model.v.ptr, &model.layout.flatten(v))?;
+        let norm_partials = super::memory::DevBuf::zeros(&gpu, (NORM_BLOCKS + 1) * 8)?;
+        Ok(GpuTrainer {
+            gpu,
+            model,
+            step: trainer.step,
+            optim: trainer.optim.clone(),
+            nccl: None,
+            norm_partials,
+        })
+    }
+
+    pub fn config(&self) -> &LlamaConfig {
+        &self.model.config
+    }
+
+    /// Joins the NCCL group of `comm`'s ranks (when there are several) and makes every rank
+    /// hold rank 0's weights and moments.
+    pub fn join(&mut self, comm: &dyn Collective) -> Result<(), CudaError> {
+        if comm.world_size() == 1 {
+            return Ok(());
+        }
+        let nccl = NcclGroup::join(&self.gpu, comm)?;
+        let total = self.model.layout.total;
+        for buf in [&mut self.model.master, &mut self.model.m, &mut self.model.v] {
+            nccl.broadcast(&mut buf.f32_view(total)?)?;
+        }
+        self.nccl = Some(nccl);
+        self.model.refresh_working_copy(&self.gpu)
+    }
+
+    /// One optimiser step over this rank's micro-batches, averaged across ranks.
+    pub fn train_step(&mut self, micro_batches: &[Batch], comm: &dyn Collective) -> Result<StepStats, CudaError> {
+        let gpu = &self.gpu;
+        let total = self.model.layout.total;
+        zero(gpu, self.model.grads.ptr, total * 4)?;
+        let (mut loss, mut tokens) = (0f64, 0usize);
+        for batch in micro_batches {
+            let l = self.model.forward_backward(gpu, batch)?;
+            loss += if l.counted > 0 { l.sum / l.counted as f64 } else { 0.0 };
+            tokens += l.counted;
+        }
+        let accum = micro_batches.len().max(1);
+        if accum > 1 {
+            launch!(gpu, "scale_f32", (1024, 1), 256, 0; self.model.grads.ptr, total as i64, 1.0f32 / accum as f32)?;
+        }
+        if let Some(nccl) = &self.nccl {
+            nccl.all_reduce_mean(&mut self.model.grads.f32_view(total)?)?;
+        }
+        let mut loss_buf = [(loss / accum as f64) as f32];
+        comm.all_reduce_mean(&mut loss_buf)
+            .map_err(|e| CudaError::Driver(format!("averaging the loss across ranks: {e}")))?;
+        let norm = self.grad_norm()?;
+        let clip_scale = if self.optim.clip > 0.0 && norm > self.optim.clip {
+            (self.optim.clip / norm) as f32
+        } else {
+            1.0
+        };
+        let lr = self.optim.lr_at(self.step);
+        self.step += 1;
+        let t = self.step as i32;
+        let (b1, b2) = (self.optim.beta1, self.optim.beta2);
+        let (c1, c2) = (1.0 - b1.powi(t), 1.0 - b2.powi(t));
+        let model = &self.model;
+        for slot in &model.layout.slots {
+            let decay = if slot.decay { self.optim.weight_decay } else { 0.0 };
+            let p16 = model.weights16.as_ref().map_or(0u64, |w| w.at(slot.offset, 2));
+            launch!(gpu, "adamw", (slot.len.div_ceil(256).min(4096), 1), 256, 0;
+                model.master.at(slot.offset, 4), model.grads.at(slot.offset, 4), model.m.at(slot.offset, 4),
+                model.v.at(slot.offset, 4), p16, slot.len as i64, clip_scale,
+                lr, b1, b2, c1, c2, self.optim.eps, decay)?;
+        }
+        gpu.stream.synchronize().map_err(super::memory::driver)?;
+        Ok(StepStats {
+            step: self.step,
+            loss: f64::from(loss_buf[0]),
+            grad_norm: norm,
+            lr,
+            tokens,
+        })
+    }
+
+    /// The global L2 norm of the gradients (fp64, fixed order).
+    fn grad_norm(&self) -> Result<f64, CudaError> {
+        let gpu = &self.gpu;
+        let total = self.model.layout.total as i64;
+        let partials = self.norm_partials.ptr;
+        let out = self.norm_partials.at(NORM_BLOCKS, 8);
+        launch!(gpu, "sum_squares", (NORM_BLOCKS, 1), 256, 0; self.model.grads.ptr, total, partials)?;
+        launch!(gpu, "sum_partials", (1, 1), 1024, 0; partials, NORM_BLOCKS as i32, out, 0i32)?;
+        let mut sum = [0f64];
+        download(gpu, &mut sum, out)?;
+        Ok(sum[0].sqrt())
+    }
+
+    /// The state as a CPU trainer (weights, moments, step): for checkpoints.
+    pub fn to_cpu(&self) -> Result<Trainer, CudaError> {
+        let total = self.model.layout.total;
+        let fetch = |ptr: u64| -> Result<Params<f32>, CudaError> {
+            let mut flat = vec![0f32; total];
+            download(&self.gpu, &mut flat, ptr)?;
+            Ok(self.model.layout.unflatten(&flat, &self.model.config))
+        };
+        let params = fetch(self.model.master.ptr)?;
+        let moments = (fetch(self.model.m.ptr)?, fetch(self.model.v.ptr)?);
+        Trainer::from_state(self.model.config.clone(), params, moments, self.step, self.optim.clone()).map_err(CudaError::Driver)
+    }
+}

@@ -1,0 +1,137 @@
+//! The two training backends behind one interface: the CPU reference backend (`Trainer`) and
+//! the CUDA backend (`GpuTrainer`, one GPU per rank). Both start from the same state (a fresh
+//! init, `init_from` or a checkpoint, loaded on the CPU) and save the same checkpoints.
+
+use crate::config::TrainConfig;
+use super::group::Group;
+use crate::error::{Error, Result};
+use safepipe_model::cuda::memory::MemoryPlan;
+use safepipe_model::cuda::trainer::GpuTrainer;
+use safepipe_model::cuda::{Gpu, Lib, Precision, libs, nvrtc};
+use safepipe_model::llama::{Batch, LlamaConfig};
+use safepipe_model::train::{Collective, StepStats, Trainer};
+use std::path::Path;
+use tracing::info;
+
+pub enum Backend {
+    Cpu(Box<Trainer>),
+    Cuda(Box<GpuTrainer>),
+}
+
+/// Set in a process `safepipe train` restarted itself as, so it restarts at most once.
+const REEXEC: &str = "SAFEPIPE_NCCL_REEXEC";
+
+/// With several CUDA ranks, NCCL must open as `libnccl.so`, which the system's loader only
+/// finds through `LD_LIBRARY_PATH` read at process start. When NCCL is found elsewhere (a
+/// wheel's `libnccl.so.2`), restart this process once with a link to it on the path; a
+/// restart replaces the process image, so the caller sees nothing of it.
+pub fn ensure_nccl_loadable(t: &TrainConfig, world: usize) -> Result<()> {
+    if t.backend != "cuda" || world == 1 || std::env::var_os(REEXEC).is_some() {
+        return Ok(());
+    }
+    if libs::require(Lib::Nccl).is_ok() || libs::locate(Lib::Nccl).is_none() {
+        // Loadable, or missing altogether: the group's join reports the latter.
+        return Ok(());
+    }
+    let path = libs::child_library_path(&nvrtc::cache_dir())?;
+    let exe = std::env::current_exe().map_err(|e| Error::Internal(format!("cannot find this binary: {e}")))?;
+    info!("restarting with NCCL's directory on LD_LIBRARY_PATH");
+    use std::os::unix::process::CommandExt;
+    let err = std::process::Command::new(exe)
+        .args(std::env::args_os().skip(1))
+        .env("LD_LIBRARY_PATH", path)
+        .env(REEXEC, "1")
+        .exec();
+    Err(Error::Internal(format!("restarting with NCCL on LD_LIBRARY_PATH: {err}")))
+}
+
+/// The GPU this rank uses: LOCAL_RANK (torchrun, our launcher), else SLURM_LOCALID, else 0.
+fn device_ordinal() -> Result<usize> {
+    for var in ["LOCAL_RANK", "SLURM_LOCALID"] {
+        if let Ok(value) = std::env::var(var)
+            && !value.is_empty()
+        {
+            return value
+                .parse()
+                .map_err(|_| Error::Config(format!("{var} = {value:?} is not a number")));
+        }
+    }
+    Ok(0)
+}
+
+impl Backend {
+    /// The backend `t.backend` names, holding `trainer`'s state.
+    pub fn open(t: &TrainConfig, trainer: Trainer, tokens_per_micro_batch: usize) -> Result<Backend> {
+        if t.backend != "cuda" {
+            return Ok(Backend::Cpu(Box::new(trainer)));
+        }
+        let precision = Precision::parse(&t.precision).expect("checked when the config loaded");
+        let ordinal = device_ordinal()?;
+        let gpu = Gpu::open(ordinal, &nvrtc::cache_dir())?;
+        let config = &trainer.model.config;
+        let plan = MemoryPlan::of(
+            config,
+            tokens_per_micro_batch,
+            precision,
+            safepipe_model::cuda::model::logits_rows(config, tokens_per_micro_batch, precision),
+        );
+        let free = gpu.context.mem_get_info().map(|(f, _)| f).unwrap_or(0);
+        info!(
+            gpu = %gpu.name,
+            arch = %gpu.arch.sm(),
+            ordinal,
+            precision = t.precision.as_str(),
+            "memory plan per GPU: {} ({:.1} GiB free)",
+            plan.describe(),
+            free as f64 / (1u64 << 30) as f64
+        );
+        if plan.total() > free {
+            return Err(Error::Config(format!(
+                "the run needs about {:.1} GiB on the GPU ({}) but {:.1} GiB are free: lower train.micro_batch \
+                 (and raise train.grad_accum to keep the global batch)",
+                plan.total() as f64 / (1u64 << 30) as f64,
+                plan.describe(),
+                free as f64 / (1u64 << 30) as f64
+            )));
+        }
+        Ok(Backend::Cuda(Box::new(GpuTrainer::from_cpu(gpu, &trainer, precision)?)))
+    }
+
+    pub fn step(&self) -> u64 {
+        match self {
+            Backend::Cpu(t) => t.step,
+            Backend::Cuda(t) => t.step,
+        }
+    }
+
+    pub fn config(&self) -> &LlamaConfig {
+        match self {
+            Backend::Cpu(t) => &t.model.config,
+            Backend::Cuda(t) => t.config(),
+        }
+    }
+
+    /// Makes every rank hold rank 0's state before the first step.
+    pub fn join(&mut self, comm: &dyn Collective, group: &Group) -> Result<()> {
+        match self {
+            Backend::Cpu(t) => t.sync_weights(comm).map_err(|e| group.error(e)),
+            Backend::Cuda(t) => Ok(t.join(comm)?),
+        }
+    }
+
+    /// One optimiser step; a lost peer fails as the group reports it.
+    pub fn train_step(&mut self, micro: &[Batch], comm: &dyn Collective, group: &Group) -> Result<StepStats> {
+        match self {
+            Backend::Cpu(t) => t.train_step(micro, comm).map_err(|e| group.error(e)),
+            Backend::Cuda(t) => Ok(t.train_step(micro, comm)?),
+        }
+    }
+
+    /// Saves a checkpoint (the GPU's state is copied to the host first).
+    pub fn save(&self, dir: &Path, bos: u32, eos: u32, extra: serde_json::Value) -> Result<(), String> {
+        match self {
+            Backend::Cpu(t) => t.save(dir, bos, eos, extra),
+            Backend::Cuda(t) => t.to_cpu().map_err(|e| e.to_string())?.save(dir, bos, eos, extra),
+        }
+    }
+}
