@@ -29,8 +29,15 @@ if [[ "$binary" == *.xz ]]; then
 fi
 export SAFEPIPE_KERNEL_CACHE="$out/kernel-cache"
 
+budget=${GPU_CHECK_BUDGET:-510}   # seconds: no step starts past it, none runs beyond it
 step() {  # step NAME SECONDS COMMAND...: runs it, keeps its output and status
   local name="$1" limit="$2"; shift 2
+  local left=$((budget - SECONDS))
+  if (( left < 15 )); then
+    echo "{\"step\": \"$name\", \"exit\": \"skipped: out of time\", \"seconds\": 0}" >> "$out/steps.jsonl"
+    echo "== $name: skipped, out of time"; return
+  fi
+  (( limit > left )) && limit=$left
   local start=$SECONDS
   timeout "$limit" "$@" > "$out/$name.log" 2>&1
   local rc=$?

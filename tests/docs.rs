@@ -277,6 +277,8 @@ fn the_module_maps_list_every_module() {
     for (lib, dir) in [
         ("pipeline/src/lib.rs", "pipeline/src"),
         ("pipeline/src/pack/mod.rs", "pipeline/src/pack"),
+        ("model/src/cuda/mod.rs", "model/src/cuda"),
+        ("model/src/cuda/check/mod.rs", "model/src/cuda/check"),
     ] {
         let map = std::fs::read_to_string(repo().join(lib)).unwrap();
         let mut stack = vec![repo().join(dir)];

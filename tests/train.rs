@@ -596,3 +596,51 @@ fn issue_12_a_silent_rank_fails_rank_0_naming_it() {
     );
     assert!(!stderr.contains("panicked"), "{stderr}");
 }
+
+/// Issue 14 on a machine without a GPU (CI, this one): the CUDA backend is built in, says where
+/// it found each library, and every GPU command fails with exit 2 naming what is missing, never
+/// a panic. (On a machine with a GPU this test only checks `gpu info`.)
+#[test]
+fn without_a_gpu_the_cuda_backend_fails_clearly_naming_the_driver() {
+    let info = safepipe(&["gpu", "info"]);
+    assert!(info.status.success(), "{}", text(&info.stderr));
+    let stdout = text(&info.stdout);
+    assert!(
+        stdout.contains("NVRTC (libnvrtc.so.13)") && stdout.contains("NVRTC version"),
+        "{stdout}"
+    );
+    if !stdout.contains("none usable") {
+        return;
+    }
+    let check = safepipe(&["gpu", "check"]);
+    assert_eq!(check.status.code(), Some(2), "{}", text(&check.stderr));
+    assert!(text(&check.stderr).contains("libcuda.so.1"), "{}", text(&check.stderr));
+
+    let ws = Workspace::new();
+    let cuda = config(&ws, "cuda", 2);
+    run_ok(&cuda, &[]);
+    let body = std::fs::read_to_string(&cuda)
+        .unwrap()
+        .replace("[train]\n", "[train]\nbackend = \"cuda\"\n");
+    std::fs::write(&cuda, body).unwrap();
+    let out = safepipe(&["train", cuda.to_str().unwrap()]);
+    let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("the CUDA driver (libcuda.so.1) is not available"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("panicked"), "{stderr}");
+
+    let bad = std::fs::read_to_string(&cuda)
+        .unwrap()
+        .replace("backend = \"cuda\"", "backend = \"tpu\"");
+    std::fs::write(&cuda, bad).unwrap();
+    let out = safepipe(&["train", cuda.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        text(&out.stderr).contains("train.backend = \"tpu\": use \"cpu\" or \"cuda\""),
+        "{}",
+        text(&out.stderr)
+    );
+}

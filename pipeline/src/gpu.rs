@@ -189,12 +189,19 @@ fn bench(
     let precision = safepipe_model::cuda::Precision::parse(precision)
         .ok_or_else(|| Error::Config(format!("--precision {precision}: use bf16 or fp32")))?;
     if micro_batch == 0 || seq_len == 0 || steps == 0 {
-        return Err(Error::Config("--micro-batch, --seq-len and --steps must be at least 1".into()));
+        return Err(Error::Config(
+            "--micro-batch, --seq-len and --steps must be at least 1".into(),
+        ));
     }
     let gpu = Gpu::open(device, &nvrtc::cache_dir())?;
     let name = gpu.name.clone();
     let tokens = micro_batch * seq_len;
-    let plan = MemoryPlan::of(&config, tokens, precision, safepipe_model::cuda::model::logits_rows(&config, tokens, precision));
+    let plan = MemoryPlan::of(
+        &config,
+        tokens,
+        precision,
+        safepipe_model::cuda::model::logits_rows(&config, tokens, precision),
+    );
     eprintln!("gpu bench: {model} on {name}, memory plan {}", plan.describe());
     let optim = OptimConfig {
         total_steps: (steps + 2) as u64,
@@ -203,7 +210,9 @@ fn bench(
     let start = Trainer::new(config.clone(), Params::init(&config, 0), optim).map_err(Error::Config)?;
     let mut trainer = GpuTrainer::from_cpu(gpu, &start, precision)?;
     if let Some(dir) = save {
-        start.save(&dir.join("init"), 0, 0, serde_json::json!({})).map_err(Error::Config)?;
+        start
+            .save(&dir.join("init"), 0, 0, serde_json::json!({}))
+            .map_err(Error::Config)?;
     }
     drop(start);
     let mut state = 0x9e37_79b9_7f4a_7c15u64;
@@ -229,7 +238,8 @@ fn bench(
         let b = batch();
         if let (Some(dir), None) = (save, first_loss) {
             let body = serde_json::json!({ "rows": b.rows, "seq_len": b.seq_len, "tokens": b.tokens });
-            std::fs::write(dir.join("batch.json"), body.to_string()).map_err(|e| Error::Config(format!("{}: {e}", dir.display())))?;
+            std::fs::write(dir.join("batch.json"), body.to_string())
+                .map_err(|e| Error::Config(format!("{}: {e}", dir.display())))?;
         }
         let stats = trainer.train_step(&[b], &Single)?;
         first_loss.get_or_insert(stats.loss);
@@ -246,7 +256,9 @@ fn bench(
     let reloaded = match save {
         Some(dir) => {
             let after = trainer.to_cpu()?;
-            after.save(&dir.join("after"), 0, 0, serde_json::json!({})).map_err(Error::Config)?;
+            after
+                .save(&dir.join("after"), 0, 0, serde_json::json!({}))
+                .map_err(Error::Config)?;
             let (back, _) = Trainer::load(&dir.join("after"), after.optim.clone()).map_err(Error::Config)?;
             Some(back.params == after.params)
         }

@@ -139,11 +139,10 @@ impl Blas {
             accumulate: g.beta != 0.0,
         };
         let mut plans = self.plans.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        if !plans.contains_key(&key) {
-            let plan = self.plan(&key)?;
-            plans.insert(key, plan);
-        }
-        let plan = &plans[&key];
+        let plan = match plans.entry(key) {
+            std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
+            std::collections::hash_map::Entry::Vacant(e) => e.insert(self.plan(&key)?),
+        };
         let (alpha, beta) = (g.alpha, g.beta);
         // SAFETY: the plan's descriptors live as long as `self`; the pointers are device
         // addresses of buffers the caller keeps alive until the stream has run the product.
@@ -173,8 +172,11 @@ impl Blas {
     /// Descriptors for `key` and the heuristic's first algorithm for them.
     fn plan(&self, key: &Key) -> Result<Plan, CudaError> {
         let err = |what: &'static str| move |e| blas_err(&format!("{what} for {key:?}"), e);
-        let desc = result::create_matmul_desc(sys::cublasComputeType_t::CUBLAS_COMPUTE_32F, sys::cudaDataType::CUDA_R_32F)
-            .map_err(err("descriptor"))?;
+        let desc = result::create_matmul_desc(
+            sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
+            sys::cudaDataType::CUDA_R_32F,
+        )
+        .map_err(err("descriptor"))?;
         // Column-major: cuBLAS's A is our B, cuBLAS's B is our A (see the module doc).
         let (op_a, op_b) = (i32::from(key.trans_b), i32::from(key.trans_a));
         // SAFETY: `desc` was just created; the attribute buffers are i32 as the API expects.

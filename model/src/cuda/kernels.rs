@@ -71,7 +71,11 @@ pub const SOURCES: &[KernelSource] = &[
     KernelSource {
         name: "flash_attention",
         source: include_str!("kernels/flash_attention.cu"),
-        entries: &["flash_forward_bf16", "flash_backward_query_bf16", "flash_backward_key_bf16"],
+        entries: &[
+            "flash_forward_bf16",
+            "flash_backward_query_bf16",
+            "flash_backward_key_bf16",
+        ],
     },
 ];
 

@@ -36,12 +36,13 @@ pub enum Lib {
 impl Lib {
     pub const ALL: [Lib; 4] = [Lib::Driver, Lib::Nvrtc, Lib::CublasLt, Lib::Nccl];
 
-    /// The file names it may have, preferred first (the first is cudarc's for CUDA 13).
+    /// The file names it may have, preferred first (CUDA 13's, then CUDA 12's for a build
+    /// with cudarc's `cuda-12090` bindings).
     pub fn file_names(self) -> &'static [&'static str] {
         match self {
             Lib::Driver => &["libcuda.so.1", "libcuda.so"],
-            Lib::Nvrtc => &["libnvrtc.so.13", "libnvrtc.so"],
-            Lib::CublasLt => &["libcublasLt.so.13", "libcublasLt.so"],
+            Lib::Nvrtc => &["libnvrtc.so.13", "libnvrtc.so.12", "libnvrtc.so"],
+            Lib::CublasLt => &["libcublasLt.so.13", "libcublasLt.so.12", "libcublasLt.so"],
             Lib::Nccl => &["libnccl.so", "libnccl.so.2"],
         }
     }

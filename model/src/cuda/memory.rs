@@ -111,17 +111,27 @@ pub struct MemoryPlan {
 impl MemoryPlan {
     pub fn of(config: &LlamaConfig, tokens: usize, precision: Precision, logits_rows: usize) -> MemoryPlan {
         let es = precision.bytes();
-        let (d, f, kv, layers) = (config.hidden_size, config.intermediate_size, config.kv_dim(), config.num_hidden_layers);
+        let (d, f, kv, layers) = (
+            config.hidden_size,
+            config.intermediate_size,
+            config.kv_dim(),
+            config.num_hidden_layers,
+        );
         let heads = config.num_attention_heads;
-        let params = super::model::Layout::new(config).total;
+        let params = super::layout::Layout::new(config).total;
         let copy = if precision == Precision::Bf16 { 2 } else { 0 };
-        let per_layer = tokens * es * (d /* x */ + d /* h1 */ + (d + 2 * kv) + d /* attn */ + d /* xmid */ + d /* h2 */ + 2 * f + f)
+        let per_layer = tokens
+            * es
+            * (d /* x */ + d /* h1 */ + (d + 2 * kv) + d /* attn */ + d /* xmid */ + d /* h2 */ + 2 * f + f)
             + tokens * 4 * (2 + heads);
-        let vocab = super::model::padded_vocab(config.vocab_size);
+        let vocab = super::layout::padded_vocab(config.vocab_size);
         MemoryPlan {
             parameters: params * (16 + copy),
             activations: per_layer * layers + tokens * es * 2 * d,
-            scratch: logits_rows * vocab * es + tokens * es * (d + (2 * f).max(d + 2 * kv) + f.max(d)) + tokens * 4 * (heads + 8) + (32 << 20),
+            scratch: logits_rows * vocab * es
+                + tokens * es * (d + (2 * f).max(d + 2 * kv) + f.max(d))
+                + tokens * 4 * (heads + 8)
+                + (32 << 20),
         }
     }
 

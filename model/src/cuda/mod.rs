@@ -7,11 +7,14 @@
 //! cuda/mod.rs       CudaError, KernelSource, Gpu (a device with its kernels loaded)
 //! cuda/libs.rs      where the CUDA libraries are found, and the check before cudarc opens one
 //! cuda/nvrtc.rs     run-time compilation to CUBIN per architecture, cached on disk
-//! cuda/kernels.rs   the kernel sources (kernels/*.cu) and their entry points
+//! cuda/kernels.rs   the kernel sources and their entry points
+//! cuda/kernels/     the CUDA C sources (listed in kernels.rs)
 //! cuda/blas.rs      cuBLASLt GEMMs in row-major terms, descriptors and algorithm cached per shape
-//! cuda/check.rs     `safepipe gpu check`: every kernel on the GPU against the CPU backend
+//! cuda/check/       `safepipe gpu check`: every kernel and a small model on the GPU against the
+//!                   CPU backend, determinism and resume (its own module map)
 //! cuda/memory.rs    device buffers, raw-pointer kernel launches, the memory plan
-//! cuda/model.rs     the Llama model on the GPU: flat parameter layout, forward + backward
+//! cuda/layout.rs    the flat parameter layout (fused projections, padded vocabulary); inputs
+//! cuda/model.rs     the Llama model on the GPU: weights, activations, forward + backward
 //! cuda/trainer.rs   the optimiser step (NCCL average, global norm, fused AdamW), checkpoints
 //! cuda/nccl.rs      the NCCL group: its id sent from rank 0 over the TCP group, device all-reduce
 //! ```
@@ -23,6 +26,7 @@
 pub mod blas;
 pub mod check;
 pub mod kernels;
+pub mod layout;
 pub mod libs;
 pub mod memory;
 pub mod model;

@@ -2,11 +2,7 @@
 //! backward pass (GEMMs through cuBLASLt, everything else our kernels), accumulating fp32
 //! weight gradients.
 //!
-//! Layout of the parameters: one flat fp32 buffer in [`Params::tensors`]' order (so q, k, v of
-//! a layer are one `[d + 2 kv, d]` matrix and gate, up one `[2 f, d]` matrix: fused
-//! projections), with the embedding padded to a multiple of 128 rows on the device only.
-//! Gradients and AdamW moments share the layout, so the optimiser, the norm and the all-reduce
-//! each run over one buffer.
+//! The parameters' flat layout and the host-side inputs are in [`super::layout`].
 //!
 //! Dataflow of one layer (x is the residual stream; the GEMM's `+ C` fuses the residual adds):
 //! ```text
@@ -19,110 +15,10 @@
 //! head (final norm, tied embedding, cross-entropy) runs a chunk of rows at a time.
 
 use super::blas::{Blas, Dtype, Gemm};
+use super::layout::{Inputs, Layout, padded_vocab};
 use super::memory::{DevBuf, download, launch, upload, zero};
 use super::{CudaError, Gpu, Precision};
 use crate::llama::{Batch, LlamaConfig, Params};
-
-/// The embedding's rows on the device: the vocabulary rounded up to a multiple of 128 (tensor
-/// cores like aligned shapes); the padding rows stay zero and never reach a checkpoint.
-pub fn padded_vocab(vocab: usize) -> usize {
-    vocab.div_ceil(128) * 128
-}
-
-/// One tensor's place in the flat buffers.
-#[derive(Debug, Clone)]
-pub struct Slot {
-    pub name: String,
-    pub offset: usize,
-    /// Elements on the device (the embedding's include its padding).
-    pub len: usize,
-    /// Elements in a checkpoint.
-    pub saved_len: usize,
-    /// Weight decay applies (matrices, not norm weights).
-    pub decay: bool,
-}
-
-/// Where every tensor lives in the flat parameter buffers.
-#[derive(Debug, Clone)]
-pub struct Layout {
-    pub slots: Vec<Slot>,
-    pub total: usize,
-}
-
-/// Offsets of one layer's tensors (element offsets into the flat buffers).
-#[derive(Debug, Clone, Copy)]
-struct LayerSlots {
-    attn_norm: usize,
-    qkv: usize,
-    o: usize,
-    mlp_norm: usize,
-    gate_up: usize,
-    down: usize,
-}
-
-impl Layout {
-    pub fn new(config: &LlamaConfig) -> Layout {
-        let shapes = Params::<f32>::shapes(config);
-        let mut slots = Vec::with_capacity(shapes.len());
-        let mut offset = 0;
-        for (name, shape) in shapes {
-            let saved_len: usize = shape.iter().product();
-            let len = if name == "model.embed_tokens.weight" {
-                padded_vocab(config.vocab_size) * config.hidden_size
-            } else {
-                saved_len
-            };
-            slots.push(Slot {
-                name,
-                offset,
-                len,
-                saved_len,
-                decay: shape.len() == 2,
-            });
-            offset += len;
-        }
-        Layout { slots, total: offset }
-    }
-
-    fn embed(&self) -> usize {
-        self.slots[0].offset
-    }
-
-    fn final_norm(&self) -> usize {
-        self.slots[self.slots.len() - 1].offset
-    }
-
-    /// Layer `l`'s tensors: 9 slots each after the embedding (norm, q, k, v, o, norm, gate, up, down).
-    fn layer(&self, l: usize) -> LayerSlots {
-        let s = |i: usize| self.slots[1 + 9 * l + i].offset;
-        LayerSlots {
-            attn_norm: s(0),
-            qkv: s(1),
-            o: s(4),
-            mlp_norm: s(5),
-            gate_up: s(6),
-            down: s(8),
-        }
-    }
-
-    /// `params` as one flat host vector in this layout (padding zero).
-    pub fn flatten(&self, params: &Params<f32>) -> Vec<f32> {
-        let mut flat = vec![0f32; self.total];
-        for (slot, (_, values, _)) in self.slots.iter().zip(params.tensors()) {
-            flat[slot.offset..slot.offset + values.len()].copy_from_slice(values);
-        }
-        flat
-    }
-
-    /// The inverse of [`Layout::flatten`] (padding dropped).
-    pub fn unflatten(&self, flat: &[f32], config: &LlamaConfig) -> Params<f32> {
-        let mut params = Params::<f32>::zeros(config);
-        for (slot, (_, values, _)) in self.slots.iter().zip(params.tensors_mut()) {
-            values.copy_from_slice(&flat[slot.offset..slot.offset + slot.saved_len]);
-        }
-        params
-    }
-}
 
 /// Activations of one micro-batch shape (`rows x seq_len` tokens), allocated once and reused.
 struct Activations {
@@ -200,7 +96,12 @@ pub struct GpuModel {
 
 impl GpuModel {
     /// Uploads `params` (fp32) with zero moments.
-    pub fn new(gpu: &Gpu, config: LlamaConfig, params: &Params<f32>, precision: Precision) -> Result<GpuModel, CudaError> {
+    pub fn new(
+        gpu: &Gpu,
+        config: LlamaConfig,
+        params: &Params<f32>,
+        precision: Precision,
+    ) -> Result<GpuModel, CudaError> {
         let layout = Layout::new(&config);
         let bytes = layout.total * 4;
         let master = DevBuf::zeros(gpu, bytes)?;
@@ -265,17 +166,29 @@ impl GpuModel {
 
     /// Allocates the activations for `rows x seq_len` tokens (once per shape).
     fn activations(&mut self, gpu: &Gpu, rows: usize, seq_len: usize) -> Result<(), CudaError> {
-        if self.acts.as_ref().is_some_and(|a| a.rows == rows && a.seq_len == seq_len) {
+        if self
+            .acts
+            .as_ref()
+            .is_some_and(|a| a.rows == rows && a.seq_len == seq_len)
+        {
             return Ok(());
         }
         self.acts = None;
         let c = &self.config;
-        let (n, d, f, kv, heads, layers) =
-            (rows * seq_len, c.hidden_size, c.intermediate_size, c.kv_dim(), c.num_attention_heads, c.num_hidden_layers);
+        let (n, d, f, kv, heads, layers) = (
+            rows * seq_len,
+            c.hidden_size,
+            c.intermediate_size,
+            c.kv_dim(),
+            c.num_attention_heads,
+            c.num_hidden_layers,
+        );
         let es = self.es();
         let vocab = padded_vocab(c.vocab_size);
         let logits_rows = logits_rows(c, n, self.precision);
-        let per_layer = |bytes: usize| -> Result<Vec<DevBuf>, CudaError> { (0..layers).map(|_| DevBuf::zeros(gpu, bytes)).collect() };
+        let per_layer = |bytes: usize| -> Result<Vec<DevBuf>, CudaError> {
+            (0..layers).map(|_| DevBuf::zeros(gpu, bytes)).collect()
+        };
         let half = c.head_dim() / 2;
         let (mut cos, mut sin) = (vec![0f32; seq_len * half], vec![0f32; seq_len * half]);
         for p in 0..seq_len {
@@ -290,7 +203,9 @@ impl GpuModel {
         let acts = Activations {
             rows,
             seq_len,
-            x: (0..=layers).map(|_| DevBuf::zeros(gpu, n * d * es)).collect::<Result<_, _>>()?,
+            x: (0..=layers)
+                .map(|_| DevBuf::zeros(gpu, n * d * es))
+                .collect::<Result<_, _>>()?,
             h1: per_layer(n * d * es)?,
             rstd1: per_layer(n * 4)?,
             qkv: per_layer(n * (d + 2 * kv) * es)?,
@@ -331,7 +246,19 @@ impl GpuModel {
     /// Queues one GEMM (row-major, see [`Gemm`]) in the model's precision; `output` says
     /// whether D is the working type or fp32 (weight gradients).
     #[allow(clippy::too_many_arguments)]
-    fn gemm(&self, m: usize, n: usize, k: usize, a: u64, trans_a: bool, b: u64, trans_b: bool, c: Option<u64>, d: u64, output: Dtype) -> Result<(), CudaError> {
+    fn gemm(
+        &self,
+        m: usize,
+        n: usize,
+        k: usize,
+        a: u64,
+        trans_a: bool,
+        b: u64,
+        trans_b: bool,
+        c: Option<u64>,
+        d: u64,
+        output: Dtype,
+    ) -> Result<(), CudaError> {
         self.blas.gemm(&Gemm {
             m,
             n,
@@ -363,15 +290,31 @@ impl GpuModel {
     fn pass(&self, gpu: &Gpu, a: &Activations, inputs: &Inputs) -> Result<MicroLoss, CudaError> {
         let c = &self.config;
         let (n, d, f, kv) = (a.rows * a.seq_len, c.hidden_size, c.intermediate_size, c.kv_dim());
-        let (heads, kvh, hd, layers) = (c.num_attention_heads, c.num_key_value_heads, c.head_dim(), c.num_hidden_layers);
+        let (heads, kvh, hd, layers) = (
+            c.num_attention_heads,
+            c.num_key_value_heads,
+            c.head_dim(),
+            c.num_hidden_layers,
+        );
         let (es, wt, f32t) = (self.es(), self.dtype(), Dtype::F32);
         let qkv_w = d + 2 * kv;
         let vocab = padded_vocab(c.vocab_size);
         let eps = c.rms_norm_eps as f32;
         let scale = (1.0 / (hd as f64).sqrt()) as f32;
-        let (d_i, n_i, seq_i, heads_i, kvh_i, hd_i) = (d as i32, n as i32, a.seq_len as i32, heads as i32, kvh as i32, hd as i32);
+        let (d_i, n_i, seq_i, heads_i, kvh_i, hd_i) = (
+            d as i32,
+            n as i32,
+            a.seq_len as i32,
+            heads as i32,
+            kvh as i32,
+            hd as i32,
+        );
         let qkv_stride = qkv_w as i64;
-        let segments = if inputs.segments.is_some() { a.segments.ptr } else { 0u64 };
+        let segments = if inputs.segments.is_some() {
+            a.segments.ptr
+        } else {
+            0u64
+        };
 
         upload(gpu, a.ids.ptr, &inputs.ids)?;
         upload(gpu, a.targets.ptr, &inputs.targets)?;
@@ -391,7 +334,18 @@ impl GpuModel {
             let s = self.layout.layer(l);
             launch!(gpu, self.kernel("rmsnorm_forward"), (n, 1), 256, 0;
                 a.x[l].ptr, 0u64, self.w(s.attn_norm), a.h1[l].ptr, a.rstd1[l].ptr, d_i, eps)?;
-            self.gemm(n, qkv_w, d, a.h1[l].ptr, false, self.w(s.qkv), true, None, a.qkv[l].ptr, wt)?;
+            self.gemm(
+                n,
+                qkv_w,
+                d,
+                a.h1[l].ptr,
+                false,
+                self.w(s.qkv),
+                true,
+                None,
+                a.qkv[l].ptr,
+                wt,
+            )?;
             let (q, k, v) = (a.qkv[l].ptr, a.qkv[l].at(d, es), a.qkv[l].at(d + kv, es));
             launch!(gpu, self.kernel("rope"), (n, 1), 128, 0; q, a.cos.ptr, a.sin.ptr, heads_i, hd_i, seq_i, qkv_stride, 1f32)?;
             launch!(gpu, self.kernel("rope"), (n, 1), 128, 0; k, a.cos.ptr, a.sin.ptr, kvh_i, hd_i, seq_i, qkv_stride, 1f32)?;
@@ -402,12 +356,45 @@ impl GpuModel {
                 launch!(gpu, self.kernel("attention_forward"), (n, heads), 128, a.seq_len * 4;
                     q, k, v, a.attn[l].ptr, a.lse[l].ptr, segments, seq_i, heads_i, kvh_i, hd_i, qkv_stride, qkv_stride, scale)?;
             }
-            self.gemm(n, d, d, a.attn[l].ptr, false, self.w(s.o), true, Some(a.x[l].ptr), a.xmid[l].ptr, wt)?;
+            self.gemm(
+                n,
+                d,
+                d,
+                a.attn[l].ptr,
+                false,
+                self.w(s.o),
+                true,
+                Some(a.x[l].ptr),
+                a.xmid[l].ptr,
+                wt,
+            )?;
             launch!(gpu, self.kernel("rmsnorm_forward"), (n, 1), 256, 0;
                 a.xmid[l].ptr, 0u64, self.w(s.mlp_norm), a.h2[l].ptr, a.rstd2[l].ptr, d_i, eps)?;
-            self.gemm(n, 2 * f, d, a.h2[l].ptr, false, self.w(s.gate_up), true, None, a.gu[l].ptr, wt)?;
+            self.gemm(
+                n,
+                2 * f,
+                d,
+                a.h2[l].ptr,
+                false,
+                self.w(s.gate_up),
+                true,
+                None,
+                a.gu[l].ptr,
+                wt,
+            )?;
             launch!(gpu, self.kernel("swiglu_forward"), (n.min(4096), 1), 256, 0; a.gu[l].ptr, a.act[l].ptr, n as i64, f as i32)?;
-            self.gemm(n, d, f, a.act[l].ptr, false, self.w(s.down), true, Some(a.xmid[l].ptr), a.x[l + 1].ptr, wt)?;
+            self.gemm(
+                n,
+                d,
+                f,
+                a.act[l].ptr,
+                false,
+                self.w(s.down),
+                true,
+                Some(a.xmid[l].ptr),
+                a.x[l + 1].ptr,
+                wt,
+            )?;
         }
         let norm = self.layout.final_norm();
         launch!(gpu, self.kernel("rmsnorm_forward"), (n, 1), 256, 0;
@@ -418,12 +405,45 @@ impl GpuModel {
         let grad = |offset: usize| self.grads.at(offset, 4);
         for start in (0..n).step_by(a.logits_rows) {
             let rows = a.logits_rows.min(n - start);
-            self.gemm(rows, vocab, d, a.hf.at(start * d, es), false, self.w(embed), true, None, a.logits.ptr, wt)?;
+            self.gemm(
+                rows,
+                vocab,
+                d,
+                a.hf.at(start * d, es),
+                false,
+                self.w(embed),
+                true,
+                None,
+                a.logits.ptr,
+                wt,
+            )?;
             launch!(gpu, self.kernel("cross_entropy"), (rows, 1), 1024, 0;
                 a.logits.ptr, a.targets.at(start, 4), a.weights.at(start, 4), a.losses.at(start, 4),
                 c.vocab_size as i32, vocab as i64)?;
-            self.gemm(rows, d, vocab, a.logits.ptr, false, self.w(embed), false, None, a.dsmall.at(start * d, es), wt)?;
-            self.gemm(vocab, d, rows, a.logits.ptr, true, a.hf.at(start * d, es), false, Some(grad(embed)), grad(embed), f32t)?;
+            self.gemm(
+                rows,
+                d,
+                vocab,
+                a.logits.ptr,
+                false,
+                self.w(embed),
+                false,
+                None,
+                a.dsmall.at(start * d, es),
+                wt,
+            )?;
+            self.gemm(
+                vocab,
+                d,
+                rows,
+                a.logits.ptr,
+                true,
+                a.hf.at(start * d, es),
+                false,
+                Some(grad(embed)),
+                grad(embed),
+                f32t,
+            )?;
         }
         zero(gpu, a.dx.ptr, n * d * es)?;
         self.norm_backward(gpu, a, a.x[layers].ptr, norm, a.rstdf.ptr, a.dsmall.ptr)?;
@@ -432,14 +452,58 @@ impl GpuModel {
         for l in (0..layers).rev() {
             let s = self.layout.layer(l);
             self.gemm(n, f, d, a.dx.ptr, false, self.w(s.down), false, None, a.dsmall.ptr, wt)?;
-            self.gemm(d, f, n, a.dx.ptr, true, a.act[l].ptr, false, Some(grad(s.down)), grad(s.down), f32t)?;
+            self.gemm(
+                d,
+                f,
+                n,
+                a.dx.ptr,
+                true,
+                a.act[l].ptr,
+                false,
+                Some(grad(s.down)),
+                grad(s.down),
+                f32t,
+            )?;
             launch!(gpu, self.kernel("swiglu_backward"), (n.min(4096), 1), 256, 0; a.gu[l].ptr, a.dsmall.ptr, a.dbig.ptr, n as i64, f as i32)?;
-            self.gemm(n, d, 2 * f, a.dbig.ptr, false, self.w(s.gate_up), false, None, a.dsmall.ptr, wt)?;
-            self.gemm(2 * f, d, n, a.dbig.ptr, true, a.h2[l].ptr, false, Some(grad(s.gate_up)), grad(s.gate_up), f32t)?;
+            self.gemm(
+                n,
+                d,
+                2 * f,
+                a.dbig.ptr,
+                false,
+                self.w(s.gate_up),
+                false,
+                None,
+                a.dsmall.ptr,
+                wt,
+            )?;
+            self.gemm(
+                2 * f,
+                d,
+                n,
+                a.dbig.ptr,
+                true,
+                a.h2[l].ptr,
+                false,
+                Some(grad(s.gate_up)),
+                grad(s.gate_up),
+                f32t,
+            )?;
             self.norm_backward(gpu, a, a.xmid[l].ptr, s.mlp_norm, a.rstd2[l].ptr, a.dsmall.ptr)?;
 
             self.gemm(n, d, d, a.dx.ptr, false, self.w(s.o), false, None, a.dsmall.ptr, wt)?;
-            self.gemm(d, d, n, a.dx.ptr, true, a.attn[l].ptr, false, Some(grad(s.o)), grad(s.o), f32t)?;
+            self.gemm(
+                d,
+                d,
+                n,
+                a.dx.ptr,
+                true,
+                a.attn[l].ptr,
+                false,
+                Some(grad(s.o)),
+                grad(s.o),
+                f32t,
+            )?;
             let (q, k, v) = (a.qkv[l].ptr, a.qkv[l].at(d, es), a.qkv[l].at(d + kv, es));
             let (dq, dk, dv) = (a.dbig.ptr, a.dbig.at(d, es), a.dbig.at(d + kv, es));
             launch!(gpu, self.kernel("attention_delta"), (n, 1), 64, 0; a.attn[l].ptr, a.dsmall.ptr, a.delta.ptr, heads_i, hd_i)?;
@@ -457,8 +521,30 @@ impl GpuModel {
             }
             launch!(gpu, self.kernel("rope"), (n, 1), 128, 0; dq, a.cos.ptr, a.sin.ptr, heads_i, hd_i, seq_i, qkv_stride, -1f32)?;
             launch!(gpu, self.kernel("rope"), (n, 1), 128, 0; dk, a.cos.ptr, a.sin.ptr, kvh_i, hd_i, seq_i, qkv_stride, -1f32)?;
-            self.gemm(n, d, qkv_w, a.dbig.ptr, false, self.w(s.qkv), false, None, a.dsmall.ptr, wt)?;
-            self.gemm(qkv_w, d, n, a.dbig.ptr, true, a.h1[l].ptr, false, Some(grad(s.qkv)), grad(s.qkv), f32t)?;
+            self.gemm(
+                n,
+                d,
+                qkv_w,
+                a.dbig.ptr,
+                false,
+                self.w(s.qkv),
+                false,
+                None,
+                a.dsmall.ptr,
+                wt,
+            )?;
+            self.gemm(
+                qkv_w,
+                d,
+                n,
+                a.dbig.ptr,
+                true,
+                a.h1[l].ptr,
+                false,
+                Some(grad(s.qkv)),
+                grad(s.qkv),
+                f32t,
+            )?;
             self.norm_backward(gpu, a, a.x[l].ptr, s.attn_norm, a.rstd1[l].ptr, a.dsmall.ptr)?;
         }
         let groups = inputs.group_tokens.len() as i32;
@@ -477,7 +563,15 @@ impl GpuModel {
 
     /// RMSNorm backward: `dx += norm'(dy)` for the norm of input `x` with weight at `weight`,
     /// and the weight's gradient summed (deterministically) into `grads`.
-    fn norm_backward(&self, gpu: &Gpu, a: &Activations, x: u64, weight: usize, rstd: u64, dy: u64) -> Result<(), CudaError> {
+    fn norm_backward(
+        &self,
+        gpu: &Gpu,
+        a: &Activations,
+        x: u64,
+        weight: usize,
+        rstd: u64,
+        dy: u64,
+    ) -> Result<(), CudaError> {
         let (n, d) = (a.rows * a.seq_len, self.config.hidden_size);
         let blocks = n.div_ceil(NORM_ROWS_PER_BLOCK);
         launch!(gpu, self.kernel("rmsnorm_backward"), (blocks, 1), 256, 0;
@@ -487,76 +581,28 @@ impl GpuModel {
     }
 }
 
-/// A micro-batch's host-side inputs: ids, targets, per-target loss weights, documents, and the
-/// positions grouped by token for the embedding's backward pass.
-struct Inputs {
-    ids: Vec<i32>,
-    targets: Vec<i32>,
-    weights: Vec<f32>,
-    segments: Option<Vec<i32>>,
-    /// Per token, the row position where its document starts (row start without documents).
-    doc_start: Vec<i32>,
-    counted: usize,
-    group_tokens: Vec<i32>,
-    group_starts: Vec<i32>,
-    group_positions: Vec<i32>,
-}
+#[cfg(test)]
+mod tests {
+    use super::*;
 
-impl Inputs {
-    fn of(batch: &Batch, vocab: usize) -> Result<Inputs, CudaError> {
-        let n = batch.rows * batch.seq_len;
-        if batch.tokens.len() != batch.rows * (batch.seq_len + 1) {
-            return Err(CudaError::Driver(format!(
-                "a batch of {} rows x {} needs {} token ids, it has {}",
-                batch.rows,
-                batch.seq_len + 1,
-                batch.rows * (batch.seq_len + 1),
-                batch.tokens.len()
-            )));
-        }
-        if let Some(bad) = batch.tokens.iter().find(|&&t| t as usize >= vocab) {
-            return Err(CudaError::Driver(format!("token id {bad} is outside the vocabulary of {vocab}")));
-        }
-        let at = |i: usize, shift: usize| batch.tokens[(i / batch.seq_len) * (batch.seq_len + 1) + i % batch.seq_len + shift] as i32;
-        let ids: Vec<i32> = (0..n).map(|i| at(i, 0)).collect();
-        let targets: Vec<i32> = (0..n).map(|i| at(i, 1)).collect();
-        let counts = |i: usize| batch.loss_mask.as_ref().is_none_or(|m| m[i]);
-        let counted = (0..n).filter(|&i| counts(i)).count();
-        let weight = if counted > 0 { 1.0 / counted as f32 } else { 0.0 };
-        let weights = (0..n).map(|i| if counts(i) { weight } else { 0.0 }).collect();
-        let segments: Option<Vec<i32>> = batch.segments.as_ref().map(|s| s.iter().map(|&x| x as i32).collect());
-        let mut doc_start = vec![0i32; n];
-        for i in 0..n {
-            let t = i % batch.seq_len;
-            let continues = t > 0 && segments.as_ref().is_none_or(|s| s[i] == s[i - 1]);
-            doc_start[i] = if continues { doc_start[i - 1] } else { t as i32 };
-        }
-        let mut order: Vec<usize> = (0..n).collect();
-        order.sort_by_key(|&p| (ids[p], p));
-        let (mut group_tokens, mut group_starts, mut group_positions) = (Vec::new(), vec![0i32], Vec::with_capacity(n));
-        for p in order {
-            if group_tokens.last() != Some(&ids[p]) {
-                if !group_positions.is_empty() {
-                    group_starts.push(group_positions.len() as i32);
-                }
-                group_tokens.push(ids[p]);
-            }
-            group_positions.push(p as i32);
-        }
-        group_starts.push(group_positions.len() as i32);
-        if group_tokens.is_empty() {
-            group_starts = vec![0];
-        }
-        Ok(Inputs {
-            ids,
-            targets,
-            weights,
-            segments,
-            doc_start,
-            counted,
-            group_tokens,
-            group_starts,
-            group_positions,
-        })
+    #[test]
+    fn the_memory_plan_of_the_presets_fits_an_80_gb_gpu_at_a_useful_micro_batch() {
+        let config = LlamaConfig::preset("smollm2-1.7b").unwrap();
+        let tokens = 8 * 2048;
+        let plan = super::super::memory::MemoryPlan::of(
+            &config,
+            tokens,
+            Precision::Bf16,
+            logits_rows(&config, tokens, Precision::Bf16),
+        );
+        // 18 bytes per parameter: fp32 master, gradient, two moments, the bf16 copy.
+        let params = config.parameter_count() as f64;
+        assert!(
+            (plan.parameters as f64 / params - 18.0).abs() < 0.1,
+            "{}",
+            plan.describe()
+        );
+        assert!(plan.total() < 80 << 30, "{}", plan.describe());
+        assert!(plan.describe().contains("GiB"));
     }
 }

@@ -144,6 +144,13 @@ impl GpuTrainer {
         };
         let params = fetch(self.model.master.ptr)?;
         let moments = (fetch(self.model.m.ptr)?, fetch(self.model.v.ptr)?);
-        Trainer::from_state(self.model.config.clone(), params, moments, self.step, self.optim.clone()).map_err(CudaError::Driver)
+        Trainer::from_state(
+            self.model.config.clone(),
+            params,
+            moments,
+            self.step,
+            self.optim.clone(),
+        )
+        .map_err(CudaError::Driver)
     }
 }

@@ -2,8 +2,8 @@
 //! the CUDA backend (`GpuTrainer`, one GPU per rank). Both start from the same state (a fresh
 //! init, `init_from` or a checkpoint, loaded on the CPU) and save the same checkpoints.
 
-use crate::config::TrainConfig;
 use super::group::Group;
+use crate::config::TrainConfig;
 use crate::error::{Error, Result};
 use safepipe_model::cuda::memory::MemoryPlan;
 use safepipe_model::cuda::trainer::GpuTrainer;
@@ -42,7 +42,9 @@ pub fn ensure_nccl_loadable(t: &TrainConfig, world: usize) -> Result<()> {
         .env("LD_LIBRARY_PATH", path)
         .env(REEXEC, "1")
         .exec();
-    Err(Error::Internal(format!("restarting with NCCL on LD_LIBRARY_PATH: {err}")))
+    Err(Error::Internal(format!(
+        "restarting with NCCL on LD_LIBRARY_PATH: {err}"
+    )))
 }
 
 /// The GPU this rank uses: LOCAL_RANK (torchrun, our launcher), else SLURM_LOCALID, else 0.

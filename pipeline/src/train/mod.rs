@@ -348,7 +348,16 @@ pub async fn train(config: &Config, resume: bool, until: Option<u64>) -> Result<
         )));
     }
     let stop = until.unwrap_or(t.steps).min(t.steps);
-    let fingerprint = group::fingerprint(t, trainer.config(), &optim(t), &manifest, data.len(), group.world, trainer.step(), stop);
+    let fingerprint = group::fingerprint(
+        t,
+        trainer.config(),
+        &optim(t),
+        &manifest,
+        data.len(),
+        group.world,
+        trainer.step(),
+        stop,
+    );
     // Blocking socket work (the rendezvous, the weights' broadcast): off the async workers.
     let comm = tokio::task::block_in_place(|| group.connect(fingerprint))?;
     tokio::task::block_in_place(|| trainer.join(comm.as_ref(), &group))?;
