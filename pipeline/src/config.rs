@@ -171,6 +171,9 @@ pub struct TrainConfig {
     /// The CUDA backend's storage of weights and activations: `bf16` or `fp32` (checks).
     #[serde(default = "default_precision")]
     pub precision: String,
+    /// The CUDA backend keeps only each layer's input and recomputes the rest when going back.
+    #[serde(default)]
+    pub recompute: bool,
 }
 
 fn default_backend() -> String {

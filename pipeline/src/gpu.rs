@@ -40,6 +40,9 @@ pub enum GpuCommand {
         /// bf16 or fp32.
         #[arg(long, default_value = "bf16")]
         precision: String,
+        /// Keep only each layer's input; recompute the rest in the backward pass.
+        #[arg(long)]
+        recompute: bool,
         /// The GPU's dense bf16 peak, FLOP/s, for MFU (989e12: H100/H200 SXM).
         #[arg(long, default_value_t = 989e12)]
         peak_flops: f64,
@@ -56,6 +59,32 @@ pub enum GpuCommand {
     },
 }
 
+/// Set in a process restarted by [`reexec_for_nccl`], so it restarts at most once.
+const REEXEC: &str = "SAFEPIPE_NCCL_REEXEC";
+
+/// NCCL must open as `libnccl.so`, which the system's loader only finds through
+/// `LD_LIBRARY_PATH` read at process start. When NCCL is found elsewhere (a wheel's
+/// `libnccl.so.2`), restarts this process once with a link to it on that path; a restart
+/// replaces the process image, so the caller sees nothing of it. A missing NCCL is left to the
+/// group's join to report.
+pub fn reexec_for_nccl() -> Result<()> {
+    if std::env::var_os(REEXEC).is_some() || libs::require(Lib::Nccl).is_ok() || libs::locate(Lib::Nccl).is_none() {
+        return Ok(());
+    }
+    let path = libs::child_library_path(&nvrtc::cache_dir())?;
+    let exe = std::env::current_exe().map_err(|e| Error::Internal(format!("cannot find this binary: {e}")))?;
+    tracing::info!("restarting with NCCL's directory on LD_LIBRARY_PATH");
+    use std::os::unix::process::CommandExt;
+    let err = std::process::Command::new(exe)
+        .args(std::env::args_os().skip(1))
+        .env("LD_LIBRARY_PATH", path)
+        .env(REEXEC, "1")
+        .exec();
+    Err(Error::Internal(format!(
+        "restarting with NCCL on LD_LIBRARY_PATH: {err}"
+    )))
+}
+
 pub fn run(command: GpuCommand) -> Result<()> {
     match command {
         GpuCommand::Bench {
@@ -68,12 +97,14 @@ pub fn run(command: GpuCommand) -> Result<()> {
             device,
             json,
             save,
+            recompute,
         } => {
             let shape = BenchShape {
                 model,
                 micro_batch,
                 seq_len,
                 steps,
+                recompute,
             };
             let result = bench(&shape, &precision, peak_flops, device, save.as_deref())?;
             println!("{}", serde_json::to_string(&result).expect("serialisable"));
@@ -121,6 +152,8 @@ pub fn run(command: GpuCommand) -> Result<()> {
         }
         GpuCommand::Check { device, json } => {
             libs::require(Lib::Driver)?;
+            // The check runs NCCL with one rank.
+            reexec_for_nccl()?;
             let gpu = Gpu::open(device, &nvrtc::cache_dir())?;
             let results = check::run(&gpu)?;
             println!(
@@ -163,6 +196,7 @@ struct BenchShape {
     micro_batch: usize,
     seq_len: usize,
     steps: usize,
+    recompute: bool,
 }
 
 /// Trains the shape's model on random tokens for `steps` timed steps after two warm-up steps.
@@ -178,7 +212,9 @@ fn bench(
         micro_batch,
         seq_len,
         steps,
+        recompute,
     } = shape;
+    let recompute = *recompute;
     let (model, micro_batch, seq_len, steps) = (model.as_str(), *micro_batch, *seq_len, *steps);
     use safepipe_model::cuda::memory::MemoryPlan;
     use safepipe_model::cuda::trainer::GpuTrainer;
@@ -196,12 +232,7 @@ fn bench(
     let gpu = Gpu::open(device, &nvrtc::cache_dir())?;
     let name = gpu.name.clone();
     let tokens = micro_batch * seq_len;
-    let plan = MemoryPlan::of(
-        &config,
-        tokens,
-        precision,
-        safepipe_model::cuda::model::logits_rows(&config, tokens, precision),
-    );
+    let plan = MemoryPlan::of(&config, tokens, precision, recompute);
     eprintln!("gpu bench: {model} on {name}, memory plan {}", plan.describe());
     let optim = OptimConfig {
         total_steps: (steps + 2) as u64,
@@ -209,6 +240,7 @@ fn bench(
     };
     let start = Trainer::new(config.clone(), Params::init(&config, 0), optim).map_err(Error::Config)?;
     let mut trainer = GpuTrainer::from_cpu(gpu, &start, precision)?;
+    trainer.model.recompute = recompute;
     if let Some(dir) = save {
         start
             .save(&dir.join("init"), 0, 0, serde_json::json!({}))
@@ -278,5 +310,6 @@ fn bench(
         "first_loss": first_loss,
         "last_loss": last.map(|s| s.loss),
         "memory_plan_gib": plan.total() as f64 / (1u64 << 30) as f64,
+        "recompute": recompute,
     }))
 }

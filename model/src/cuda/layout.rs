@@ -92,6 +92,12 @@ impl Layout {
         }
     }
 
+    /// The elements of layer `l`'s tensors: one contiguous range (a gradient bucket).
+    pub fn layer_range(&self, l: usize) -> std::ops::Range<usize> {
+        let (first, last) = (&self.slots[1 + 9 * l], &self.slots[9 + 9 * l]);
+        first.offset..last.offset + last.len
+    }
+
     /// `params` as one flat host vector in this layout (padding zero).
     pub fn flatten(&self, params: &Params<f32>) -> Vec<f32> {
         let mut flat = vec![0f32; self.total];
@@ -215,6 +221,15 @@ mod tests {
         let padding = &flat[config.vocab_size * d..layout.slots[0].len];
         assert!(padding.iter().all(|&x| x == 0.0));
         assert_eq!(layout.unflatten(&flat, &config), params);
+        // Layer buckets tile the buffer between the embedding and the final norm.
+        assert_eq!(layout.layer_range(0).start, layout.slots[0].len);
+        for l in 1..config.num_hidden_layers {
+            assert_eq!(layout.layer_range(l).start, layout.layer_range(l - 1).end);
+        }
+        assert_eq!(
+            layout.layer_range(config.num_hidden_layers - 1).end,
+            layout.final_norm()
+        );
         // Decay on matrices only.
         assert!(layout.slots.iter().all(|s| s.decay != s.name.ends_with("norm.weight")));
     }

@@ -36,13 +36,6 @@ impl DevBuf {
         })
     }
 
-    /// The buffer as `len` fp32 values (for NCCL's typed API).
-    pub fn f32_view(&mut self, len: usize) -> Result<cudarc::driver::CudaViewMut<'_, f32>, CudaError> {
-        // SAFETY: any bit pattern is a valid f32, and the length is checked against the allocation.
-        unsafe { self._slice.transmute_mut::<f32>(len) }
-            .ok_or_else(|| CudaError::Driver(format!("a view of {len} floats does not fit {} bytes", self.bytes)))
-    }
-
     /// The address of element `index` of `element_bytes`-sized elements.
     pub fn at(&self, index: usize, element_bytes: usize) -> u64 {
         self.ptr + (index * element_bytes) as u64
@@ -109,7 +102,9 @@ pub struct MemoryPlan {
 }
 
 impl MemoryPlan {
-    pub fn of(config: &LlamaConfig, tokens: usize, precision: Precision, logits_rows: usize) -> MemoryPlan {
+    /// With `recompute`, one layer's activations are kept (plus every layer's input).
+    pub fn of(config: &LlamaConfig, tokens: usize, precision: Precision, recompute: bool) -> MemoryPlan {
+        let logits_rows = super::model::logits_rows(config, tokens, precision);
         let es = precision.bytes();
         let (d, f, kv, layers) = (
             config.hidden_size,
@@ -120,14 +115,13 @@ impl MemoryPlan {
         let heads = config.num_attention_heads;
         let params = super::layout::Layout::new(config).total;
         let copy = if precision == Precision::Bf16 { 2 } else { 0 };
-        let per_layer = tokens
-            * es
-            * (d /* x */ + d /* h1 */ + (d + 2 * kv) + d /* attn */ + d /* xmid */ + d /* h2 */ + 2 * f + f)
-            + tokens * 4 * (2 + heads);
+        let per_layer =
+            tokens * es * (d /* h1 */ + (d + 2 * kv) + d /* attn */ + d /* xmid */ + d /* h2 */ + 2 * f + f)
+                + tokens * 4 * (2 + heads);
         let vocab = super::layout::padded_vocab(config.vocab_size);
         MemoryPlan {
             parameters: params * (16 + copy),
-            activations: per_layer * layers + tokens * es * 2 * d,
+            activations: per_layer * if recompute { 1 } else { layers } + tokens * es * d * (layers + 2),
             scratch: logits_rows * vocab * es
                 + tokens * es * (d + (2 * f).max(d + 2 * kv) + f.max(d))
                 + tokens * 4 * (heads + 8)

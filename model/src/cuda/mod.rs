@@ -14,7 +14,8 @@
 //!                   CPU backend, determinism and resume (its own module map)
 //! cuda/memory.rs    device buffers, raw-pointer kernel launches, the memory plan
 //! cuda/layout.rs    the flat parameter layout (fused projections, padded vocabulary); inputs
-//! cuda/model.rs     the Llama model on the GPU: weights, activations, forward + backward
+//! cuda/model.rs     the Llama model on the GPU: weights, activations (all kept, or recomputed)
+//! cuda/pass.rs      one micro-batch's forward + backward: layers, head, the named GEMMs
 //! cuda/trainer.rs   the optimiser step (NCCL average, global norm, fused AdamW), checkpoints
 //! cuda/nccl.rs      the NCCL group: its id sent from rank 0 over the TCP group, device all-reduce
 //! ```
@@ -32,6 +33,7 @@ pub mod memory;
 pub mod model;
 pub mod nccl;
 pub mod nvrtc;
+mod pass;
 pub mod trainer;
 
 pub use libs::Lib;
@@ -142,7 +144,9 @@ impl Gpu {
             )));
         }
         let name = context.name().map_err(driver)?;
-        let stream = context.default_stream();
+        // A stream of our own (not the legacy default stream, which would serialise with the
+        // NCCL stream and defeat the overlap of the gradient all-reduce).
+        let stream = context.new_stream().map_err(driver)?;
         let mut functions = HashMap::new();
         for kernel in kernels::SOURCES {
             let cubin = nvrtc::cubin(kernel, arch, cache)?;

@@ -12,56 +12,68 @@
 //! x' = m Wdown^T + xmid
 //! ```
 //! The backward pass runs it in reverse with one residual-gradient buffer updated in place; the
-//! head (final norm, tied embedding, cross-entropy) runs a chunk of rows at a time.
+//! head (final norm, tied embedding, cross-entropy) runs a chunk of rows at a time. The passes
+//! themselves are in [`super::pass`]. With `recompute`, only each layer's input is kept: the
+//! backward pass reruns the layer's forward pass (same kernels, same bits) just before it.
 
-use super::blas::{Blas, Dtype, Gemm};
+use super::blas::{Blas, Dtype};
 use super::layout::{Inputs, Layout, padded_vocab};
-use super::memory::{DevBuf, download, launch, upload, zero};
+use super::memory::{DevBuf, launch, upload};
 use super::{CudaError, Gpu, Precision};
 use crate::llama::{Batch, LlamaConfig, Params};
 
 /// Activations of one micro-batch shape (`rows x seq_len` tokens), allocated once and reused.
-struct Activations {
-    rows: usize,
-    seq_len: usize,
+/// Per-layer buffers hold one layer each, or with `recompute` a single set that every layer
+/// reuses ([`Activations::slot`]).
+pub(super) struct Activations {
+    pub(super) recompute: bool,
+    pub(super) rows: usize,
+    pub(super) seq_len: usize,
     /// Residual stream: x[0] is the embedding's output, x[L] the last layer's.
-    x: Vec<DevBuf>,
-    h1: Vec<DevBuf>,
-    rstd1: Vec<DevBuf>,
-    qkv: Vec<DevBuf>,
-    attn: Vec<DevBuf>,
-    lse: Vec<DevBuf>,
-    xmid: Vec<DevBuf>,
-    h2: Vec<DevBuf>,
-    rstd2: Vec<DevBuf>,
-    gu: Vec<DevBuf>,
-    act: Vec<DevBuf>,
-    hf: DevBuf,
-    rstdf: DevBuf,
+    pub(super) x: Vec<DevBuf>,
+    pub(super) h1: Vec<DevBuf>,
+    pub(super) rstd1: Vec<DevBuf>,
+    pub(super) qkv: Vec<DevBuf>,
+    pub(super) attn: Vec<DevBuf>,
+    pub(super) lse: Vec<DevBuf>,
+    pub(super) xmid: Vec<DevBuf>,
+    pub(super) h2: Vec<DevBuf>,
+    pub(super) rstd2: Vec<DevBuf>,
+    pub(super) gu: Vec<DevBuf>,
+    pub(super) act: Vec<DevBuf>,
+    pub(super) hf: DevBuf,
+    pub(super) rstdf: DevBuf,
     // Scratch shared by every layer.
-    logits: DevBuf,
-    logits_rows: usize,
-    dx: DevBuf,
-    dbig: DevBuf,
-    dsmall: DevBuf,
-    delta: DevBuf,
-    losses: DevBuf,
-    partial: DevBuf,
+    pub(super) logits: DevBuf,
+    pub(super) logits_rows: usize,
+    pub(super) dx: DevBuf,
+    pub(super) dbig: DevBuf,
+    pub(super) dsmall: DevBuf,
+    pub(super) delta: DevBuf,
+    pub(super) losses: DevBuf,
+    pub(super) partial: DevBuf,
     // Inputs.
-    ids: DevBuf,
-    targets: DevBuf,
-    weights: DevBuf,
-    segments: DevBuf,
-    doc_start: DevBuf,
-    group_tokens: DevBuf,
-    group_starts: DevBuf,
-    group_positions: DevBuf,
-    cos: DevBuf,
-    sin: DevBuf,
+    pub(super) ids: DevBuf,
+    pub(super) targets: DevBuf,
+    pub(super) weights: DevBuf,
+    pub(super) segments: DevBuf,
+    pub(super) doc_start: DevBuf,
+    pub(super) group_tokens: DevBuf,
+    pub(super) group_starts: DevBuf,
+    pub(super) group_positions: DevBuf,
+    pub(super) cos: DevBuf,
+    pub(super) sin: DevBuf,
+}
+
+impl Activations {
+    /// The index of layer `l`'s buffers in the per-layer vectors.
+    pub(super) fn slot(&self, l: usize) -> usize {
+        if self.recompute { 0 } else { l }
+    }
 }
 
 /// Rows a block of the RMSNorm backward sums its weight gradient over.
-const NORM_ROWS_PER_BLOCK: usize = 64;
+pub(super) const NORM_ROWS_PER_BLOCK: usize = 64;
 /// The most logits one chunk of the head holds (bytes).
 const LOGITS_BYTES: usize = 512 << 20;
 
@@ -83,7 +95,7 @@ pub struct GpuModel {
     pub config: LlamaConfig,
     pub precision: Precision,
     pub layout: Layout,
-    blas: Blas,
+    pub(super) blas: Blas,
     /// fp32 master weights, gradients and AdamW moments, all in [`Layout`].
     pub master: DevBuf,
     pub grads: DevBuf,
@@ -92,6 +104,8 @@ pub struct GpuModel {
     /// bf16 working copy of the weights (bf16 mode only).
     pub weights16: Option<DevBuf>,
     acts: Option<Activations>,
+    /// Keep only each layer's input and recompute the rest in the backward pass.
+    pub recompute: bool,
 }
 
 impl GpuModel {
@@ -121,6 +135,7 @@ impl GpuModel {
             config,
             precision,
             acts: None,
+            recompute: false,
         };
         model.refresh_working_copy(gpu)?;
         Ok(model)
@@ -135,11 +150,11 @@ impl GpuModel {
         Ok(())
     }
 
-    fn es(&self) -> usize {
+    pub(super) fn es(&self) -> usize {
         self.precision.bytes()
     }
 
-    fn dtype(&self) -> Dtype {
+    pub(super) fn dtype(&self) -> Dtype {
         match self.precision {
             Precision::F32 => Dtype::F32,
             Precision::Bf16 => Dtype::Bf16,
@@ -147,7 +162,7 @@ impl GpuModel {
     }
 
     /// The working copy's address of element `offset`.
-    fn w(&self, offset: usize) -> u64 {
+    pub(super) fn w(&self, offset: usize) -> u64 {
         match &self.weights16 {
             Some(w16) => w16.at(offset, 2),
             None => self.master.at(offset, 4),
@@ -156,11 +171,11 @@ impl GpuModel {
 
     /// Whether attention runs the fused tensor-core kernels (bf16, head_dim 64: every SmolLM2
     /// shape) rather than the reference ones.
-    fn flash(&self) -> bool {
+    pub(super) fn flash(&self) -> bool {
         self.precision == Precision::Bf16 && self.config.head_dim() == 64
     }
 
-    fn kernel(&self, base: &str) -> String {
+    pub(super) fn kernel(&self, base: &str) -> String {
         format!("{base}_{}", self.precision.suffix())
     }
 
@@ -169,7 +184,7 @@ impl GpuModel {
         if self
             .acts
             .as_ref()
-            .is_some_and(|a| a.rows == rows && a.seq_len == seq_len)
+            .is_some_and(|a| a.rows == rows && a.seq_len == seq_len && a.recompute == self.recompute)
         {
             return Ok(());
         }
@@ -186,9 +201,9 @@ impl GpuModel {
         let es = self.es();
         let vocab = padded_vocab(c.vocab_size);
         let logits_rows = logits_rows(c, n, self.precision);
-        let per_layer = |bytes: usize| -> Result<Vec<DevBuf>, CudaError> {
-            (0..layers).map(|_| DevBuf::zeros(gpu, bytes)).collect()
-        };
+        let kept = if self.recompute { 1 } else { layers };
+        let per_layer =
+            |bytes: usize| -> Result<Vec<DevBuf>, CudaError> { (0..kept).map(|_| DevBuf::zeros(gpu, bytes)).collect() };
         let half = c.head_dim() / 2;
         let (mut cos, mut sin) = (vec![0f32; seq_len * half], vec![0f32; seq_len * half]);
         for p in 0..seq_len {
@@ -201,6 +216,7 @@ impl GpuModel {
             }
         }
         let acts = Activations {
+            recompute: self.recompute,
             rows,
             seq_len,
             x: (0..=layers)
@@ -243,341 +259,26 @@ impl GpuModel {
         Ok(())
     }
 
-    /// Queues one GEMM (row-major, see [`Gemm`]) in the model's precision; `output` says
-    /// whether D is the working type or fp32 (weight gradients).
-    #[allow(clippy::too_many_arguments)]
-    fn gemm(
-        &self,
-        m: usize,
-        n: usize,
-        k: usize,
-        a: u64,
-        trans_a: bool,
-        b: u64,
-        trans_b: bool,
-        c: Option<u64>,
-        d: u64,
-        output: Dtype,
-    ) -> Result<(), CudaError> {
-        self.blas.gemm(&Gemm {
-            m,
-            n,
-            k,
-            a,
-            trans_a,
-            b,
-            trans_b,
-            c: c.unwrap_or(d),
-            d,
-            input: self.dtype(),
-            output,
-            alpha: 1.0,
-            beta: if c.is_some() { 1.0 } else { 0.0 },
-        })
-    }
-
     /// Forward and backward of one micro-batch: adds its weight gradients (of the micro-batch's
     /// mean loss) to `grads`, returns its loss.
     pub fn forward_backward(&mut self, gpu: &Gpu, batch: &Batch) -> Result<MicroLoss, CudaError> {
+        self.forward_backward_with(gpu, batch, &mut |_| Ok(()))
+    }
+
+    /// [`GpuModel::forward_backward`], calling `layer_done(l)` once layer `l`'s weight
+    /// gradients are all queued (layers in reverse order), e.g. to start their all-reduce.
+    pub fn forward_backward_with(
+        &mut self,
+        gpu: &Gpu,
+        batch: &Batch,
+        layer_done: &mut dyn FnMut(usize) -> Result<(), CudaError>,
+    ) -> Result<MicroLoss, CudaError> {
         self.activations(gpu, batch.rows, batch.seq_len)?;
         let inputs = Inputs::of(batch, self.config.vocab_size)?;
         let acts = self.acts.take().expect("allocated above");
-        let result = self.pass(gpu, &acts, &inputs);
+        let result = self.pass(gpu, &acts, &inputs, layer_done);
         self.acts = Some(acts);
         result
-    }
-
-    fn pass(&self, gpu: &Gpu, a: &Activations, inputs: &Inputs) -> Result<MicroLoss, CudaError> {
-        let c = &self.config;
-        let (n, d, f, kv) = (a.rows * a.seq_len, c.hidden_size, c.intermediate_size, c.kv_dim());
-        let (heads, kvh, hd, layers) = (
-            c.num_attention_heads,
-            c.num_key_value_heads,
-            c.head_dim(),
-            c.num_hidden_layers,
-        );
-        let (es, wt, f32t) = (self.es(), self.dtype(), Dtype::F32);
-        let qkv_w = d + 2 * kv;
-        let vocab = padded_vocab(c.vocab_size);
-        let eps = c.rms_norm_eps as f32;
-        let scale = (1.0 / (hd as f64).sqrt()) as f32;
-        let (d_i, n_i, seq_i, heads_i, kvh_i, hd_i) = (
-            d as i32,
-            n as i32,
-            a.seq_len as i32,
-            heads as i32,
-            kvh as i32,
-            hd as i32,
-        );
-        let qkv_stride = qkv_w as i64;
-        let segments = if inputs.segments.is_some() {
-            a.segments.ptr
-        } else {
-            0u64
-        };
-
-        upload(gpu, a.ids.ptr, &inputs.ids)?;
-        upload(gpu, a.targets.ptr, &inputs.targets)?;
-        upload(gpu, a.weights.ptr, &inputs.weights)?;
-        if let Some(s) = &inputs.segments {
-            upload(gpu, a.segments.ptr, s)?;
-        }
-        upload(gpu, a.doc_start.ptr, &inputs.doc_start)?;
-        upload(gpu, a.group_tokens.ptr, &inputs.group_tokens)?;
-        upload(gpu, a.group_starts.ptr, &inputs.group_starts)?;
-        upload(gpu, a.group_positions.ptr, &inputs.group_positions)?;
-
-        // Forward.
-        let embed = self.layout.embed();
-        launch!(gpu, self.kernel("embed_forward"), (n, 1), 256, 0; a.ids.ptr, self.w(embed), a.x[0].ptr, d_i)?;
-        for l in 0..layers {
-            let s = self.layout.layer(l);
-            launch!(gpu, self.kernel("rmsnorm_forward"), (n, 1), 256, 0;
-                a.x[l].ptr, 0u64, self.w(s.attn_norm), a.h1[l].ptr, a.rstd1[l].ptr, d_i, eps)?;
-            self.gemm(
-                n,
-                qkv_w,
-                d,
-                a.h1[l].ptr,
-                false,
-                self.w(s.qkv),
-                true,
-                None,
-                a.qkv[l].ptr,
-                wt,
-            )?;
-            let (q, k, v) = (a.qkv[l].ptr, a.qkv[l].at(d, es), a.qkv[l].at(d + kv, es));
-            launch!(gpu, self.kernel("rope"), (n, 1), 128, 0; q, a.cos.ptr, a.sin.ptr, heads_i, hd_i, seq_i, qkv_stride, 1f32)?;
-            launch!(gpu, self.kernel("rope"), (n, 1), 128, 0; k, a.cos.ptr, a.sin.ptr, kvh_i, hd_i, seq_i, qkv_stride, 1f32)?;
-            if self.flash() {
-                launch!(gpu, "flash_forward_bf16", (a.seq_len.div_ceil(64), heads), 128, 0, a.rows;
-                    q, k, v, a.attn[l].ptr, a.lse[l].ptr, a.doc_start.ptr, seq_i, heads_i, kvh_i, qkv_stride, qkv_stride, scale)?;
-            } else {
-                launch!(gpu, self.kernel("attention_forward"), (n, heads), 128, a.seq_len * 4;
-                    q, k, v, a.attn[l].ptr, a.lse[l].ptr, segments, seq_i, heads_i, kvh_i, hd_i, qkv_stride, qkv_stride, scale)?;
-            }
-            self.gemm(
-                n,
-                d,
-                d,
-                a.attn[l].ptr,
-                false,
-                self.w(s.o),
-                true,
-                Some(a.x[l].ptr),
-                a.xmid[l].ptr,
-                wt,
-            )?;
-            launch!(gpu, self.kernel("rmsnorm_forward"), (n, 1), 256, 0;
-                a.xmid[l].ptr, 0u64, self.w(s.mlp_norm), a.h2[l].ptr, a.rstd2[l].ptr, d_i, eps)?;
-            self.gemm(
-                n,
-                2 * f,
-                d,
-                a.h2[l].ptr,
-                false,
-                self.w(s.gate_up),
-                true,
-                None,
-                a.gu[l].ptr,
-                wt,
-            )?;
-            launch!(gpu, self.kernel("swiglu_forward"), (n.min(4096), 1), 256, 0; a.gu[l].ptr, a.act[l].ptr, n as i64, f as i32)?;
-            self.gemm(
-                n,
-                d,
-                f,
-                a.act[l].ptr,
-                false,
-                self.w(s.down),
-                true,
-                Some(a.xmid[l].ptr),
-                a.x[l + 1].ptr,
-                wt,
-            )?;
-        }
-        let norm = self.layout.final_norm();
-        launch!(gpu, self.kernel("rmsnorm_forward"), (n, 1), 256, 0;
-            a.x[layers].ptr, 0u64, self.w(norm), a.hf.ptr, a.rstdf.ptr, d_i, eps)?;
-
-        // The head, a chunk of rows at a time: logits, loss and their gradient in place, then
-        // the gradient of the final norm's output (dsmall) and of the tied embedding.
-        let grad = |offset: usize| self.grads.at(offset, 4);
-        for start in (0..n).step_by(a.logits_rows) {
-            let rows = a.logits_rows.min(n - start);
-            self.gemm(
-                rows,
-                vocab,
-                d,
-                a.hf.at(start * d, es),
-                false,
-                self.w(embed),
-                true,
-                None,
-                a.logits.ptr,
-                wt,
-            )?;
-            launch!(gpu, self.kernel("cross_entropy"), (rows, 1), 1024, 0;
-                a.logits.ptr, a.targets.at(start, 4), a.weights.at(start, 4), a.losses.at(start, 4),
-                c.vocab_size as i32, vocab as i64)?;
-            self.gemm(
-                rows,
-                d,
-                vocab,
-                a.logits.ptr,
-                false,
-                self.w(embed),
-                false,
-                None,
-                a.dsmall.at(start * d, es),
-                wt,
-            )?;
-            self.gemm(
-                vocab,
-                d,
-                rows,
-                a.logits.ptr,
-                true,
-                a.hf.at(start * d, es),
-                false,
-                Some(grad(embed)),
-                grad(embed),
-                f32t,
-            )?;
-        }
-        zero(gpu, a.dx.ptr, n * d * es)?;
-        self.norm_backward(gpu, a, a.x[layers].ptr, norm, a.rstdf.ptr, a.dsmall.ptr)?;
-
-        // Backward through the layers; dx holds d loss / d x[l + 1], updated in place to d x[l].
-        for l in (0..layers).rev() {
-            let s = self.layout.layer(l);
-            self.gemm(n, f, d, a.dx.ptr, false, self.w(s.down), false, None, a.dsmall.ptr, wt)?;
-            self.gemm(
-                d,
-                f,
-                n,
-                a.dx.ptr,
-                true,
-                a.act[l].ptr,
-                false,
-                Some(grad(s.down)),
-                grad(s.down),
-                f32t,
-            )?;
-            launch!(gpu, self.kernel("swiglu_backward"), (n.min(4096), 1), 256, 0; a.gu[l].ptr, a.dsmall.ptr, a.dbig.ptr, n as i64, f as i32)?;
-            self.gemm(
-                n,
-                d,
-                2 * f,
-                a.dbig.ptr,
-                false,
-                self.w(s.gate_up),
-                false,
-                None,
-                a.dsmall.ptr,
-                wt,
-            )?;
-            self.gemm(
-                2 * f,
-                d,
-                n,
-                a.dbig.ptr,
-                true,
-                a.h2[l].ptr,
-                false,
-                Some(grad(s.gate_up)),
-                grad(s.gate_up),
-                f32t,
-            )?;
-            self.norm_backward(gpu, a, a.xmid[l].ptr, s.mlp_norm, a.rstd2[l].ptr, a.dsmall.ptr)?;
-
-            self.gemm(n, d, d, a.dx.ptr, false, self.w(s.o), false, None, a.dsmall.ptr, wt)?;
-            self.gemm(
-                d,
-                d,
-                n,
-                a.dx.ptr,
-                true,
-                a.attn[l].ptr,
-                false,
-                Some(grad(s.o)),
-                grad(s.o),
-                f32t,
-            )?;
-            let (q, k, v) = (a.qkv[l].ptr, a.qkv[l].at(d, es), a.qkv[l].at(d + kv, es));
-            let (dq, dk, dv) = (a.dbig.ptr, a.dbig.at(d, es), a.dbig.at(d + kv, es));
-            launch!(gpu, self.kernel("attention_delta"), (n, 1), 64, 0; a.attn[l].ptr, a.dsmall.ptr, a.delta.ptr, heads_i, hd_i)?;
-            if self.flash() {
-                let tiles = a.seq_len.div_ceil(64);
-                launch!(gpu, "flash_backward_query_bf16", (tiles, heads), 128, 0, a.rows;
-                    q, k, v, a.dsmall.ptr, a.lse[l].ptr, a.delta.ptr, dq, a.doc_start.ptr, seq_i, heads_i, kvh_i, qkv_stride, qkv_stride, scale)?;
-                launch!(gpu, "flash_backward_key_bf16", (tiles, kvh), 128, 0, a.rows;
-                    q, k, v, a.dsmall.ptr, a.lse[l].ptr, a.delta.ptr, dk, dv, a.doc_start.ptr, seq_i, heads_i, kvh_i, qkv_stride, qkv_stride, scale)?;
-            } else {
-                launch!(gpu, self.kernel("attention_backward_query"), (n, heads), 64, 0;
-                    q, k, v, a.dsmall.ptr, a.lse[l].ptr, a.delta.ptr, dq, segments, seq_i, heads_i, kvh_i, hd_i, qkv_stride, qkv_stride, scale)?;
-                launch!(gpu, self.kernel("attention_backward_key"), (n, kvh), 64, 0;
-                    q, k, v, a.dsmall.ptr, a.lse[l].ptr, a.delta.ptr, dk, dv, segments, seq_i, heads_i, kvh_i, hd_i, qkv_stride, qkv_stride, scale)?;
-            }
-            launch!(gpu, self.kernel("rope"), (n, 1), 128, 0; dq, a.cos.ptr, a.sin.ptr, heads_i, hd_i, seq_i, qkv_stride, -1f32)?;
-            launch!(gpu, self.kernel("rope"), (n, 1), 128, 0; dk, a.cos.ptr, a.sin.ptr, kvh_i, hd_i, seq_i, qkv_stride, -1f32)?;
-            self.gemm(
-                n,
-                d,
-                qkv_w,
-                a.dbig.ptr,
-                false,
-                self.w(s.qkv),
-                false,
-                None,
-                a.dsmall.ptr,
-                wt,
-            )?;
-            self.gemm(
-                qkv_w,
-                d,
-                n,
-                a.dbig.ptr,
-                true,
-                a.h1[l].ptr,
-                false,
-                Some(grad(s.qkv)),
-                grad(s.qkv),
-                f32t,
-            )?;
-            self.norm_backward(gpu, a, a.x[l].ptr, s.attn_norm, a.rstd1[l].ptr, a.dsmall.ptr)?;
-        }
-        let groups = inputs.group_tokens.len() as i32;
-        if groups > 0 {
-            launch!(gpu, self.kernel("embed_backward"), (groups, 1), 256, 0;
-                a.group_tokens.ptr, a.group_starts.ptr, a.group_positions.ptr, a.dx.ptr, grad(embed), d_i)?;
-        }
-        let _ = n_i;
-        let mut losses = vec![0f32; n];
-        download(gpu, &mut losses, a.losses.ptr)?;
-        Ok(MicroLoss {
-            sum: losses.iter().map(|&x| f64::from(x)).sum(),
-            counted: inputs.counted,
-        })
-    }
-
-    /// RMSNorm backward: `dx += norm'(dy)` for the norm of input `x` with weight at `weight`,
-    /// and the weight's gradient summed (deterministically) into `grads`.
-    fn norm_backward(
-        &self,
-        gpu: &Gpu,
-        a: &Activations,
-        x: u64,
-        weight: usize,
-        rstd: u64,
-        dy: u64,
-    ) -> Result<(), CudaError> {
-        let (n, d) = (a.rows * a.seq_len, self.config.hidden_size);
-        let blocks = n.div_ceil(NORM_ROWS_PER_BLOCK);
-        launch!(gpu, self.kernel("rmsnorm_backward"), (blocks, 1), 256, 0;
-            x, self.w(weight), rstd, dy, a.dx.ptr, a.partial.ptr, n as i32, NORM_ROWS_PER_BLOCK as i32, d as i32)?;
-        launch!(gpu, "column_sum", (d.div_ceil(256), 1), 256, 0;
-            a.partial.ptr, self.grads.at(weight, 4), blocks as i32, d as i32, 1i32)
     }
 }
 
@@ -589,12 +290,7 @@ mod tests {
     fn the_memory_plan_of_the_presets_fits_an_80_gb_gpu_at_a_useful_micro_batch() {
         let config = LlamaConfig::preset("smollm2-1.7b").unwrap();
         let tokens = 8 * 2048;
-        let plan = super::super::memory::MemoryPlan::of(
-            &config,
-            tokens,
-            Precision::Bf16,
-            logits_rows(&config, tokens, Precision::Bf16),
-        );
+        let plan = super::super::memory::MemoryPlan::of(&config, tokens, Precision::Bf16, false);
         // 18 bytes per parameter: fp32 master, gradient, two moments, the bf16 copy.
         let params = config.parameter_count() as f64;
         assert!(
@@ -604,5 +300,13 @@ mod tests {
         );
         assert!(plan.total() < 80 << 30, "{}", plan.describe());
         assert!(plan.describe().contains("GiB"));
+        // Recomputation keeps one layer's activations instead of 24.
+        let lean = super::super::memory::MemoryPlan::of(&config, tokens, Precision::Bf16, true);
+        assert!(
+            lean.activations * 4 < plan.activations,
+            "{} vs {}",
+            lean.describe(),
+            plan.describe()
+        );
     }
 }

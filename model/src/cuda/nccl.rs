@@ -7,11 +7,13 @@
 //! NCCL sums in its own order (rings, trees), so multi-GPU results are reproducible run to run
 //! for the same world size and settings, not bit-identical to the CPU backend's rank-ordered sum.
 
+use super::CudaError;
 use super::libs::{Lib, require};
-use super::{CudaError, Gpu};
 use crate::collective::Collective;
-use cudarc::driver::DevicePtrMut;
-use cudarc::nccl::{Comm, Id, ReduceOp};
+use cudarc::driver::CudaStream;
+use cudarc::nccl::{result, sys};
+use std::ffi::c_void;
+use std::sync::Arc;
 
 /// The size of NCCL's unique id (`ncclUniqueId`).
 pub const ID_BYTES: usize = 128;
@@ -42,52 +44,107 @@ pub fn share_id(
     Ok(id)
 }
 
-/// This rank's place in the NCCL group, on its GPU's stream.
+/// This rank's place in the NCCL group; its operations are queued on the stream it joined
+/// with. NCCL's raw API (through cudarc's `result` layer) so that any address range of a
+/// buffer (a gradient bucket) can be reduced.
 pub struct NcclGroup {
-    comm: Comm,
+    comm: cudarc::nccl::sys::ncclComm_t,
+    stream: Arc<CudaStream>,
+    rank: usize,
+    world: usize,
+}
+
+// SAFETY: the communicator is used from one thread at a time (&mut or &self methods of the one
+// trainer that owns it); NCCL communicators may move between threads.
+unsafe impl Send for NcclGroup {}
+unsafe impl Sync for NcclGroup {}
+
+fn nccl_err(what: &str, e: result::NcclError) -> CudaError {
+    CudaError::Driver(format!("NCCL {what}: {e:?}"))
 }
 
 impl NcclGroup {
-    /// Joins the NCCL group of the ranks of `tcp` (same ranks, same world size).
-    pub fn join(gpu: &Gpu, tcp: &dyn Collective) -> Result<NcclGroup, CudaError> {
+    /// Joins the NCCL group of the ranks of `tcp` (same ranks, same world size), queuing its
+    /// operations on `stream`.
+    pub fn join(stream: Arc<CudaStream>, tcp: &dyn Collective) -> Result<NcclGroup, CudaError> {
         require(Lib::Nccl)?;
-        let nccl = |what: &str, e: cudarc::nccl::result::NcclError| CudaError::Driver(format!("NCCL {what}: {e:?}"));
         let id = share_id(tcp, || {
-            let id = Id::new().map_err(|e| nccl("ncclGetUniqueId", e))?;
-            let mut bytes = [0u8; ID_BYTES];
-            for (b, c) in bytes.iter_mut().zip(id.internal()) {
-                *b = *c as u8;
-            }
-            Ok(bytes)
+            let id = result::get_uniqueid().map_err(|e| nccl_err("ncclGetUniqueId", e))?;
+            Ok(id.internal.map(|c| c as u8))
         })?;
-        let internal = id.map(|b| b as std::ffi::c_char);
-        let comm = Comm::from_rank(gpu.stream.clone(), tcp.rank(), tcp.world_size(), Id::uninit(internal))
-            .map_err(|e| nccl("ncclCommInitRank", e))?;
-        Ok(NcclGroup { comm })
+        let id = cudarc::nccl::sys::ncclUniqueId {
+            internal: id.map(|b| b as std::ffi::c_char),
+        };
+        stream
+            .context()
+            .bind_to_thread()
+            .map_err(|e| CudaError::Driver(format!("{e:?}")))?;
+        let mut comm = std::mem::MaybeUninit::uninit();
+        // SAFETY: `comm` is written by ncclCommInitRank before it is read; the id, rank and
+        // world size are the same on every rank (the TCP group checked the world size).
+        let comm = unsafe {
+            result::comm_init_rank(comm.as_mut_ptr(), tcp.world_size() as i32, id, tcp.rank() as i32)
+                .map_err(|e| nccl_err("ncclCommInitRank", e))?;
+            comm.assume_init()
+        };
+        Ok(NcclGroup {
+            comm,
+            stream,
+            rank: tcp.rank(),
+            world: tcp.world_size(),
+        })
     }
 
     pub fn rank(&self) -> usize {
-        self.comm.rank()
+        self.rank
     }
 
     pub fn world_size(&self) -> usize {
-        self.comm.world_size()
+        self.world
     }
 
-    /// Replaces `data` with rank 0's (queued on the GPU's stream).
-    pub fn broadcast(&self, data: &mut impl DevicePtrMut<f32>) -> Result<(), CudaError> {
-        self.comm
-            .broadcast_in_place(data, 0)
-            .map(|_| ())
-            .map_err(|e| CudaError::Driver(format!("NCCL broadcast: {e:?}")))
+    /// Replaces `count` fp32 values at device address `ptr` with rank 0's (queued).
+    pub fn broadcast(&self, ptr: u64, count: usize) -> Result<(), CudaError> {
+        // SAFETY: the caller gives an address holding `count` floats, alive until the stream ran.
+        unsafe {
+            result::broadcast(
+                ptr as *const c_void,
+                ptr as *mut c_void,
+                count,
+                sys::ncclDataType_t::ncclFloat32,
+                0,
+                self.comm,
+                self.stream.cu_stream() as sys::cudaStream_t,
+            )
+        }
+        .map(|_| ())
+        .map_err(|e| nccl_err("broadcast", e))
     }
 
-    /// Replaces `data` with its mean over the ranks (queued on the GPU's stream).
-    pub fn all_reduce_mean(&self, data: &mut impl DevicePtrMut<f32>) -> Result<(), CudaError> {
-        self.comm
-            .all_reduce_in_place(data, &ReduceOp::Avg)
-            .map(|_| ())
-            .map_err(|e| CudaError::Driver(format!("NCCL all-reduce: {e:?}")))
+    /// Replaces `count` fp32 values at device address `ptr` with their mean over the ranks
+    /// (queued).
+    pub fn all_reduce_mean(&self, ptr: u64, count: usize) -> Result<(), CudaError> {
+        // SAFETY: as in `broadcast`.
+        unsafe {
+            result::all_reduce(
+                ptr as *const c_void,
+                ptr as *mut c_void,
+                count,
+                sys::ncclDataType_t::ncclFloat32,
+                sys::ncclRedOp_t::ncclAvg,
+                self.comm,
+                self.stream.cu_stream() as sys::cudaStream_t,
+            )
+        }
+        .map(|_| ())
+        .map_err(|e| nccl_err("all-reduce", e))
+    }
+}
+
+impl Drop for NcclGroup {
+    fn drop(&mut self) {
+        // SAFETY: the communicator is not used after this; a failure at teardown cannot be acted on.
+        let _ = unsafe { result::comm_destroy(self.comm) };
     }
 }
 

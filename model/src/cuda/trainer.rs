@@ -5,7 +5,10 @@
 //! One step, as the CPU backend's (train.rs), so the two agree:
 //! 1. weight gradients of each micro-batch's mean loss accumulate in fp32, then are scaled by
 //!    1 / micro-batches;
-//! 2. with several ranks, NCCL averages them;
+//! 2. with several ranks, NCCL averages them, overlapped with the backward pass: during the last
+//!    micro-batch each layer's gradients (one contiguous bucket of the flat layout) are
+//!    all-reduced on a second stream as soon as that layer's backward pass is queued; the
+//!    embedding and final norm follow the pass; the 1 / micro-batches scale comes after;
 //! 3. the global norm is summed in fp64 in a fixed order (two passes, no atomics) and the
 //!    gradients clipped to `clip`;
 //! 4. fused AdamW per tensor (decay on matrices only) updates the fp32 master weights and
@@ -29,6 +32,8 @@ pub struct GpuTrainer {
     pub step: u64,
     pub optim: OptimConfig,
     nccl: Option<NcclGroup>,
+    /// The stream NCCL runs on, beside the GPU's compute stream.
+    comm_stream: Option<std::sync::Arc<cudarc::driver::CudaStream>>,
     norm_partials: super::memory::DevBuf,
 }
 
@@ -47,6 +52,7 @@ impl GpuTrainer {
             step: trainer.step,
             optim: trainer.optim.clone(),
             nccl: None,
+            comm_stream: None,
             norm_partials,
         })
     }
@@ -55,18 +61,28 @@ impl GpuTrainer {
         &self.model.config
     }
 
-    /// Joins the NCCL group of `comm`'s ranks (when there are several) and makes every rank
-    /// hold rank 0's weights and moments.
+    /// Joins the NCCL group of `comm`'s ranks when there are several (see [`GpuTrainer::join_nccl`]).
     pub fn join(&mut self, comm: &dyn Collective) -> Result<(), CudaError> {
         if comm.world_size() == 1 {
             return Ok(());
         }
-        let nccl = NcclGroup::join(&self.gpu, comm)?;
+        self.join_nccl(comm)
+    }
+
+    /// Joins the NCCL group of `comm`'s ranks (any world size, 1 included: the GPU check runs
+    /// it so), on a stream of its own, and makes every rank hold rank 0's weights and moments.
+    pub fn join_nccl(&mut self, comm: &dyn Collective) -> Result<(), CudaError> {
+        let stream = self.gpu.context.new_stream().map_err(super::memory::driver)?;
+        // The weights were uploaded on the compute stream: NCCL's stream waits for them.
+        stream.join(&self.gpu.stream).map_err(super::memory::driver)?;
+        let nccl = NcclGroup::join(stream.clone(), comm)?;
         let total = self.model.layout.total;
-        for buf in [&mut self.model.master, &mut self.model.m, &mut self.model.v] {
-            nccl.broadcast(&mut buf.f32_view(total)?)?;
+        for buf in [&self.model.master, &self.model.m, &self.model.v] {
+            nccl.broadcast(buf.ptr, total)?;
         }
+        self.gpu.stream.join(&stream).map_err(super::memory::driver)?;
         self.nccl = Some(nccl);
+        self.comm_stream = Some(stream);
         self.model.refresh_working_copy(&self.gpu)
     }
 
@@ -76,17 +92,40 @@ impl GpuTrainer {
         let total = self.model.layout.total;
         zero(gpu, self.model.grads.ptr, total * 4)?;
         let (mut loss, mut tokens) = (0f64, 0usize);
-        for batch in micro_batches {
-            let l = self.model.forward_backward(gpu, batch)?;
+        let accum = micro_batches.len().max(1);
+        for (i, batch) in micro_batches.iter().enumerate() {
+            let l = match (&self.nccl, &self.comm_stream) {
+                (Some(nccl), Some(comm_stream)) if i + 1 == micro_batches.len() => {
+                    // Each layer's bucket is averaged across ranks on NCCL's stream while the
+                    // earlier layers go back on the compute stream.
+                    let (model, gpu) = (&mut self.model, &self.gpu);
+                    let buckets: Vec<_> = (0..model.config.num_hidden_layers)
+                        .map(|l| model.layout.layer_range(l))
+                        .collect();
+                    let grads = model.grads.ptr;
+                    model.forward_backward_with(gpu, batch, &mut |layer| {
+                        let range = &buckets[layer];
+                        comm_stream.join(&gpu.stream).map_err(super::memory::driver)?;
+                        nccl.all_reduce_mean(grads + (range.start * 4) as u64, range.len())
+                    })?
+                }
+                _ => self.model.forward_backward(&self.gpu, batch)?,
+            };
             loss += if l.counted > 0 { l.sum / l.counted as f64 } else { 0.0 };
             tokens += l.counted;
         }
-        let accum = micro_batches.len().max(1);
+        if let (Some(nccl), Some(comm_stream)) = (&self.nccl, &self.comm_stream) {
+            // The embedding's and the final norm's gradients are complete after the pass.
+            comm_stream.join(&self.gpu.stream).map_err(super::memory::driver)?;
+            let layout = &self.model.layout;
+            for slot in [&layout.slots[0], &layout.slots[layout.slots.len() - 1]] {
+                nccl.all_reduce_mean(self.model.grads.at(slot.offset, 4), slot.len)?;
+            }
+            self.gpu.stream.join(comm_stream).map_err(super::memory::driver)?;
+        }
+        let gpu = &self.gpu;
         if accum > 1 {
             launch!(gpu, "scale_f32", (1024, 1), 256, 0; self.model.grads.ptr, total as i64, 1.0f32 / accum as f32)?;
-        }
-        if let Some(nccl) = &self.nccl {
-            nccl.all_reduce_mean(&mut self.model.grads.f32_view(total)?)?;
         }
         let mut loss_buf = [(loss / accum as f64) as f32];
         comm.all_reduce_mean(&mut loss_buf)

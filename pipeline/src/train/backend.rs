@@ -7,7 +7,7 @@ use crate::config::TrainConfig;
 use crate::error::{Error, Result};
 use safepipe_model::cuda::memory::MemoryPlan;
 use safepipe_model::cuda::trainer::GpuTrainer;
-use safepipe_model::cuda::{Gpu, Lib, Precision, libs, nvrtc};
+use safepipe_model::cuda::{Gpu, Precision, nvrtc};
 use safepipe_model::llama::{Batch, LlamaConfig};
 use safepipe_model::train::{Collective, StepStats, Trainer};
 use std::path::Path;
@@ -18,33 +18,12 @@ pub enum Backend {
     Cuda(Box<GpuTrainer>),
 }
 
-/// Set in a process `safepipe train` restarted itself as, so it restarts at most once.
-const REEXEC: &str = "SAFEPIPE_NCCL_REEXEC";
-
-/// With several CUDA ranks, NCCL must open as `libnccl.so`, which the system's loader only
-/// finds through `LD_LIBRARY_PATH` read at process start. When NCCL is found elsewhere (a
-/// wheel's `libnccl.so.2`), restart this process once with a link to it on the path; a
-/// restart replaces the process image, so the caller sees nothing of it.
+/// With several CUDA ranks, NCCL must be loadable: see [`crate::gpu::reexec_for_nccl`].
 pub fn ensure_nccl_loadable(t: &TrainConfig, world: usize) -> Result<()> {
-    if t.backend != "cuda" || world == 1 || std::env::var_os(REEXEC).is_some() {
+    if t.backend != "cuda" || world == 1 {
         return Ok(());
     }
-    if libs::require(Lib::Nccl).is_ok() || libs::locate(Lib::Nccl).is_none() {
-        // Loadable, or missing altogether: the group's join reports the latter.
-        return Ok(());
-    }
-    let path = libs::child_library_path(&nvrtc::cache_dir())?;
-    let exe = std::env::current_exe().map_err(|e| Error::Internal(format!("cannot find this binary: {e}")))?;
-    info!("restarting with NCCL's directory on LD_LIBRARY_PATH");
-    use std::os::unix::process::CommandExt;
-    let err = std::process::Command::new(exe)
-        .args(std::env::args_os().skip(1))
-        .env("LD_LIBRARY_PATH", path)
-        .env(REEXEC, "1")
-        .exec();
-    Err(Error::Internal(format!(
-        "restarting with NCCL on LD_LIBRARY_PATH: {err}"
-    )))
+    crate::gpu::reexec_for_nccl()
 }
 
 /// The GPU this rank uses: LOCAL_RANK (torchrun, our launcher), else SLURM_LOCALID, else 0.
@@ -71,12 +50,7 @@ impl Backend {
         let ordinal = device_ordinal()?;
         let gpu = Gpu::open(ordinal, &nvrtc::cache_dir())?;
         let config = &trainer.model.config;
-        let plan = MemoryPlan::of(
-            config,
-            tokens_per_micro_batch,
-            precision,
-            safepipe_model::cuda::model::logits_rows(config, tokens_per_micro_batch, precision),
-        );
+        let plan = MemoryPlan::of(config, tokens_per_micro_batch, precision, t.recompute);
         let free = gpu.context.mem_get_info().map(|(f, _)| f).unwrap_or(0);
         info!(
             gpu = %gpu.name,
@@ -89,14 +63,16 @@ impl Backend {
         );
         if plan.total() > free {
             return Err(Error::Config(format!(
-                "the run needs about {:.1} GiB on the GPU ({}) but {:.1} GiB are free: lower train.micro_batch \
-                 (and raise train.grad_accum to keep the global batch)",
+                "the run needs about {:.1} GiB on the GPU ({}) but {:.1} GiB are free: set train.recompute = true, \
+                 or lower train.micro_batch (and raise train.grad_accum to keep the global batch)",
                 plan.total() as f64 / (1u64 << 30) as f64,
                 plan.describe(),
                 free as f64 / (1u64 << 30) as f64
             )));
         }
-        Ok(Backend::Cuda(Box::new(GpuTrainer::from_cpu(gpu, &trainer, precision)?)))
+        let mut gpu_trainer = GpuTrainer::from_cpu(gpu, &trainer, precision)?;
+        gpu_trainer.model.recompute = t.recompute;
+        Ok(Backend::Cuda(Box::new(gpu_trainer)))
     }
 
     pub fn step(&self) -> u64 {

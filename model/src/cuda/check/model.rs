@@ -41,12 +41,23 @@ pub(super) fn model_checks(gpu: &Gpu) -> Result<Vec<KernelCheck>, CudaError> {
     let want = cpu.loss_and_grad(&params64, &first, &mut grads64);
     let want_grads: Vec<f64> = grads64.tensors().into_iter().flat_map(|(_, t, _)| t.to_vec()).collect();
     let mut out = Vec::new();
-    for precision in [Precision::F32, Precision::Bf16] {
+    // One micro-batch's loss and raw (flat) gradients in `precision`.
+    let gradients = |precision: Precision, recompute: bool| -> Result<(f64, GpuModel, Vec<f32>), CudaError> {
         let mut model = GpuModel::new(gpu, cfg.clone(), &params, precision)?;
+        model.recompute = recompute;
         crate::cuda::memory::zero(gpu, model.grads.ptr, model.layout.total * 4)?;
         let loss = model.forward_backward(gpu, &first)?;
         let mut flat = vec![0f32; model.layout.total];
         crate::cuda::memory::download(gpu, &mut flat, model.grads.ptr)?;
+        Ok((loss.sum / loss.counted as f64, model, flat))
+    };
+    for precision in [Precision::F32, Precision::Bf16] {
+        let (loss, model, flat) = gradients(precision, false)?;
+        if precision == Precision::Bf16 {
+            // Recomputing each layer in the backward pass reruns the same kernels: same bits.
+            let (_, _, again) = gradients(precision, true)?;
+            out.push(identical("recompute: identical gradients", &flat, &again));
+        }
         let got_grads: Vec<f32> = model
             .layout
             .unflatten(&flat, &cfg)
@@ -54,12 +65,7 @@ pub(super) fn model_checks(gpu: &Gpu) -> Result<Vec<KernelCheck>, CudaError> {
             .into_iter()
             .flat_map(|(_, t, _)| t.to_vec())
             .collect();
-        let mut loss_check = compare(
-            "model loss (2 layers)",
-            precision,
-            &[(loss.sum / loss.counted as f64) as f32],
-            &[want.mean],
-        );
+        let mut loss_check = compare("model loss (2 layers)", precision, &[loss as f32], &[want.mean]);
         // bf16 activations through two layers: the loss within 1e-2 (the PyTorch target's bound).
         loss_check.tolerance = if precision == Precision::F32 { 1e-5 } else { 1e-2 };
         loss_check.ok = loss_check.relative_error <= loss_check.tolerance;
@@ -82,9 +88,12 @@ pub(super) fn model_checks(gpu: &Gpu) -> Result<Vec<KernelCheck>, CudaError> {
         ..OptimConfig::default()
     };
     let batches = [vec![first.clone()], vec![batch(22), batch(23)]];
-    let straight = |gpu: Gpu| -> Result<Vec<f32>, CudaError> {
+    let straight = |gpu: Gpu, nccl: bool| -> Result<Vec<f32>, CudaError> {
         let start = Trainer::new(cfg.clone(), params.clone(), optim.clone()).map_err(CudaError::Driver)?;
         let mut t = GpuTrainer::from_cpu(gpu, &start, Precision::Bf16)?;
+        if nccl {
+            t.join_nccl(&Single)?;
+        }
         for b in &batches {
             t.train_step(b, &Single)?;
         }
@@ -96,8 +105,21 @@ pub(super) fn model_checks(gpu: &Gpu) -> Result<Vec<KernelCheck>, CudaError> {
             .collect())
     };
     let reopen = || Gpu::open(gpu.context.ordinal(), &crate::cuda::nvrtc::cache_dir());
-    let a = straight(reopen()?)?;
-    let b = straight(reopen()?)?;
+    let a = straight(reopen()?, false)?;
+    // NCCL with one rank: its all-reduce (overlapped, per layer) is the identity.
+    match straight(reopen()?, true) {
+        Ok(with_nccl) => out.push(identical("NCCL, world size 1: identical weights", &a, &with_nccl)),
+        Err(e) => out.push(KernelCheck {
+            kernel: format!("NCCL, world size 1: {e}"),
+            precision: Precision::Bf16,
+            max_abs_error: f64::INFINITY,
+            max_abs_reference: 0.0,
+            relative_error: f64::INFINITY,
+            tolerance: 0.0,
+            ok: false,
+        }),
+    }
+    let b = straight(reopen()?, false)?;
     let start = Trainer::new(cfg.clone(), params.clone(), optim.clone()).map_err(CudaError::Driver)?;
     let mut t = GpuTrainer::from_cpu(reopen()?, &start, Precision::Bf16)?;
     t.train_step(&batches[0], &Single)?;
@@ -112,24 +134,21 @@ pub(super) fn model_checks(gpu: &Gpu) -> Result<Vec<KernelCheck>, CudaError> {
         .into_iter()
         .flat_map(|(_, x, _)| x.to_vec())
         .collect();
-    for (name, other) in [
-        ("same two steps twice: identical weights", &b),
-        ("one step, resume, one step: identical weights", &r),
-    ] {
-        let differing = a
-            .iter()
-            .zip(other.iter())
-            .filter(|(x, y)| x.to_bits() != y.to_bits())
-            .count();
-        out.push(KernelCheck {
-            kernel: name.into(),
-            precision: Precision::Bf16,
-            max_abs_error: differing as f64,
-            max_abs_reference: a.len() as f64,
-            relative_error: differing as f64 / a.len() as f64,
-            tolerance: 0.0,
-            ok: differing == 0,
-        });
-    }
+    out.push(identical("same two steps twice: identical weights", &a, &b));
+    out.push(identical("one step, resume, one step: identical weights", &a, &r));
     Ok(out)
+}
+
+/// Whether two weight vectors are the same bit for bit, as a check.
+fn identical(name: &str, a: &[f32], b: &[f32]) -> KernelCheck {
+    let differing = a.iter().zip(b).filter(|(x, y)| x.to_bits() != y.to_bits()).count() + a.len().abs_diff(b.len());
+    KernelCheck {
+        kernel: name.into(),
+        precision: Precision::Bf16,
+        max_abs_error: differing as f64,
+        max_abs_reference: a.len() as f64,
+        relative_error: differing as f64 / a.len().max(1) as f64,
+        tolerance: 0.0,
+        ok: differing == 0,
+    }
 }

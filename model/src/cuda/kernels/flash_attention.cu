@@ -53,7 +53,9 @@ __device__ __forceinline__ void load_tile(unsigned short (*tile)[LD], const bf16
 // straight from global memory; rows at or past `limit` are zero.
 __device__ __forceinline__ void load_a(unsigned (*a)[4], const bf16* x, int row0, int limit, long long stride) {
     const int lane = threadIdx.x & 31, g = lane >> 2, c = lane & 3;
+    #pragma unroll
     for (int kk = 0; kk < 4; ++kk) {
+        #pragma unroll
         for (int i = 0; i < 4; ++i) {
             const int row = row0 + g + (i & 1) * 8, col = kk * 16 + c * 2 + (i >> 1) * 8;
             a[kk][i] = row < limit ? *(const unsigned*)(x + (long long)row * stride + col) : 0u;
@@ -64,7 +66,9 @@ __device__ __forceinline__ void load_a(unsigned (*a)[4], const bf16* x, int row0
 // acc[j] (8 n-tiles of 8 columns) += A (4 k-steps) * B where B[k][n] = tile[n][k] (k contiguous).
 __device__ __forceinline__ void mma_rows(float (*acc)[4], const unsigned (*a)[4], unsigned short (*tile)[LD]) {
     const int lane = threadIdx.x & 31, g = lane >> 2, c = lane & 3;
+    #pragma unroll
     for (int j = 0; j < 8; ++j)
+        #pragma unroll
         for (int kk = 0; kk < 4; ++kk) {
             const unsigned b[2] = {*(const unsigned*)&tile[j * 8 + g][kk * 16 + c * 2],
                                    *(const unsigned*)&tile[j * 8 + g][kk * 16 + 8 + c * 2]};
@@ -76,11 +80,13 @@ __device__ __forceinline__ void mma_rows(float (*acc)[4], const unsigned (*a)[4]
 // rounded to bf16 as the A operand) and B[k][n] = tile[k][n] (n contiguous).
 __device__ __forceinline__ void mma_cols(float (*acc)[4], const float (*p)[4], unsigned short (*tile)[LD]) {
     const int lane = threadIdx.x & 31, g = lane >> 2, c = lane & 3;
+    #pragma unroll
     for (int kk = 0; kk < 4; ++kk) {
         const unsigned a[4] = {pack_f32(p[2 * kk][0], p[2 * kk][1]), pack_f32(p[2 * kk][2], p[2 * kk][3]),
                                pack_f32(p[2 * kk + 1][0], p[2 * kk + 1][1]),
                                pack_f32(p[2 * kk + 1][2], p[2 * kk + 1][3])};
         const int k0 = kk * 16 + c * 2;
+        #pragma unroll
         for (int j = 0; j < 8; ++j) {
             const int n = j * 8 + g;
             const unsigned b[2] = {pack_raw(tile[k0][n], tile[k0 + 1][n]), pack_raw(tile[k0 + 8][n], tile[k0 + 9][n])};
@@ -90,7 +96,9 @@ __device__ __forceinline__ void mma_cols(float (*acc)[4], const float (*p)[4], u
 }
 
 __device__ __forceinline__ void zero_acc(float (*acc)[4]) {
+    #pragma unroll
     for (int j = 0; j < 8; ++j)
+        #pragma unroll
         for (int e = 0; e < 4; ++e) acc[j][e] = 0.f;
 }
 
@@ -98,10 +106,12 @@ __device__ __forceinline__ void zero_acc(float (*acc)[4]) {
 __device__ __forceinline__ void store_rows(bf16* x, const float (*acc)[4], int row0, int limit, long long stride,
                                            float factor0, float factor1) {
     const int lane = threadIdx.x & 31, g = lane >> 2, c = lane & 3;
+    #pragma unroll
     for (int half = 0; half < 2; ++half) {
         const int row = row0 + g + half * 8;
         if (row >= limit) continue;
         const float f = half ? factor1 : factor0;
+        #pragma unroll
         for (int j = 0; j < 8; ++j) {
             *(unsigned*)(x + (long long)row * stride + j * 8 + c * 2) =
                 pack_f32(acc[j][half * 2] * f, acc[j][half * 2 + 1] * f);
@@ -126,6 +136,7 @@ flash_forward_bf16(const bf16* q, const bf16* k, const bf16* v, bf16* out, float
     load_a(qa, qh, q0, seq_len, q_stride);
     const int t[2] = {q0 + g, q0 + g + 8};
     int ds[2];
+    #pragma unroll
     for (int r = 0; r < 2; ++r) ds[r] = t[r] < seq_len ? doc_start[row0 + t[r]] : 0;
     float o[8][4], m[2] = {NEG_INF, NEG_INF}, l[2] = {0.f, 0.f};
     zero_acc(o);
@@ -138,9 +149,12 @@ flash_forward_bf16(const bf16* q, const bf16* k, const bf16* v, bf16* out, float
         float s[8][4];
         zero_acc(s);
         mma_rows(s, qa, ks);
+        #pragma unroll
         for (int r = 0; r < 2; ++r) {
             float mx = NEG_INF;
+            #pragma unroll
             for (int j = 0; j < 8; ++j)
+                #pragma unroll
                 for (int e = 0; e < 2; ++e) {
                     const int key = kt * TILE + j * 8 + c * 2 + e;
                     const bool seen = t[r] < seq_len && key <= t[r] && key >= ds[r];
@@ -153,7 +167,9 @@ flash_forward_bf16(const bf16* q, const bf16* k, const bf16* v, bf16* out, float
             const float m_new = fmaxf(m[r], mx);
             const float alpha = m[r] == NEG_INF ? 0.f : expf(m[r] - m_new);
             float sum = 0.f;
+            #pragma unroll
             for (int j = 0; j < 8; ++j)
+                #pragma unroll
                 for (int e = 0; e < 2; ++e) {
                     float& x = s[j][r * 2 + e];
                     x = x == NEG_INF ? 0.f : expf(x - m_new);
@@ -163,6 +179,7 @@ flash_forward_bf16(const bf16* q, const bf16* k, const bf16* v, bf16* out, float
             sum += __shfl_xor_sync(0xffffffffu, sum, 2);
             l[r] = l[r] * alpha + sum;
             m[r] = m_new;
+            #pragma unroll
             for (int j = 0; j < 8; ++j) {
                 o[j][r * 2] *= alpha;
                 o[j][r * 2 + 1] *= alpha;
@@ -174,6 +191,7 @@ flash_forward_bf16(const bf16* q, const bf16* k, const bf16* v, bf16* out, float
     store_rows(out + row0 * out_stride + h * HD, o, q0, seq_len, out_stride, l[0] > 0.f ? 1.f / l[0] : 0.f,
                l[1] > 0.f ? 1.f / l[1] : 0.f);
     if (c == 0)
+        #pragma unroll
         for (int r = 0; r < 2; ++r)
             if (t[r] < seq_len) lse[(row0 + t[r]) * heads + h] = m[r] + logf(l[r]);
 }
@@ -198,6 +216,7 @@ flash_backward_query_bf16(const bf16* q, const bf16* k, const bf16* v, const bf1
     const int t[2] = {q0 + g, q0 + g + 8};
     int ds[2];
     float row_lse[2], row_delta[2];
+    #pragma unroll
     for (int r = 0; r < 2; ++r) {
         const bool in = t[r] < seq_len;
         ds[r] = in ? doc_start[row0 + t[r]] : 0;
@@ -217,7 +236,9 @@ flash_backward_query_bf16(const bf16* q, const bf16* k, const bf16* v, const bf1
         zero_acc(dp);
         mma_rows(s, qa, ks);
         mma_rows(dp, da, vs);
+        #pragma unroll
         for (int j = 0; j < 8; ++j)
+            #pragma unroll
             for (int e = 0; e < 4; ++e) {
                 const int r = e >> 1, key = kt * TILE + j * 8 + c * 2 + (e & 1);
                 const bool seen = t[r] < seq_len && key <= t[r] && key >= ds[r];
@@ -272,7 +293,9 @@ flash_backward_key_bf16(const bf16* q, const bf16* k, const bf16* v, const bf16*
             zero_acc(dp);
             mma_rows(s, ka, qs);   // S^T: keys x queries
             mma_rows(dp, va, dos);  // dP^T
+            #pragma unroll
             for (int j = 0; j < 8; ++j)
+                #pragma unroll
                 for (int e = 0; e < 4; ++e) {
                     const int r = e >> 1, qi = j * 8 + c * 2 + (e & 1), t = qt * TILE + qi;
                     const bool seen = t < seq_len && key[r] < seq_len && key[r] <= t && key[r] >= ds_s[qi];
