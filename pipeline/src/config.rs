@@ -174,6 +174,9 @@ pub struct TrainConfig {
     /// The CUDA backend keeps only each layer's input and recomputes the rest when going back.
     #[serde(default)]
     pub recompute: bool,
+    /// The CUDA backend shards the AdamW moments across the ranks (ZeRO-1).
+    #[serde(default)]
+    pub zero1: bool,
 }
 
 fn default_backend() -> String {

@@ -126,8 +126,14 @@ impl Blas {
         })
     }
 
-    /// Queues one product (see [`Gemm`]).
+    /// Queues one product (see [`Gemm`]). Operands must be 256-byte aligned (the alignment
+    /// cuBLASLt's heuristic assumes by default; the model's layout keeps every tensor so).
     pub fn gemm(&self, g: &Gemm) -> Result<(), CudaError> {
+        if [g.a, g.b, g.c, g.d].iter().any(|p| p % 256 != 0) {
+            return Err(CudaError::Driver(format!(
+                "a GEMM operand is not 256-byte aligned: {g:?}"
+            )));
+        }
         let key = Key {
             m: g.m,
             n: g.n,

@@ -3,7 +3,8 @@
 //!
 //! Layout of the parameters: one flat fp32 buffer in [`Params::tensors`]' order (so q, k, v of
 //! a layer are one `[d + 2 kv, d]` matrix and gate, up one `[2 f, d]` matrix: fused
-//! projections), with the embedding padded to a multiple of 128 rows on the device only.
+//! projections), with the embedding padded to a multiple of 128 rows and every tensor starting
+//! 256-byte aligned, on the device only.
 //! Gradients and AdamW moments share the layout, so the optimiser, the norm and the all-reduce
 //! each run over one buffer.
 
@@ -16,12 +17,27 @@ pub fn padded_vocab(vocab: usize) -> usize {
     vocab.div_ceil(128) * 128
 }
 
+/// Every tensor starts at a multiple of this many elements (256 bytes in bf16): cuBLASLt's
+/// algorithms are chosen for 256-byte aligned operands. Matrices (products of multiples of 64)
+/// are multiples already, so fused q/k/v and gate/up stay adjacent; norm weights get padding.
+pub const ALIGN: usize = 128;
+
+/// The most ranks that may shard the optimiser state ([`Layout::shard`]).
+pub const MAX_SHARDS: usize = 1024;
+
+/// One rank's part of the flat buffers (elements).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Shard {
+    pub start: usize,
+    pub len: usize,
+}
+
 /// One tensor's place in the flat buffers.
 #[derive(Debug, Clone)]
 pub struct Slot {
     pub name: String,
     pub offset: usize,
-    /// Elements on the device (the embedding's include its padding).
+    /// Elements on the device (with the embedding's padding rows and the alignment padding).
     pub len: usize,
     /// Elements in a checkpoint.
     pub saved_len: usize,
@@ -57,7 +73,7 @@ impl Layout {
             let len = if name == "model.embed_tokens.weight" {
                 padded_vocab(config.vocab_size) * config.hidden_size
             } else {
-                saved_len
+                saved_len.div_ceil(ALIGN) * ALIGN
             };
             slots.push(Slot {
                 name,
@@ -90,6 +106,25 @@ impl Layout {
             gate_up: s(6),
             down: s(8),
         }
+    }
+
+    /// Elements the flat buffers hold: the layout plus room to pad it to equal shards for up to
+    /// [`MAX_SHARDS`] ranks (0.5 MiB of fp32 at most).
+    pub fn capacity(&self) -> usize {
+        self.total + MAX_SHARDS * ALIGN
+    }
+
+    /// Rank `rank`'s shard of the flat buffers when `world` ranks share the optimiser state:
+    /// equal, aligned, contiguous, together covering the layout (the last ones may hold only
+    /// padding, which no tensor uses).
+    pub fn shard(&self, rank: usize, world: usize) -> Result<Shard, CudaError> {
+        if world == 0 || world > MAX_SHARDS || rank >= world {
+            return Err(CudaError::Driver(format!(
+                "sharding the optimiser state needs 1..={MAX_SHARDS} ranks and a rank below them (rank {rank} of {world})"
+            )));
+        }
+        let len = self.total.div_ceil(world * ALIGN) * ALIGN;
+        Ok(Shard { start: rank * len, len })
     }
 
     /// The elements of layer `l`'s tensors: one contiguous range (a gradient bucket).
@@ -221,6 +256,12 @@ mod tests {
         let padding = &flat[config.vocab_size * d..layout.slots[0].len];
         assert!(padding.iter().all(|&x| x == 0.0));
         assert_eq!(layout.unflatten(&flat, &config), params);
+        assert!(
+            layout
+                .slots
+                .iter()
+                .all(|s| s.offset % ALIGN == 0 && s.len >= s.saved_len)
+        );
         // Layer buckets tile the buffer between the embedding and the final norm.
         assert_eq!(layout.layer_range(0).start, layout.slots[0].len);
         for l in 1..config.num_hidden_layers {
@@ -230,6 +271,19 @@ mod tests {
             layout.layer_range(config.num_hidden_layers - 1).end,
             layout.final_norm()
         );
+        // Shards: equal, aligned, in order, covering the layout within the capacity.
+        for world in [1, 3, 8, 64] {
+            let shards: Vec<Shard> = (0..world).map(|r| layout.shard(r, world).unwrap()).collect();
+            assert!(
+                shards
+                    .windows(2)
+                    .all(|w| w[0].start + w[0].len == w[1].start && w[0].len == w[1].len)
+            );
+            assert!(shards.iter().all(|s| s.start % ALIGN == 0));
+            let end = shards[world - 1].start + shards[world - 1].len;
+            assert!(end >= layout.total && end <= layout.capacity(), "{world} ranks");
+        }
+        assert!(layout.shard(3, 3).is_err() && layout.shard(0, MAX_SHARDS + 1).is_err());
         // Decay on matrices only.
         assert!(layout.slots.iter().all(|s| s.decay != s.name.ends_with("norm.weight")));
     }

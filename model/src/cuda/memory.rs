@@ -58,6 +58,12 @@ pub fn download<T>(gpu: &Gpu, dst: &mut [T], src: u64) -> Result<(), CudaError> 
     gpu.stream.synchronize().map_err(driver)
 }
 
+/// Copies `bytes` from device address `src` to `dst` (queued).
+pub fn copy(gpu: &Gpu, dst: u64, src: u64, bytes: usize) -> Result<(), CudaError> {
+    // SAFETY: the caller gives addresses with `bytes` of room.
+    unsafe { cudarc::driver::result::memcpy_dtod_async(dst, src, bytes, gpu.stream.cu_stream()) }.map_err(driver)
+}
+
 /// Zeroes `bytes` at `ptr` (queued).
 pub fn zero(gpu: &Gpu, ptr: u64, bytes: usize) -> Result<(), CudaError> {
     // SAFETY: the caller gives an address with `bytes` of room.

@@ -17,6 +17,7 @@
 //! cuda/model.rs     the Llama model on the GPU: weights, activations (all kept, or recomputed)
 //! cuda/pass.rs      one micro-batch's forward + backward: layers, head, the named GEMMs
 //! cuda/trainer.rs   the optimiser step (NCCL average, global norm, fused AdamW), checkpoints
+//! cuda/tests.rs     CPU-side tests: every kernel compiles for sm_80/sm_90, NVRTC's log, no-GPU errors
 //! cuda/nccl.rs      the NCCL group: its id sent from rank 0 over the TCP group, device all-reduce
 //! ```
 // The CUDA libraries are C APIs reached through cudarc's raw layers where its safe API falls

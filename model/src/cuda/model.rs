@@ -77,9 +77,11 @@ pub(super) const NORM_ROWS_PER_BLOCK: usize = 64;
 /// The most logits one chunk of the head holds (bytes).
 const LOGITS_BYTES: usize = 512 << 20;
 
-/// Rows of logits the head computes at a time for `tokens` tokens per micro-batch.
+/// Rows of logits the head computes at a time for `tokens` tokens per micro-batch: a multiple
+/// of 128, so every chunk's rows of the final norm's output start 256-byte aligned.
 pub fn logits_rows(config: &LlamaConfig, tokens: usize, precision: Precision) -> usize {
-    (LOGITS_BYTES / (padded_vocab(config.vocab_size) * precision.bytes())).clamp(1, tokens.max(1))
+    let fit = LOGITS_BYTES / (padded_vocab(config.vocab_size) * precision.bytes());
+    (fit / 128 * 128).max(128).clamp(1, tokens.max(1))
 }
 
 /// What one micro-batch's pass gives back.
@@ -117,11 +119,12 @@ impl GpuModel {
         precision: Precision,
     ) -> Result<GpuModel, CudaError> {
         let layout = Layout::new(&config);
-        let bytes = layout.total * 4;
+        // Room for equal optimiser shards (the tail stays zero and belongs to no tensor).
+        let bytes = layout.capacity() * 4;
         let master = DevBuf::zeros(gpu, bytes)?;
         upload(gpu, master.ptr, &layout.flatten(params))?;
         let weights16 = match precision {
-            Precision::Bf16 => Some(DevBuf::zeros(gpu, layout.total * 2)?),
+            Precision::Bf16 => Some(DevBuf::zeros(gpu, layout.capacity() * 2)?),
             Precision::F32 => None,
         };
         let model = GpuModel {

@@ -141,6 +141,27 @@ impl NcclGroup {
     }
 }
 
+impl NcclGroup {
+    /// Gathers every rank's `count` fp32 values into `ptr` (rank r's at `ptr + r * count`),
+    /// in place: each rank's own part is already there (queued).
+    pub fn all_gather(&self, ptr: u64, count: usize) -> Result<(), CudaError> {
+        let own = ptr + (self.rank * count * 4) as u64;
+        // SAFETY: the caller gives an address holding `world * count` floats.
+        unsafe {
+            result::all_gather(
+                own as *const c_void,
+                ptr as *mut c_void,
+                count,
+                sys::ncclDataType_t::ncclFloat32,
+                self.comm,
+                self.stream.cu_stream() as sys::cudaStream_t,
+            )
+        }
+        .map(|_| ())
+        .map_err(|e| nccl_err("all-gather", e))
+    }
+}
+
 impl Drop for NcclGroup {
     fn drop(&mut self) {
         // SAFETY: the communicator is not used after this; a failure at teardown cannot be acted on.

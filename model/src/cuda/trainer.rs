@@ -12,9 +12,12 @@
 //! 3. the global norm is summed in fp64 in a fixed order (two passes, no atomics) and the
 //!    gradients clipped to `clip`;
 //! 4. fused AdamW per tensor (decay on matrices only) updates the fp32 master weights and
-//!    writes their bf16 copy.
+//!    writes their bf16 copy. With the optimiser state sharded ([`GpuTrainer::shard_optimizer`],
+//!    ZeRO-1), each rank keeps the AdamW moments of its shard of the flat layout only, updates
+//!    that shard of the weights, and NCCL all-gathers the updated weights.
 
-use super::memory::{download, launch, zero};
+use super::layout::Shard;
+use super::memory::{DevBuf, download, launch, zero};
 use super::model::GpuModel;
 use super::nccl::NcclGroup;
 use super::{CudaError, Gpu, Precision};
@@ -35,6 +38,10 @@ pub struct GpuTrainer {
     /// The stream NCCL runs on, beside the GPU's compute stream.
     comm_stream: Option<std::sync::Arc<cudarc::driver::CudaStream>>,
     norm_partials: super::memory::DevBuf,
+    /// This rank's part of the optimiser state, when it is sharded (the moments then hold only it).
+    shard: Option<Shard>,
+    /// Every rank's moments at a step, gathered for a checkpoint ([`GpuTrainer::prepare_checkpoint`]).
+    gathered: Option<(u64, Vec<f32>, Vec<f32>)>,
 }
 
 impl GpuTrainer {
@@ -54,6 +61,8 @@ impl GpuTrainer {
             nccl: None,
             comm_stream: None,
             norm_partials,
+            shard: None,
+            gathered: None,
         })
     }
 
@@ -142,13 +151,26 @@ impl GpuTrainer {
         let (b1, b2) = (self.optim.beta1, self.optim.beta2);
         let (c1, c2) = (1.0 - b1.powi(t), 1.0 - b2.powi(t));
         let model = &self.model;
+        let (first, end) = self.shard.map_or((0, usize::MAX), |s| (s.start, s.start + s.len));
         for slot in &model.layout.slots {
+            // The part of the tensor in this rank's shard (all of it when not sharded).
+            let (lo, hi) = (slot.offset.max(first), (slot.offset + slot.len).min(end));
+            if lo >= hi {
+                continue;
+            }
             let decay = if slot.decay { self.optim.weight_decay } else { 0.0 };
-            let p16 = model.weights16.as_ref().map_or(0u64, |w| w.at(slot.offset, 2));
-            launch!(gpu, "adamw", (slot.len.div_ceil(256).min(4096), 1), 256, 0;
-                model.master.at(slot.offset, 4), model.grads.at(slot.offset, 4), model.m.at(slot.offset, 4),
-                model.v.at(slot.offset, 4), p16, slot.len as i64, clip_scale,
+            let p16 = model.weights16.as_ref().map_or(0u64, |w| w.at(lo, 2));
+            launch!(gpu, "adamw", ((hi - lo).div_ceil(256).min(4096), 1), 256, 0;
+                model.master.at(lo, 4), model.grads.at(lo, 4), model.m.at(lo - first, 4),
+                model.v.at(lo - first, 4), p16, (hi - lo) as i64, clip_scale,
                 lr, b1, b2, c1, c2, self.optim.eps, decay)?;
+        }
+        if let (Some(shard), Some(nccl), Some(comm_stream)) = (self.shard, &self.nccl, &self.comm_stream) {
+            // Every rank's updated shard of the weights, then their bf16 copy.
+            comm_stream.join(&gpu.stream).map_err(super::memory::driver)?;
+            nccl.all_gather(model.master.ptr, shard.len)?;
+            gpu.stream.join(comm_stream).map_err(super::memory::driver)?;
+            model.refresh_working_copy(gpu)?;
         }
         gpu.stream.synchronize().map_err(super::memory::driver)?;
         Ok(StepStats {
@@ -173,16 +195,71 @@ impl GpuTrainer {
         Ok(sum[0].sqrt())
     }
 
-    /// The state as a CPU trainer (weights, moments, step): for checkpoints.
+    /// Shards the AdamW moments across the NCCL group's ranks (ZeRO-1): this rank keeps only
+    /// its [`Shard`] of them (1 / world of 8 bytes per parameter). Call after joining.
+    pub fn shard_optimizer(&mut self) -> Result<(), CudaError> {
+        let Some(nccl) = &self.nccl else {
+            return Err(CudaError::Driver(
+                "sharding the optimiser state needs the NCCL group (join first)".into(),
+            ));
+        };
+        let shard = self.model.layout.shard(nccl.rank(), nccl.world_size())?;
+        for full in [&mut self.model.m, &mut self.model.v] {
+            let part = DevBuf::zeros(&self.gpu, shard.len * 4)?;
+            super::memory::copy(&self.gpu, part.ptr, full.at(shard.start, 4), shard.len * 4)?;
+            *full = part;
+        }
+        self.shard = Some(shard);
+        Ok(())
+    }
+
+    /// Makes the state complete on this rank for [`GpuTrainer::to_cpu`]: with a sharded
+    /// optimiser, every rank must call it (it gathers the moments, through the gradient
+    /// buffer, which is free between steps). Without sharding it does nothing.
+    pub fn prepare_checkpoint(&mut self) -> Result<(), CudaError> {
+        let (Some(shard), Some(nccl), Some(comm_stream)) = (self.shard, &self.nccl, &self.comm_stream) else {
+            return Ok(());
+        };
+        let (gpu, total) = (&self.gpu, self.model.layout.total);
+        let mut gathered = Vec::with_capacity(2);
+        for part in [&self.model.m, &self.model.v] {
+            super::memory::copy(gpu, self.model.grads.at(shard.start, 4), part.ptr, shard.len * 4)?;
+            comm_stream.join(&gpu.stream).map_err(super::memory::driver)?;
+            nccl.all_gather(self.model.grads.ptr, shard.len)?;
+            gpu.stream.join(comm_stream).map_err(super::memory::driver)?;
+            let mut flat = vec![0f32; total];
+            download(gpu, &mut flat, self.model.grads.ptr)?;
+            gathered.push(flat);
+        }
+        let v = gathered.pop().expect("two gathered");
+        let m = gathered.pop().expect("two gathered");
+        self.gathered = Some((self.step, m, v));
+        Ok(())
+    }
+
+    /// The state as a CPU trainer (weights, moments, step): for checkpoints. With a sharded
+    /// optimiser, after [`GpuTrainer::prepare_checkpoint`].
     pub fn to_cpu(&self) -> Result<Trainer, CudaError> {
         let total = self.model.layout.total;
+        let layout = &self.model.layout;
         let fetch = |ptr: u64| -> Result<Params<f32>, CudaError> {
             let mut flat = vec![0f32; total];
             download(&self.gpu, &mut flat, ptr)?;
-            Ok(self.model.layout.unflatten(&flat, &self.model.config))
+            Ok(layout.unflatten(&flat, &self.model.config))
         };
         let params = fetch(self.model.master.ptr)?;
-        let moments = (fetch(self.model.m.ptr)?, fetch(self.model.v.ptr)?);
+        let moments = match (&self.shard, &self.gathered) {
+            (None, _) => (fetch(self.model.m.ptr)?, fetch(self.model.v.ptr)?),
+            (Some(_), Some((step, m, v))) if *step == self.step => (
+                layout.unflatten(m, &self.model.config),
+                layout.unflatten(v, &self.model.config),
+            ),
+            (Some(_), _) => {
+                return Err(CudaError::Driver(
+                    "the optimiser state is sharded: every rank calls prepare_checkpoint before a checkpoint".into(),
+                ));
+            }
+        };
         Trainer::from_state(
             self.model.config.clone(),
             params,

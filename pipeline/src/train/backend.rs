@@ -15,7 +15,8 @@ use tracing::info;
 
 pub enum Backend {
     Cpu(Box<Trainer>),
-    Cuda(Box<GpuTrainer>),
+    /// The trainer, and whether to shard its optimiser state once the group has formed.
+    Cuda(Box<GpuTrainer>, bool),
 }
 
 /// With several CUDA ranks, NCCL must be loadable: see [`crate::gpu::reexec_for_nccl`].
@@ -72,20 +73,20 @@ impl Backend {
         }
         let mut gpu_trainer = GpuTrainer::from_cpu(gpu, &trainer, precision)?;
         gpu_trainer.model.recompute = t.recompute;
-        Ok(Backend::Cuda(Box::new(gpu_trainer)))
+        Ok(Backend::Cuda(Box::new(gpu_trainer), t.zero1))
     }
 
     pub fn step(&self) -> u64 {
         match self {
             Backend::Cpu(t) => t.step,
-            Backend::Cuda(t) => t.step,
+            Backend::Cuda(t, _) => t.step,
         }
     }
 
     pub fn config(&self) -> &LlamaConfig {
         match self {
             Backend::Cpu(t) => &t.model.config,
-            Backend::Cuda(t) => t.config(),
+            Backend::Cuda(t, _) => t.config(),
         }
     }
 
@@ -93,7 +94,13 @@ impl Backend {
     pub fn join(&mut self, comm: &dyn Collective, group: &Group) -> Result<()> {
         match self {
             Backend::Cpu(t) => t.sync_weights(comm).map_err(|e| group.error(e)),
-            Backend::Cuda(t) => Ok(t.join(comm)?),
+            Backend::Cuda(t, zero1) => {
+                t.join(comm)?;
+                if *zero1 && comm.world_size() > 1 {
+                    t.shard_optimizer()?;
+                }
+                Ok(())
+            }
         }
     }
 
@@ -101,7 +108,16 @@ impl Backend {
     pub fn train_step(&mut self, micro: &[Batch], comm: &dyn Collective, group: &Group) -> Result<StepStats> {
         match self {
             Backend::Cpu(t) => t.train_step(micro, comm).map_err(|e| group.error(e)),
-            Backend::Cuda(t) => Ok(t.train_step(micro, comm)?),
+            Backend::Cuda(t, _) => Ok(t.train_step(micro, comm)?),
+        }
+    }
+
+    /// What every rank does before rank 0 saves a checkpoint: a sharded optimiser state is
+    /// gathered (a collective), nothing otherwise.
+    pub fn prepare_checkpoint(&mut self) -> Result<()> {
+        match self {
+            Backend::Cpu(_) => Ok(()),
+            Backend::Cuda(t, _) => Ok(t.prepare_checkpoint()?),
         }
     }
 
@@ -109,7 +125,7 @@ impl Backend {
     pub fn save(&self, dir: &Path, bos: u32, eos: u32, extra: serde_json::Value) -> Result<(), String> {
         match self {
             Backend::Cpu(t) => t.save(dir, bos, eos, extra),
-            Backend::Cuda(t) => t.to_cpu().map_err(|e| e.to_string())?.save(dir, bos, eos, extra),
+            Backend::Cuda(t, _) => t.to_cpu().map_err(|e| e.to_string())?.save(dir, bos, eos, extra),
         }
     }
 }

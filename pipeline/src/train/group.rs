@@ -176,6 +176,8 @@ pub fn fingerprint(
         ("grad_accum", t.grad_accum.to_string()),
         ("seed", t.seed.to_string()),
         ("document_mask", t.document_mask.to_string()),
+        // The CUDA ranks must agree on the collectives they take part in, and on precision.
+        ("backend", format!("{} {} zero1={}", t.backend, t.precision, t.zero1)),
         (
             "shards",
             format!(

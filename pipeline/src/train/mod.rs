@@ -431,6 +431,9 @@ pub async fn train(config: &Config, resume: bool, until: Option<u64>) -> Result<
         first.get_or_insert(stats);
         last = Some(stats);
         let due = t.checkpoint_every > 0 && stats.step % t.checkpoint_every == 0;
+        if due || stats.step == stop {
+            tokio::task::block_in_place(|| trainer.prepare_checkpoint())?;
+        }
         if leader && (due || stats.step == stop) {
             saved = Some(save(&trainer, config, &checkpoint_dir, global)?);
         }

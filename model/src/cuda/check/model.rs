@@ -88,38 +88,44 @@ pub(super) fn model_checks(gpu: &Gpu) -> Result<Vec<KernelCheck>, CudaError> {
         ..OptimConfig::default()
     };
     let batches = [vec![first.clone()], vec![batch(22), batch(23)]];
-    let straight = |gpu: Gpu, nccl: bool| -> Result<Vec<f32>, CudaError> {
+    // Two steps; the weights, then (with `state`) the AdamW moments, as one vector.
+    let straight = |gpu: Gpu, nccl: bool, zero1: bool| -> Result<Vec<f32>, CudaError> {
         let start = Trainer::new(cfg.clone(), params.clone(), optim.clone()).map_err(CudaError::Driver)?;
         let mut t = GpuTrainer::from_cpu(gpu, &start, Precision::Bf16)?;
         if nccl {
             t.join_nccl(&Single)?;
         }
+        if zero1 {
+            t.shard_optimizer()?;
+        }
         for b in &batches {
             t.train_step(b, &Single)?;
         }
-        Ok(t.to_cpu()?
-            .params
-            .tensors()
-            .into_iter()
-            .flat_map(|(_, x, _)| x.to_vec())
-            .collect())
+        t.prepare_checkpoint()?;
+        Ok(flat_state(&t.to_cpu()?))
     };
     let reopen = || Gpu::open(gpu.context.ordinal(), &crate::cuda::nvrtc::cache_dir());
-    let a = straight(reopen()?, false)?;
-    // NCCL with one rank: its all-reduce (overlapped, per layer) is the identity.
-    match straight(reopen()?, true) {
-        Ok(with_nccl) => out.push(identical("NCCL, world size 1: identical weights", &a, &with_nccl)),
-        Err(e) => out.push(KernelCheck {
-            kernel: format!("NCCL, world size 1: {e}"),
-            precision: Precision::Bf16,
-            max_abs_error: f64::INFINITY,
-            max_abs_reference: 0.0,
-            relative_error: f64::INFINITY,
-            tolerance: 0.0,
-            ok: false,
-        }),
+    let a = straight(reopen()?, false, false)?;
+    // NCCL with one rank: its all-reduce (overlapped, per layer) and, with the optimiser state
+    // sharded, its all-gather are the identity.
+    for (name, zero1) in [
+        ("NCCL, world size 1", false),
+        ("NCCL, world size 1, optimiser sharded", true),
+    ] {
+        match straight(reopen()?, true, zero1) {
+            Ok(state) => out.push(identical(&format!("{name}: identical weights and moments"), &a, &state)),
+            Err(e) => out.push(KernelCheck {
+                kernel: format!("{name}: {e}"),
+                precision: Precision::Bf16,
+                max_abs_error: f64::INFINITY,
+                max_abs_reference: 0.0,
+                relative_error: f64::INFINITY,
+                tolerance: 0.0,
+                ok: false,
+            }),
+        }
     }
-    let b = straight(reopen()?, false)?;
+    let b = straight(reopen()?, false, false)?;
     let start = Trainer::new(cfg.clone(), params.clone(), optim.clone()).map_err(CudaError::Driver)?;
     let mut t = GpuTrainer::from_cpu(reopen()?, &start, Precision::Bf16)?;
     t.train_step(&batches[0], &Single)?;
@@ -127,19 +133,26 @@ pub(super) fn model_checks(gpu: &Gpu) -> Result<Vec<KernelCheck>, CudaError> {
     drop(t);
     let mut resumed = GpuTrainer::from_cpu(reopen()?, &saved, Precision::Bf16)?;
     resumed.train_step(&batches[1], &Single)?;
-    let r: Vec<f32> = resumed
-        .to_cpu()?
-        .params
-        .tensors()
-        .into_iter()
-        .flat_map(|(_, x, _)| x.to_vec())
-        .collect();
-    out.push(identical("same two steps twice: identical weights", &a, &b));
-    out.push(identical("one step, resume, one step: identical weights", &a, &r));
+    let r = flat_state(&resumed.to_cpu()?);
+    out.push(identical("same two steps twice: identical weights and moments", &a, &b));
+    out.push(identical(
+        "one step, resume, one step: identical weights and moments",
+        &a,
+        &r,
+    ));
     Ok(out)
 }
 
-/// Whether two weight vectors are the same bit for bit, as a check.
+/// A trainer's weights and AdamW moments, as one vector.
+fn flat_state(state: &crate::train::Trainer) -> Vec<f32> {
+    let (m, v) = state.moments();
+    [&state.params, m, v]
+        .into_iter()
+        .flat_map(|p| p.tensors().into_iter().flat_map(|(_, x, _)| x.to_vec()))
+        .collect()
+}
+
+/// Whether two states are the same bit for bit, as a check.
 fn identical(name: &str, a: &[f32], b: &[f32]) -> KernelCheck {
     let differing = a.iter().zip(b).filter(|(x, y)| x.to_bits() != y.to_bits()).count() + a.len().abs_diff(b.len());
     KernelCheck {
