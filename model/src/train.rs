@@ -111,7 +111,32 @@ pub struct AdamStep {
     pub decay: f64,
 }
 
+impl OptimConfig {
+    /// The AdamW update of (0-based) step `step`: its learning rate and bias corrections, with
+    /// the weight decay of a matrix (see [`AdamStep::with_decay`]).
+    pub fn adam_step(&self, step: u64) -> AdamStep {
+        let t = (step + 1) as i32;
+        AdamStep {
+            lr: self.lr_at(step),
+            beta1: self.beta1,
+            beta2: self.beta2,
+            c1: 1.0 - self.beta1.powi(t),
+            c2: 1.0 - self.beta2.powi(t),
+            eps: self.eps,
+            decay: self.weight_decay,
+        }
+    }
+}
+
 impl AdamStep {
+    /// This update for a tensor with (matrices) or without (norm weights) weight decay.
+    pub fn with_decay(self, decayed: bool) -> AdamStep {
+        AdamStep {
+            decay: if decayed { self.decay } else { 0.0 },
+            ..self
+        }
+    }
+
     /// Updates `p`, `m` and `v` from the gradient `g` (all the same length).
     pub fn apply(&self, p: &mut [f32], g: &[f32], m: &mut [f32], v: &mut [f32]) {
         let (b1, b2) = (self.beta1, self.beta2);
@@ -204,28 +229,16 @@ impl Trainer {
             let s = (self.optim.clip / norm) as f32;
             flat.iter_mut().for_each(|g| *g *= s);
         }
-        let lr = self.optim.lr_at(self.step);
+        let adam = self.optim.adam_step(self.step);
         self.step += 1;
-        let t = self.step as i32;
-        let (b1, b2) = (self.optim.beta1, self.optim.beta2);
-        let (c1, c2) = (1.0 - b1.powi(t), 1.0 - b2.powi(t));
-        let (wd, eps) = (self.optim.weight_decay, self.optim.eps);
         let mut offset = 0;
         let m_tensors = self.m.tensors_mut();
         let v_tensors = self.v.tensors_mut();
         for (((_, p, shape), (_, m, _)), (_, v, _)) in
             self.params.tensors_mut().into_iter().zip(m_tensors).zip(v_tensors)
         {
-            let adam = AdamStep {
-                lr,
-                beta1: b1,
-                beta2: b2,
-                c1,
-                c2,
-                eps,
-                // Decoupled weight decay on matrices only (not on norm weights).
-                decay: if shape.len() == 2 { wd } else { 0.0 },
-            };
+            // Decoupled weight decay on matrices only (not on norm weights).
+            let adam = adam.with_decay(shape.len() == 2);
             adam.apply(p, &flat[offset..offset + p.len()], m, v);
             offset += p.len();
         }
@@ -233,7 +246,7 @@ impl Trainer {
             step: self.step,
             loss: f64::from(loss_buf[0]),
             grad_norm: norm,
-            lr,
+            lr: adam.lr,
             tokens,
         })
     }

@@ -145,11 +145,8 @@ impl GpuTrainer {
         } else {
             1.0
         };
-        let lr = self.optim.lr_at(self.step);
+        let adam = self.optim.adam_step(self.step);
         self.step += 1;
-        let t = self.step as i32;
-        let (b1, b2) = (self.optim.beta1, self.optim.beta2);
-        let (c1, c2) = (1.0 - b1.powi(t), 1.0 - b2.powi(t));
         let model = &self.model;
         let (first, end) = self.shard.map_or((0, usize::MAX), |s| (s.start, s.start + s.len));
         for slot in &model.layout.slots {
@@ -158,12 +155,12 @@ impl GpuTrainer {
             if lo >= hi {
                 continue;
             }
-            let decay = if slot.decay { self.optim.weight_decay } else { 0.0 };
+            let a = adam.with_decay(slot.decay);
             let p16 = model.weights16.as_ref().map_or(0u64, |w| w.at(lo, 2));
             launch!(gpu, "adamw", ((hi - lo).div_ceil(256).min(4096), 1), 256, 0;
                 model.master.at(lo, 4), model.grads.at(lo, 4), model.m.at(lo - first, 4),
                 model.v.at(lo - first, 4), p16, (hi - lo) as i64, clip_scale,
-                lr, b1, b2, c1, c2, self.optim.eps, decay)?;
+                a.lr, a.beta1, a.beta2, a.c1, a.c2, a.eps, a.decay)?;
         }
         if let (Some(shard), Some(nccl), Some(comm_stream)) = (self.shard, &self.nccl, &self.comm_stream) {
             // Every rank's updated shard of the weights, then their bf16 copy.
@@ -177,7 +174,7 @@ impl GpuTrainer {
             step: self.step,
             loss: f64::from(loss_buf[0]),
             grad_norm: norm,
-            lr,
+            lr: adam.lr,
             tokens,
         })
     }
