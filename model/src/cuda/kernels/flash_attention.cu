@@ -19,10 +19,16 @@
 #define TILE 64
 #define LD 72  // shared-memory row stride in bf16 elements (64 + 8 against bank conflicts)
 
+// The two PTX instructions below have stand-ins when the source runs in the CPU emulator of
+// the tests (model/tests/cuda_emu/emulator.h); NVRTC never defines SAFEPIPE_EMULATOR.
 __device__ __forceinline__ unsigned pack_f32(float lo, float hi) {
+#ifdef SAFEPIPE_EMULATOR
+    return emu_pack_bf16x2(lo, hi);
+#else
     unsigned r;
     asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
     return r;
+#endif
 }
 
 __device__ __forceinline__ unsigned pack_raw(unsigned short lo, unsigned short hi) {
@@ -30,11 +36,15 @@ __device__ __forceinline__ unsigned pack_raw(unsigned short lo, unsigned short h
 }
 
 __device__ __forceinline__ void mma(float* d, const unsigned* a, const unsigned* b) {
+#ifdef SAFEPIPE_EMULATOR
+    emu_mma_m16n8k16(d, a, b);
+#else
     asm volatile(
         "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
         "{%0,%1,%2,%3};"
         : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+#endif
 }
 
 // Rows [first, first + 64) of a [*, 64] head slice (rows `stride` apart) into shared memory;
