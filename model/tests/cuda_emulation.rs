@@ -1,8 +1,8 @@
 //! The CUDA kernels' own sources, run on the CPU: `tests/cuda_emu/emulator.h` emulates the part
 //! of CUDA they use (block threads, barriers, warp shuffles, `mma.sync` m16n8k16 by the PTX ISA's
-//! fragment layout), and `tests/cuda_emu/attention_check.cpp` runs the fused tensor-core
-//! attention (forward and backward) against the reference kernels, and those against plain
-//! double precision. No GPU: this checks the kernels' logic (indexing, masks, tiles,
+//! fragment layout); `tests/cuda_emu/attention_check.cpp` runs the fused tensor-core attention
+//! (forward and backward) against the reference kernels, and those against plain double
+//! precision; `tests/cuda_emu/ops_check.cpp` runs every other kernel against double precision. No GPU: this checks the kernels' logic (indexing, masks, tiles,
 //! synchronisation) in `make test`; their numerics and speed on hardware are the GPU check's.
 //! Needs a C++20 compiler (`c++`, as Debian's g++ 12).
 
@@ -10,40 +10,39 @@ use std::path::Path;
 use std::process::Command;
 
 const KERNELS: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/src/cuda/kernels");
+const EMULATOR: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/cuda_emu");
 
-/// The kernels as one C++ translation unit for the emulator: the prelude and the sources, with
-/// dynamic shared memory (`extern __shared__`) taken from the emulated block.
+/// Every kernel source as one C++ translation unit for the emulator: the prelude, then the
+/// sources the backend compiles, with dynamic shared memory (`extern __shared__`) taken from the
+/// emulated block.
 fn kernel_sources() -> String {
-    let read = |name: &str| std::fs::read_to_string(Path::new(KERNELS).join(name)).unwrap();
-    let attention = read("attention.cu").replace(
+    let mut unit = safepipe_model::cuda::kernels::COMMON.to_string();
+    for kernel in safepipe_model::cuda::kernels::SOURCES {
+        unit.push('\n');
+        unit.push_str(kernel.source);
+    }
+    let unit = unit.replace(
         "extern __shared__ float scores[];",
         "float* scores = emu_dynamic_shared<float>();",
     );
     assert!(
-        attention.contains("emu_dynamic_shared"),
-        "attention.cu's shared memory declaration changed"
+        !unit.contains("extern __shared__"),
+        "a kernel declares dynamic shared memory the emulator does not map"
     );
-    format!("{}\n{attention}\n{}", read("common.cuh"), read("flash_attention.cu"))
+    unit
 }
 
-#[test]
-fn flash_attention_matches_the_reference_kernels_in_the_cpu_emulator() {
+/// Builds `program` (a file of tests/cuda_emu/) with the kernels and runs it; its stdout.
+fn run(program: &str) -> String {
+    let _ = Path::new(KERNELS);
     let dir = tempfile::tempdir().unwrap();
-    let emu = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/cuda_emu");
     std::fs::write(dir.path().join("kernels.inc"), kernel_sources()).unwrap();
-    for file in ["emulator.h", "attention_check.cpp"] {
-        std::fs::copy(Path::new(emu).join(file), dir.path().join(file)).unwrap();
+    for file in ["emulator.h", program] {
+        std::fs::copy(Path::new(EMULATOR).join(file), dir.path().join(file)).unwrap();
     }
-    let binary = dir.path().join("attention_check");
+    let binary = dir.path().join("check");
     let compile = Command::new("c++")
-        .args([
-            "-std=c++20",
-            "-O2",
-            "-pthread",
-            "-Wno-unused-function",
-            "attention_check.cpp",
-            "-o",
-        ])
+        .args(["-std=c++20", "-O2", "-pthread", "-Wno-unused-function", program, "-o"])
         .arg(&binary)
         .current_dir(dir.path())
         .output()
@@ -53,15 +52,20 @@ fn flash_attention_matches_the_reference_kernels_in_the_cpu_emulator() {
         "the kernels do not compile under the emulator:\n{}",
         String::from_utf8_lossy(&compile.stderr)
     );
-    let run = Command::new(&binary).output().unwrap();
-    let stdout = String::from_utf8_lossy(&run.stdout);
+    let out = Command::new(&binary).output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
     eprintln!("{stdout}");
     assert!(
-        run.status.success() && stdout.trim_end().ends_with("ok"),
+        out.status.success() && stdout.trim_end().ends_with("ok"),
         "{stdout}\n{}",
-        String::from_utf8_lossy(&run.stderr)
+        String::from_utf8_lossy(&out.stderr)
     );
-    // The comparisons all ran.
+    stdout
+}
+
+#[test]
+fn flash_attention_matches_the_reference_kernels_in_the_cpu_emulator() {
+    let stdout = run("attention_check.cpp");
     for name in [
         "reference forward vs double",
         "flash forward",
@@ -69,6 +73,26 @@ fn flash_attention_matches_the_reference_kernels_in_the_cpu_emulator() {
         "flash dq",
         "flash dk",
         "flash dv",
+    ] {
+        assert!(stdout.contains(name), "{name} missing:\n{stdout}");
+    }
+}
+
+#[test]
+fn every_other_kernel_matches_double_precision_in_the_cpu_emulator() {
+    let stdout = run("ops_check.cpp");
+    for name in [
+        "embed_forward",
+        "embed_backward",
+        "rmsnorm_forward (residual add)",
+        "rmsnorm_backward",
+        "column_sum",
+        "rope, then its transpose",
+        "swiglu_backward",
+        "cross_entropy (gradient)",
+        "sum_squares + sum_partials",
+        "adamw (weights, exact)",
+        "adamw (bf16 copy, exact)",
     ] {
         assert!(stdout.contains(name), "{name} missing:\n{stdout}");
     }
