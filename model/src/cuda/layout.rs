@@ -199,6 +199,18 @@ impl Inputs {
             let t = i % batch.seq_len;
             let continues = t > 0 && segments.as_ref().is_none_or(|s| s[i] == s[i - 1]);
             doc_start[i] = if continues { doc_start[i - 1] } else { t as i32 };
+            // The fused attention masks by document start: a document must be one run of its row.
+            if let Some(s) = &segments
+                && !continues
+                && t > 0
+                && (i - t..i).any(|j| s[j] == s[i])
+            {
+                return Err(CudaError::Driver(format!(
+                    "row {} returns to document {} at position {t} after another one: documents must be contiguous runs",
+                    i / batch.seq_len,
+                    s[i]
+                )));
+            }
         }
         let mut order: Vec<usize> = (0..n).collect();
         order.sort_by_key(|&p| (ids[p], p));
@@ -308,8 +320,13 @@ mod tests {
         assert_eq!(inputs.group_tokens, vec![2, 5, 7, 9]);
         assert_eq!(inputs.group_starts, vec![0, 1, 4, 7, 8]);
         assert_eq!(inputs.group_positions, vec![6, 0, 2, 7, 1, 4, 5, 3]);
-        // Out-of-vocabulary ids and short batches are errors, not device faults.
+        // Out-of-vocabulary ids, short batches and a document split in two are errors.
         assert!(Inputs::of(&batch, 8).is_err());
+        let split = Batch {
+            segments: Some(vec![0, 1, 0, 0, 2, 2, 2, 3]),
+            ..batch.clone()
+        };
+        assert!(Inputs::of(&split, 10).err().unwrap().to_string().contains("contiguous"));
         let short = Batch {
             tokens: vec![1; 9],
             ..batch

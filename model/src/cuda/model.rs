@@ -72,6 +72,9 @@ impl Activations {
     }
 }
 
+/// Dynamic shared memory a block may use without opting in: the reference attention's scores.
+const REFERENCE_ATTENTION_SHARED: usize = 48 << 10;
+
 /// Rows a block of the RMSNorm backward sums its weight gradient over.
 pub(super) const NORM_ROWS_PER_BLOCK: usize = 64;
 /// The most logits one chunk of the head holds (bytes).
@@ -184,6 +187,20 @@ impl GpuModel {
 
     /// Allocates the activations for `rows x seq_len` tokens (once per shape).
     fn activations(&mut self, gpu: &Gpu, rows: usize, seq_len: usize) -> Result<(), CudaError> {
+        if !self.flash() && seq_len * 4 > REFERENCE_ATTENTION_SHARED {
+            return Err(CudaError::Driver(format!(
+                "the reference attention (fp32, or head_dim {} != 64) holds a row of scores in 48 KiB of shared \
+                 memory: seq_len {seq_len} is above its {} tokens; use precision = \"bf16\" with head_dim 64",
+                self.config.head_dim(),
+                REFERENCE_ATTENTION_SHARED / 4
+            )));
+        }
+        if self.config.head_dim() > 1024 {
+            return Err(CudaError::Driver(format!(
+                "head_dim {} is above 1024 threads per block",
+                self.config.head_dim()
+            )));
+        }
         if self
             .acts
             .as_ref()

@@ -28,6 +28,9 @@ struct Dims {
     heads_i: i32,
     kvh_i: i32,
     hd_i: i32,
+    /// Threads of the reference attention's blocks: at least head_dim (each thread owns a
+    /// column), a multiple of 32.
+    attention_block: usize,
     qkv_stride: i64,
     /// Each token's document (0: no document masks), for the reference attention.
     segments: u64,
@@ -132,6 +135,7 @@ impl GpuModel {
             heads_i: heads as i32,
             kvh_i: kvh as i32,
             hd_i: hd as i32,
+            attention_block: hd.next_multiple_of(32).max(64),
             qkv_stride: (d + 2 * kv) as i64,
             segments: if inputs.segments.is_some() { a.segments.ptr } else { 0 },
         }
@@ -195,7 +199,7 @@ impl GpuModel {
             launch!(gpu, "flash_forward_bf16", (a.seq_len.div_ceil(64), m.heads), 128, 0, a.rows;
                 q, k, v, a.attn[j].ptr, a.lse[j].ptr, a.doc_start.ptr, m.seq_i, m.heads_i, m.kvh_i, m.qkv_stride, m.qkv_stride, m.scale)?;
         } else {
-            launch!(gpu, self.kernel("attention_forward"), (n, m.heads), 128, a.seq_len * 4;
+            launch!(gpu, self.kernel("attention_forward"), (n, m.heads), m.attention_block.max(128), a.seq_len * 4;
                 q, k, v, a.attn[j].ptr, a.lse[j].ptr, m.segments, m.seq_i, m.heads_i, m.kvh_i, m.hd_i, m.qkv_stride, m.qkv_stride, m.scale)?;
         }
         self.linear(n, m.d, m.d, a.attn[j].ptr, self.w(s.o), Some(a.x[l].ptr), a.xmid[j].ptr)?;
@@ -268,9 +272,9 @@ impl GpuModel {
             launch!(gpu, "flash_backward_key_bf16", (tiles, m.kvh), 128, 0, a.rows;
                 q, k, v, a.dsmall.ptr, a.lse[j].ptr, a.delta.ptr, dk, dv, a.doc_start.ptr, m.seq_i, m.heads_i, m.kvh_i, m.qkv_stride, m.qkv_stride, m.scale)?;
         } else {
-            launch!(gpu, self.kernel("attention_backward_query"), (n, m.heads), 64, 0;
+            launch!(gpu, self.kernel("attention_backward_query"), (n, m.heads), m.attention_block, 0;
                 q, k, v, a.dsmall.ptr, a.lse[j].ptr, a.delta.ptr, dq, m.segments, m.seq_i, m.heads_i, m.kvh_i, m.hd_i, m.qkv_stride, m.qkv_stride, m.scale)?;
-            launch!(gpu, self.kernel("attention_backward_key"), (n, m.kvh), 64, 0;
+            launch!(gpu, self.kernel("attention_backward_key"), (n, m.kvh), m.attention_block, 0;
                 q, k, v, a.dsmall.ptr, a.lse[j].ptr, a.delta.ptr, dk, dv, m.segments, m.seq_i, m.heads_i, m.kvh_i, m.hd_i, m.qkv_stride, m.qkv_stride, m.scale)?;
         }
         launch!(gpu, self.kernel("rope"), (n, 1), 128, 0; dq, a.cos.ptr, a.sin.ptr, m.heads_i, m.hd_i, m.seq_i, m.qkv_stride, -1f32)?;

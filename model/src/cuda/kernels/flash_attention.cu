@@ -133,7 +133,8 @@ __device__ __forceinline__ void store_rows(bf16* x, const float (*acc)[4], int r
 extern "C" __global__ void __launch_bounds__(128)
 flash_forward_bf16(const bf16* q, const bf16* k, const bf16* v, bf16* out, float* lse, const int* doc_start,
                    int seq_len, int heads, int kv_heads, long long q_stride, long long kv_stride, float scale) {
-    __shared__ unsigned short ks[TILE][LD], vs[TILE][LD];
+    __shared__ __align__(16) unsigned short ks[TILE][LD];
+    __shared__ __align__(16) unsigned short vs[TILE][LD];
     const int h = blockIdx.y, kvh = h / (heads / kv_heads);
     const long long row0 = (long long)blockIdx.z * seq_len;
     const int first_q = blockIdx.x * TILE;
@@ -211,7 +212,8 @@ extern "C" __global__ void __launch_bounds__(128)
 flash_backward_query_bf16(const bf16* q, const bf16* k, const bf16* v, const bf16* dout, const float* lse,
                           const float* delta, bf16* dq, const int* doc_start, int seq_len, int heads,
                           int kv_heads, long long q_stride, long long kv_stride, float scale) {
-    __shared__ unsigned short ks[TILE][LD], vs[TILE][LD];
+    __shared__ __align__(16) unsigned short ks[TILE][LD];
+    __shared__ __align__(16) unsigned short vs[TILE][LD];
     const int h = blockIdx.y, kvh = h / (heads / kv_heads);
     const long long row0 = (long long)blockIdx.z * seq_len;
     const int first_q = blockIdx.x * TILE;
@@ -266,7 +268,8 @@ extern "C" __global__ void __launch_bounds__(128)
 flash_backward_key_bf16(const bf16* q, const bf16* k, const bf16* v, const bf16* dout, const float* lse,
                         const float* delta, bf16* dk, bf16* dv, const int* doc_start, int seq_len, int heads,
                         int kv_heads, long long q_stride, long long kv_stride, float scale) {
-    __shared__ unsigned short qs[TILE][LD], dos[TILE][LD];
+    __shared__ __align__(16) unsigned short qs[TILE][LD];
+    __shared__ __align__(16) unsigned short dos[TILE][LD];
     __shared__ float lse_s[TILE], delta_s[TILE];
     __shared__ int ds_s[TILE];
     const int kvh = blockIdx.y, group = heads / kv_heads;
