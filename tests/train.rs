@@ -315,15 +315,7 @@ fn two_processes_match_one_process_with_twice_the_batch() {
     // The same two ranks started by `--nproc-per-node 2` (issue 14): bit-identical weights, and
     // every line of theirs comes out under its rank.
     let launched = ranks_config(&ws, &one, "launched", 3);
-    let out = std::process::Command::new(bin())
-        .args(["train", launched.to_str().unwrap(), "--nproc-per-node", "2"])
-        .env("RUST_LOG", "info")
-        .env_remove("RANK")
-        .env_remove("WORLD_SIZE")
-        .env_remove("LOCAL_RANK")
-        .env_remove("MASTER_PORT")
-        .output()
-        .unwrap();
+    let out = launch_ranks(&launched, 2).output().unwrap();
     let stderr = text(&out.stderr);
     assert!(out.status.success(), "{stderr}");
     assert!(stderr.contains("[rank 0] train: steps 1..3"), "{stderr}");
@@ -345,13 +337,7 @@ fn a_dead_rank_stops_the_others_under_the_launcher() {
     let one = config(&ws, "one", 3);
     run_ok(&one, &[]);
     let long = ranks_config(&ws, &one, "long", 100_000);
-    let mut launcher = std::process::Command::new(bin())
-        .args(["train", long.to_str().unwrap(), "--nproc-per-node", "2"])
-        .env("RUST_LOG", "info")
-        .env_remove("RANK")
-        .env_remove("WORLD_SIZE")
-        .env_remove("LOCAL_RANK")
-        .env_remove("MASTER_PORT")
+    let mut launcher = launch_ranks(&long, 2)
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
@@ -388,6 +374,22 @@ fn a_dead_rank_stops_the_others_under_the_launcher() {
     assert!(!stderr.contains("panicked"), "{stderr}");
     // Rank 0 is gone too: no child of the launcher outlives it.
     assert!(children_of(launcher.id()).is_empty());
+}
+
+/// `safepipe train CONFIG --nproc-per-node N`, outside any other launcher's rank variables.
+fn launch_ranks(config: &Path, nproc: usize) -> std::process::Command {
+    let mut cmd = std::process::Command::new(bin());
+    cmd.args([
+        "train",
+        config.to_str().unwrap(),
+        "--nproc-per-node",
+        &nproc.to_string(),
+    ])
+    .env("RUST_LOG", "info");
+    for var in ["RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT"] {
+        cmd.env_remove(var);
+    }
+    cmd
 }
 
 /// The pids whose parent is `parent` (from /proc).

@@ -247,15 +247,10 @@ fn bench(
             .map_err(Error::Config)?;
     }
     drop(start);
-    let mut state = 0x9e37_79b9_7f4a_7c15u64;
+    let mut random = safepipe_model::rng::SplitMix64(0);
     let mut batch = || {
         let ids = (0..micro_batch * (seq_len + 1))
-            .map(|_| {
-                state ^= state << 13;
-                state ^= state >> 7;
-                state ^= state << 17;
-                (state % config.vocab_size as u64) as u32
-            })
+            .map(|_| (random.next_u64() % config.vocab_size as u64) as u32)
             .collect();
         Batch {
             rows: micro_batch,

@@ -1,11 +1,10 @@
 //! Checks of the reference and fused attention kernels against the CPU backend.
 
-use super::{Bench, Buf, KernelCheck, ROWS, SEQ, buf_arg, driver, f64s, launch_config, shape};
+use super::{Bench, KernelCheck, ROWS, SEQ, f64s, launch, shape};
 use crate::cuda::{CudaError, Precision};
 use crate::llama::cpu::AttentionSaved;
 use crate::llama::{Batch, CpuModel};
 use crate::rng::Normal;
-use cudarc::driver::{LaunchConfig, PushKernelArg};
 
 /// Reference attention forward and backward against the CPU backend's, with GQA and documents.
 pub(super) fn attention(b: &Bench) -> Result<Vec<KernelCheck>, CudaError> {
@@ -38,7 +37,6 @@ pub(super) fn attention(b: &Bench) -> Result<Vec<KernelCheck>, CudaError> {
         b.stored(&random(n * kv)),
         b.stored(&random(n * d)),
     );
-    let s = &b.gpu.stream;
     let (q_d, k_d, v_d, dout_d) = (b.upload(&q)?, b.upload(&k)?, b.upload(&v)?, b.upload(&dout)?);
     let (out_d, dq_d, dk_d, dv_d) = (
         b.upload(&vec![0.0; n * d])?,
@@ -47,76 +45,22 @@ pub(super) fn attention(b: &Bench) -> Result<Vec<KernelCheck>, CudaError> {
         b.upload(&vec![0.0; n * kv])?,
     );
     let seg_i: Vec<i32> = segments.iter().map(|&x| x as i32).collect();
-    let seg_d = b.i32s(&seg_i)?;
-    let (lse_d, delta_d) = (b.f32s(&vec![0.0; n * heads])?, b.f32s(&vec![0.0; n * heads])?);
+    let seg_d = b.raw(&seg_i)?;
+    let (lse_d, delta_d) = (b.raw(&vec![0f32; n * heads])?, b.raw(&vec![0f32; n * heads])?);
+    let gpu = b.gpu;
+    // The arguments after the tensors, shared by every attention kernel (the reference ones
+    // take head_dim too).
     let (seq_i, heads_i, kvh_i, hd_i, q_stride, kv_stride) =
         (SEQ as i32, heads as i32, kvh as i32, hd as i32, d as i64, kv as i64);
     let scale = (1.0 / (hd as f64).sqrt()) as f32;
-
-    let func = b.gpu.function(&b.name("attention_forward"))?;
-    let mut l = s.launch_builder(func);
-    buf_arg!(l, &q_d);
-    buf_arg!(l, &k_d);
-    buf_arg!(l, &v_d);
-    buf_arg!(l, &out_d);
-    l.arg(&lse_d)
-        .arg(&seg_d)
-        .arg(&seq_i)
-        .arg(&heads_i)
-        .arg(&kvh_i)
-        .arg(&hd_i)
-        .arg(&q_stride)
-        .arg(&kv_stride)
-        .arg(&scale);
-    // SAFETY: matches attention_forward; seq_len floats of dynamic shared memory.
-    unsafe { l.launch(launch_config((n as u32, heads as u32), 128, (SEQ * 4) as u32)) }.map_err(driver)?;
-
-    let func = b.gpu.function(&b.name("attention_delta"))?;
-    let mut l = s.launch_builder(func);
-    buf_arg!(l, &out_d);
-    buf_arg!(l, &dout_d);
-    l.arg(&delta_d).arg(&heads_i).arg(&hd_i);
-    // SAFETY: matches attention_delta.
-    unsafe { l.launch(launch_config((n as u32, 1), 64, 0)) }.map_err(driver)?;
-
-    let func = b.gpu.function(&b.name("attention_backward_query"))?;
-    let mut l = s.launch_builder(func);
-    buf_arg!(l, &q_d);
-    buf_arg!(l, &k_d);
-    buf_arg!(l, &v_d);
-    buf_arg!(l, &dout_d);
-    l.arg(&lse_d).arg(&delta_d);
-    buf_arg!(l, &dq_d);
-    l.arg(&seg_d)
-        .arg(&seq_i)
-        .arg(&heads_i)
-        .arg(&kvh_i)
-        .arg(&hd_i)
-        .arg(&q_stride)
-        .arg(&kv_stride)
-        .arg(&scale);
-    // SAFETY: matches attention_backward_query.
-    unsafe { l.launch(launch_config((n as u32, heads as u32), 64, 0)) }.map_err(driver)?;
-
-    let func = b.gpu.function(&b.name("attention_backward_key"))?;
-    let mut l = s.launch_builder(func);
-    buf_arg!(l, &q_d);
-    buf_arg!(l, &k_d);
-    buf_arg!(l, &v_d);
-    buf_arg!(l, &dout_d);
-    l.arg(&lse_d).arg(&delta_d);
-    buf_arg!(l, &dk_d);
-    buf_arg!(l, &dv_d);
-    l.arg(&seg_d)
-        .arg(&seq_i)
-        .arg(&heads_i)
-        .arg(&kvh_i)
-        .arg(&hd_i)
-        .arg(&q_stride)
-        .arg(&kv_stride)
-        .arg(&scale);
-    // SAFETY: matches attention_backward_key.
-    unsafe { l.launch(launch_config((n as u32, kvh as u32), 64, 0)) }.map_err(driver)?;
+    let (q_p, k_p, v_p, dout_p) = (q_d.ptr(), k_d.ptr(), v_d.ptr(), dout_d.ptr());
+    launch!(gpu, b.name("attention_forward"), (n, heads), 128, SEQ * 4;
+        q_p, k_p, v_p, out_d.ptr(), lse_d.ptr(), seg_d.ptr(), seq_i, heads_i, kvh_i, hd_i, q_stride, kv_stride, scale)?;
+    launch!(gpu, b.name("attention_delta"), (n, 1), 64, 0; out_d.ptr(), dout_p, delta_d.ptr(), heads_i, hd_i)?;
+    launch!(gpu, b.name("attention_backward_query"), (n, heads), 64, 0;
+        q_p, k_p, v_p, dout_p, lse_d.ptr(), delta_d.ptr(), dq_d.ptr(), seg_d.ptr(), seq_i, heads_i, kvh_i, hd_i, q_stride, kv_stride, scale)?;
+    launch!(gpu, b.name("attention_backward_key"), (n, kvh), 64, 0;
+        q_p, k_p, v_p, dout_p, lse_d.ptr(), delta_d.ptr(), dk_d.ptr(), dv_d.ptr(), seg_d.ptr(), seq_i, heads_i, kvh_i, hd_i, q_stride, kv_stride, scale)?;
 
     // The fused kernels (bf16 only) on the same inputs, into their own outputs.
     let mut flash = Vec::new();
@@ -130,75 +74,25 @@ pub(super) fn attention(b: &Bench) -> Result<Vec<KernelCheck>, CudaError> {
                 Some(*start)
             })
             .collect();
-        let doc_d = b.i32s(&doc_start)?;
+        let doc_d = b.raw(&doc_start)?;
         let (fo, fdq, fdk, fdv) = (
             b.upload(&vec![0.0; n * d])?,
             b.upload(&vec![0.0; n * d])?,
             b.upload(&vec![0.0; n * kv])?,
             b.upload(&vec![0.0; n * kv])?,
         );
-        let (flse, fdelta) = (b.f32s(&vec![0.0; n * heads])?, b.f32s(&vec![0.0; n * heads])?);
-        let tiles = SEQ.div_ceil(64) as u32;
-        let grid = |y: usize| LaunchConfig {
-            grid_dim: (tiles, y as u32, ROWS as u32),
-            block_dim: (128, 1, 1),
-            shared_mem_bytes: 0,
-        };
-        let mut l = s.launch_builder(b.gpu.function("flash_forward_bf16")?);
-        buf_arg!(l, &q_d);
-        buf_arg!(l, &k_d);
-        buf_arg!(l, &v_d);
-        buf_arg!(l, &fo);
-        l.arg(&flse)
-            .arg(&doc_d)
-            .arg(&seq_i)
-            .arg(&heads_i)
-            .arg(&kvh_i)
-            .arg(&q_stride)
-            .arg(&kv_stride)
-            .arg(&scale);
-        // SAFETY: matches flash_forward_bf16.
-        unsafe { l.launch(grid(heads)) }.map_err(driver)?;
-        let mut l = s.launch_builder(b.gpu.function("attention_delta_bf16")?);
-        buf_arg!(l, &fo);
-        buf_arg!(l, &dout_d);
-        l.arg(&fdelta).arg(&heads_i).arg(&hd_i);
-        // SAFETY: matches attention_delta.
-        unsafe { l.launch(launch_config((n as u32, 1), 64, 0)) }.map_err(driver)?;
-        let mut l = s.launch_builder(b.gpu.function("flash_backward_query_bf16")?);
-        for x in [&q_d, &k_d, &v_d, &dout_d] {
-            buf_arg!(l, x);
-        }
-        l.arg(&flse).arg(&fdelta);
-        buf_arg!(l, &fdq);
-        l.arg(&doc_d)
-            .arg(&seq_i)
-            .arg(&heads_i)
-            .arg(&kvh_i)
-            .arg(&q_stride)
-            .arg(&kv_stride)
-            .arg(&scale);
-        // SAFETY: matches flash_backward_query_bf16.
-        unsafe { l.launch(grid(heads)) }.map_err(driver)?;
-        let mut l = s.launch_builder(b.gpu.function("flash_backward_key_bf16")?);
-        for x in [&q_d, &k_d, &v_d, &dout_d] {
-            buf_arg!(l, x);
-        }
-        l.arg(&flse).arg(&fdelta);
-        buf_arg!(l, &fdk);
-        buf_arg!(l, &fdv);
-        l.arg(&doc_d)
-            .arg(&seq_i)
-            .arg(&heads_i)
-            .arg(&kvh_i)
-            .arg(&q_stride)
-            .arg(&kv_stride)
-            .arg(&scale);
-        // SAFETY: matches flash_backward_key_bf16.
-        unsafe { l.launch(grid(kvh)) }.map_err(driver)?;
+        let (flse, fdelta) = (b.raw(&vec![0f32; n * heads])?, b.raw(&vec![0f32; n * heads])?);
+        let tiles = SEQ.div_ceil(64);
+        launch!(gpu, "flash_forward_bf16", (tiles, heads), 128, 0, ROWS;
+            q_p, k_p, v_p, fo.ptr(), flse.ptr(), doc_d.ptr(), seq_i, heads_i, kvh_i, q_stride, kv_stride, scale)?;
+        launch!(gpu, "attention_delta_bf16", (n, 1), 64, 0; fo.ptr(), dout_p, fdelta.ptr(), heads_i, hd_i)?;
+        launch!(gpu, "flash_backward_query_bf16", (tiles, heads), 128, 0, ROWS;
+            q_p, k_p, v_p, dout_p, flse.ptr(), fdelta.ptr(), fdq.ptr(), doc_d.ptr(), seq_i, heads_i, kvh_i, q_stride, kv_stride, scale)?;
+        launch!(gpu, "flash_backward_key_bf16", (tiles, kvh), 128, 0, ROWS;
+            q_p, k_p, v_p, dout_p, flse.ptr(), fdelta.ptr(), fdk.ptr(), fdv.ptr(), doc_d.ptr(), seq_i, heads_i, kvh_i, q_stride, kv_stride, scale)?;
         flash = vec![
             ("flash_forward_bf16", b.download(&fo)?),
-            ("flash_forward_bf16 (log-sum-exp)", s.clone_dtoh(&flse).map_err(driver)?),
+            ("flash_forward_bf16 (log-sum-exp)", b.fetch::<f32>(&flse)?),
             ("flash_backward_query_bf16", b.download(&fdq)?),
             ("flash_backward_key_bf16 (dk)", b.download(&fdk)?),
             ("flash_backward_key_bf16 (dv)", b.download(&fdv)?),
@@ -224,7 +118,7 @@ pub(super) fn attention(b: &Bench) -> Result<Vec<KernelCheck>, CudaError> {
         b.compare(&b.name("attention_forward"), &b.download(&out_d)?, &want_out),
         b.compare(
             &format!("{} (log-sum-exp)", b.name("attention_forward")),
-            &s.clone_dtoh(&lse_d).map_err(driver)?,
+            &b.fetch::<f32>(&lse_d)?,
             &want_lse,
         ),
         b.compare(&b.name("attention_backward_query"), &b.download(&dq_d)?, &want_dq),

@@ -17,9 +17,9 @@ mod attention;
 mod model;
 mod ops;
 
+use super::memory::{self, DevBuf, launch};
 use super::{CudaError, Gpu, Precision};
 use crate::llama::LlamaConfig;
-use cudarc::driver::{CudaSlice, LaunchConfig};
 use serde::Serialize;
 
 /// The largest error allowed, relative to the largest reference value: fp32 storage is limited
@@ -57,14 +57,18 @@ pub fn from_bf16(b: u16) -> f32 {
     f32::from_bits(u32::from(b) << 16)
 }
 
-/// A device buffer in the check's storage precision.
-enum Buf {
-    F32(CudaSlice<f32>),
-    Bf16(CudaSlice<u16>),
+/// A device buffer and the number of values it holds (in the check's storage precision, or as
+/// uploaded by [`Bench::raw`]). Kernels are launched with the model's own [`launch!`] on its
+/// address.
+struct Buf {
+    dev: DevBuf,
+    len: usize,
 }
 
-fn driver(e: cudarc::driver::DriverError) -> CudaError {
-    CudaError::Driver(format!("{e:?}"))
+impl Buf {
+    fn ptr(&self) -> u64 {
+        self.dev.ptr
+    }
 }
 
 /// The GPU and the precision of the checks being run.
@@ -82,31 +86,34 @@ impl Bench<'_> {
         }
     }
 
+    /// `values` on the device in the check's storage precision.
     fn upload(&self, values: &[f32]) -> Result<Buf, CudaError> {
-        let s = &self.gpu.stream;
-        Ok(match self.precision {
-            Precision::F32 => Buf::F32(s.clone_htod(values).map_err(driver)?),
-            Precision::Bf16 => {
-                let bits: Vec<u16> = values.iter().map(|&x| to_bf16(x)).collect();
-                Buf::Bf16(s.clone_htod(&bits).map_err(driver)?)
-            }
-        })
+        match self.precision {
+            Precision::F32 => self.raw(values),
+            Precision::Bf16 => self.raw(&values.iter().map(|&x| to_bf16(x)).collect::<Vec<u16>>()),
+        }
     }
 
+    /// A buffer [`Bench::upload`] made, back as fp32.
     fn download(&self, buf: &Buf) -> Result<Vec<f32>, CudaError> {
-        let s = &self.gpu.stream;
-        Ok(match buf {
-            Buf::F32(b) => s.clone_dtoh(b).map_err(driver)?,
-            Buf::Bf16(b) => s.clone_dtoh(b).map_err(driver)?.into_iter().map(from_bf16).collect(),
-        })
+        match self.precision {
+            Precision::F32 => self.fetch(buf),
+            Precision::Bf16 => Ok(self.fetch::<u16>(buf)?.into_iter().map(from_bf16).collect()),
+        }
     }
 
-    fn f32s(&self, values: &[f32]) -> Result<CudaSlice<f32>, CudaError> {
-        self.gpu.stream.clone_htod(values).map_err(driver)
+    /// `values` on the device as they are (indices, fp32 or fp64 scratch).
+    fn raw<T: Copy>(&self, values: &[T]) -> Result<Buf, CudaError> {
+        let dev = DevBuf::zeros(self.gpu, std::mem::size_of_val(values))?;
+        memory::upload(self.gpu, dev.ptr, values)?;
+        Ok(Buf { dev, len: values.len() })
     }
 
-    fn i32s(&self, values: &[i32]) -> Result<CudaSlice<i32>, CudaError> {
-        self.gpu.stream.clone_htod(values).map_err(driver)
+    /// A buffer's values as `T`.
+    fn fetch<T: Copy + Default>(&self, buf: &Buf) -> Result<Vec<T>, CudaError> {
+        let mut out = vec![T::default(); buf.len];
+        memory::download(self.gpu, &mut out, buf.ptr())?;
+        Ok(out)
     }
 
     fn name(&self, base: &str) -> String {
@@ -142,17 +149,6 @@ pub fn compare(kernel: &str, precision: Precision, got: &[f32], want: &[f64]) ->
     }
 }
 
-/// Pushes a [`Buf`] as a kernel argument.
-macro_rules! buf_arg {
-    ($builder:expr, $buf:expr) => {
-        match $buf {
-            Buf::F32(b) => $builder.arg(b),
-            Buf::Bf16(b) => $builder.arg(b),
-        }
-    };
-}
-use buf_arg;
-
 fn f64s(x: &[f32]) -> Vec<f64> {
     x.iter().map(|&v| f64::from(v)).collect()
 }
@@ -184,14 +180,6 @@ pub fn run(gpu: &Gpu) -> Result<Vec<KernelCheck>, CudaError> {
     results.extend(ops::optimizer(gpu)?);
     results.extend(model::model_checks(gpu)?);
     Ok(results)
-}
-
-fn launch_config(grid: (u32, u32), block: u32, shared: u32) -> LaunchConfig {
-    LaunchConfig {
-        grid_dim: (grid.0, grid.1, 1),
-        block_dim: (block, 1, 1),
-        shared_mem_bytes: shared,
-    }
 }
 
 #[cfg(test)]

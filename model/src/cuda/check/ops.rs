@@ -1,14 +1,11 @@
 //! Checks of the elementwise kernels, the fused cross-entropy and the optimiser.
 
-use super::{
-    Bench, Buf, KernelCheck, ROWS, SEQ, buf_arg, compare, driver, f64s, from_bf16, launch_config, shape, to_bf16,
-};
+use super::{Bench, KernelCheck, ROWS, SEQ, compare, f64s, from_bf16, launch, shape, to_bf16};
 use crate::cuda::{CudaError, Gpu, Precision};
 use crate::llama::CpuModel;
 use crate::llama::cpu::{rmsnorm, rmsnorm_backward, silu, silu_grad};
 use crate::rng::Normal;
 use crate::train::AdamStep;
-use cudarc::driver::PushKernelArg;
 
 /// Embedding, RMSNorm, RoPE and SwiGLU, forward and backward.
 pub(super) fn elementwise(b: &Bench) -> Result<Vec<KernelCheck>, CudaError> {
@@ -16,24 +13,16 @@ pub(super) fn elementwise(b: &Bench) -> Result<Vec<KernelCheck>, CudaError> {
     let (n, d, f) = (ROWS * SEQ, cfg.hidden_size, cfg.intermediate_size);
     let mut rng = Normal::new(7);
     let mut random = |len: usize| -> Vec<f32> { (0..len).map(|_| rng.sample() as f32).collect() };
-    let s = &b.gpu.stream;
+    let (gpu, d_i) = (b.gpu, d as i32);
     let mut out = Vec::new();
 
     // Embedding gather and its token-grouped backward.
     let vocab = 50usize;
     let ids: Vec<i32> = (0..n).map(|i| ((i * 7 + i / 5) % vocab) as i32).collect();
     let table = b.stored(&random(vocab * d));
-    let (ids_d, table_d) = (b.i32s(&ids)?, b.upload(&table)?);
+    let (ids_d, table_d) = (b.raw(&ids)?, b.upload(&table)?);
     let out_d = b.upload(&vec![0.0; n * d])?;
-    let func = b.gpu.function(&b.name("embed_forward"))?;
-    let mut l = s.launch_builder(func);
-    l.arg(&ids_d);
-    buf_arg!(l, &table_d);
-    buf_arg!(l, &out_d);
-    let d_i = d as i32;
-    l.arg(&d_i);
-    // SAFETY: the arguments match embed_forward's signature; buffers hold n*d and vocab*d values.
-    unsafe { l.launch(launch_config((n as u32, 1), 128, 0)) }.map_err(driver)?;
+    launch!(gpu, b.name("embed_forward"), (n, 1), 128, 0; ids_d.ptr(), table_d.ptr(), out_d.ptr(), d_i)?;
     let want: Vec<f64> = ids
         .iter()
         .flat_map(|&t| f64s(&table[t as usize * d..(t as usize + 1) * d]))
@@ -56,27 +45,18 @@ pub(super) fn elementwise(b: &Bench) -> Result<Vec<KernelCheck>, CudaError> {
         starts.push(starts.last().copied().unwrap_or(0) + g.1.len() as i32);
     }
     let positions: Vec<i32> = groups.iter().flat_map(|g| g.1.clone()).collect();
-    let (tokens_d, starts_d, positions_d) = (b.i32s(&tokens)?, b.i32s(&starts)?, b.i32s(&positions)?);
+    let (tokens_d, starts_d, positions_d) = (b.raw(&tokens)?, b.raw(&starts)?, b.raw(&positions)?);
     let dout_d = b.upload(&dout)?;
-    let dtable_d = b.f32s(&vec![0.0; vocab * d])?;
-    let func = b.gpu.function(&b.name("embed_backward"))?;
-    let mut l = s.launch_builder(func);
-    l.arg(&tokens_d).arg(&starts_d).arg(&positions_d);
-    buf_arg!(l, &dout_d);
-    l.arg(&dtable_d).arg(&d_i);
-    // SAFETY: as above; groups cover every position once.
-    unsafe { l.launch(launch_config((tokens.len() as u32, 1), 128, 0)) }.map_err(driver)?;
+    let dtable_d = b.raw(&vec![0f32; vocab * d])?;
+    launch!(gpu, b.name("embed_backward"), (tokens.len(), 1), 128, 0;
+        tokens_d.ptr(), starts_d.ptr(), positions_d.ptr(), dout_d.ptr(), dtable_d.ptr(), d_i)?;
     let mut want = vec![0f64; vocab * d];
     for (p, &t) in ids.iter().enumerate() {
         for j in 0..d {
             want[t as usize * d + j] += f64::from(dout[p * d + j]);
         }
     }
-    out.push(b.compare(
-        &b.name("embed_backward"),
-        &s.clone_dtoh(&dtable_d).map_err(driver)?,
-        &want,
-    ));
+    out.push(b.compare(&b.name("embed_backward"), &b.fetch::<f32>(&dtable_d)?, &want));
 
     // RMSNorm with the residual add, forward; then backward into a residual gradient.
     let (x, delta, w) = (b.stored(&random(n * d)), b.stored(&random(n * d)), b.stored(&random(d)));
@@ -86,17 +66,10 @@ pub(super) fn elementwise(b: &Bench) -> Result<Vec<KernelCheck>, CudaError> {
         b.upload(&w)?,
         b.upload(&vec![0.0; n * d])?,
     );
-    let rstd_d = b.f32s(&vec![0.0; n])?;
+    let rstd_d = b.raw(&vec![0f32; n])?;
     let eps = 1e-5f32;
-    let func = b.gpu.function(&b.name("rmsnorm_forward"))?;
-    let mut l = s.launch_builder(func);
-    buf_arg!(l, &x_d);
-    buf_arg!(l, &delta_d);
-    buf_arg!(l, &w_d);
-    buf_arg!(l, &y_d);
-    l.arg(&rstd_d).arg(&d_i).arg(&eps);
-    // SAFETY: matches rmsnorm_forward; n rows of d.
-    unsafe { l.launch(launch_config((n as u32, 1), 256, 0)) }.map_err(driver)?;
+    launch!(gpu, b.name("rmsnorm_forward"), (n, 1), 256, 0;
+        x_d.ptr(), delta_d.ptr(), w_d.ptr(), y_d.ptr(), rstd_d.ptr(), d_i, eps)?;
     let summed = b.stored(&x.iter().zip(&delta).map(|(a, c)| a + c).collect::<Vec<_>>());
     let (want_y, want_r) = rmsnorm(&f64s(&summed), &f64s(&w), d, f64::from(eps));
     out.push(b.compare(&b.name("rmsnorm_forward"), &b.download(&y_d)?, &want_y));
@@ -106,31 +79,17 @@ pub(super) fn elementwise(b: &Bench) -> Result<Vec<KernelCheck>, CudaError> {
     let dresid_d = b.upload(&vec![0.0; n * d])?;
     let rows_per_block = 8usize;
     let blocks = n.div_ceil(rows_per_block);
-    let partial_d = b.f32s(&vec![0.0; blocks * d])?;
-    let dw_d = b.f32s(&vec![0.0; d])?;
-    let func = b.gpu.function(&b.name("rmsnorm_backward"))?;
-    let mut l = s.launch_builder(func);
-    buf_arg!(l, &x_d);
-    buf_arg!(l, &w_d);
-    l.arg(&rstd_d);
-    buf_arg!(l, &dy_d);
-    buf_arg!(l, &dresid_d);
-    let (n_i, rpb_i) = (n as i32, rows_per_block as i32);
-    l.arg(&partial_d).arg(&n_i).arg(&rpb_i).arg(&d_i);
-    // SAFETY: matches rmsnorm_backward; the partial buffer holds blocks*d values.
-    unsafe { l.launch(launch_config((blocks as u32, 1), 256, 0)) }.map_err(driver)?;
-    let func = b.gpu.function("column_sum")?;
-    let mut l = s.launch_builder(func);
-    let (blocks_i, zero) = (blocks as i32, 0i32);
-    l.arg(&partial_d).arg(&dw_d).arg(&blocks_i).arg(&d_i).arg(&zero);
-    // SAFETY: matches column_sum.
-    unsafe { l.launch(launch_config((d.div_ceil(256) as u32, 1), 256, 0)) }.map_err(driver)?;
+    let partial_d = b.raw(&vec![0f32; blocks * d])?;
+    let dw_d = b.raw(&vec![0f32; d])?;
+    launch!(gpu, b.name("rmsnorm_backward"), (blocks, 1), 256, 0;
+        x_d.ptr(), w_d.ptr(), rstd_d.ptr(), dy_d.ptr(), dresid_d.ptr(), partial_d.ptr(), n as i32, rows_per_block as i32, d_i)?;
+    launch!(gpu, "column_sum", (d.div_ceil(256), 1), 256, 0; partial_d.ptr(), dw_d.ptr(), blocks as i32, d_i, 0i32)?;
     let mut want_dw = vec![0f64; d];
     let want_dx = rmsnorm_backward(&f64s(&summed), &want_r, &f64s(&w), &f64s(&dy), &mut want_dw, d);
     out.push(b.compare(&b.name("rmsnorm_backward"), &b.download(&dresid_d)?, &want_dx));
     out.push(b.compare(
         "column_sum (rmsnorm weight gradient)",
-        &s.clone_dtoh(&dw_d).map_err(driver)?,
+        &b.fetch::<f32>(&dw_d)?,
         &want_dw,
     ));
 
@@ -147,23 +106,12 @@ pub(super) fn elementwise(b: &Bench) -> Result<Vec<KernelCheck>, CudaError> {
             sin[p * half + j] = sn as f32;
         }
     }
-    let (cos_d, sin_d) = (b.f32s(&cos)?, b.f32s(&sin)?);
+    let (cos_d, sin_d) = (b.raw(&cos)?, b.raw(&sin)?);
     for sign in [1f32, -1f32] {
         let q = b.stored(&random(n * d));
         let q_d = b.upload(&q)?;
-        let func = b.gpu.function(&b.name("rope"))?;
-        let mut l = s.launch_builder(func);
-        buf_arg!(l, &q_d);
-        let (heads_i, hd_i, seq_i, stride) = (heads as i32, hd as i32, SEQ as i32, d as i64);
-        l.arg(&cos_d)
-            .arg(&sin_d)
-            .arg(&heads_i)
-            .arg(&hd_i)
-            .arg(&seq_i)
-            .arg(&stride)
-            .arg(&sign);
-        // SAFETY: matches rope; n rows of `stride`.
-        unsafe { l.launch(launch_config((n as u32, 1), 128, 0)) }.map_err(driver)?;
+        launch!(gpu, b.name("rope"), (n, 1), 128, 0;
+            q_d.ptr(), cos_d.ptr(), sin_d.ptr(), heads as i32, hd as i32, SEQ as i32, d as i64, sign)?;
         let mut want = f64s(&q);
         model.rope(&mut want, d, SEQ, sign < 0.0);
         out.push(b.compare(
@@ -183,21 +131,8 @@ pub(super) fn elementwise(b: &Bench) -> Result<Vec<KernelCheck>, CudaError> {
         b.upload(&vec![0.0; n * 2 * f])?,
     );
     let (n_l, f_i) = (n as i64, f as i32);
-    let func = b.gpu.function(&b.name("swiglu_forward"))?;
-    let mut l = s.launch_builder(func);
-    buf_arg!(l, &gu_d);
-    buf_arg!(l, &h_d);
-    l.arg(&n_l).arg(&f_i);
-    // SAFETY: matches swiglu_forward.
-    unsafe { l.launch(launch_config((64, 1), 256, 0)) }.map_err(driver)?;
-    let func = b.gpu.function(&b.name("swiglu_backward"))?;
-    let mut l = s.launch_builder(func);
-    buf_arg!(l, &gu_d);
-    buf_arg!(l, &dh_d);
-    buf_arg!(l, &dgu_d);
-    l.arg(&n_l).arg(&f_i);
-    // SAFETY: matches swiglu_backward.
-    unsafe { l.launch(launch_config((64, 1), 256, 0)) }.map_err(driver)?;
+    launch!(gpu, b.name("swiglu_forward"), (64, 1), 256, 0; gu_d.ptr(), h_d.ptr(), n_l, f_i)?;
+    launch!(gpu, b.name("swiglu_backward"), (64, 1), 256, 0; gu_d.ptr(), dh_d.ptr(), dgu_d.ptr(), n_l, f_i)?;
     let (mut want_h, mut want_dgu) = (vec![0f64; n * f], vec![0f64; n * 2 * f]);
     for r in 0..n {
         for j in 0..f {
@@ -231,20 +166,10 @@ pub(super) fn cross_entropy(b: &Bench) -> Result<Vec<KernelCheck>, CudaError> {
     let weights: Vec<f32> = (0..rows)
         .map(|r| if r % 4 == 3 { 0.0 } else { 1.0 / counted as f32 })
         .collect();
-    let s = &b.gpu.stream;
     let logits_d = b.upload(&logits)?;
-    let (targets_d, weights_d, losses_d) = (b.i32s(&targets)?, b.f32s(&weights)?, b.f32s(&vec![0.0; rows])?);
-    let func = b.gpu.function(&b.name("cross_entropy"))?;
-    let mut l = s.launch_builder(func);
-    buf_arg!(l, &logits_d);
-    let (vocab_i, stride_l) = (vocab as i32, stride as i64);
-    l.arg(&targets_d)
-        .arg(&weights_d)
-        .arg(&losses_d)
-        .arg(&vocab_i)
-        .arg(&stride_l);
-    // SAFETY: matches cross_entropy; rows x stride logits.
-    unsafe { l.launch(launch_config((rows as u32, 1), 256, 0)) }.map_err(driver)?;
+    let (targets_d, weights_d, losses_d) = (b.raw(&targets)?, b.raw(&weights)?, b.raw(&vec![0f32; rows])?);
+    launch!(b.gpu, b.name("cross_entropy"), (rows, 1), 256, 0;
+        logits_d.ptr(), targets_d.ptr(), weights_d.ptr(), losses_d.ptr(), vocab as i32, stride as i64)?;
     let (mut want_loss, mut want_grad) = (vec![0f64; rows], vec![0f64; rows * stride]);
     for r in 0..rows {
         let row = &logits[r * stride..r * stride + vocab];
@@ -264,7 +189,7 @@ pub(super) fn cross_entropy(b: &Bench) -> Result<Vec<KernelCheck>, CudaError> {
     Ok(vec![
         b.compare(
             &format!("{} (loss)", b.name("cross_entropy")),
-            &s.clone_dtoh(&losses_d).map_err(driver)?,
+            &b.fetch::<f32>(&losses_d)?,
             &want_loss,
         ),
         b.compare(
@@ -278,29 +203,21 @@ pub(super) fn cross_entropy(b: &Bench) -> Result<Vec<KernelCheck>, CudaError> {
 /// The global norm's two-pass sum and AdamW (fp32 master weights; the bf16 copy) against the
 /// trainer's AdamW.
 pub(super) fn optimizer(gpu: &Gpu) -> Result<Vec<KernelCheck>, CudaError> {
-    let s = &gpu.stream;
+    let b = Bench {
+        gpu,
+        precision: Precision::F32,
+    };
     let len = 100_003usize;
     let mut rng = Normal::new(17);
     let mut random = |scale: f32| -> Vec<f32> { (0..len).map(|_| scale * rng.sample() as f32).collect() };
     let (p, g, m) = (random(1.0), random(0.1), random(0.01));
     let v: Vec<f32> = random(0.01).iter().map(|x| x * x).collect();
     let grid = 256usize;
-    let (g_d, partial_d, total_d) = (
-        s.clone_htod(&g).map_err(driver)?,
-        s.alloc_zeros::<f64>(grid).map_err(driver)?,
-        s.alloc_zeros::<f64>(1).map_err(driver)?,
-    );
+    let (g_d, partial_d, total_d) = (b.raw(&g)?, b.raw(&vec![0f64; grid])?, b.raw(&[0f64])?);
     let len_l = len as i64;
-    let mut l = s.launch_builder(gpu.function("sum_squares")?);
-    l.arg(&g_d).arg(&len_l).arg(&partial_d);
-    // SAFETY: matches sum_squares; `grid` partials.
-    unsafe { l.launch(launch_config((grid as u32, 1), 256, 0)) }.map_err(driver)?;
-    let (grid_i, zero) = (grid as i32, 0i32);
-    let mut l = s.launch_builder(gpu.function("sum_partials")?);
-    l.arg(&partial_d).arg(&grid_i).arg(&total_d).arg(&zero);
-    // SAFETY: matches sum_partials.
-    unsafe { l.launch(launch_config((1, 1), 256, 0)) }.map_err(driver)?;
-    let total = s.clone_dtoh(&total_d).map_err(driver)?[0];
+    launch!(gpu, "sum_squares", (grid, 1), 256, 0; g_d.ptr(), len_l, partial_d.ptr())?;
+    launch!(gpu, "sum_partials", (1, 1), 256, 0; partial_d.ptr(), grid as i32, total_d.ptr(), 0i32)?;
+    let total = b.fetch::<f64>(&total_d)?[0];
     let want_total: f64 = g.iter().map(|&x| f64::from(x) * f64::from(x)).sum();
     let norm_check = compare(
         "sum_squares + sum_partials",
@@ -318,39 +235,14 @@ pub(super) fn optimizer(gpu: &Gpu) -> Result<Vec<KernelCheck>, CudaError> {
         eps: 1e-8,
         decay: 0.1,
     };
-    let (p_d, m_d, v_d, p16_d) = (
-        s.clone_htod(&p).map_err(driver)?,
-        s.clone_htod(&m).map_err(driver)?,
-        s.clone_htod(&v).map_err(driver)?,
-        s.alloc_zeros::<u16>(len).map_err(driver)?,
-    );
-    let clip = 1f32;
-    let mut l = s.launch_builder(gpu.function("adamw")?);
-    l.arg(&p_d)
-        .arg(&g_d)
-        .arg(&m_d)
-        .arg(&v_d)
-        .arg(&p16_d)
-        .arg(&len_l)
-        .arg(&clip);
-    l.arg(&adam.lr)
-        .arg(&adam.beta1)
-        .arg(&adam.beta2)
-        .arg(&adam.c1)
-        .arg(&adam.c2)
-        .arg(&adam.eps)
-        .arg(&adam.decay);
-    // SAFETY: matches adamw; every buffer holds `len` values.
-    unsafe { l.launch(launch_config((256, 1), 256, 0)) }.map_err(driver)?;
+    let (p_d, m_d, v_d, p16_d) = (b.raw(&p)?, b.raw(&m)?, b.raw(&v)?, b.raw(&vec![0u16; len])?);
+    launch!(gpu, "adamw", (256, 1), 256, 0;
+        p_d.ptr(), g_d.ptr(), m_d.ptr(), v_d.ptr(), p16_d.ptr(), len_l, 1f32,
+        adam.lr, adam.beta1, adam.beta2, adam.c1, adam.c2, adam.eps, adam.decay)?;
     let (mut wp, mut wm, mut wv) = (p.clone(), m.clone(), v.clone());
     adam.apply(&mut wp, &g, &mut wm, &mut wv);
-    let got_p = s.clone_dtoh(&p_d).map_err(driver)?;
-    let got_p16: Vec<f32> = s
-        .clone_dtoh(&p16_d)
-        .map_err(driver)?
-        .into_iter()
-        .map(from_bf16)
-        .collect();
+    let got_p = b.fetch::<f32>(&p_d)?;
+    let got_p16: Vec<f32> = b.fetch::<u16>(&p16_d)?.into_iter().map(from_bf16).collect();
     let want_p16: Vec<f64> = wp.iter().map(|&x| f64::from(from_bf16(to_bf16(x)))).collect();
     let mut exact = compare("adamw (fp32 weights)", Precision::F32, &got_p, &f64s(&wp));
     // Same f64 arithmetic as the CPU: the weights must agree exactly, not within a tolerance.
@@ -366,13 +258,13 @@ pub(super) fn optimizer(gpu: &Gpu) -> Result<Vec<KernelCheck>, CudaError> {
         compare(
             "adamw (first moment)",
             Precision::F32,
-            &s.clone_dtoh(&m_d).map_err(driver)?,
+            &b.fetch::<f32>(&m_d)?,
             &f64s(&wm),
         ),
         compare(
             "adamw (second moment)",
             Precision::F32,
-            &s.clone_dtoh(&v_d).map_err(driver)?,
+            &b.fetch::<f32>(&v_d)?,
             &f64s(&wv),
         ),
     ])
