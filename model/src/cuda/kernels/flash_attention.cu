@@ -105,6 +105,22 @@ __device__ __forceinline__ void mma_cols(float (*acc)[4], const float (*p)[4], u
     }
 }
 
+// Whether query t (row position) sees key `key`: causal, within its document (starting at
+// row position `doc`); queries past the row's end see nothing. The one mask of every kernel here.
+__device__ __forceinline__ bool sees(int t, int key, int doc, int seq_len) {
+    return t < seq_len && key <= t && key >= doc;
+}
+
+// Key/value tile kt of a head into shared memory, between barriers (the previous tile's readers
+// are done; every thread sees the new one).
+__device__ __forceinline__ void load_kv(unsigned short (*ks)[LD], unsigned short (*vs)[LD], const bf16* kh,
+                                        const bf16* vh, int kt, int seq_len, long long kv_stride) {
+    __syncthreads();
+    load_tile(ks, kh, kt * TILE, seq_len, kv_stride);
+    load_tile(vs, vh, kt * TILE, seq_len, kv_stride);
+    __syncthreads();
+}
+
 __device__ __forceinline__ void zero_acc(float (*acc)[4]) {
     #pragma unroll
     for (int j = 0; j < 8; ++j)
@@ -153,10 +169,7 @@ flash_forward_bf16(const bf16* q, const bf16* k, const bf16* v, bf16* out, float
     zero_acc(o);
     const int last_q = min(seq_len - 1, first_q + TILE - 1);
     for (int kt = doc_start[row0 + first_q] / TILE; kt <= last_q / TILE; ++kt) {
-        __syncthreads();
-        load_tile(ks, kh, kt * TILE, seq_len, kv_stride);
-        load_tile(vs, vh, kt * TILE, seq_len, kv_stride);
-        __syncthreads();
+        load_kv(ks, vs, kh, vh, kt, seq_len, kv_stride);
         float s[8][4];
         zero_acc(s);
         mma_rows(s, qa, ks);
@@ -168,9 +181,8 @@ flash_forward_bf16(const bf16* q, const bf16* k, const bf16* v, bf16* out, float
                 #pragma unroll
                 for (int e = 0; e < 2; ++e) {
                     const int key = kt * TILE + j * 8 + c * 2 + e;
-                    const bool seen = t[r] < seq_len && key <= t[r] && key >= ds[r];
                     float& x = s[j][r * 2 + e];
-                    x = seen ? x * scale : NEG_INF;
+                    x = sees(t[r], key, ds[r], seq_len) ? x * scale : NEG_INF;
                     mx = fmaxf(mx, x);
                 }
             mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
@@ -239,10 +251,7 @@ flash_backward_query_bf16(const bf16* q, const bf16* k, const bf16* v, const bf1
     zero_acc(acc);
     const int last_q = min(seq_len - 1, first_q + TILE - 1);
     for (int kt = doc_start[row0 + first_q] / TILE; kt <= last_q / TILE; ++kt) {
-        __syncthreads();
-        load_tile(ks, kh, kt * TILE, seq_len, kv_stride);
-        load_tile(vs, vh, kt * TILE, seq_len, kv_stride);
-        __syncthreads();
+        load_kv(ks, vs, kh, vh, kt, seq_len, kv_stride);
         float s[8][4], dp[8][4];
         zero_acc(s);
         zero_acc(dp);
@@ -253,8 +262,7 @@ flash_backward_query_bf16(const bf16* q, const bf16* k, const bf16* v, const bf1
             #pragma unroll
             for (int e = 0; e < 4; ++e) {
                 const int r = e >> 1, key = kt * TILE + j * 8 + c * 2 + (e & 1);
-                const bool seen = t[r] < seq_len && key <= t[r] && key >= ds[r];
-                const float p = seen ? expf(s[j][e] * scale - row_lse[r]) : 0.f;
+                const float p = sees(t[r], key, ds[r], seq_len) ? expf(s[j][e] * scale - row_lse[r]) : 0.f;
                 s[j][e] = p * (dp[j][e] - row_delta[r]);  // dS
             }
         mma_cols(acc, s, ks);
@@ -311,8 +319,7 @@ flash_backward_key_bf16(const bf16* q, const bf16* k, const bf16* v, const bf16*
                 #pragma unroll
                 for (int e = 0; e < 4; ++e) {
                     const int r = e >> 1, qi = j * 8 + c * 2 + (e & 1), t = qt * TILE + qi;
-                    const bool seen = t < seq_len && key[r] < seq_len && key[r] <= t && key[r] >= ds_s[qi];
-                    const float p = seen ? expf(s[j][e] * scale - lse_s[qi]) : 0.f;
+                    const float p = sees(t, key[r], ds_s[qi], seq_len) ? expf(s[j][e] * scale - lse_s[qi]) : 0.f;
                     s[j][e] = p;                             // P^T
                     dp[j][e] = p * (dp[j][e] - delta_s[qi]);  // dS^T
                 }
